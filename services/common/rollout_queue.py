@@ -1,0 +1,194 @@
+"""The rollout queue on Redis Streams, and the keys that announce policy versions.
+
+Keys for run R:
+  belay:R:rollouts          stream of Rollout entries (producers: policy replicas)
+  belay:R:rollouts:dropped  rollouts the trainer refused (stale, malformed), with the reason
+  belay:R:policy_version    JSON {"version": N, "path": ...}: the truth about the newest policy
+  belay:R:versions          pub/sub channel: a hint that a new version exists (at-most-once)
+  belay:R:steps             stream of trainer step summaries (what `belay up` shows)
+Delivery is at-least-once: the trainer XACKs only after the checkpoint that used a rollout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+GROUP = "trainers"
+FINISH_REASONS = ("eos", "length")
+
+
+class MalformedRollout(ValueError):
+    """A stream entry that is not a valid Rollout; the message says which field is wrong."""
+
+
+@dataclass
+class Rollout:
+    """One sampled response and everything the trainer needs to learn from it."""
+    prompt_text: str
+    response_text: str
+    prompt_ids: np.ndarray       # (P,) int32, templated prompt
+    response_ids: np.ndarray     # (R,) int32, EOS included when emitted
+    logprobs: np.ndarray         # (R,) float32, behaviour log-probs under policy_version
+    ref_logprobs: np.ndarray     # (R,) float32, frozen reference log-probs
+    reward: float                # raw score from the reward service
+    policy_version: int
+    finish_reason: str           # "eos" or "length"
+    group_id: str                # shared by the samples of one prompt
+    reward_model_id: str = ""
+    timings: dict = field(default_factory=dict)  # seconds: generate, reference, reward, swap
+    rollout_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: float = field(default_factory=time.time)
+
+    def validate(self) -> "Rollout":
+        n = len(self.response_ids)
+        if len(self.prompt_ids) == 0 or n == 0:
+            raise MalformedRollout(f"rollout {self.rollout_id}: empty prompt_ids or response_ids")
+        if len(self.logprobs) != n or len(self.ref_logprobs) != n:
+            raise MalformedRollout(f"rollout {self.rollout_id}: {n} response tokens but {len(self.logprobs)} "
+                                   f"logprobs and {len(self.ref_logprobs)} ref_logprobs")
+        if not (np.isfinite(self.logprobs).all() and np.isfinite(self.ref_logprobs).all()
+                and math.isfinite(self.reward)):
+            raise MalformedRollout(f"rollout {self.rollout_id}: non-finite logprobs, ref_logprobs or reward")
+        if self.finish_reason not in FINISH_REASONS:
+            raise MalformedRollout(f"rollout {self.rollout_id}: finish_reason {self.finish_reason!r} "
+                                   f"is not one of {FINISH_REASONS}")
+        return self
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        self.validate()
+        return {
+            "rollout_id": self.rollout_id, "group_id": self.group_id,
+            "prompt_text": self.prompt_text, "response_text": self.response_text,
+            "prompt_ids": np.asarray(self.prompt_ids, "<i4").tobytes(),
+            "response_ids": np.asarray(self.response_ids, "<i4").tobytes(),
+            "logprobs": np.asarray(self.logprobs, "<f4").tobytes(),
+            "ref_logprobs": np.asarray(self.ref_logprobs, "<f4").tobytes(),
+            "reward": repr(float(self.reward)), "policy_version": str(int(self.policy_version)),
+            "finish_reason": self.finish_reason, "reward_model_id": self.reward_model_id,
+            "timings": json.dumps(self.timings), "created_at": repr(self.created_at),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> "Rollout":
+        try:
+            get = {k.decode(): v for k, v in fields.items()}
+            text = lambda name: get[name].decode()  # noqa: E731
+            return cls(
+                rollout_id=text("rollout_id"), group_id=text("group_id"),
+                prompt_text=text("prompt_text"), response_text=text("response_text"),
+                prompt_ids=np.frombuffer(get["prompt_ids"], "<i4"),
+                response_ids=np.frombuffer(get["response_ids"], "<i4"),
+                logprobs=np.frombuffer(get["logprobs"], "<f4"),
+                ref_logprobs=np.frombuffer(get["ref_logprobs"], "<f4"),
+                reward=float(text("reward")), policy_version=int(text("policy_version")),
+                finish_reason=text("finish_reason"), reward_model_id=text("reward_model_id"),
+                timings=json.loads(text("timings")), created_at=float(text("created_at")),
+            ).validate()
+        except MalformedRollout:
+            raise
+        except (KeyError, ValueError, UnicodeDecodeError) as error:
+            raise MalformedRollout(f"stream entry is not a Rollout: {type(error).__name__}: {error}") from None
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class RolloutQueue:
+    def __init__(self, client: redis.Redis, run_name: str):
+        self.redis = client
+        self.stream = f"belay:{run_name}:rollouts"
+        self.dropped_stream = f"belay:{run_name}:rollouts:dropped"
+        self.version_key = f"belay:{run_name}:policy_version"
+        self.version_channel = f"belay:{run_name}:versions"
+        self.steps_stream = f"belay:{run_name}:steps"
+
+    @classmethod
+    def from_url(cls, url: str, run_name: str) -> "RolloutQueue":
+        return cls(redis.Redis.from_url(url), run_name)
+
+    # --- producer side -------------------------------------------------------------------
+    def add(self, rollout: Rollout) -> str:
+        return self.redis.xadd(self.stream, rollout.to_fields()).decode()
+
+    def waiting(self) -> int:
+        """Rollouts no trainer has read yet (the group's lag); all of them if no group exists yet."""
+        try:
+            for group in self.redis.xinfo_groups(self.stream):
+                if group["name"].decode() == GROUP and group.get("lag") is not None:
+                    return int(group["lag"])
+        except redis.ResponseError:  # no stream yet
+            return 0
+        return int(self.redis.xlen(self.stream))
+
+    # --- consumer side -------------------------------------------------------------------
+    def ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def read(self, consumer: str, count: int, block_ms: int, pending: bool = False
+             ) -> list[tuple[str, Rollout | MalformedRollout]]:
+        """Entries for this consumer: its own pending ones (pending=True) or new ones (blocking)."""
+        reply = self.redis.xreadgroup(GROUP, consumer, {self.stream: "0" if pending else ">"},
+                                      count=count, block=None if pending else block_ms)
+        entries = []
+        for _, messages in reply or []:
+            for entry_id, fields in messages:
+                if not fields:  # pending entry deleted from the stream meanwhile
+                    continue
+                try:
+                    entries.append((entry_id.decode(), Rollout.from_fields(fields)))
+                except MalformedRollout as error:
+                    entries.append((entry_id.decode(), error))
+        return entries
+
+    def ack(self, entry_ids: list[str]) -> int:
+        return int(self.redis.xack(self.stream, GROUP, *entry_ids)) if entry_ids else 0
+
+    def drop(self, entry_id: str, reason: str, detail: str = "") -> None:
+        """Copy an entry to the dropped stream with its reason, then ack it: refused, never lost."""
+        fields = self.redis.xrange(self.stream, entry_id, entry_id)
+        record = dict(fields[0][1]) if fields else {}
+        record.update({b"drop_reason": reason.encode(), b"drop_detail": detail.encode(),
+                       b"source_entry": entry_id.encode()})
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dropped_stream, record)
+            pipe.xack(self.stream, GROUP, entry_id)
+            pipe.execute()
+
+    def pending_count(self) -> int:
+        try:
+            return int(self.redis.xpending(self.stream, GROUP)["pending"])
+        except redis.ResponseError:
+            return 0
+
+    # --- versions and step log -----------------------------------------------------------
+    def publish_version(self, version: int, path: str) -> None:
+        self.redis.set(self.version_key, json.dumps({"version": version, "path": path}))
+        self.redis.publish(self.version_channel, str(version))
+
+    def latest_version(self) -> tuple[int, str | None]:
+        raw = self.redis.get(self.version_key)
+        if not raw:
+            return 0, None
+        data = json.loads(raw)
+        return int(data["version"]), data["path"]
+
+    def log_step(self, record: dict) -> None:
+        self.redis.xadd(self.steps_stream, {"json": json.dumps(record)}, maxlen=100_000, approximate=True)
+
+    def read_steps(self, after: str = "0-0", block_ms: int | None = None) -> list[tuple[str, dict]]:
+        reply = self.redis.xread({self.steps_stream: after}, block=block_ms)
+        return [(entry_id.decode(), json.loads(fields[b"json"])) for _, messages in reply or []
+                for entry_id, fields in messages]

@@ -1,0 +1,27 @@
+"""What every service's __main__ does before its own wiring: parse --config, set up logging and torch."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import BelayConfig, ConfigError, load_config
+
+
+def start(description: str, torch_threads: str | None = None) -> BelayConfig:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="Belay YAML config (BELAY_SECTION__FIELD env vars override it)")
+    args = parser.parse_args()
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2)
+    logging.basicConfig(level=config.run.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if torch_threads is not None:
+        threads = getattr(config, torch_threads).torch_threads
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+    return config

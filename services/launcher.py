@@ -1,0 +1,259 @@
+"""`belay up`: the whole stack as local processes (a local redis-server included), the same
+commands the containers run. Starts, waits for health, follows training, stops in order."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from urllib.parse import urlparse
+
+import grpc
+import yaml
+
+from belay.v1 import belay_pb2, belay_pb2_grpc
+
+from .common.config import BelayConfig
+from .common.rollout_queue import RolloutQueue
+from .common.rpc import channel, wait_until_serving
+
+SERVICES = ("reference", "reward", "policy", "trainer")
+STOP_ORDER = ("policy", "trainer", "reward", "reference")  # producers first; redis last
+
+
+class StackError(RuntimeError):
+    """A service that failed to start or died; the message carries its log's tail."""
+
+
+def tail(path: pathlib.Path, lines: int = 25) -> str:
+    if not path.is_file():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclasses.dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: pathlib.Path
+
+
+class LocalStack:
+    """Redis and the four services as child processes of this one, each in its own session so
+    Ctrl-C reaches only the launcher, which then stops them in order."""
+
+    def __init__(self, config: BelayConfig, run_dir: pathlib.Path, say=print):
+        self.config, self.run_dir, self.say = config, run_dir, say
+        self.processes: dict[str, Process] = {}
+        self.config_path = run_dir / "config.yaml"
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(log_path, "ab")
+        popen = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, cwd=os.getcwd())
+        handle.close()
+        self.processes[name] = Process(name, popen, log_path)
+
+    def start(self, names: tuple[str, ...] = SERVICES) -> None:
+        """Redis (on first call), then the named services."""
+        if "redis" not in self.processes:
+            self._start_redis()
+        for name in names:
+            self._spawn(name, [sys.executable, "-m", f"services.{name}", "--config", str(self.config_path)])
+
+    def _start_redis(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        url = urlparse(self.config.redis.url)
+        redis_dir = self.run_dir / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            raise StackError("redis-server is not installed (Debian: apt-get install redis-server; `make setup` does it)")
+        self._spawn("redis", [redis_server, "--port", str(url.port or 6379), "--bind", url.hostname or "127.0.0.1",
+                              "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                              "--save", "", "--protected-mode", "yes"])
+        self._wait_redis()
+
+    def _wait_redis(self, timeout: float = 20) -> None:
+        import redis
+        client = redis.Redis.from_url(self.config.redis.url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        raise StackError(f"redis-server did not answer at {self.config.redis.url}:\n{tail(self.processes['redis'].log_path)}")
+
+    def check_alive(self) -> None:
+        for process in self.processes.values():
+            code = process.popen.poll()
+            if code is not None and not (process.name == "trainer" and code == 0):  # 0: reached max_steps
+                raise StackError(f"{process.name} exited with code {code}; the end of {process.log_path}:\n"
+                                 f"{tail(process.log_path)}")
+
+    def wait_healthy(self, timeout: float, trainer: bool = True) -> None:
+        deadline = time.monotonic() + timeout
+        targets = [("reference", "belay.v1.Reference", self.config.reference.address),
+                   ("reward", "belay.v1.Reward", self.config.reward.address),
+                   ("policy", "belay.v1.Policy", self.config.policy.address)]
+        for name, service, address in targets:
+            self.say(f"  waiting for {name} at {address} ...")
+            chan = channel(address, self.config.grpc)
+            while True:
+                self.check_alive()
+                try:
+                    wait_until_serving(chan, service, 2.0)
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise StackError(f"{name} not healthy after {timeout:.0f} s:\n"
+                                         f"{tail(self.processes[name].log_path)}") from None
+        if not trainer:
+            return
+        self.say(f"  waiting for trainer (metrics on :{self.config.trainer.metrics_port}) ...")
+        while not self.trainer_ready():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise StackError(f"trainer not ready after {timeout:.0f} s:\n{tail(self.processes['trainer'].log_path)}")
+            time.sleep(0.5)
+
+    def trainer_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.config.trainer.metrics_port}/metrics", timeout=2) as r:
+                lines = r.read().decode().splitlines()
+        except OSError:  # not listening yet; or it already finished its max_steps and exited 0
+            return self.processes["trainer"].popen.poll() == 0
+        return any(line.split()[:2] == ["belay_trainer_ready", "1.0"] for line in lines)
+
+    def stop(self, grace: float = 60.0) -> None:
+        """SIGTERM in order (producers first, redis last), SIGKILL past the grace."""
+        for name in (*STOP_ORDER, "redis"):
+            process = self.processes.get(name)
+            if process is None or process.popen.poll() is not None:
+                continue
+            process.popen.send_signal(signal.SIGTERM)
+            try:
+                process.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.say(f"  {name} did not stop in {grace:.0f} s: killing it")
+                process.popen.kill()
+                process.popen.wait()
+
+
+def sample_outputs(config: BelayConfig, prompts: list[str], max_new_tokens: int) -> tuple[int, list[str]]:
+    """Greedy answers of the policy service to fixed prompts: (version, texts)."""
+    stub = belay_pb2_grpc.PolicyStub(channel(config.policy.address, config.grpc))
+    reply = stub.Generate(belay_pb2.GenerateRequest(
+        prompts=prompts, sampling=belay_pb2.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)),
+        timeout=600)
+    return reply.policy_version, list(reply.response_texts)
+
+
+def wait_for_policy_version(config: BelayConfig, version: int, timeout: float) -> int:
+    stub = belay_pb2_grpc.PolicyStub(channel(config.policy.address, config.grpc))
+    deadline = time.monotonic() + timeout
+    current = -1
+    while time.monotonic() < deadline:
+        try:
+            current = stub.Info(belay_pb2.InfoRequest(), timeout=5).policy_version
+        except grpc.RpcError:
+            pass
+        if current >= version:
+            break
+        time.sleep(0.5)
+    return current
+
+
+def format_step(step: dict, iterations: int | None) -> str:
+    s = step["seconds"]
+    of = f"/{iterations}" if iterations else ""
+    return (f"iteration {step['version']}{of}  reward {step['reward_mean']:+.3f} ± {step['reward_std']:.3f}  "
+            f"KL/seq {step['kl_per_sequence']:.3f} (per token {step['kl_per_token']:.4f})  "
+            f"len {step['response_length_mean']:.1f}  clip {step['clip_fraction']:.2f}  "
+            f"| gen {s['generate']:.1f}s ref {s['reference']:.1f}s reward {s['reward']:.2f}s "
+            f"update {s['update']:.1f}s ckpt {s['checkpoint']:.1f}s swap {s['swap']:.2f}s")
+
+
+def summarise(steps: list[dict]) -> dict:
+    if not steps:
+        return {}
+    keys = ("generate", "reference", "reward", "update", "checkpoint", "swap")
+    wall = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
+    return {
+        "iterations": len(steps),
+        "first": {k: steps[0][k] for k in ("reward_mean", "kl_per_sequence", "kl_per_token", "response_length_mean")},
+        "last": {k: steps[-1][k] for k in ("reward_mean", "kl_per_sequence", "kl_per_token", "response_length_mean")},
+        "mean_seconds": {k: sum(x["seconds"][k] for x in steps) / len(steps) for k in keys},
+        "mean_wall_seconds_between_iterations": sum(wall) / len(wall) if wall else None,
+    }
+
+
+def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=print) -> list[dict]:
+    """Print each trainer step as it lands; return them all once `iterations` are done."""
+    queue = RolloutQueue.from_url(config.redis.url, config.run.name)
+    steps, cursor = [], "0-0"
+    while iterations is None or len(steps) < iterations:
+        stack.check_alive()
+        for cursor, step in queue.read_steps(cursor, block_ms=1000):
+            steps.append(step)
+            say(format_step(step, iterations))
+            if iterations is not None and len(steps) >= iterations:
+                break
+    return steps
+
+
+def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sample_prompts: list[str],
+       sample_tokens: int, startup_timeout: float, say=print) -> dict:
+    stack = LocalStack(config, run_dir, say)
+    summary: dict = {}
+    steps: list[dict] = []
+    try:
+        say(f"Belay: starting redis-server and {', '.join(SERVICES)} (logs in {run_dir / 'logs'})")
+        stack.start(("reference", "reward", "policy"))
+        stack.wait_healthy(startup_timeout, trainer=False)
+        # The "before" answers come from the policy before the trainer exists, so they are version 0
+        # on a fresh run (or the resumed version).
+        version, before = sample_outputs(config, sample_prompts, sample_tokens)
+        say(f"Fixed prompts, greedy, policy version {version}:")
+        for prompt, text in zip(sample_prompts, before):
+            say(f"  > {prompt}\n    {text!r}")
+        stack.start(("trainer",))
+        stack.wait_healthy(startup_timeout)
+        say("training (Ctrl-C stops cleanly) ...")
+        try:
+            steps = follow(config, stack, iterations, say)
+        except KeyboardInterrupt:
+            say("\nCtrl-C: stopping after the step in hand")
+            queue = RolloutQueue.from_url(config.redis.url, config.run.name)
+            steps = [s for _, s in queue.read_steps("0-0")]
+        if steps:
+            final = wait_for_policy_version(config, steps[-1]["version"], 300)
+            version, after = sample_outputs(config, sample_prompts, sample_tokens)
+            say(f"after training, policy version {version} (expected {steps[-1]['version']}, serving {final}):")
+            for prompt, old, new in zip(sample_prompts, before, after):
+                say(f"  > {prompt}\n    before: {old!r}\n    after:  {new!r}")
+        summary = summarise(steps)
+        summary.update(samples_before=before, samples_after=after if steps else [])
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if summary.get("iterations"):
+            f, l, t = summary["first"], summary["last"], summary["mean_seconds"]
+            say(f"\nreward mean {f['reward_mean']:+.3f} -> {l['reward_mean']:+.3f}; KL/seq {f['kl_per_sequence']:.3f}"
+                f" -> {l['kl_per_sequence']:.3f} over {summary['iterations']} iterations")
+            say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+            say(f"summary written to {run_dir / 'summary.json'}")
+    finally:
+        say("stopping services ...")
+        stack.stop()
+    return summary

@@ -1,0 +1,55 @@
+"""python -m services.policy --config belay.yaml : config -> model (latest version) -> checks ->
+gRPC server -> rollout loop."""
+import logging
+import threading
+
+from prometheus_client import CollectorRegistry
+
+from belay.v1 import belay_pb2_grpc
+
+from ..common.checkpoints import latest_checkpoint
+from ..common.metrics import run_info, serve_metrics
+from ..common.models import load_causal_lm, load_tokenizer, resolve_device
+from ..common.rollout_queue import RolloutQueue
+from ..common.rpc import channel
+from ..common.service_main import start
+from .actor import Actor
+from .engine import PolicyEngine
+from .policy_metrics import PolicyMetrics
+from .server import PolicyServicer, SwapRequests, build_server
+from .startup import check_same_tokenizer, wait_for_dependencies
+
+log = logging.getLogger("services.policy")
+config = start("Belay policy service (the actor)", torch_threads="policy")
+section = config.policy
+registry = CollectorRegistry()
+metrics = PolicyMetrics(registry)
+run_info(registry, "policy", config.run.name, section.model_dir)
+serve_metrics(registry, section.metrics_port)
+
+tokenizer = load_tokenizer(section.model_dir)
+engine = PolicyEngine(load_causal_lm(section.model_dir, resolve_device(section.device), "policy.model_dir"),
+                      tokenizer, config.grpc, section.max_tokens_per_forward)
+latest = latest_checkpoint(config.run.checkpoint_dir)
+if latest is not None:  # a restarted policy serves the newest committed version, not the SFT weights
+    metrics.record_swap(engine.swap_to(*latest), latest[0])
+swaps = SwapRequests()
+server = build_server(config, PolicyServicer(config, engine, swaps, metrics))
+stop = threading.Event()
+server.stop_on_signals(on_stop=stop.set)
+server.start()
+
+if section.run_actor:
+    reference = belay_pb2_grpc.ReferenceStub(channel(config.reference.address, config.grpc))
+    reward = belay_pb2_grpc.RewardStub(channel(config.reward.address, config.grpc))
+    wait_for_dependencies(config)
+    check_same_tokenizer(tokenizer, reference)  # refuses to run on a mismatch
+    queue = RolloutQueue.from_url(config.redis.url, config.run.name)
+    queue.ensure_group()
+    actor = Actor(config, engine, queue, reference, reward, swaps, metrics)
+    server.mark_serving()
+    actor.run(stop)
+    server.stop()
+else:
+    server.mark_serving()
+    server.wait()

@@ -1,0 +1,155 @@
+"""The rollout loop: prompts -> sampled responses -> reference logprobs and reward (concurrently)
+-> one Rollout per response on the Redis stream. New weights are taken only between batches."""
+from __future__ import annotations
+
+import logging
+import pathlib
+import random
+import threading
+import time
+import uuid
+
+import grpc
+
+from belay.v1 import belay_pb2, belay_pb2_grpc
+
+from ..common.config import BelayConfig
+from ..common.packing import pack_int32, unpack_float32
+from ..common.rollout_queue import Rollout, RolloutQueue
+from .engine import GenerationBatch, PolicyEngine, Sampling
+from .policy_metrics import PolicyMetrics
+from .server import SwapRequests, checked_checkpoint_path
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(path: str) -> list[str]:
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"policy.prompts_file {path} does not exist")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"policy.prompts_file {path} holds no prompts")
+    return prompts
+
+
+class PromptCycle:
+    """Every prompt once per epoch, in a seeded shuffled order."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        self.prompts, self.random, self.order = prompts, random.Random(seed), []
+
+    def take(self, count: int) -> list[str]:
+        taken = []
+        while len(taken) < count:
+            if not self.order:
+                self.order = list(self.prompts)
+                self.random.shuffle(self.order)
+            taken.append(self.order.pop())
+        return taken
+
+
+class DependencyError(RuntimeError):
+    def __init__(self, dependency: str, error: grpc.RpcError):
+        super().__init__(f"{dependency} failed: {error.code().name}: {error.details()}")
+        self.dependency = dependency
+
+
+class Actor:
+    def __init__(self, config: BelayConfig, engine: PolicyEngine, queue: RolloutQueue,
+                 reference: belay_pb2_grpc.ReferenceStub, reward: belay_pb2_grpc.RewardStub,
+                 swaps: SwapRequests, metrics: PolicyMetrics):
+        self.config, self.engine, self.queue = config, engine, queue
+        self.reference, self.reward = reference, reward
+        self.swaps, self.metrics = swaps, metrics
+        self.prompts = PromptCycle(read_prompts(config.policy.prompts_file), config.policy.seed)
+        self.last_swap_seconds = 0.0
+        self.batches = 0
+
+    def take_new_weights(self) -> None:
+        """Swap to the newest version announced (Redis key, the truth) or requested (RPC)."""
+        version, path = self.queue.latest_version()
+        if version > self.engine.version and path:
+            try:
+                self.swaps.offer(version, checked_checkpoint_path(self.config.run.checkpoint_dir, version, path))
+            except Exception as error:
+                log.error("announced version %d refused: %s", version, error)
+        version, path = self.swaps.newest()
+        if version > self.engine.version:
+            self.last_swap_seconds = self.engine.swap_to(version, path)
+            self.metrics.record_swap(self.last_swap_seconds, version)
+
+    def score(self, batch: GenerationBatch, prompts: list[str]) -> tuple[list, list[float], str, dict]:
+        """Reference logprobs and rewards for a batch, both calls in flight at once."""
+        section = self.config.policy
+        ref_request = belay_pb2.LogProbsRequest(prompt_ids=pack_int32(batch.prompt_ids),
+                                                response_ids=pack_int32(batch.response_ids),
+                                                temperature=section.temperature)
+        reward_request = belay_pb2.ScoreRequest(prompts=[prompts[i] for i in batch.prompt_index],
+                                                responses=batch.texts)
+        start = time.perf_counter()
+        ref_call = self.reference.LogProbs.future(ref_request, timeout=section.reference_timeout_seconds)
+        reward_call = self.reward.Score.future(reward_request, timeout=section.reward_timeout_seconds)
+        timings = {}
+        try:
+            reward_reply = reward_call.result()
+            timings["reward"] = time.perf_counter() - start
+        except grpc.RpcError as error:
+            ref_call.cancel()
+            raise DependencyError("reward", error) from None
+        try:
+            ref_reply = ref_call.result()
+            timings["reference"] = time.perf_counter() - start
+        except grpc.RpcError as error:
+            raise DependencyError("reference", error) from None
+        for name, seconds in timings.items():
+            self.metrics.dependency_seconds.labels(dependency=name).observe(seconds)
+        ref_logprobs = unpack_float32(ref_reply.logprobs, "reference logprobs")
+        if [len(r) for r in ref_logprobs] != [len(r) for r in batch.response_ids]:
+            raise RuntimeError("reference returned logprob rows that do not match the responses")
+        if len(reward_reply.scores) != len(batch.texts):
+            raise RuntimeError(f"reward returned {len(reward_reply.scores)} scores for {len(batch.texts)} responses")
+        return ref_logprobs, list(reward_reply.scores), reward_reply.reward_model_id, timings
+
+    def run_batch(self) -> int:
+        """Generate, score and enqueue one batch. Returns the number of rollouts written."""
+        section = self.config.policy
+        prompts = self.prompts.take(section.prompts_per_batch)
+        sampling = Sampling(temperature=section.temperature, top_p=section.top_p,
+                            max_new_tokens=section.max_new_tokens, seed=section.seed + self.batches)
+        self.batches += 1
+        batch = self.engine.generate(prompts, section.samples_per_prompt, sampling)
+        self.metrics.observe_generation(batch)
+        ref_logprobs, rewards, reward_model_id, timings = self.score(batch, prompts)
+        timings.update(generate=batch.seconds, swap=self.last_swap_seconds)
+        groups = [uuid.uuid4().hex for _ in prompts]
+        for row in range(len(batch.response_ids)):
+            self.queue.add(Rollout(
+                prompt_text=prompts[batch.prompt_index[row]], response_text=batch.texts[row],
+                prompt_ids=batch.prompt_ids[row], response_ids=batch.response_ids[row],
+                logprobs=batch.logprobs[row], ref_logprobs=ref_logprobs[row], reward=rewards[row],
+                policy_version=batch.version, finish_reason=batch.finish_reasons[row],
+                group_id=groups[batch.prompt_index[row]], reward_model_id=reward_model_id, timings=timings))
+        self.metrics.rollouts_written.inc(len(batch.response_ids))
+        log.info("version %d: wrote %d rollouts (generate %.1f s, reference %.1f s, reward %.1f s)",
+                 batch.version, len(batch.response_ids), batch.seconds, timings.get("reference", 0),
+                 timings.get("reward", 0))
+        return len(batch.response_ids)
+
+    def run(self, stop: threading.Event) -> None:
+        poll = self.config.policy.version_poll_seconds
+        failures = 0
+        while not stop.is_set():
+            self.take_new_weights()
+            if self.queue.waiting() >= self.config.redis.max_queue_lag:  # back-pressure: trainer is behind
+                stop.wait(poll)
+                self.metrics.backpressure_seconds.inc(poll)
+                continue
+            try:
+                self.run_batch()
+                failures = 0
+            except DependencyError as error:
+                failures += 1
+                self.metrics.batch_failures.labels(reason=error.dependency).inc()
+                log.warning("batch abandoned (nothing written): %s; retrying in %d s", error, min(30, 2 ** failures))
+                stop.wait(min(30, 2 ** failures))

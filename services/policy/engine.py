@@ -1,0 +1,157 @@
+"""The policy's model: sampling, behaviour log-probabilities, and hot-swapping weights.
+
+Every use of the weights holds `lock`, so a swap never happens in the middle of a batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..common.checkpoints import load_weights_into
+from ..common.config import GrpcConfig
+from ..common.logprob_service import LoadedModel, context_limit
+from ..common.models import response_logprobs, weights_fingerprint
+from ..common.rpc import invalid, too_big
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    seed: int | None = None
+
+
+@dataclass
+class GenerationBatch:
+    """Rows in prompt order, samples_per_prompt rows per prompt."""
+    prompt_index: list[int]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]   # behaviour log-probs, teacher-forced on the weights that sampled
+    texts: list[str]
+    finish_reasons: list[str]     # "eos" or "length"
+    version: int
+    seconds: float
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The user's message, templated as a chat turn awaiting the assistant's answer."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], str]:
+    """Tokens up to and including the first EOS ("eos"), or all of them ("length")."""
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:position + 1], "eos"
+    return tokens, "length"
+
+
+class PolicyEngine:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: GrpcConfig,
+                 max_tokens_per_forward: int, version: int = 0):
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.loaded = LoadedModel(model=model.eval(), version=version, revision=weights_fingerprint(model))
+        self.lock = threading.RLock()
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = tokenizer.pad_token_id
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+
+    @property
+    def version(self) -> int:
+        return self.loaded.version
+
+    def check_sampling(self, sampling: Sampling, rows: int, prompt_ids: list[list[int]]) -> None:
+        if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
+            raise invalid(f"temperature must be >= 0 (0 is greedy), got {sampling.temperature}")
+        if not (0 < sampling.top_p <= 1):
+            raise invalid(f"top_p must be in (0, 1], got {sampling.top_p}")
+        if sampling.max_new_tokens < 1:
+            raise invalid(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
+        if rows > self.limits.max_batch_size:
+            raise too_big(f"{rows} rows (prompts x samples_per_prompt) exceed max_batch_size="
+                          f"{self.limits.max_batch_size}; split the request")
+        limit = context_limit(self.loaded.model, self.limits)
+        for index, ids in enumerate(prompt_ids):
+            if len(ids) + sampling.max_new_tokens > limit:
+                raise invalid(f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
+                              f"{sampling.max_new_tokens} that passes the limit of {limit} tokens")
+
+    def generate(self, prompts: list[str], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
+        if not prompts:
+            raise invalid("empty batch: no prompts")
+        if samples_per_prompt < 1:
+            raise invalid(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
+        templated = [apply_chat_template(self.tokenizer, p) for p in prompts]
+        self.check_sampling(sampling, len(prompts) * samples_per_prompt, templated)
+        index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
+        rows = [templated[i] for i in index]
+        start = time.perf_counter()
+        with self.lock:
+            loaded = self.loaded
+            device = next(loaded.model.parameters()).device
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, ids in enumerate(rows):  # left padding: every row ends where generation starts
+                input_ids[row, width - len(ids):] = torch.as_tensor(ids)
+                attention_mask[row, width - len(ids):] = 1
+            greedy = sampling.temperature == 0
+            config = GenerationConfig(
+                do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p, top_k=0 if not greedy else None, num_beams=1,
+                max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.pad_id)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            with torch.no_grad():
+                output = loaded.model.generate(input_ids=input_ids.to(device),
+                                               attention_mask=attention_mask.to(device),
+                                               generation_config=config)
+            responses, reasons = [], []
+            for row in output[:, width:].tolist():
+                tokens, reason = cut_at_eos(row, self.eos_ids)
+                responses.append(tokens)
+                reasons.append(reason)
+            # Behaviour log-probs by a teacher-forced pass on the same weights, at the sampling
+            # temperature: the sampler's own scores are warped by top_p and are not pi(a|s).
+            logprobs = response_logprobs(loaded.model, rows, responses, self.pad_id,
+                                         sampling.temperature or 1.0, self.max_tokens_per_forward)
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        return GenerationBatch(prompt_index=index, prompt_ids=rows, response_ids=responses,
+                               logprobs=[lp.tolist() for lp in logprobs], texts=texts, finish_reasons=reasons,
+                               version=loaded.version, seconds=time.perf_counter() - start)
+
+    def swap_to(self, version: int, checkpoint: pathlib.Path) -> float:
+        """Load a committed checkpoint's weights in place, between batches. Returns seconds taken.
+
+        load_weights_into checks every key and shape before it copies anything, so a bad
+        checkpoint raises and leaves the old weights serving.
+        """
+        start = time.perf_counter()
+        with self.lock:
+            if version <= self.loaded.version:
+                return 0.0
+            model = self.loaded.model
+            load_weights_into(model, checkpoint)
+            self.loaded = LoadedModel(model=model, version=version, revision=weights_fingerprint(model))
+        seconds = time.perf_counter() - start
+        log.info("hot-swapped to version %d from %s in %.2f s", version, checkpoint, seconds)
+        return seconds

@@ -1,0 +1,111 @@
+"""The policy's gRPC face: Generate, LogProbs, UpdateWeights, Info. Thin: it translates messages
+to PolicyEngine calls and back."""
+from __future__ import annotations
+
+import logging
+import pathlib
+import threading
+
+import grpc
+
+from belay.v1 import belay_pb2, belay_pb2_grpc
+
+from ..common.checkpoints import VERSION_DIR
+from ..common.config import BelayConfig
+from ..common.logprob_service import LogProbsHandler
+from ..common.models import tokenizer_fingerprint
+from ..common.packing import pack_float32, pack_int32
+from ..common.rpc import RequestError, ServiceServer, handle, info_response, invalid
+from .engine import PolicyEngine, Sampling
+from .policy_metrics import PolicyMetrics
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = belay_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
+FINISH = {"eos": belay_pb2.FINISH_REASON_EOS, "length": belay_pb2.FINISH_REASON_LENGTH}
+
+
+def checked_checkpoint_path(root: str, version: int, path: str) -> pathlib.Path:
+    """A checkpoint path the policy may load: a committed vNNNNNN directory for `version` inside root."""
+    root_path = pathlib.Path(root).resolve()
+    candidate = pathlib.Path(path).resolve()
+    if candidate.parent != root_path:
+        raise invalid(f"checkpoint_path {path} is not inside the policy's checkpoint directory {root_path}")
+    match = VERSION_DIR.match(candidate.name)
+    if not match or int(match.group(1)) != version:
+        raise invalid(f"checkpoint_path {path} is not the committed directory of version {version}")
+    if not candidate.is_dir():
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"checkpoint {candidate} does not exist (yet)")
+    return candidate
+
+
+class SwapRequests:
+    """The newest version someone asked for; the actor applies it between batches."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.version, self.path = 0, None
+
+    def offer(self, version: int, path: pathlib.Path) -> None:
+        with self._lock:
+            if version > self.version:
+                self.version, self.path = version, path
+
+    def newest(self) -> tuple[int, pathlib.Path | None]:
+        with self._lock:
+            return self.version, self.path
+
+
+class PolicyServicer(belay_pb2_grpc.PolicyServicer):
+    def __init__(self, config: BelayConfig, engine: PolicyEngine, swaps: SwapRequests, metrics: PolicyMetrics):
+        self.config = config
+        self.engine = engine
+        self.swaps = swaps
+        self.metrics = metrics
+        self.fingerprint = tokenizer_fingerprint(engine.tokenizer)
+        self.logprobs = LogProbsHandler(lambda: engine.loaded, engine.tokenizer, config.grpc,
+                                        config.policy.max_tokens_per_forward)
+        self.logprobs.lock = engine.lock  # never compute during a swap
+
+    def _generate(self, request: belay_pb2.GenerateRequest) -> belay_pb2.GenerateResponse:
+        defaults = self.config.policy
+        sampling = Sampling(temperature=request.sampling.temperature,
+                            top_p=request.sampling.top_p or 1.0,
+                            max_new_tokens=request.sampling.max_new_tokens or defaults.max_new_tokens,
+                            seed=request.sampling.seed if request.sampling.HasField("seed") else None)
+        batch = self.engine.generate(list(request.prompts), request.samples_per_prompt or 1, sampling)
+        self.metrics.observe_generation(batch)
+        return belay_pb2.GenerateResponse(
+            prompt_ids=pack_int32(batch.prompt_ids), response_ids=pack_int32(batch.response_ids),
+            logprobs=pack_float32(batch.logprobs), response_texts=batch.texts,
+            finish_reasons=[FINISH[r] for r in batch.finish_reasons], prompt_index=batch.prompt_index,
+            policy_version=batch.version)
+
+    def _update_weights(self, request: belay_pb2.UpdateWeightsRequest) -> belay_pb2.UpdateWeightsResponse:
+        if request.version <= 0:
+            raise invalid(f"version must be positive, got {request.version}")
+        path = checked_checkpoint_path(self.config.run.checkpoint_dir, request.version, request.checkpoint_path)
+        self.swaps.offer(request.version, path)
+        if not self.config.policy.run_actor:  # no batches to wait for: swap now
+            self.metrics.record_swap(self.engine.swap_to(request.version, path), request.version)
+        pending, _ = self.swaps.newest()
+        return belay_pb2.UpdateWeightsResponse(current_version=self.engine.version, pending_version=pending)
+
+    def Generate(self, request, context):
+        return handle(context, self._generate, request)
+
+    def LogProbs(self, request, context):
+        return handle(context, self.logprobs, request)
+
+    def UpdateWeights(self, request, context):
+        return handle(context, self._update_weights, request)
+
+    def Info(self, request, context):
+        loaded = self.engine.loaded
+        return info_response("policy", self.config.policy.model_dir, self.fingerprint, loaded.version,
+                             loaded.revision)
+
+
+def build_server(config: BelayConfig, servicer: PolicyServicer) -> ServiceServer:
+    server = ServiceServer(config.policy.address, config.grpc, [SERVICE_NAME])
+    belay_pb2_grpc.add_PolicyServicer_to_server(servicer, server.server)
+    return server

@@ -1,0 +1,79 @@
+"""The reward service: Score through a pluggable backend. It sees text, not token ids, so any
+reward model with any tokenizer can be swapped in."""
+from __future__ import annotations
+
+import logging
+import math
+
+import grpc
+from prometheus_client import CollectorRegistry, Histogram
+
+from belay.v1 import belay_pb2, belay_pb2_grpc
+
+from ..common.config import BelayConfig, GrpcConfig
+from ..common.metrics import LLM_SECONDS_BUCKETS, run_info
+from ..common.models import resolve_device
+from ..common.rpc import ServiceServer, handle, info_response, invalid, too_big
+from .backends import RewardBackend, build_backend
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = belay_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
+
+
+def parse_score_request(request: belay_pb2.ScoreRequest, limits: GrpcConfig) -> tuple[list[str], list[str]]:
+    prompts, responses = list(request.prompts), list(request.responses)
+    if not responses:
+        raise invalid("empty batch: responses has no rows")
+    if len(prompts) != len(responses):
+        raise invalid(f"prompts has {len(prompts)} rows but responses has {len(responses)}")
+    if len(responses) > limits.max_batch_size:
+        raise too_big(f"batch of {len(responses)} rows exceeds max_batch_size={limits.max_batch_size}; split it")
+    return prompts, responses
+
+
+class RewardServicer(belay_pb2_grpc.RewardServicer):
+    def __init__(self, config: BelayConfig, registry: CollectorRegistry):
+        self.config = config
+        self.backend: RewardBackend | None = None
+        self.seconds = Histogram("belay_reward_score_seconds", "Reward Score call time",
+                                 buckets=LLM_SECONDS_BUCKETS, registry=registry)
+        self.scores = Histogram("belay_reward_score", "Raw reward scores returned",
+                                buckets=(-10, -3, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 3, 10), registry=registry)
+        self.registry = registry
+
+    def load(self) -> None:
+        section = self.config.reward
+        self.backend = build_backend(section.backend, section.model_dir, resolve_device(section.device),
+                                     section.max_length)
+        run_info(self.registry, "reward", self.config.run.name, self.backend.model_id)
+        log.info("reward backend %s ready (%s)", section.backend, self.backend.model_id)
+
+    def _score(self, request: belay_pb2.ScoreRequest) -> belay_pb2.ScoreResponse:
+        prompts, responses = parse_score_request(request, self.config.grpc)
+        scores = self.backend.score(prompts, responses)
+        if len(scores) != len(responses) or not all(math.isfinite(s) for s in scores):
+            raise RuntimeError(f"backend {self.backend.model_id} returned {len(scores)} scores for "
+                               f"{len(responses)} responses, or a non-finite one: {scores[:8]}")
+        for value in scores:
+            self.scores.observe(value)
+        return belay_pb2.ScoreResponse(scores=scores, reward_model_id=self.backend.model_id,
+                                       reward_model_revision=self.backend.revision)
+
+    def Score(self, request, context):
+        if self.backend is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "reward backend is still loading")
+        with self.seconds.time():
+            return handle(context, self._score, request)
+
+    def Info(self, request, context):
+        if self.backend is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "reward backend is still loading")
+        return info_response("reward", self.backend.model_id, "", 0, self.backend.revision)
+
+
+def build_server(config: BelayConfig, registry: CollectorRegistry) -> tuple[ServiceServer, RewardServicer]:
+    """The server, not yet started; the servicer, not yet loaded (health says NOT_SERVING till then)."""
+    servicer = RewardServicer(config, registry)
+    server = ServiceServer(config.reward.address, config.grpc, [SERVICE_NAME])
+    belay_pb2_grpc.add_RewardServicer_to_server(servicer, server.server)
+    return server, servicer

@@ -1,0 +1,42 @@
+"""python -m services.trainer --config belay.yaml : config -> policy copy with gradients ->
+resume from the latest checkpoint -> PPO loop."""
+import logging
+import signal
+import threading
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from belay.v1 import belay_pb2_grpc
+
+from ..common.metrics import run_info, serve_metrics
+from ..common.models import load_causal_lm, load_tokenizer, resolve_device
+from ..common.rollout_queue import RolloutQueue
+from ..common.rpc import channel
+from ..common.service_main import start
+from .trainer import Trainer
+from .trainer_metrics import TrainerMetrics
+
+log = logging.getLogger("services.trainer")
+config = start("Belay trainer service (PPO)", torch_threads="trainer")
+section = config.trainer
+torch.manual_seed(section.seed)
+registry = CollectorRegistry()
+metrics = TrainerMetrics(registry)
+run_info(registry, "trainer", config.run.name, section.model_dir)
+serve_metrics(registry, section.metrics_port)
+
+stop = threading.Event()
+for signum in (signal.SIGTERM, signal.SIGINT):  # finish the step in hand (its checkpoint), then exit
+    signal.signal(signum, lambda *_: stop.set())
+
+model = load_causal_lm(section.model_dir, resolve_device(section.device), "trainer.model_dir")
+policy = belay_pb2_grpc.PolicyStub(channel(section.policy_address, config.grpc))
+trainer = Trainer(config, model, load_tokenizer(section.model_dir),
+                  RolloutQueue.from_url(config.redis.url, config.run.name), metrics, policy)
+trainer.resume()
+metrics.ready.set(1)
+metrics.gauges["version"].set(trainer.version)
+log.info("trainer ready at version %d", trainer.version)
+trainer.run(stop)
+log.info("trainer stopped at version %d", trainer.version)

@@ -1,0 +1,53 @@
+"""The trainer's Prometheus signals: the seed's list (KL first), plus the update's own health."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..common.metrics import LLM_SECONDS_BUCKETS
+
+# Gauges set from each step's summary: key in the summary -> (metric name, help).
+STEP_GAUGES = {
+    "kl_per_token": ("belay_trainer_kl_per_token", "Mean k1 KL(policy || reference) per response token, nats"),
+    "kl_per_sequence": ("belay_trainer_kl_per_sequence", "Mean KL(policy || reference) per response, nats"),
+    "kl_coef": ("belay_trainer_kl_coef", "KL coefficient beta in reward - beta * KL"),
+    "reward_mean": ("belay_trainer_reward_mean", "Mean raw reward of the batch"),
+    "reward_std": ("belay_trainer_reward_std", "Standard deviation of raw rewards in the batch"),
+    "total_reward_mean": ("belay_trainer_total_reward_mean", "Mean KL-penalised reward of the batch"),
+    "response_length_mean": ("belay_trainer_response_length_tokens", "Mean response length, tokens"),
+    "entropy": ("belay_trainer_entropy_nats", "Mean policy entropy per response token, nats"),
+    "clip_fraction": ("belay_trainer_clip_fraction", "Share of response tokens whose PPO ratio was clipped"),
+    "approx_kl": ("belay_trainer_approx_kl", "k3 estimate of KL(old policy || new policy) during the update"),
+    "loss": ("belay_trainer_loss", "Clipped PPO loss (do not read it like a supervised loss)"),
+    "grad_norm": ("belay_trainer_grad_norm", "Gradient norm before clipping"),
+    "version": ("belay_trainer_policy_version", "Policy version last published"),
+}
+
+
+class TrainerMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.gauges = {key: Gauge(name, text, registry=registry) for key, (name, text) in STEP_GAUGES.items()}
+        self.steps = Counter("belay_trainer_steps_total", "PPO updates published", registry=registry)
+        self.consumed = Counter("belay_trainer_rollouts_consumed_total", "Rollouts trained on", registry=registry)
+        self.dropped = Counter("belay_trainer_rollouts_dropped_total", "Rollouts refused, by reason", ["reason"],
+                               registry=registry)
+        self.nonfinite_skips = Counter("belay_trainer_nonfinite_skips_total",
+                                       "Minibatch updates skipped for a NaN/Inf loss or gradient", registry=registry)
+        self.step_seconds = Histogram("belay_trainer_step_seconds", "Time of one PPO update, checkpoint included",
+                                      buckets=LLM_SECONDS_BUCKETS, registry=registry)
+        self.last_step = Gauge("belay_trainer_last_step_timestamp_seconds", "Unix time of the last published step",
+                               registry=registry)
+        self.logprobs = Histogram("belay_trainer_policy_logprob", "Behaviour log-probabilities of response tokens",
+                                  buckets=(-20, -10, -7, -5, -4, -3, -2, -1.5, -1, -0.5, -0.25, -0.1, -0.01, 0),
+                                  registry=registry)
+        self.ready = Gauge("belay_trainer_ready", "1 once the trainer has loaded and resumed", registry=registry)
+        for reason in ("stale", "malformed", "duplicate", "nonfinite"):
+            self.dropped.labels(reason=reason)
+
+    def record_step(self, summary: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if key in summary:
+                gauge.set(summary[key])
+        self.steps.inc()
+        self.consumed.inc(summary["rollouts"])
+        self.step_seconds.observe(summary["seconds"]["update"] + summary["seconds"]["checkpoint"])
+        self.last_step.set_to_current_time()
