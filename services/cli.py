@@ -48,6 +48,9 @@ def cmd_up(args) -> int:
     except StackError as error:
         print(f"belay up failed: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # during start-up; the stack has been stopped by then
+        print("interrupted: every service stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -25,3 +25,19 @@ def start(description: str, torch_threads: str | None = None) -> BelayConfig:
             import torch
             torch.set_num_threads(threads)
     return config
+
+
+def serve(build_server, config: BelayConfig, metrics_port: int) -> None:
+    """Wire a model service: build it, serve /metrics, start gRPC (NOT_SERVING), load, SERVING, wait."""
+    from prometheus_client import CollectorRegistry
+
+    from .metrics import serve_metrics
+
+    registry = CollectorRegistry()
+    server, servicer = build_server(config, registry)
+    serve_metrics(registry, metrics_port)
+    server.stop_on_signals()
+    server.start()
+    servicer.load()
+    server.mark_serving()
+    server.wait()

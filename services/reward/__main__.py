@@ -1,16 +1,6 @@
-"""python -m services.reward --config belay.yaml : config -> backend -> gRPC server."""
-from prometheus_client import CollectorRegistry
-
-from ..common.metrics import serve_metrics
-from ..common.service_main import start
+"""python -m services.reward --config belay.yaml : config -> reward backend -> gRPC server."""
+from ..common.service_main import serve, start
 from .server import build_server
 
 config = start("Belay reward service")
-registry = CollectorRegistry()
-server, servicer = build_server(config, registry)
-serve_metrics(registry, config.reward.metrics_port)
-server.stop_on_signals()
-server.start()
-servicer.load()
-server.mark_serving()
-server.wait()
+serve(build_server, config, config.reward.metrics_port)
