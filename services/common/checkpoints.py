@@ -79,12 +79,22 @@ def latest_checkpoint(root: str | os.PathLike) -> tuple[int, pathlib.Path] | Non
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[pathlib.Path]:
-    """Delete all but the newest `keep` committed checkpoints (and stale temp dirs of dead writers)."""
+    """Delete all but the newest `keep` committed checkpoints."""
     removed = []
     for _, path in committed_versions(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(path)
         removed.append(path)
     return removed
+
+
+def remove_unfinished(root: str | os.PathLike) -> list[pathlib.Path]:
+    """Delete temp dirs a killed writer left. Call only where no other writer can be at work
+    (the one trainer, at start-up)."""
+    root = pathlib.Path(root)
+    stale = [p for p in root.glob(".tmp-v*") if p.is_dir()] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def load_weights_into(model: torch.nn.Module, checkpoint: str | os.PathLike) -> None:

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from ..common.checkpoints import (latest_checkpoint, load_trainer_state, load_weights_into,
-                                  optimizer_state_from_flat, optimizer_state_to_flat, prune_checkpoints,
+                                  optimizer_state_from_flat, optimizer_state_to_flat, prune_checkpoints, remove_unfinished,
                                   save_trainer_state, write_checkpoint)
 from ..common.config import BelayConfig
 from ..common.models import token_logprobs
@@ -49,6 +49,8 @@ class Trainer:
     # --- resume --------------------------------------------------------------------------
     def resume(self) -> int:
         """Load the newest committed checkpoint, if any: weights, optimizer, RNG, version, seen ids."""
+        for path in remove_unfinished(self.config.run.checkpoint_dir):
+            log.warning("removed %s, a checkpoint a killed trainer never finished", path)
         latest = latest_checkpoint(self.config.run.checkpoint_dir)
         if latest is None:
             return 0
