@@ -64,6 +64,7 @@ class Actor:
         self.swaps, self.metrics = swaps, metrics
         self.prompts = PromptCycle(read_prompts(config.policy.prompts_file), config.policy.seed)
         self.last_swap_seconds = 0.0
+        self.refused_version = 0  # a checkpoint that failed to load is not retried every batch
         self.batches = 0
 
     def take_new_weights(self) -> None:
@@ -75,8 +76,14 @@ class Actor:
             except Exception as error:
                 log.error("announced version %d refused: %s", version, error)
         version, path = self.swaps.newest()
-        if version > self.engine.version:
-            self.last_swap_seconds = self.engine.swap_to(version, path)
+        if version > self.engine.version and version != self.refused_version:
+            try:
+                self.last_swap_seconds = self.engine.swap_to(version, path)
+            except (ValueError, FileNotFoundError) as error:  # the old weights keep serving
+                self.refused_version = version
+                self.metrics.batch_failures.labels(reason="swap").inc()
+                log.error("version %d refused, still serving %d: %s", version, self.engine.version, error)
+                return
             self.metrics.record_swap(self.last_swap_seconds, version)
 
     def score(self, batch: GenerationBatch, prompts: list[str]) -> tuple[list, list[float], str, dict]:

@@ -86,7 +86,11 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
         path = checked_checkpoint_path(self.config.run.checkpoint_dir, request.version, request.checkpoint_path)
         self.swaps.offer(request.version, path)
         if not self.config.policy.run_actor:  # no batches to wait for: swap now
-            self.metrics.record_swap(self.engine.swap_to(request.version, path), request.version)
+            try:
+                self.metrics.record_swap(self.engine.swap_to(request.version, path), request.version)
+            except (ValueError, FileNotFoundError) as error:  # the old weights keep serving
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"version {request.version} refused: "
+                                   f"{error}") from None
         pending, _ = self.swaps.newest()
         return belay_pb2.UpdateWeightsResponse(current_version=self.engine.version, pending_version=pending)
 
