@@ -176,25 +176,34 @@ def wait_for_policy_version(config: BelayConfig, version: int, timeout: float) -
     return current
 
 
-def format_step(step: dict, iterations: int | None) -> str:
+def format_step(step: dict, iterations: int | None, recent_rewards: list[float]) -> str:
+    """One progress line; recent_rewards (this step's last) gives the trend through batch noise."""
     s = step["seconds"]
     of = f"/{iterations}" if iterations else ""
-    return (f"iteration {step['version']}{of}  reward {step['reward_mean']:+.3f} ± {step['reward_std']:.3f}  "
+    trend = sum(recent_rewards[-5:]) / len(recent_rewards[-5:])
+    return (f"iteration {step['version']}{of}  reward {step['reward_mean']:+.3f} ± {step['reward_std']:.3f} "
+            f"(last 5: {trend:+.3f})  "
             f"KL/seq {step['kl_per_sequence']:.3f} (per token {step['kl_per_token']:.4f})  "
             f"len {step['response_length_mean']:.1f}  clip {step['clip_fraction']:.2f}  "
             f"| gen {s['generate']:.1f}s ref {s['reference']:.1f}s reward {s['reward']:.2f}s "
             f"update {s['update']:.1f}s ckpt {s['checkpoint']:.1f}s swap {s['swap']:.2f}s")
 
 
+SUMMARY_KEYS = ("reward_mean", "reward_std", "kl_per_sequence", "kl_per_token", "response_length_mean")
+
+
 def summarise(steps: list[dict]) -> dict:
     if not steps:
         return {}
     keys = ("generate", "reference", "reward", "update", "checkpoint", "swap")
+    quarter = max(1, len(steps) // 4)
     wall = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
     return {
         "iterations": len(steps),
-        "first": {k: steps[0][k] for k in ("reward_mean", "kl_per_sequence", "kl_per_token", "response_length_mean")},
-        "last": {k: steps[-1][k] for k in ("reward_mean", "kl_per_sequence", "kl_per_token", "response_length_mean")},
+        "first": {k: steps[0][k] for k in SUMMARY_KEYS},
+        "last": {k: steps[-1][k] for k in SUMMARY_KEYS},
+        "first_quarter_mean": {k: sum(x[k] for x in steps[:quarter]) / quarter for k in SUMMARY_KEYS},
+        "last_quarter_mean": {k: sum(x[k] for x in steps[-quarter:]) / quarter for k in SUMMARY_KEYS},
         "mean_seconds": {k: sum(x["seconds"][k] for x in steps) / len(steps) for k in keys},
         "mean_wall_seconds_between_iterations": sum(wall) / len(wall) if wall else None,
     }
@@ -208,7 +217,7 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
         stack.check_alive()
         for cursor, step in queue.read_steps(cursor, block_ms=1000):
             steps.append(step)
-            say(format_step(step, iterations))
+            say(format_step(step, iterations, [x["reward_mean"] for x in steps]))
             if iterations is not None and len(steps) >= iterations:
                 break
     return steps
@@ -249,8 +258,11 @@ def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sampl
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         if summary.get("iterations"):
             f, l, t = summary["first"], summary["last"], summary["mean_seconds"]
-            say(f"\nreward mean {f['reward_mean']:+.3f} -> {l['reward_mean']:+.3f}; KL/seq {f['kl_per_sequence']:.3f}"
-                f" -> {l['kl_per_sequence']:.3f} over {summary['iterations']} iterations")
+            q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
+            say(f"\nreward mean {f['reward_mean']:+.3f} -> {l['reward_mean']:+.3f} (first quarter of the run "
+                f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {f['kl_per_sequence']:.3f}"
+                f" -> {l['kl_per_sequence']:.3f} (per token {l['kl_per_token']:.4f}) over {summary['iterations']} "
+                "iterations")
             say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
             say(f"summary written to {run_dir / 'summary.json'}")
     finally:

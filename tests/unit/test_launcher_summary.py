@@ -1,0 +1,35 @@
+"""What `belay up` prints and writes about a run: the trend through batch noise, and the timings."""
+from services.launcher import format_step, summarise
+
+TIMINGS = ("generate", "reference", "reward", "update", "checkpoint", "swap")
+
+
+def step(version: int, reward: float, kl: float, update_seconds: float) -> dict:
+    return {"version": version, "reward_mean": reward, "reward_std": 0.5, "kl_per_sequence": kl,
+            "kl_per_token": kl / 10, "response_length_mean": 20.0, "clip_fraction": 0.1, "time": 100.0 + 3 * version,
+            "seconds": {k: (update_seconds if k == "update" else 1.0) for k in TIMINGS}}
+
+
+def test_summary_gives_first_last_quarter_means_and_mean_timings():
+    rewards = [0.1, 0.3, 0.2, 0.4, 0.5, 0.6, 0.9, 0.7]
+    steps = [step(i + 1, r, kl=i * 0.5, update_seconds=i) for i, r in enumerate(rewards)]
+    summary = summarise(steps)
+    assert summary["iterations"] == 8
+    assert summary["first"]["reward_mean"] == 0.1 and summary["last"]["reward_mean"] == 0.7
+    assert abs(summary["first_quarter_mean"]["reward_mean"] - (0.1 + 0.3) / 2) < 1e-12
+    assert abs(summary["last_quarter_mean"]["reward_mean"] - (0.9 + 0.7) / 2) < 1e-12
+    assert abs(summary["last_quarter_mean"]["kl_per_sequence"] - (3.0 + 3.5) / 2) < 1e-12
+    assert abs(summary["mean_seconds"]["update"] - sum(range(8)) / 8) < 1e-12
+    assert summary["mean_wall_seconds_between_iterations"] == 3.0
+
+
+def test_progress_line_shows_the_mean_of_the_last_five_rewards():
+    rewards = [0.0, 1.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    line = format_step(step(7, 1.0, 2.0, 4.0), 10, rewards)
+    assert line.startswith("iteration 7/10")
+    assert "(last 5: +0.600)" in line  # (0.2 + 0.4 + 0.6 + 0.8 + 1.0) / 5
+    assert "KL/seq 2.000" in line and "update 4.0s" in line
+
+
+def test_empty_run_summarises_to_nothing():
+    assert summarise([]) == {}
