@@ -137,15 +137,17 @@ class RolloutQueue:
             if "BUSYGROUP" not in str(error):
                 raise
 
-    def read(self, consumer: str, count: int, block_ms: int, pending: bool = False
+    def read(self, consumer: str, count: int, block_ms: int, pending: bool = False, after: str = "0"
              ) -> list[tuple[str, Rollout | MalformedRollout]]:
-        """Entries for this consumer: its own pending ones (pending=True) or new ones (blocking)."""
-        reply = self.redis.xreadgroup(GROUP, consumer, {self.stream: "0" if pending else ">"},
+        """Entries for this consumer: its own pending ones with ids above `after` (pending=True),
+        or new ones (blocking up to block_ms)."""
+        reply = self.redis.xreadgroup(GROUP, consumer, {self.stream: after if pending else ">"},
                                       count=count, block=None if pending else block_ms)
         entries = []
         for _, messages in reply or []:
             for entry_id, fields in messages:
-                if not fields:  # pending entry deleted from the stream meanwhile
+                if not fields:  # a pending entry deleted from the stream: nothing left to deliver
+                    self.ack([entry_id.decode()])
                     continue
                 try:
                     entries.append((entry_id.decode(), Rollout.from_fields(fields)))

@@ -44,7 +44,7 @@ class Trainer:
         self.version = 0
         self.consumed_ids: collections.deque[str] = collections.deque(maxlen=REMEMBERED_ROLLOUT_IDS)
         self.consumer = consumer_name()
-        self.drained_pending = False
+        self.pending_cursor: str | None = "0"  # None once this consumer's pending entries are read
 
     # --- resume --------------------------------------------------------------------------
     def resume(self) -> int:
@@ -73,12 +73,12 @@ class Trainer:
         seen = set(self.consumed_ids)
         while len(batch) < self.section.batch_size and not stop.is_set():
             want = self.section.batch_size - len(batch)
-            entries = self.queue.read(self.consumer, want, self.config.redis.block_ms, pending=not self.drained_pending)
-            if not self.drained_pending and len(entries) < want:
-                self.drained_pending = True  # our own pending entries first (a restart), then new ones
+            # Our own pending entries first (left by a restart), walked with a cursor; then new ones.
+            entries = self.queue.read(self.consumer, want, self.config.redis.block_ms,
+                                      pending=self.pending_cursor is not None, after=self.pending_cursor or "0")
+            if self.pending_cursor is not None:
+                self.pending_cursor = entries[-1][0] if entries else None
             for entry_id, item in entries:
-                if any(entry_id == taken for taken, _ in batch):
-                    continue
                 if isinstance(item, MalformedRollout):
                     self._drop(entry_id, "malformed", str(item))
                 elif item.rollout_id in seen:
