@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEMO_ARGS ?= --fresh --iterations 12
+DEMO_ARGS ?= --fresh --iterations 16
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps venv demo test protos clean
