@@ -6,6 +6,7 @@ Values are parsed as YAML scalars, so numbers, booleans and lists work.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from typing import Literal, Mapping
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "BELAY_"
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -107,6 +109,34 @@ class TrainerConfig(Section):
     max_steps: int = Field(0, ge=0, description="stop after this many updates (0: run until stopped)")
     keep_checkpoints: int = Field(3, ge=2, description="newest checkpoints kept on disk (older ones are deleted)")
     seed: int = Field(0, description="torch seed of the trainer")
+    # --- the PPO toolbox (docs/algorithm.md gives every formula); defaults are the seed's recipe ---
+    kl_estimator: Literal["k1", "k2", "k3", "full"] = Field(
+        "k1", description="per-token KL: k1 log π − log π_ref (seed), k2 ½(log ratio)², k3 (r−1)−log r, full Σπ log π/π_ref")
+    kl_top_k: int = Field(0, ge=0, description="full KL: reference rows of its top-k tokens (0: the whole vocabulary)")
+    kl_placement: Literal["reward", "loss"] = Field(
+        "reward", description="KL paid in the reward (seed, InstructGPT) or added to the loss (GRPO)")
+    kl_controller: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="β fixed at kl_coef, or Ziegler et al.'s adaptive controller towards kl_target")
+    kl_target: float = Field(6.0, gt=0, description="adaptive β: target KL per sequence, nats")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive β: horizon in rollouts")
+    reward_clip: float | None = Field(None, gt=0, description="clip raw rewards to [−reward_clip, reward_clip] (None: off)")
+    reward_normalize: bool = Field(False, description="normalise rewards by running mean/std kept across steps")
+    length_normalize: bool = Field(False, description="divide each reward by its response length in tokens")
+    truncation_penalty: float = Field(0.0, ge=0, description="subtracted from the reward of responses cut at max_new_tokens")
+    advantage: Literal["batch_mean", "group", "rloo", "gae"] = Field(
+        "batch_mean", description="baseline: batch mean (seed), group mean (GRPO), leave-one-out (RLOO), or GAE with a critic")
+    group_scale_by_std: bool = Field(False, description="group advantage: divide by the group's std (GRPO)")
+    whiten_advantages: bool = Field(False, description="whiten advantages over the batch's response tokens")
+    gamma: float = Field(1.0, gt=0, le=1, description="GAE discount γ")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    value_coef: float = Field(0.1, ge=0, description="GAE: weight of the value loss")
+    value_clip: float = Field(0.2, gt=0, description="GAE: value clipping range around the old values")
+    early_stop_kl: float | None = Field(None, gt=0, description="stop an update's epochs once approx KL(old||new) passes this")
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = Field(
+        "token_mean", description="average the PPO loss over all response tokens, or per sequence then over sequences")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="learning-rate decay after warm-up")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warm-up")
+    lr_decay_steps: int = Field(1000, ge=1, description="optimizer steps over which linear/cosine decay reaches 0")
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -120,9 +150,19 @@ class TrainerConfig(Section):
         if self.ppo_epochs > 4 and not self.force_ppo_epochs:
             raise ValueError(f"ppo_epochs={self.ppo_epochs} is above 4, which the seed calls aggressive; "
                              "set force_ppo_epochs: true to insist")
+        if self.ppo_epochs > 4:
+            log.warning("ppo_epochs=%d is above 4 (forced): the seed calls 4 already aggressive", self.ppo_epochs)
         if self.minibatch_size > self.batch_size:
             raise ValueError(f"minibatch_size={self.minibatch_size} exceeds batch_size={self.batch_size}")
         return self
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="train LoRA adapters only; checkpoints and hot-swaps carry adapters only")
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="modules that get adapters")
 
 
 class BelayConfig(Section):
@@ -133,12 +173,21 @@ class BelayConfig(Section):
     reference: ReferenceConfig = ReferenceConfig()
     reward: RewardConfig = RewardConfig()
     trainer: TrainerConfig = TrainerConfig()
+    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
     def _policy_and_trainer_agree(self) -> "BelayConfig":
         if abs(self.policy.temperature - self.trainer.temperature) > 1e-9:
             raise ValueError(f"trainer.temperature={self.trainer.temperature} differs from policy.temperature="
                              f"{self.policy.temperature}: PPO's ratio needs both log-probabilities at one temperature")
+        trainer, policy = self.trainer, self.policy
+        if trainer.advantage in ("group", "rloo"):
+            if policy.samples_per_prompt < 2:
+                raise ValueError(f"trainer.advantage={trainer.advantage} needs policy.samples_per_prompt >= 2 "
+                                 f"(got {policy.samples_per_prompt}): the baseline comes from the other samples")
+            if trainer.batch_size % policy.samples_per_prompt:
+                raise ValueError(f"trainer.batch_size={trainer.batch_size} must be a multiple of "
+                                 f"policy.samples_per_prompt={policy.samples_per_prompt} so batches hold whole groups")
         return self
 
 

@@ -12,7 +12,7 @@ from belay.v1 import belay_pb2
 
 from .config import GrpcConfig
 from .models import response_logprobs
-from .packing import PackingError, pack_float32, unpack_int32
+from .packing import PackingError, pack_float32, pack_int32, unpack_int32
 from .rpc import invalid, too_big
 
 
@@ -61,6 +61,12 @@ def parse_logprobs_request(request: belay_pb2.LogProbsRequest, vocab_size: int, 
     temperature = request.temperature or 1.0
     if not math.isfinite(temperature) or temperature <= 0:
         raise invalid(f"temperature must be a positive number, got {request.temperature}")
+    if request.top_k > vocab_size:
+        raise invalid(f"top_k={request.top_k} exceeds the vocabulary size {vocab_size}")
+    reply_bytes = 8 * request.top_k * sum(len(r) for r in responses)
+    if reply_bytes > limits.max_message_bytes:
+        raise too_big(f"top_k={request.top_k} rows for {sum(len(r) for r in responses)} tokens need about "
+                      f"{reply_bytes} bytes, over max_message_bytes={limits.max_message_bytes}; lower top_k or split")
     return [p.tolist() for p in prompts], [r.tolist() for r in responses], temperature
 
 
@@ -82,6 +88,11 @@ class LogProbsHandler:
             request, vocab_size, context_limit(loaded.model, self.limits), self.limits)
         with self.lock:
             rows = response_logprobs(loaded.model, prompts, responses, self.pad_id, temperature,
-                                     self.max_tokens_per_forward)
-        return belay_pb2.LogProbsResponse(logprobs=pack_float32([r.numpy() for r in rows]),
-                                          policy_version=loaded.version)
+                                     self.max_tokens_per_forward, top_k=request.top_k)
+        reply = belay_pb2.LogProbsResponse(policy_version=loaded.version)
+        if request.top_k:
+            rows, top_rows = rows
+            reply.top_ids.CopyFrom(pack_int32([ids.numpy().reshape(-1) for ids, _ in top_rows]))
+            reply.top_logprobs.CopyFrom(pack_float32([values.numpy().reshape(-1) for _, values in top_rows]))
+        reply.logprobs.CopyFrom(pack_float32([r.numpy() for r in rows]))
+        return reply

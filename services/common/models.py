@@ -88,6 +88,20 @@ def build_teacher_forced_batch(prompts: list[list[int]], responses: list[list[in
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 
+def next_token_log_probs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         temperature: float = 1.0, output_hidden_states: bool = False):
+    """log softmax(logits / temperature) over the vocabulary at every position but the last.
+
+    input_ids, attention_mask: (B, T) -> log_probs (B, T-1, V), float32; with output_hidden_states
+    also the last layer's hidden states (B, T-1, H). Differentiable.
+    """
+    output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+    log_probs = torch.log_softmax(output.logits[:, :-1].float() / temperature, dim=-1)
+    if output_hidden_states:
+        return log_probs, output.hidden_states[-1][:, :-1]
+    return log_probs
+
+
 def token_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next token under softmax(logits / temperature).
@@ -95,37 +109,54 @@ def token_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
     input_ids, attention_mask: (B, T). Returns (logprobs (B, T-1), entropy (B, T-1)), where
     logprobs[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]). Differentiable.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
-    logits = logits / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = torch.gather(log_probs, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, T-1)
+    log_probs = next_token_log_probs(model, input_ids, attention_mask, temperature)  # (B, T-1, V)
+    return chosen_and_entropy(log_probs, input_ids)
+
+
+def chosen_and_entropy(log_probs: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From log_probs (B, T-1, V): the next tokens' log-probs (B, T-1) and the entropy (B, T-1)."""
+    chosen = torch.gather(log_probs, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
     return chosen, entropy
 
 
-def response_logprobs(model: PreTrainedModel, prompts: list[list[int]], responses: list[list[int]],
-                      pad_id: int, temperature: float = 1.0, max_tokens_per_forward: int = 16384
-                      ) -> list[torch.Tensor]:
-    """Teacher-forced log-probabilities of each response's tokens, one 1-D tensor per row, no grad.
+def _chunks(prompts: list[list[int]], responses: list[list[int]], max_tokens: int):
+    """(start, stop) row ranges whose padded size stays under max_tokens (at least one row each)."""
+    start = 0
+    while start < len(prompts):
+        stop = start + 1
+        longest = len(prompts[start]) + len(responses[start])
+        while stop < len(prompts):
+            longest_next = max(longest, len(prompts[stop]) + len(responses[stop]))
+            if longest_next * (stop - start + 1) > max_tokens:
+                break
+            longest, stop = longest_next, stop + 1
+        yield start, stop
+        start = stop
 
+
+def response_logprobs(model: PreTrainedModel, prompts: list[list[int]], responses: list[list[int]],
+                      pad_id: int, temperature: float = 1.0, max_tokens_per_forward: int = 16384,
+                      top_k: int = 0):
+    """Teacher-forced log-probabilities of each response's tokens, one 1-D tensor (R,) per row, no grad.
+
+    With top_k > 0, returns (rows, top_rows) where top_rows[i] = (ids (R, K) int, logprobs (R, K))
+    are the K likeliest tokens at each response position (K = min(top_k, vocabulary)).
     Rows are forwarded in chunks of at most max_tokens_per_forward padded tokens.
     """
     device = next(model.parameters()).device
     results: list[torch.Tensor] = []
-    start = 0
+    top_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
-        while start < len(prompts):
-            stop = start + 1
-            longest = len(prompts[start]) + len(responses[start])
-            while stop < len(prompts):
-                longest_next = max(longest, len(prompts[stop]) + len(responses[stop]))
-                if longest_next * (stop - start + 1) > max_tokens_per_forward:
-                    break
-                longest, stop = longest_next, stop + 1
+        for start, stop in _chunks(prompts, responses, max_tokens_per_forward):
             input_ids, attention_mask, response_mask = build_teacher_forced_batch(
                 prompts[start:stop], responses[start:stop], pad_id, device)
-            logprobs, _ = token_logprobs(model, input_ids, attention_mask, temperature)
+            log_probs = next_token_log_probs(model, input_ids, attention_mask, temperature)
+            chosen, _ = chosen_and_entropy(log_probs, input_ids)
             for row in range(stop - start):
-                results.append(logprobs[row][response_mask[row].bool()].cpu())
-            start = stop
-    return results
+                where = response_mask[row].bool()
+                results.append(chosen[row][where].cpu())
+                if top_k:
+                    values, ids = log_probs[row][where].topk(min(top_k, log_probs.shape[-1]), dim=-1)
+                    top_rows.append((ids.cpu(), values.cpu()))
+    return (results, top_rows) if top_k else results

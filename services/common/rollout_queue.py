@@ -43,9 +43,17 @@ class Rollout:
     finish_reason: str           # "eos" or "length"
     group_id: str                # shared by the samples of one prompt
     reward_model_id: str = ""
+    group_size: int = 1          # samples of this prompt in the batch that produced it
+    ref_top_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))         # (R*K,) for the exact KL
+    ref_top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (R*K,)
     timings: dict = field(default_factory=dict)  # seconds: generate, reference, reward, swap
     rollout_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
+
+    @property
+    def top_k(self) -> int:
+        """K of the reference's top-k rows (0 when the rollout carries none)."""
+        return len(self.ref_top_ids) // len(self.response_ids) if len(self.response_ids) else 0
 
     def validate(self) -> "Rollout":
         n = len(self.response_ids)
@@ -57,6 +65,11 @@ class Rollout:
         if not (np.isfinite(self.logprobs).all() and np.isfinite(self.ref_logprobs).all()
                 and math.isfinite(self.reward)):
             raise MalformedRollout(f"rollout {self.rollout_id}: non-finite logprobs, ref_logprobs or reward")
+        if len(self.ref_top_ids) != len(self.ref_top_logprobs) or len(self.ref_top_ids) % n:
+            raise MalformedRollout(f"rollout {self.rollout_id}: {len(self.ref_top_ids)} top ids and "
+                                   f"{len(self.ref_top_logprobs)} top logprobs for {n} response tokens")
+        if self.group_size < 1:
+            raise MalformedRollout(f"rollout {self.rollout_id}: group_size {self.group_size} < 1")
         if self.finish_reason not in FINISH_REASONS:
             raise MalformedRollout(f"rollout {self.rollout_id}: finish_reason {self.finish_reason!r} "
                                    f"is not one of {FINISH_REASONS}")
@@ -73,6 +86,9 @@ class Rollout:
             "ref_logprobs": np.asarray(self.ref_logprobs, "<f4").tobytes(),
             "reward": repr(float(self.reward)), "policy_version": str(int(self.policy_version)),
             "finish_reason": self.finish_reason, "reward_model_id": self.reward_model_id,
+            "group_size": str(int(self.group_size)),
+            "ref_top_ids": np.asarray(self.ref_top_ids, "<i4").tobytes(),
+            "ref_top_logprobs": np.asarray(self.ref_top_logprobs, "<f4").tobytes(),
             "timings": json.dumps(self.timings), "created_at": repr(self.created_at),
         }
 
@@ -90,6 +106,9 @@ class Rollout:
                 ref_logprobs=np.frombuffer(get["ref_logprobs"], "<f4"),
                 reward=float(text("reward")), policy_version=int(text("policy_version")),
                 finish_reason=text("finish_reason"), reward_model_id=text("reward_model_id"),
+                group_size=int(text("group_size")) if "group_size" in get else 1,
+                ref_top_ids=np.frombuffer(get.get("ref_top_ids", b""), "<i4"),
+                ref_top_logprobs=np.frombuffer(get.get("ref_top_logprobs", b""), "<f4"),
                 timings=json.loads(text("timings")), created_at=float(text("created_at")),
             ).validate()
         except MalformedRollout:

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 from belay.v1 import belay_pb2_grpc
 
 from ..common.checkpoints import latest_checkpoint
+from ..common.lora import lora_settings, wrap_with_lora
 from ..common.metrics import run_info, serve_metrics
 from ..common.models import load_causal_lm, load_tokenizer, resolve_device
 from ..common.rollout_queue import RolloutQueue
@@ -28,8 +29,10 @@ run_info(registry, "policy", config.run.name, section.model_dir)
 serve_metrics(registry, section.metrics_port)
 
 tokenizer = load_tokenizer(section.model_dir)
-engine = PolicyEngine(load_causal_lm(section.model_dir, resolve_device(section.device), "policy.model_dir"),
-                      tokenizer, config.grpc, section.max_tokens_per_forward)
+model = load_causal_lm(section.model_dir, resolve_device(section.device), "policy.model_dir")
+if config.lora.enabled:  # the same adapters as the trainer's, zero at start: the SFT model's behaviour
+    model = wrap_with_lora(model, lora_settings(config.lora))
+engine = PolicyEngine(model, tokenizer, config.grpc, section.max_tokens_per_forward)
 latest = latest_checkpoint(config.run.checkpoint_dir)
 if latest is not None:  # a restarted policy serves the newest committed version, not the SFT weights
     metrics.record_swap(engine.swap_to(*latest), latest[0])

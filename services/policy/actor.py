@@ -14,7 +14,7 @@ import grpc
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from ..common.config import BelayConfig
-from ..common.packing import pack_int32, unpack_float32
+from ..common.packing import pack_int32, unpack_float32, unpack_int32
 from ..common.rollout_queue import Rollout, RolloutQueue
 from .engine import GenerationBatch, PolicyEngine, Sampling
 from .policy_metrics import PolicyMetrics
@@ -64,6 +64,8 @@ class Actor:
         self.swaps, self.metrics = swaps, metrics
         self.prompts = PromptCycle(read_prompts(config.policy.prompts_file), config.policy.seed)
         self.last_swap_seconds = 0.0
+        trainer = config.trainer  # the exact KL needs the reference's top-k rows in each rollout
+        self.reference_top_k = (trainer.kl_top_k or engine.vocab_size) if trainer.kl_estimator == "full" else 0
         self.refused_version = 0  # a checkpoint that failed to load is not retried every batch
         self.batches = 0
 
@@ -91,7 +93,7 @@ class Actor:
         section = self.config.policy
         ref_request = belay_pb2.LogProbsRequest(prompt_ids=pack_int32(batch.prompt_ids),
                                                 response_ids=pack_int32(batch.response_ids),
-                                                temperature=section.temperature)
+                                                temperature=section.temperature, top_k=self.reference_top_k)
         reward_request = belay_pb2.ScoreRequest(prompts=[prompts[i] for i in batch.prompt_index],
                                                 responses=batch.texts)
         start = time.perf_counter()
@@ -114,9 +116,13 @@ class Actor:
         ref_logprobs = unpack_float32(ref_reply.logprobs, "reference logprobs")
         if [len(r) for r in ref_logprobs] != [len(r) for r in batch.response_ids]:
             raise RuntimeError("reference returned logprob rows that do not match the responses")
+        top_ids = unpack_int32(ref_reply.top_ids, "reference top ids") if self.reference_top_k else []
+        top_logprobs = unpack_float32(ref_reply.top_logprobs, "reference top logprobs") if self.reference_top_k else []
+        ref = [(lp, top_ids[i] if top_ids else None, top_logprobs[i] if top_logprobs else None)
+               for i, lp in enumerate(ref_logprobs)]
         if len(reward_reply.scores) != len(batch.texts):
             raise RuntimeError(f"reward returned {len(reward_reply.scores)} scores for {len(batch.texts)} responses")
-        return ref_logprobs, list(reward_reply.scores), reward_reply.reward_model_id, timings
+        return ref, list(reward_reply.scores), reward_reply.reward_model_id, timings
 
     def run_batch(self) -> int:
         """Generate, score and enqueue one batch. Returns the number of rollouts written."""
@@ -127,16 +133,19 @@ class Actor:
         self.batches += 1
         batch = self.engine.generate(prompts, section.samples_per_prompt, sampling)
         self.metrics.observe_generation(batch)
-        ref_logprobs, rewards, reward_model_id, timings = self.score(batch, prompts)
+        ref, rewards, reward_model_id, timings = self.score(batch, prompts)
         timings.update(generate=batch.seconds, swap=self.last_swap_seconds)
         groups = [uuid.uuid4().hex for _ in prompts]
         for row in range(len(batch.response_ids)):
+            ref_logprobs, ref_top_ids, ref_top_logprobs = ref[row]
+            extra = {} if ref_top_ids is None else {"ref_top_ids": ref_top_ids, "ref_top_logprobs": ref_top_logprobs}
             self.queue.add(Rollout(
                 prompt_text=prompts[batch.prompt_index[row]], response_text=batch.texts[row],
                 prompt_ids=batch.prompt_ids[row], response_ids=batch.response_ids[row],
-                logprobs=batch.logprobs[row], ref_logprobs=ref_logprobs[row], reward=rewards[row],
+                logprobs=batch.logprobs[row], ref_logprobs=ref_logprobs, reward=rewards[row],
                 policy_version=batch.version, finish_reason=batch.finish_reasons[row],
-                group_id=groups[batch.prompt_index[row]], reward_model_id=reward_model_id, timings=timings))
+                group_id=groups[batch.prompt_index[row]], group_size=section.samples_per_prompt,
+                reward_model_id=reward_model_id, timings=timings, **extra))
         self.metrics.rollouts_written.inc(len(batch.response_ids))
         log.info("version %d: wrote %d rollouts (generate %.1f s, reference %.1f s, reward %.1f s)",
                  batch.version, len(batch.response_ids), batch.seconds, timings.get("reference", 0),

@@ -16,6 +16,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from ..common.checkpoints import load_weights_into
 from ..common.config import GrpcConfig
+from ..common.lora import is_adapter_checkpoint, load_adapter_into
 from ..common.logprob_service import LoadedModel, context_limit
 from ..common.models import response_logprobs, weights_fingerprint
 from ..common.rpc import invalid, too_big
@@ -142,7 +143,7 @@ class PolicyEngine:
     def swap_to(self, version: int, checkpoint: pathlib.Path) -> float:
         """Load a committed checkpoint's weights in place, between batches. Returns seconds taken.
 
-        load_weights_into checks every key and shape before it copies anything, so a bad
+        Both loaders check every key and shape before they copy anything, so a bad
         checkpoint raises and leaves the old weights serving.
         """
         start = time.perf_counter()
@@ -150,7 +151,10 @@ class PolicyEngine:
             if version <= self.loaded.version:
                 return 0.0
             model = self.loaded.model
-            load_weights_into(model, checkpoint)
+            if is_adapter_checkpoint(checkpoint):  # LoRA: only the adapter tensors travel
+                load_adapter_into(model, checkpoint)
+            else:
+                load_weights_into(model, checkpoint)
             self.loaded = LoadedModel(model=model, version=version, revision=weights_fingerprint(model))
         seconds = time.perf_counter() - start
         log.info("hot-swapped to version %d from %s in %.2f s", version, checkpoint, seconds)

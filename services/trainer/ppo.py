@@ -1,9 +1,12 @@
 """PPO math, as the seed article lays it out. Pure functions over tensors: no I/O, no config.
+KL estimators live in kl.py, advantages in advantages.py, reward shaping in reward_shaping.py.
 
 Shapes: B rollouts, T token positions (positions t predict token t+1 of prompt+response).
 Every reduction over tokens takes the response mask, so prompt and padding never count.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -18,15 +21,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
 
 
-def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """k1 estimator of KL(pi || pi_ref) per response token: (log pi(a_t) - log pi_ref(a_t)) * mask.
-
-    logprobs, ref_logprobs, response_mask: (B, T) -> (B, T), zero outside the response.
-    Sampled from pi, its expectation is the exact KL; single tokens may be negative.
-    """
-    return (logprobs - ref_logprobs) * response_mask
-
-
 def sequence_kl(token_kl: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """KL of each response: sum over its tokens. (B, T) -> (B,)"""
     return masked_sum(token_kl, response_mask, dim=-1)
@@ -37,30 +31,59 @@ def kl_penalised_reward(reward: torch.Tensor, kl: torch.Tensor, kl_coef: float) 
     return reward - kl_coef * kl
 
 
-def batch_mean_advantage(total_reward: torch.Tensor) -> torch.Tensor:
-    """The seed's simplest advantage: A_i = R_i - mean_j R_j, within the batch. (B,) -> (B,)"""
-    return total_reward - total_reward.mean()
+def aggregate_loss(token_losses: torch.Tensor, response_mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Reduce per-token losses (B, T) to a scalar.
+
+    token_mean:    sum over all response tokens / number of response tokens (long answers weigh more)
+    sequence_mean: mean over sequences of each sequence's mean over its tokens (each answer weighs 1/B)
+    """
+    if aggregation == "token_mean":
+        return masked_mean(token_losses, response_mask)
+    if aggregation == "sequence_mean":
+        return masked_mean(token_losses, response_mask, dim=-1).mean()
+    raise ValueError(f"unknown loss aggregation {aggregation!r} (known: token_mean, sequence_mean)")
 
 
 def clipped_policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        response_mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        response_mask: torch.Tensor, clip_eps: float, aggregation: str = "token_mean"
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, to minimise:
 
         ratio_t = exp(log pi_new(a_t) - log pi_old(a_t))
-        loss    = mean_t over response tokens of max(-A * ratio_t, -A * clip(ratio_t, 1 - eps, 1 + eps))
+        loss    = aggregate over response tokens of max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
 
-    new_logprobs, old_logprobs, response_mask: (B, T); advantages: (B,), the sequence's
-    advantage given to each of its tokens. Returns (loss, stats) with stats:
+    new_logprobs, old_logprobs, response_mask: (B, T); advantages: (B,), a sequence's advantage
+    given to each of its tokens, or (B, T) per token (GAE). Returns (loss, stats) with stats:
     clip_fraction (share of tokens whose ratio was clipped in the direction that binds) and
     approx_kl (k3 estimate of KL(pi_old || pi_new): mean of (ratio - 1) - log ratio).
     """
     log_ratio = new_logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
-    token_advantage = advantages.unsqueeze(-1)  # (B, 1) broadcast over tokens
+    token_advantage = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
     unclipped = -token_advantage * ratio
     clipped = -token_advantage * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), response_mask, aggregation)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), response_mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)  # (ratio - 1) - log ratio, never < 0
     return loss, {"clip_fraction": clip_fraction, "approx_kl": approx_kl}
+
+
+def lr_factor(step: int, warmup_steps: int, decay_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based):
+
+        warm-up:  (step + 1) / warmup_steps              while step < warmup_steps
+        constant: 1
+        linear:   max(0, 1 - s / decay_steps)             s = step - warmup_steps
+        cosine:   0.5 * (1 + cos(pi * min(s, decay_steps) / decay_steps))
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(step - warmup_steps, decay_steps) / decay_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r} (known: constant, linear, cosine)")

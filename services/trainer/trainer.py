@@ -20,10 +20,16 @@ from ..common.checkpoints import (latest_checkpoint, load_trainer_state, load_we
                                   optimizer_state_from_flat, optimizer_state_to_flat, prune_checkpoints, remove_unfinished,
                                   save_trainer_state, write_checkpoint)
 from ..common.config import BelayConfig
-from ..common.models import token_logprobs
+from ..common.lora import load_adapter_into, lora_settings, save_adapter, wrap_with_lora
+from ..common.models import chosen_and_entropy, next_token_log_probs
 from ..common.rollout_queue import MalformedRollout, Rollout, RolloutQueue, consumer_name
 from . import ppo
+from .advantages import (batch_mean_advantage, clipped_value_loss, gae_advantages, group_advantage, rloo_advantage,
+                         sequence_advantage_to_tokens, token_rewards, whiten)
 from .batch import PPOBatch, collate
+from .kl import AdaptiveKLController, FixedKLController, exact_kl_from_rows, per_token_kl
+from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
+from .value_head import ValueHead
 from .trainer_metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
@@ -35,16 +41,30 @@ class Trainer:
                  queue: RolloutQueue, metrics: TrainerMetrics,
                  policy: belay_pb2_grpc.PolicyStub | None = None):
         self.config, self.section = config, config.trainer
+        section = self.section
+        if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
+            model = wrap_with_lora(model, lora_settings(config.lora))
         self.model, self.tokenizer = model.train(), tokenizer
         self.device = next(model.parameters()).device
         self.queue, self.metrics, self.policy = queue, metrics, policy
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.section.lr,
-                                           weight_decay=self.section.weight_decay)
-        self.shuffle = torch.Generator().manual_seed(self.section.seed)
+        # The critic for GAE reads the policy's last hidden states (a shared trunk, as in TRL).
+        self.value_head = ValueHead.from_model_config(model.config).to(self.device) if section.advantage == "gae" else None
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            parameters += list(self.value_head.parameters())
+        self.parameters = parameters
+        self.optimizer = torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: ppo.lr_factor(
+            step, section.warmup_steps, section.lr_decay_steps, section.lr_schedule))
+        self.kl_controller = (AdaptiveKLController(section.kl_coef, section.kl_target, section.kl_horizon)
+                              if section.kl_controller == "adaptive" else FixedKLController(section.kl_coef))
+        self.reward_moments = RunningMoments()
+        self.shuffle = torch.Generator().manual_seed(section.seed)
         self.version = 0
         self.consumed_ids: collections.deque[str] = collections.deque(maxlen=REMEMBERED_ROLLOUT_IDS)
         self.consumer = consumer_name()
         self.pending_cursor: str | None = "0"  # None once this consumer's pending entries are read
+        self.partial_groups: dict[str, list[tuple[str, Rollout]]] = {}  # group baselines need whole groups
 
     # --- resume --------------------------------------------------------------------------
     def resume(self) -> int:
@@ -55,8 +75,17 @@ class Trainer:
         if latest is None:
             return 0
         version, path = latest
-        load_weights_into(self.model, path)
+        if self.config.lora.enabled:
+            load_adapter_into(self.model, path)
+        else:
+            load_weights_into(self.model, path)
         tensors, meta = load_trainer_state(path)
+        if self.value_head is not None:
+            self.value_head.load_state_dict({k[len("value_head/"):]: v for k, v in tensors.items()
+                                             if k.startswith("value_head/")})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.kl_controller.load_state_dict(meta["kl_controller"])
+        self.reward_moments.load_state_dict(meta["reward_moments"])
         optimizer_tensors = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
         self.optimizer.load_state_dict(optimizer_state_from_flat(optimizer_tensors, meta["optimizer"]))
         torch.set_rng_state(tensors["rng/torch"])
@@ -86,6 +115,11 @@ class Trainer:
                     self.metrics.dropped.labels(reason="duplicate").inc()
                 elif self.version - item.policy_version > self.section.max_staleness:
                     self._drop(entry_id, "stale", f"version {item.policy_version}, trainer at {self.version}")
+                elif self.section.advantage in ("group", "rloo"):
+                    group = self.partial_groups.setdefault(item.group_id, [])
+                    group.append((entry_id, item))
+                    if len(group) == item.group_size:  # whole: the baseline can see every sample
+                        batch.extend(self.partial_groups.pop(item.group_id))
                 else:
                     batch.append((entry_id, item))
         return batch
@@ -96,61 +130,149 @@ class Trainer:
         log.warning("dropped rollout %s (%s): %s", entry_id, reason, detail)
 
     # --- the update ----------------------------------------------------------------------
+    def shape_rewards(self, data: PPOBatch) -> torch.Tensor:
+        """Raw scores -> the reward PPO maximises, in this order: running normalisation, clipping,
+        length normalisation, truncation penalty (each off unless configured). (B,) -> (B,)"""
+        section, rewards = self.section, data.rewards
+        if section.reward_normalize:
+            self.reward_moments.update(rewards)
+            rewards = self.reward_moments.normalise(rewards)
+        if section.reward_clip is not None:
+            rewards = clip_reward(rewards, section.reward_clip)
+        if section.length_normalize:
+            rewards = length_normalised_reward(rewards, data.response_lengths)
+        if section.truncation_penalty:
+            rewards = truncation_penalty(rewards, data.truncated, section.truncation_penalty)
+        return rewards
+
+    def token_kl(self, logprobs: torch.Tensor, data: PPOBatch, log_probs: torch.Tensor | None) -> torch.Tensor:
+        """KL(policy || reference) per response token with the configured estimator. (B, T) -> (B, T)"""
+        if self.section.kl_estimator != "full":
+            return per_token_kl(self.section.kl_estimator, logprobs, data.ref_logprobs, data.response_mask)
+        if data.ref_top_ids.shape[-1] == 0:
+            raise ValueError("kl_estimator 'full' needs rollouts carrying the reference's top-k rows")
+        policy_rows = torch.gather(log_probs, -1, data.ref_top_ids)  # (B, T, K) the policy on the same ids
+        full_vocabulary = data.ref_top_ids.shape[-1] == log_probs.shape[-1]
+        return exact_kl_from_rows(policy_rows, data.ref_top_logprobs, data.response_mask,
+                                  renormalise=not full_vocabulary)
+
+    def forward(self, data: PPOBatch):
+        """The policy (and critic) on a batch: (logprobs, entropy, full log-probs, values or None)."""
+        want_values = self.value_head is not None
+        out = next_token_log_probs(self.model, data.input_ids, data.attention_mask, self.section.temperature,
+                                   output_hidden_states=want_values)
+        log_probs, hidden = out if want_values else (out, None)
+        logprobs, entropy = chosen_and_entropy(log_probs, data.input_ids)
+        values = self.value_head(hidden) if want_values else None
+        return logprobs, entropy, log_probs, values
+
     def update(self, rollouts: list[Rollout]) -> dict:
         """One PPO update on a batch; returns its summary. Skips minibatches with a non-finite loss/grad."""
         section = self.section
         data = collate(rollouts, self.tokenizer.pad_token_id, self.device)
-        # 1. KL between the policy that sampled and the frozen reference, response tokens only (k1).
-        token_kl = ppo.per_token_kl(data.old_logprobs, data.ref_logprobs, data.response_mask)
-        kl = ppo.sequence_kl(token_kl, data.response_mask)                       # (B,)
-        # 2. Total reward = reward - beta * KL.
-        total_reward = ppo.kl_penalised_reward(data.rewards, kl, section.kl_coef)  # (B,)
-        # 3. Advantage: total reward minus its batch mean (the seed's first version; no value model).
-        advantages = ppo.batch_mean_advantage(total_reward)                       # (B,)
-        # 4. Clipped PPO epochs over minibatches, gradient clipping always on.
+        mask = data.response_mask
+        beta = self.kl_controller.value
+        # 1. The reward: raw scores, shaped as configured (the seed's default: unchanged).
+        scores = self.shape_rewards(data)
+        # 2. The policy as it stands (= the weights that sampled, for fresh rollouts): old values for
+        #    the critic and the policy's full distribution for the exact KL; skipped when neither is used.
+        old_values = None
+        if self.value_head is not None or section.kl_estimator == "full":
+            with torch.no_grad():
+                _, _, log_probs, old_values = self.forward(data)
+        else:
+            log_probs = None
+        # 3. KL between the policy that sampled and the frozen reference, response tokens only.
+        token_kl = self.token_kl(data.old_logprobs, data, log_probs)   # (B, T)
+        kl = ppo.sequence_kl(token_kl, mask)                            # (B,)
+        # 4. Total reward = reward − β·KL (when the KL is paid in the reward), and the advantage.
+        reward_beta = beta if section.kl_placement == "reward" else 0.0
+        returns = None
+        if section.advantage == "gae":
+            rewards_t = token_rewards(scores, token_kl, reward_beta, mask)
+            advantages, returns = gae_advantages(rewards_t, old_values, mask, section.gamma, section.lam)
+            total_reward = scores - reward_beta * kl
+        else:
+            total_reward = ppo.kl_penalised_reward(scores, kl, reward_beta)  # (B,)
+            if section.advantage == "batch_mean":
+                sequence_advantages = batch_mean_advantage(total_reward)
+            elif section.advantage == "group":
+                sequence_advantages = group_advantage(total_reward, data.group_index, section.group_scale_by_std)
+            else:
+                sequence_advantages = rloo_advantage(total_reward, data.group_index)
+            advantages = sequence_advantage_to_tokens(sequence_advantages, mask)  # (B, T)
+        if section.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        # 5. Clipped PPO epochs over minibatches, gradient clipping always on.
         stats = collections.defaultdict(list)
-        for _ in range(section.ppo_epochs):
+        targets = {"advantages": advantages, "returns": returns, "old_values": old_values}
+        stopped_early = False
+        for epoch in range(section.ppo_epochs):
             order = torch.randperm(len(rollouts), generator=self.shuffle)
             for start in range(0, len(rollouts), section.minibatch_size):
                 rows = order[start:start + section.minibatch_size].to(self.device)
-                self._minibatch_step(data.select(rows), advantages[rows], stats)
-        mask = data.response_mask.bool()
-        for value in data.old_logprobs[mask].tolist():
+                self._minibatch_step(data.select(rows), {k: None if v is None else v[rows] for k, v in targets.items()},
+                                     beta, stats)
+                if section.early_stop_kl is not None and stats["approx_kl"] and stats["approx_kl"][-1] > section.early_stop_kl:
+                    stopped_early = True
+                    break
+            if stopped_early:
+                break
+        # 6. β for the next update (the adaptive controller moves it towards the target KL).
+        kl_coef_next = self.kl_controller.update(float(kl.mean()), len(rollouts))
+        for value in data.old_logprobs[mask.bool()].tolist():
             self.metrics.logprobs.observe(value)
         mean = lambda key: float(np.mean(stats[key])) if stats[key] else float("nan")  # noqa: E731
         return {
-            "kl_per_token": float(ppo.masked_mean(token_kl, data.response_mask)),
+            "kl_per_token": float(ppo.masked_mean(token_kl, mask)),
             "kl_per_sequence": float(kl.mean()),
-            "kl_coef": section.kl_coef,
+            "kl_coef": beta, "kl_coef_next": kl_coef_next,
             "reward_mean": float(data.rewards.mean()),
             "reward_std": float(data.rewards.std(unbiased=False)),
+            "shaped_reward_mean": float(scores.mean()),
             "total_reward_mean": float(total_reward.mean()),
             "response_length_mean": float(data.response_lengths.mean()),
-            "eos_fraction": float(np.mean([r.finish_reason == "eos" for r in rollouts])),
+            "eos_fraction": float((~data.truncated).float().mean()),
             "entropy": mean("entropy"), "clip_fraction": mean("clip_fraction"), "approx_kl": mean("approx_kl"),
-            "loss": mean("loss"), "grad_norm": mean("grad_norm"),
+            "loss": mean("loss"), "grad_norm": mean("grad_norm"), "value_loss": mean("value_loss"),
+            "lr": self.scheduler.get_last_lr()[0],
+            "first_minibatch_max_log_ratio": stats["first_minibatch_max_log_ratio"][0]
+            if stats["first_minibatch_max_log_ratio"] else float("nan"),
+            "early_stopped": stopped_early,
             "optimizer_steps": len(stats["loss"]), "skipped_minibatches": int(sum(stats["skipped"])),
         }
 
-    def _minibatch_step(self, data: PPOBatch, advantages: torch.Tensor, stats: dict) -> None:
-        new_logprobs, entropy = token_logprobs(self.model, data.input_ids, data.attention_mask,
-                                               self.section.temperature)  # (b, T-1)
-        loss, info = ppo.clipped_policy_loss(new_logprobs, data.old_logprobs, advantages, data.response_mask,
-                                             self.section.clip_eps)
+    def _minibatch_step(self, data: PPOBatch, targets: dict, beta: float, stats: dict) -> None:
+        section, mask = self.section, data.response_mask
+        new_logprobs, entropy, log_probs, values = self.forward(data)
+        if not stats["first_minibatch_max_log_ratio"]:  # 1 for fresh rollouts: a check on the whole pipeline
+            stats["first_minibatch_max_log_ratio"].append(
+                float(((new_logprobs - data.old_logprobs).abs() * mask).max().detach()))
+        loss, info = ppo.clipped_policy_loss(new_logprobs, data.old_logprobs, targets["advantages"], mask,
+                                             section.clip_eps, section.loss_aggregation)
+        if section.kl_placement == "loss":  # GRPO style: the KL of the policy being trained, as a loss term
+            kl_loss = ppo.aggregate_loss(self.token_kl(new_logprobs, data, log_probs), mask, section.loss_aggregation)
+            loss = loss + beta * kl_loss
+        if values is not None:
+            value_loss, _ = clipped_value_loss(values, targets["old_values"], targets["returns"], mask,
+                                               section.value_clip)
+            loss = loss + section.value_coef * value_loss
+            stats["value_loss"].append(value_loss.item())
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             return self._skip(stats, f"loss is {loss.item()}")
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.section.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, section.max_grad_norm)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return self._skip(stats, f"gradient norm is {grad_norm.item()}")
         self.optimizer.step()
+        self.scheduler.step()
         stats["loss"].append(loss.item())
         stats["grad_norm"].append(grad_norm.item())
         stats["clip_fraction"].append(info["clip_fraction"].item())
         stats["approx_kl"].append(info["approx_kl"].item())
-        stats["entropy"].append(ppo.masked_mean(entropy.detach(), data.response_mask).item())
+        stats["entropy"].append(ppo.masked_mean(entropy.detach(), mask).item())
         stats["skipped"].append(0)
 
     def _skip(self, stats: dict, why: str) -> None:
@@ -164,12 +286,18 @@ class Trainer:
         tensors = {f"optimizer/{k}": v for k, v in optimizer_tensors.items()}
         tensors["rng/torch"] = torch.get_rng_state()
         tensors["rng/shuffle"] = self.shuffle.get_state()
-        meta = {"version": version, "optimizer": optimizer_rest, "kl_coef": self.section.kl_coef,
+        if self.value_head is not None:
+            tensors.update({f"value_head/{k}": v for k, v in self.value_head.state_dict().items()})
+        meta = {"version": version, "optimizer": optimizer_rest, "scheduler": self.scheduler.state_dict(),
+                "kl_controller": self.kl_controller.state_dict(), "reward_moments": self.reward_moments.state_dict(),
                 "consumed_rollout_ids": [*self.consumed_ids, *consumed][-REMEMBERED_ROLLOUT_IDS:],
                 "config": self.config.model_dump(mode="json")}
 
         def write_files(directory: pathlib.Path) -> None:
-            self.model.save_pretrained(directory, safe_serialization=True)
+            if self.config.lora.enabled:
+                save_adapter(self.model, directory)  # the hot-swap ships adapter weights only
+            else:
+                self.model.save_pretrained(directory, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
             save_trainer_state(directory, tensors, meta)
 

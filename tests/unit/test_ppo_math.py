@@ -12,8 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.trainer.ppo import (batch_mean_advantage, clipped_policy_loss, kl_penalised_reward, masked_mean,
-                                  per_token_kl, sequence_kl)
+from services.trainer.advantages import batch_mean_advantage
+from services.trainer.kl import kl_k1 as per_token_kl
+from services.trainer.ppo import clipped_policy_loss, kl_penalised_reward, masked_mean, sequence_kl
 
 # Two rollouts over 6 positions: row 0 has a 2-position prompt then 3 response tokens then padding;
 # row 1 has a 1-position prompt then 5 response tokens.

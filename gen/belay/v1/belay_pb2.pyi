@@ -51,22 +51,28 @@ class InfoResponse(_message.Message):
     def __init__(self, service: _Optional[str] = ..., model_id: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., policy_version: _Optional[int] = ..., model_revision: _Optional[str] = ...) -> None: ...
 
 class LogProbsRequest(_message.Message):
-    __slots__ = ("prompt_ids", "response_ids", "temperature")
+    __slots__ = ("prompt_ids", "response_ids", "temperature", "top_k")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: PackedInt32
     response_ids: PackedInt32
     temperature: float
-    def __init__(self, prompt_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., response_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
+    top_k: int
+    def __init__(self, prompt_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., response_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class LogProbsResponse(_message.Message):
-    __slots__ = ("logprobs", "policy_version")
+    __slots__ = ("logprobs", "policy_version", "top_ids", "top_logprobs")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     logprobs: PackedFloat32
     policy_version: int
-    def __init__(self, logprobs: _Optional[_Union[PackedFloat32, _Mapping]] = ..., policy_version: _Optional[int] = ...) -> None: ...
+    top_ids: PackedInt32
+    top_logprobs: PackedFloat32
+    def __init__(self, logprobs: _Optional[_Union[PackedFloat32, _Mapping]] = ..., policy_version: _Optional[int] = ..., top_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., top_logprobs: _Optional[_Union[PackedFloat32, _Mapping]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "max_new_tokens", "seed")
