@@ -100,6 +100,7 @@ class Trainer:
         """batch_size fresh rollouts; stale, malformed and already-trained ones are dropped and counted."""
         batch: list[tuple[str, Rollout]] = []
         seen = set(self.consumed_ids)
+        self._take_whole_groups(batch)  # groups completed during the last collect come first
         while len(batch) < self.section.batch_size and not stop.is_set():
             want = self.section.batch_size - len(batch)
             # Our own pending entries first (left by a restart), walked with a cursor; then new ones.
@@ -116,13 +117,18 @@ class Trainer:
                 elif self.version - item.policy_version > self.section.max_staleness:
                     self._drop(entry_id, "stale", f"version {item.policy_version}, trainer at {self.version}")
                 elif self.section.advantage in ("group", "rloo"):
-                    group = self.partial_groups.setdefault(item.group_id, [])
-                    group.append((entry_id, item))
-                    if len(group) == item.group_size:  # whole: the baseline can see every sample
-                        batch.extend(self.partial_groups.pop(item.group_id))
+                    self.partial_groups.setdefault(item.group_id, []).append((entry_id, item))
                 else:
                     batch.append((entry_id, item))
+            self._take_whole_groups(batch)
         return batch
+
+    def _take_whole_groups(self, batch: list[tuple[str, Rollout]]) -> None:
+        """Move complete groups into the batch while they fit; the rest wait (still pending) for the next."""
+        for group_id, members in list(self.partial_groups.items()):
+            whole = len(members) == members[0][1].group_size
+            if whole and len(batch) + len(members) <= self.section.batch_size:
+                batch.extend(self.partial_groups.pop(group_id))
 
     def _drop(self, entry_id: str, reason: str, detail: str) -> None:
         self.queue.drop(entry_id, reason, detail)
