@@ -1,6 +1,7 @@
 """The LogProbs RPC that policy and reference both serve: validation, then the shared computation."""
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -11,17 +12,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from belay.v1 import belay_pb2
 
 from .config import GrpcConfig
-from .models import response_logprobs
+from .models import response_logprobs, weights_fingerprint
 from .packing import PackingError, pack_float32, pack_int32, unpack_int32
 from .rpc import invalid, too_big
 
 
 @dataclass
 class LoadedModel:
-    """Weights that serve requests, with the version they are. Swapped whole, never edited in place."""
+    """Weights that serve requests, with the version they are. A swap makes a new LoadedModel."""
     model: PreTrainedModel
     version: int
-    revision: str
+
+    @functools.cached_property
+    def revision(self) -> str:
+        """Content fingerprint of the weights, computed on first use (hashing every weight is
+        slower than an adapter swap, so it stays off the hot-swap path)."""
+        return weights_fingerprint(self.model)
 
 
 def context_limit(model: PreTrainedModel, limits: GrpcConfig) -> int:

@@ -18,7 +18,7 @@ from ..common.checkpoints import load_weights_into
 from ..common.config import GrpcConfig
 from ..common.lora import is_adapter_checkpoint, load_adapter_into
 from ..common.logprob_service import LoadedModel, context_limit
-from ..common.models import response_logprobs, weights_fingerprint
+from ..common.models import response_logprobs
 from ..common.rpc import invalid, too_big
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class PolicyEngine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_tokens_per_forward = max_tokens_per_forward
-        self.loaded = LoadedModel(model=model.eval(), version=version, revision=weights_fingerprint(model))
+        self.loaded = LoadedModel(model=model.eval(), version=version)
         self.lock = threading.RLock()
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -155,7 +155,7 @@ class PolicyEngine:
                 load_adapter_into(model, checkpoint)
             else:
                 load_weights_into(model, checkpoint)
-            self.loaded = LoadedModel(model=model, version=version, revision=weights_fingerprint(model))
+            self.loaded = LoadedModel(model=model, version=version)
         seconds = time.perf_counter() - start
         log.info("hot-swapped to version %d from %s in %.2f s", version, checkpoint, seconds)
         return seconds

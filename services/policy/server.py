@@ -104,9 +104,10 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
         return handle(context, self._update_weights, request)
 
     def Info(self, request, context):
-        loaded = self.engine.loaded
-        return info_response("policy", self.config.policy.model_dir, self.fingerprint, loaded.version,
-                             loaded.revision)
+        with self.engine.lock:  # the revision hashes the weights: never in the middle of a swap
+            loaded = self.engine.loaded
+            revision = loaded.revision
+        return info_response("policy", self.config.policy.model_dir, self.fingerprint, loaded.version, revision)
 
 
 def build_server(config: BelayConfig, servicer: PolicyServicer) -> ServiceServer:

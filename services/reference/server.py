@@ -12,8 +12,7 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 from ..common.config import BelayConfig
 from ..common.logprob_service import LoadedModel, LogProbsHandler
 from ..common.metrics import LLM_SECONDS_BUCKETS, run_info
-from ..common.models import (freeze, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint,
-                             weights_fingerprint)
+from ..common.models import (freeze, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint)
 from ..common.rpc import ServiceServer, handle, info_response
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ class ReferenceServicer(belay_pb2_grpc.ReferenceServicer):
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.logprobs = LogProbsHandler(lambda: self.loaded, self.tokenizer, self.config.grpc,
                                         section.max_tokens_per_forward)
-        self.loaded = LoadedModel(model=model, version=0, revision=weights_fingerprint(model))
+        self.loaded = LoadedModel(model=model, version=0)
         log.info("reference loaded from %s (weights %s)", section.model_dir, self.loaded.revision[:12])
 
     def LogProbs(self, request, context):
