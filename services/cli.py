@@ -23,7 +23,6 @@ def cmd_prepare_model(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from .common.smollm2 import DEFAULT_DIR, prepare_smollm2
     from .launcher import StackError, up
 
     try:
@@ -31,10 +30,7 @@ def cmd_up(args) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    default_dirs = {str(DEFAULT_DIR), "~/.cache/belay/SmolLM2-135M-Instruct"}
-    for section in (config.policy, config.reference, config.trainer):
-        if section.model_dir in default_dirs:
-            section.model_dir = str(prepare_smollm2(DEFAULT_DIR))  # the embedded default, converted once
+    config = resolve_default_model(config)
     run_dir = pathlib.Path(args.run_dir or f"runs/{config.run.name}")
     if args.fresh and run_dir.exists():
         print(f"--fresh: removing the previous run in {run_dir}")
@@ -44,7 +40,7 @@ def cmd_up(args) -> int:
         config.trainer.max_steps = args.iterations
     try:
         up(config, run_dir, args.iterations, _prompts(config.policy.prompts_file, args.samples),
-           args.sample_tokens, args.startup_timeout)
+           args.sample_tokens, args.startup_timeout, evaluate_after=not args.no_eval)
     except StackError as error:
         print(f"belay up failed: {error}", file=sys.stderr)
         return 1
@@ -52,6 +48,48 @@ def cmd_up(args) -> int:
         print("interrupted: every service stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def cmd_eval(args) -> int:
+    from .common.checkpoints import committed_versions
+    from .common.models import resolve_device
+    from .evaluation import report
+    from .evaluation.runner import EvalSettings, evaluate
+    from .reward.backends import build_backend
+
+    try:
+        config = resolve_default_model(load_config(args.config))
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    checkpoints: list[pathlib.Path | None] = [None]  # the reference first: the floor to compare with
+    if args.run_dir:
+        checkpoints += [path for _, path in committed_versions(pathlib.Path(args.run_dir) / "checkpoints")]
+    checkpoints += [pathlib.Path(c) for c in args.checkpoint]
+    for checkpoint in checkpoints[1:]:
+        if not checkpoint.is_dir():
+            print(f"checkpoint {checkpoint} is not a directory", file=sys.stderr)
+            return 2
+    backend = build_backend(config.reward.backend, config.reward.model_dir, resolve_device(config.reward.device),
+                            config.reward.max_length)
+    settings = EvalSettings(max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples, seed=args.seed)
+    results = evaluate(config, checkpoints, backend, args.prompts, args.texts, settings)
+    print(report.table(results))
+    out = pathlib.Path(args.out or (pathlib.Path(args.run_dir) / "eval" if args.run_dir else "runs/eval"))
+    for path in report.write(results, out):
+        print(f"wrote {path}")
+    return 0
+
+
+def resolve_default_model(config):
+    """Point every model_dir naming the embedded default at its converted copy (converting it once)."""
+    from .common.smollm2 import DEFAULT_DIR, prepare_smollm2
+
+    default_dirs = {str(DEFAULT_DIR), "~/.cache/belay/SmolLM2-135M-Instruct"}
+    for section in (config.policy, config.reference, config.trainer):
+        if section.model_dir in default_dirs:
+            section.model_dir = str(prepare_smollm2(DEFAULT_DIR))
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--samples", type=int, default=2, help="fixed prompts shown before and after")
     run.add_argument("--sample-tokens", type=int, default=48)
     run.add_argument("--startup-timeout", type=float, default=900.0)
+    run.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     run.set_defaults(handler=cmd_up)
+    evaluation = commands.add_parser("eval", help="held-out reward, KL, length, diversity and perplexity of checkpoints")
+    evaluation.add_argument("--config", default="configs/demo.yaml")
+    evaluation.add_argument("--run-dir", default=None, help="evaluate every committed checkpoint of this run")
+    evaluation.add_argument("--checkpoint", action="append", default=[], help="a checkpoint directory (repeatable)")
+    evaluation.add_argument("--prompts", default="prompts/heldout.txt", help="held-out prompts, one per line")
+    evaluation.add_argument("--texts", default="data/heldout_text.txt", help="held-out text for perplexity")
+    evaluation.add_argument("--samples", type=int, default=2, help="samples per prompt")
+    evaluation.add_argument("--max-new-tokens", type=int, default=32)
+    evaluation.add_argument("--seed", type=int, default=1234)
+    evaluation.add_argument("--out", default=None, help="where results.json and the PNG plots go")
+    evaluation.set_defaults(handler=cmd_eval)
     prepare = commands.add_parser("prepare-model", help="convert the embedded SmolLM2 GGUF to safetensors once")
     prepare.add_argument("--out", default="~/.cache/belay/SmolLM2-135M-Instruct")
     prepare.set_defaults(handler=cmd_prepare_model)

@@ -19,11 +19,15 @@ import yaml
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
+from .common.checkpoints import latest_checkpoint
 from .common.config import BelayConfig
 from .common.rollout_queue import RolloutQueue
 from .common.rpc import channel, wait_until_serving
 
 SERVICES = ("reference", "reward", "policy", "trainer")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+HELDOUT_PROMPTS = str(REPO / "prompts/heldout.txt")
+HELDOUT_TEXT = str(REPO / "data/heldout_text.txt")
 STOP_ORDER = ("policy", "trainer", "reward", "reference")  # producers first; redis last
 
 
@@ -224,10 +228,11 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
 
 
 def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sample_prompts: list[str],
-       sample_tokens: int, startup_timeout: float, say=print) -> dict:
+       sample_tokens: int, startup_timeout: float, evaluate_after: bool = True, say=print) -> dict:
     stack = LocalStack(config, run_dir, say)
-    summary: dict = {}
     steps: list[dict] = []
+    before: list[str] = []
+    after: list[str] = []
     try:
         say(f"Belay: starting redis-server and {', '.join(SERVICES)} (logs in {run_dir / 'logs'})")
         stack.start(("reference", "reward", "policy"))
@@ -253,19 +258,43 @@ def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sampl
             say(f"after training, policy version {version} (expected {steps[-1]['version']}, serving {final}):")
             for prompt, old, new in zip(sample_prompts, before, after):
                 say(f"  > {prompt}\n    before: {old!r}\n    after:  {new!r}")
-        summary = summarise(steps)
-        summary.update(samples_before=before, samples_after=after if steps else [])
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        if summary.get("iterations"):
-            f, l, t = summary["first"], summary["last"], summary["mean_seconds"]
-            q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
-            say(f"\nreward mean {f['reward_mean']:+.3f} -> {l['reward_mean']:+.3f} (first quarter of the run "
-                f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {f['kl_per_sequence']:.3f}"
-                f" -> {l['kl_per_sequence']:.3f} (per token {l['kl_per_token']:.4f}) over {summary['iterations']} "
-                "iterations")
-            say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
-            say(f"summary written to {run_dir / 'summary.json'}")
     finally:
         say("stopping services ...")
         stack.stop()
+    summary = summarise(steps)
+    summary.update(samples_before=before, samples_after=after)
+    if summary.get("iterations"):
+        f, l, t = summary["first"], summary["last"], summary["mean_seconds"]
+        q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
+        say(f"\nreward mean {f['reward_mean']:+.3f} -> {l['reward_mean']:+.3f} (first quarter of the run "
+            f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {f['kl_per_sequence']:.3f}"
+            f" -> {l['kl_per_sequence']:.3f} (per token {l['kl_per_token']:.4f}) over {summary['iterations']} "
+            "iterations")
+        say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+        latest = latest_checkpoint(config.run.checkpoint_dir)
+        if evaluate_after and latest is not None:
+            summary["eval"] = evaluate_first_and_last(config, latest[1], run_dir / "eval", say)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    say(f"summary written to {run_dir / 'summary.json'}")
     return summary
+
+
+def evaluate_first_and_last(config: BelayConfig, last: pathlib.Path, out_dir: pathlib.Path, say=print) -> dict:
+    """`belay eval` of the starting model (the reference) and the last version, on held-out data."""
+    from .common.models import resolve_device
+    from .evaluation import report
+    from .evaluation.runner import EvalSettings, evaluate
+    from .reward.backends import build_backend
+
+    say(f"evaluating the reference and {last.name} on held-out prompts and text ...")
+    backend = build_backend(config.reward.backend, config.reward.model_dir, resolve_device(config.reward.device),
+                            config.reward.max_length)
+    results = evaluate(config, [None, last], backend, HELDOUT_PROMPTS, HELDOUT_TEXT,
+                       EvalSettings(max_new_tokens=config.policy.max_new_tokens))
+    say(report.table(results))
+    report.write(results, out_dir)
+    reference, trained = results["models"]["reference"], results["models"][last.name]
+    say(f"held-out reward {reference['reward_mean']:+.3f} -> {trained['reward_mean']:+.3f}; held-out perplexity "
+        f"{reference['perplexity']:.2f} -> {trained['perplexity']:.2f} "
+        f"({100 * (trained['perplexity'] / reference['perplexity'] - 1):+.1f}%); plots in {out_dir}")
+    return results

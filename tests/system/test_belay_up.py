@@ -39,6 +39,8 @@ def test_belay_up_runs_n_iterations_prints_progress_and_stops_everything(stack_c
     assert "KL/seq" in out and "before:" in out and "after:" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["iterations"] == 2
+    assert set(summary["eval"]["models"]) == {"reference", "v000002"}
+    assert "held-out reward" in out and "held-out perplexity" in out
     assert set(summary["mean_seconds"]) == {"generate", "reference", "reward", "update", "checkpoint", "swap"}
     for address in (stack_config.policy.address, stack_config.reference.address, stack_config.reward.address,
                     stack_config.redis.url.split("//")[1].split("/")[0]):
