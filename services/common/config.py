@@ -32,6 +32,8 @@ class RedisConfig(Section):
     url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the rollout stream and version key")
     max_queue_lag: int = Field(32, ge=1, description="policy pauses while this many rollouts wait unread (back-pressure)")
     block_ms: int = Field(1000, ge=1, description="how long a trainer read blocks waiting for rollouts")
+    claim_idle_ms: int = Field(300_000, ge=1, description="rollouts read but unacknowledged this long by another "
+                               "trainer (one that died) are claimed; keep it above the longest update")
 
 
 class GrpcConfig(Section):

@@ -174,6 +174,19 @@ class RolloutQueue:
                     entries.append((entry_id.decode(), error))
         return entries
 
+    def claim_abandoned(self, consumer: str, min_idle_ms: int, count: int
+                        ) -> list[tuple[str, Rollout | MalformedRollout]]:
+        """Take over entries another consumer read but left unacknowledged for min_idle_ms (a trainer
+        that died: a restarted one has a new name). XAUTOCLAIM, Redis >= 6.2."""
+        reply = self.redis.xautoclaim(self.stream, GROUP, consumer, min_idle_ms, start_id="0-0", count=count)
+        entries = []
+        for entry_id, fields in reply[1]:
+            try:
+                entries.append((entry_id.decode(), Rollout.from_fields(fields)))
+            except MalformedRollout as error:
+                entries.append((entry_id.decode(), error))
+        return entries
+
     def ack(self, entry_ids: list[str]) -> int:
         return int(self.redis.xack(self.stream, GROUP, *entry_ids)) if entry_ids else 0
 

@@ -103,12 +103,22 @@ class Trainer:
         self._take_whole_groups(batch)  # groups completed during the last collect come first
         while len(batch) < self.section.batch_size and not stop.is_set():
             want = self.section.batch_size - len(batch)
-            # Our own pending entries first (left by a restart), walked with a cursor; then new ones.
+            # Our own pending entries first (left by a restart), walked with a cursor; then entries a
+            # dead trainer left (claimed after claim_idle_ms); then new ones.
             entries = self.queue.read(self.consumer, want, self.config.redis.block_ms,
                                       pending=self.pending_cursor is not None, after=self.pending_cursor or "0")
             if self.pending_cursor is not None:
                 self.pending_cursor = entries[-1][0] if entries else None
+                if self.pending_cursor is None:  # own pending done: take over what others abandoned
+                    claimed = self.queue.claim_abandoned(self.consumer, self.config.redis.claim_idle_ms, want)
+                    if claimed:
+                        log.warning("claimed %d rollouts a dead trainer left unacknowledged", len(claimed))
+                        self.pending_cursor = "0"  # claimed entries are now our pending ones: walk them
+                        continue
+            held = {e for e, _ in batch} | {e for group in self.partial_groups.values() for e, _ in group}
             for entry_id, item in entries:
+                if entry_id in held:  # re-delivered while we hold it (e.g. claimed back from ourselves)
+                    continue
                 if isinstance(item, MalformedRollout):
                     self._drop(entry_id, "malformed", str(item))
                 elif item.rollout_id in seen:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import redis
@@ -86,3 +87,23 @@ def test_step_checkpoints_announces_then_acks_and_a_redelivered_rollout_is_not_t
     assert len(again) == 8
     group = next(g for g in queue.redis.xinfo_groups(queue.stream) if g["name"].decode() == GROUP)
     assert group["pending"] == 8
+
+
+def test_a_new_trainer_claims_rollouts_a_dead_one_left_unacknowledged(tiny_lm_dir, redis_url, tmp_path):
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path)
+    trainer.config.redis.claim_idle_ms = 1
+    queue = trainer.queue
+    queue.ensure_group()
+    ids = [queue.add(rollout(trainer.tokenizer, version=0, reward=float(i), seed=i)) for i in range(10)]
+    queue.read("dead-host:1234", 100, 10)  # a trainer that read them, then died without acking
+    assert queue.pending_count() == 10
+    time.sleep(0.01)
+    batch = trainer.collect(threading.Event())
+    assert [e for e, _ in batch] == ids[:8]
+    queue.ack([e for e, _ in batch])  # as step() does after its checkpoint
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()  # nothing new will come: let collect give up after a second
+    second = trainer.collect(stop)
+    assert [e for e, _ in second] == ids[8:]
+    pending = queue.redis.xpending_range(queue.stream, GROUP, "-", "+", count=100)
+    assert {p["consumer"].decode() for p in pending} == {trainer.consumer}
