@@ -83,7 +83,7 @@ class LocalStack:
         if redis_server is None:
             raise StackError("redis-server is not installed (Debian: apt-get install redis-server; `make setup` does it)")
         self._spawn("redis", [redis_server, "--port", str(url.port or 6379), "--bind", url.hostname or "127.0.0.1",
-                              "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+                              "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "always",  # a kill -9 of Redis loses no write
                               "--save", "", "--protected-mode", "yes"])
         self._wait_redis()
 

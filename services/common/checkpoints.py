@@ -8,6 +8,7 @@ Nothing here unpickles: tensors come from safetensors only.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 VERSION_DIR = re.compile(r"^v(\d{6})$")
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+MANIFEST = "MANIFEST.json"
 
 
 def version_dir_name(version: int) -> str:
@@ -55,6 +57,7 @@ def write_checkpoint(root: str | os.PathLike, version: int, write_files: Callabl
     temp.mkdir()
     try:
         write_files(temp)
+        write_manifest(temp, version)
         _fsync_tree(temp)
         os.rename(temp, final)
         _fsync_dir(root)
@@ -62,6 +65,48 @@ def write_checkpoint(root: str | os.PathLike, version: int, write_files: Callabl
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return final
+
+
+def _sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_manifest(directory: pathlib.Path, version: int) -> None:
+    """MANIFEST lists every file with its size and sha256, so corruption is caught on load."""
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"version": version, "files": files}, indent=1))
+
+
+def checkpoint_problem(directory: str | os.PathLike, full: bool = True) -> str | None:
+    """Why a committed checkpoint cannot be trusted (None when it can): a missing manifest or
+    file, a wrong size (half-written), or with full=True a wrong sha256 (corrupt)."""
+    directory = pathlib.Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        return f"no readable {MANIFEST} ({type(error).__name__})"
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']} (half-written?)"
+        if full and _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 (corrupt)"
+    return None
+
+
+def latest_valid_checkpoint(root: str | os.PathLike, log=None) -> tuple[int, pathlib.Path] | None:
+    """The newest committed checkpoint that verifies; each one skipped is logged with its reason."""
+    for version, path in reversed(committed_versions(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return version, path
+        if log is not None:
+            log.error("skipping checkpoint %s: %s", path, problem)
+    return None
 
 
 def committed_versions(root: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:

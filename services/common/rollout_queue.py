@@ -22,6 +22,7 @@ import numpy as np
 import redis
 
 GROUP = "trainers"
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # Redis restarting: wait and retry, never crash
 FINISH_REASONS = ("eos", "length")
 
 
@@ -136,7 +137,15 @@ class RolloutQueue:
 
     # --- producer side -------------------------------------------------------------------
     def add(self, rollout: Rollout) -> str:
-        return self.redis.xadd(self.stream, rollout.to_fields()).decode()
+        return self.add_all([rollout])[0]
+
+    def add_all(self, rollouts: list[Rollout]) -> list[str]:
+        """XADD a batch in one MULTI/EXEC: all of it is in the stream, or none (a Redis failure
+        mid-batch never leaves half a group behind)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            for rollout in rollouts:
+                pipe.xadd(self.stream, rollout.to_fields())
+            return [entry_id.decode() for entry_id in pipe.execute()]
 
     def waiting(self) -> int:
         """Rollouts no trainer has read yet (the group's lag); all of them if no group exists yet."""

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from belay.v1 import belay_pb2_grpc
 
-from ..common.checkpoints import latest_checkpoint
+from ..common.checkpoints import latest_valid_checkpoint
 from ..common.lora import lora_settings, wrap_with_lora
 from ..common.metrics import run_info, serve_metrics
 from ..common.models import load_causal_lm, load_tokenizer, resolve_device
@@ -33,7 +33,7 @@ model = load_causal_lm(section.model_dir, resolve_device(section.device), "polic
 if config.lora.enabled:  # the same adapters as the trainer's, zero at start: the SFT model's behaviour
     model = wrap_with_lora(model, lora_settings(config.lora))
 engine = PolicyEngine(model, tokenizer, config.grpc, section.max_tokens_per_forward)
-latest = latest_checkpoint(config.run.checkpoint_dir)
+latest = latest_valid_checkpoint(config.run.checkpoint_dir, log)
 if latest is not None:  # a restarted policy serves the newest committed version, not the SFT weights
     metrics.record_swap(engine.swap_to(*latest), latest[0])
 swaps = SwapRequests()

@@ -15,7 +15,7 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from ..common.config import BelayConfig
 from ..common.packing import pack_int32, unpack_float32, unpack_int32
-from ..common.rollout_queue import Rollout, RolloutQueue
+from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from .engine import GenerationBatch, PolicyEngine, Sampling
 from .policy_metrics import PolicyMetrics
 from .server import SwapRequests, checked_checkpoint_path
@@ -136,16 +136,18 @@ class Actor:
         ref, rewards, reward_model_id, timings = self.score(batch, prompts)
         timings.update(generate=batch.seconds, swap=self.last_swap_seconds)
         groups = [uuid.uuid4().hex for _ in prompts]
+        rollouts = []
         for row in range(len(batch.response_ids)):
             ref_logprobs, ref_top_ids, ref_top_logprobs = ref[row]
             extra = {} if ref_top_ids is None else {"ref_top_ids": ref_top_ids, "ref_top_logprobs": ref_top_logprobs}
-            self.queue.add(Rollout(
+            rollouts.append(Rollout(
                 prompt_text=prompts[batch.prompt_index[row]], response_text=batch.texts[row],
                 prompt_ids=batch.prompt_ids[row], response_ids=batch.response_ids[row],
                 logprobs=batch.logprobs[row], ref_logprobs=ref_logprobs, reward=rewards[row],
                 policy_version=batch.version, finish_reason=batch.finish_reasons[row],
                 group_id=groups[batch.prompt_index[row]], group_size=section.samples_per_prompt,
                 reward_model_id=reward_model_id, timings=timings, **extra))
+        self.queue.add_all(rollouts)
         self.metrics.rollouts_written.inc(len(batch.response_ids))
         log.info("version %d: wrote %d rollouts (generate %.1f s, reference %.1f s, reward %.1f s)",
                  batch.version, len(batch.response_ids), batch.seconds, timings.get("reference", 0),
@@ -156,14 +158,20 @@ class Actor:
         poll = self.config.policy.version_poll_seconds
         failures = 0
         while not stop.is_set():
-            self.take_new_weights()
-            if self.queue.waiting() >= self.config.redis.max_queue_lag:  # back-pressure: trainer is behind
-                stop.wait(poll)
-                self.metrics.backpressure_seconds.inc(poll)
-                continue
             try:
+                self.take_new_weights()
+                if self.queue.waiting() >= self.config.redis.max_queue_lag:  # back-pressure: trainer is behind
+                    stop.wait(poll)
+                    self.metrics.backpressure_seconds.inc(poll)
+                    continue
                 self.run_batch()
                 failures = 0
+            except REDIS_DOWN as error:
+                failures += 1
+                self.metrics.batch_failures.labels(reason="redis").inc()
+                log.warning("Redis unavailable (%s); the batch in hand is not written; retrying in %d s",
+                            error, min(30, 2 ** failures))
+                stop.wait(min(30, 2 ** failures))
             except DependencyError as error:
                 failures += 1
                 self.metrics.batch_failures.labels(reason=error.dependency).inc()

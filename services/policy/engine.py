@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..common.checkpoints import load_weights_into
+from ..common.checkpoints import checkpoint_problem, load_weights_into
 from ..common.config import GrpcConfig
 from ..common.lora import is_adapter_checkpoint, load_adapter_into
 from ..common.logprob_service import LoadedModel, context_limit
@@ -150,6 +150,9 @@ class PolicyEngine:
         with self.lock:
             if version <= self.loaded.version:
                 return 0.0
+            problem = checkpoint_problem(checkpoint, full=False)  # sizes: cheap, catches half-written files
+            if problem is not None:
+                raise ValueError(f"checkpoint {checkpoint} refused: {problem}")
             model = self.loaded.model
             if is_adapter_checkpoint(checkpoint):  # LoRA: only the adapter tensors travel
                 load_adapter_into(model, checkpoint)

@@ -16,13 +16,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
-from ..common.checkpoints import (latest_checkpoint, load_trainer_state, load_weights_into,
+from ..common.checkpoints import (latest_valid_checkpoint, load_trainer_state, load_weights_into,
                                   optimizer_state_from_flat, optimizer_state_to_flat, prune_checkpoints, remove_unfinished,
                                   save_trainer_state, write_checkpoint)
 from ..common.config import BelayConfig
 from ..common.lora import load_adapter_into, lora_settings, save_adapter, wrap_with_lora
 from ..common.models import chosen_and_entropy, next_token_log_probs
-from ..common.rollout_queue import MalformedRollout, Rollout, RolloutQueue, consumer_name
+from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
 from . import ppo
 from .advantages import (batch_mean_advantage, clipped_value_loss, gae_advantages, group_advantage, rloo_advantage,
                          sequence_advantage_to_tokens, token_rewards, whiten)
@@ -71,7 +71,7 @@ class Trainer:
         """Load the newest committed checkpoint, if any: weights, optimizer, RNG, version, seen ids."""
         for path in remove_unfinished(self.config.run.checkpoint_dir):
             log.warning("removed %s, a checkpoint a killed trainer never finished", path)
-        latest = latest_checkpoint(self.config.run.checkpoint_dir)
+        latest = latest_valid_checkpoint(self.config.run.checkpoint_dir, log)
         if latest is None:
             return 0
         version, path = latest
@@ -342,11 +342,13 @@ class Trainer:
         version = self.version + 1
         started = time.perf_counter()
         path = self.save(version, [r.rollout_id for r in rollouts])
-        self.announce(version, path)
-        checkpoint_seconds = time.perf_counter() - started
         self.version = version
         self.consumed_ids.extend(r.rollout_id for r in rollouts)
-        self.queue.ack([entry_id for entry_id, _ in entries])  # only now: the checkpoint holds them
+        self.until_redis_answers(lambda: self.announce(version, path), f"announcing version {version}")
+        checkpoint_seconds = time.perf_counter() - started
+        # Only now: the checkpoint holds them. A crash before this line redelivers them, and the
+        # consumed ids saved in the checkpoint keep them from being trained twice.
+        self.until_redis_answers(lambda: self.queue.ack([entry_id for entry_id, _ in entries]), "acknowledging")
         prune_checkpoints(self.config.run.checkpoint_dir, self.section.keep_checkpoints)
         timing_keys = ("generate", "reference", "reward", "swap")
         summary.update(
@@ -357,17 +359,37 @@ class Trainer:
             sample={"prompt": rollouts[0].prompt_text, "response": rollouts[0].response_text,
                     "reward": rollouts[0].reward})
         self.metrics.record_step(summary)
-        self.queue.log_step(summary)
+        self.until_redis_answers(lambda: self.queue.log_step(summary), "logging the step")
         log.info("version %d: reward %.3f±%.3f KL/seq %.3f len %.1f loss %.4f clip %.3f (%.1f s)", version,
                  summary["reward_mean"], summary["reward_std"], summary["kl_per_sequence"],
                  summary["response_length_mean"], summary["loss"], summary["clip_fraction"], update_seconds)
         return summary
 
+    def until_redis_answers(self, action, what: str, stop: threading.Event | None = None):
+        """Run a Redis action, waiting out a Redis restart with back-off (a checkpoint already
+        written must still be announced and acknowledged: its rollouts stay pending meanwhile)."""
+        delay = 0.5
+        while True:
+            try:
+                return action()
+            except REDIS_DOWN as error:
+                log.warning("Redis unavailable while %s (%s); retrying in %.1f s", what, error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+                if stop is not None and stop.is_set():
+                    raise
+
     def run(self, stop: threading.Event) -> None:
-        self.queue.ensure_group()
+        self.until_redis_answers(self.queue.ensure_group, "creating the consumer group", stop)
         steps = 0
         while not stop.is_set():
-            entries = self.collect(stop)
+            try:
+                entries = self.collect(stop)
+            except REDIS_DOWN as error:  # the partial batch is still pending in Redis: read it again
+                log.warning("Redis unavailable while reading rollouts (%s); retrying", error)
+                self.pending_cursor, self.partial_groups = "0", {}
+                stop.wait(1.0)
+                continue
             if len(entries) < self.section.batch_size:
                 break  # stopping: the partial batch stays pending and is read again after a restart
             if self.step(entries) is not None:

@@ -385,3 +385,30 @@ def test_remove_unfinished_deletes_only_temp_dirs_of_killed_writers(tmp_path):
     assert [p.name for p in removed] == [".tmp-v000002-999"]
     assert [v for v, _ in committed_versions(tmp_path)] == [1]
     assert not (tmp_path / ".tmp-v000002-999").exists()
+
+
+def test_a_half_written_or_corrupt_checkpoint_is_detected_and_skipped_with_a_log_line(tmp_path, caplog):
+    import logging
+
+    from services.common.checkpoints import checkpoint_problem, latest_valid_checkpoint
+
+    def files(d):
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+        (d / "config.json").write_text("{}")
+
+    v1 = write_checkpoint(tmp_path, 1, files)
+    v2 = write_checkpoint(tmp_path, 2, files)
+    v3 = write_checkpoint(tmp_path, 3, files)
+    assert checkpoint_problem(v3) is None
+    with open(v3 / "model.safetensors", "r+b") as handle:  # same size, one byte flipped
+        handle.seek(500)
+        handle.write(b"y")
+    (v2 / "model.safetensors").write_bytes(b"x" * 10)  # truncated
+    assert "sha256" in checkpoint_problem(v3) and checkpoint_problem(v3, full=False) is None
+    assert "half-written" in checkpoint_problem(v2) and "half-written" in checkpoint_problem(v2, full=False)
+    log = logging.getLogger("test")
+    with caplog.at_level(logging.ERROR, logger="test"):
+        assert latest_valid_checkpoint(tmp_path, log) == (1, v1)
+    assert "v000003" in caplog.text and "corrupt" in caplog.text and "v000002" in caplog.text
+    (v1 / "MANIFEST.json").unlink()
+    assert "MANIFEST" in checkpoint_problem(v1) and latest_valid_checkpoint(tmp_path) is None
