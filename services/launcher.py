@@ -73,6 +73,19 @@ class LocalStack:
         for name in names:
             self._spawn(name, [sys.executable, "-m", f"services.{name}", "--config", str(self.config_path)])
 
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (a crash, for fault tests)."""
+        process = self.processes[name].popen
+        process.kill()
+        process.wait()
+
+    def restart(self, name: str) -> None:
+        """Start one stopped process again with the same command (what an orchestrator does)."""
+        if name == "redis":
+            self._start_redis()
+        else:
+            self.start((name,))
+
     def _start_redis(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
@@ -83,8 +96,8 @@ class LocalStack:
         if redis_server is None:
             raise StackError("redis-server is not installed (Debian: apt-get install redis-server; `make setup` does it)")
         self._spawn("redis", [redis_server, "--port", str(url.port or 6379), "--bind", url.hostname or "127.0.0.1",
-                              "--dir", str(redis_dir), "--appendonly", "yes", "--appendfsync", "always",  # a kill -9 of Redis loses no write
-                              "--save", "", "--protected-mode", "yes"])
+                              "--dir", str(redis_dir), "--save", "", "--protected-mode", "yes",
+                              "--appendonly", "yes", "--appendfsync", "always"])  # a kill -9 of Redis loses no write
         self._wait_redis()
 
     def _wait_redis(self, timeout: float = 20) -> None:

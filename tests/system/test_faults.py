@@ -1,0 +1,70 @@
+"""Faults injected into a running stack of real processes: kill -9 of the trainer mid-update, the
+policy mid-generation, the reward service mid-request, and Redis (AOF, appendfsync always). After
+recovery the policy version keeps advancing and every rollout written is accounted for once."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from services.common.config import BelayConfig
+from services.common.rollout_queue import RolloutQueue
+from services.launcher import LocalStack
+from tests.system.conftest import account_for_rollouts
+
+
+def latest_version(queue: RolloutQueue) -> int:
+    steps = queue.read_steps("0-0")
+    return steps[-1][1]["version"] if steps else 0
+
+
+def wait_for_version(stack: LocalStack, queue: RolloutQueue, version: int, timeout: float) -> float:
+    """Seconds until the trainer publishes `version` (fails past the timeout, or if a process dies)."""
+    start = time.monotonic()
+    while True:
+        try:
+            if latest_version(queue) >= version:
+                return time.monotonic() - start
+        except Exception:  # Redis restarting
+            pass
+        stack.check_alive()
+        assert time.monotonic() - start < timeout, f"version {version} not reached in {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("victim", ["trainer", "policy", "reward", "redis"])
+def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, tmp_path):
+    data = stack_config.model_dump()
+    data["trainer"]["max_steps"] = 0
+    data["redis"]["claim_idle_ms"] = 3000  # a killed trainer's unacknowledged rollouts are claimed after 3 s
+    config = BelayConfig.model_validate(data)
+    stack = LocalStack(config, tmp_path / "run", say=lambda *_: None)
+    queue = RolloutQueue.from_url(config.redis.url, config.run.name)
+    try:
+        stack.start()
+        stack.wait_healthy(180)
+        wait_for_version(stack, queue, 3, 120)
+        times = [step["time"] for _, step in queue.read_steps("0-0")]
+        normal_step = (times[-1] - times[0]) / max(1, len(times) - 1)  # seconds between versions, unharmed
+        time.sleep(0.3)  # into the next step: the trainer mid-update, the policy mid-batch
+        before = latest_version(queue)
+        killed_at = time.monotonic()
+        stack.kill(victim)
+        if victim in ("reward", "redis"):
+            time.sleep(2.0)  # the others see it gone and back off
+        stack.restart(victim)
+        recovered = wait_for_version(stack, queue, before + 2, 240)
+        lost = time.monotonic() - killed_at - 2 * normal_step
+        for name in ("policy", "trainer"):
+            stack.processes[name].popen.terminate()
+            stack.processes[name].popen.wait(120)
+        accounts = account_for_rollouts(config)
+        assert accounts["trained"] >= 8 * (before + 2)
+        assert accounts["written"] == (accounts["trained"] + sum(accounts["dropped"].values())
+                                       + accounts["pending"] + accounts["unread"])
+        print("FAULT " + json.dumps({"victim": victim, "seconds_to_two_more_versions": round(recovered, 1),
+                                     "normal_step_seconds": round(normal_step, 1),
+                                     "seconds_lost_vs_normal": round(max(lost, 0.0), 1), **accounts}))
+    finally:
+        stack.stop(grace=30)
