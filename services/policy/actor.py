@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 import random
 import threading
@@ -10,11 +11,12 @@ import time
 import uuid
 
 import grpc
+import numpy as np
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from ..common.config import BelayConfig
-from ..common.packing import pack_int32, unpack_float32, unpack_int32
+from ..common.packing import PackingError, pack_int32, unpack_float32, unpack_int32
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from .engine import GenerationBatch, PolicyEngine, Sampling
 from .policy_metrics import PolicyMetrics
@@ -50,9 +52,16 @@ class PromptCycle:
 
 
 class DependencyError(RuntimeError):
-    def __init__(self, dependency: str, error: grpc.RpcError):
-        super().__init__(f"{dependency} failed: {error.code().name}: {error.details()}")
+    """A reference or reward call that failed, or answered something unusable: the batch is
+    abandoned (nothing written), reported, and the actor retries with back-off."""
+
+    def __init__(self, dependency: str, what: str):
+        super().__init__(f"{dependency} failed: {what}")
         self.dependency = dependency
+
+    @classmethod
+    def from_rpc(cls, dependency: str, error: grpc.RpcError) -> "DependencyError":
+        return cls(dependency, f"{error.code().name}: {error.details()}")
 
 
 class Actor:
@@ -105,23 +114,30 @@ class Actor:
             timings["reward"] = time.perf_counter() - start
         except grpc.RpcError as error:
             ref_call.cancel()
-            raise DependencyError("reward", error) from None
+            raise DependencyError.from_rpc("reward", error) from None
         try:
             ref_reply = ref_call.result()
             timings["reference"] = time.perf_counter() - start
         except grpc.RpcError as error:
-            raise DependencyError("reference", error) from None
+            raise DependencyError.from_rpc("reference", error) from None
         for name, seconds in timings.items():
             self.metrics.dependency_seconds.labels(dependency=name).observe(seconds)
-        ref_logprobs = unpack_float32(ref_reply.logprobs, "reference logprobs")
+        try:
+            ref_logprobs = unpack_float32(ref_reply.logprobs, "reference logprobs")
+        except PackingError as error:
+            raise DependencyError("reference", str(error)) from None
         if [len(r) for r in ref_logprobs] != [len(r) for r in batch.response_ids]:
-            raise RuntimeError("reference returned logprob rows that do not match the responses")
+            raise DependencyError("reference", "logprob rows do not match the responses' lengths")
+        if not all(np.isfinite(r).all() for r in ref_logprobs):
+            raise DependencyError("reference", "non-finite logprobs")
         top_ids = unpack_int32(ref_reply.top_ids, "reference top ids") if self.reference_top_k else []
         top_logprobs = unpack_float32(ref_reply.top_logprobs, "reference top logprobs") if self.reference_top_k else []
         ref = [(lp, top_ids[i] if top_ids else None, top_logprobs[i] if top_logprobs else None)
                for i, lp in enumerate(ref_logprobs)]
         if len(reward_reply.scores) != len(batch.texts):
-            raise RuntimeError(f"reward returned {len(reward_reply.scores)} scores for {len(batch.texts)} responses")
+            raise DependencyError("reward", f"{len(reward_reply.scores)} scores for {len(batch.texts)} responses")
+        if not all(math.isfinite(score) for score in reward_reply.scores):
+            raise DependencyError("reward", f"non-finite scores {list(reward_reply.scores)[:8]}")
         return ref, list(reward_reply.scores), reward_reply.reward_model_id, timings
 
     def run_batch(self) -> int:

@@ -199,3 +199,27 @@ def test_group_baselines_train_on_whole_groups_only(tiny_lm_dir, redis_url, tmp_
     second = sorted(r.group_id for _, r in trainer.collect(threading.Event()))
     assert second == sorted([waiting, waiting, "D", "D"])  # E is incomplete: never trained on half a group
     assert queue.pending_count() == 9
+
+
+def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(tiny_lm_dir, reference_dir, tmp_path):
+    """CPU, same seed: 2 updates, checkpoint, a new trainer process state resumed, 2 more updates ==
+    4 updates in one go, bit for bit (optimizer, scheduler, KL controller, normaliser, critic, RNG)."""
+    batches = [sample_rollouts(tiny_lm_dir, reference_dir, seed=s) for s in range(4)]
+    options = dict(advantage="gae", kl_controller="adaptive", reward_normalize=True, warmup_steps=3,
+                   lr_schedule="cosine", ppo_epochs=2)
+    straight = make_trainer(tiny_lm_dir, tmp_path / "straight", **options)
+    for batch in batches:
+        straight.update(batch)
+    interrupted = make_trainer(tiny_lm_dir, tmp_path / "resumed", **options)
+    for batch in batches[:2]:
+        interrupted.update(batch)
+    interrupted.save(2, [])
+    del interrupted
+    resumed = make_trainer(tiny_lm_dir, tmp_path / "resumed", **options)
+    assert resumed.resume() == 2
+    for batch in batches[2:]:
+        resumed.update(batch)
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(straight.value_head.linear.weight, resumed.value_head.linear.weight)
+    assert straight.kl_controller.value == resumed.kl_controller.value
