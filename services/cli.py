@@ -70,8 +70,7 @@ def cmd_eval(args) -> int:
         if not checkpoint.is_dir():
             print(f"checkpoint {checkpoint} is not a directory", file=sys.stderr)
             return 2
-    backend = build_backend(config.reward.backend, config.reward.model_dir, resolve_device(config.reward.device),
-                            config.reward.max_length)
+    backend = build_backend(config.reward, resolve_device(config.reward.device))
     settings = EvalSettings(max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples, seed=args.seed)
     results = evaluate(config, checkpoints, backend, args.prompts, args.texts, settings)
     print(report.table(results))
@@ -79,6 +78,29 @@ def cmd_eval(args) -> int:
     for path in report.write(results, out):
         print(f"wrote {path}")
     return 0
+
+
+def cmd_check_reward(args) -> int:
+    from .common.config import GrpcConfig
+    from .reward.conformance import check_reward_server, verdict
+
+    grpc_config = GrpcConfig()
+    if args.config:
+        try:
+            grpc_config = load_config(args.config).grpc
+        except ConfigError as error:
+            print(error, file=sys.stderr)
+            return 2
+    print(f"checking the reward server at {args.address} (deadline {args.timeout:g} s per call)")
+    try:
+        results = check_reward_server(args.address, timeout=args.timeout, grpc_config=grpc_config)
+    except ConfigError as error:  # a TLS or token file the grpc section names but cannot be read
+        print(error, file=sys.stderr)
+        return 2
+    for result in results:
+        print(result.line())
+    print(verdict(results))
+    return 0 if all(result.passed for result in results) else 1
 
 
 def resolve_default_model(config):
@@ -116,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--seed", type=int, default=1234)
     evaluation.add_argument("--out", default=None, help="where results.json and the PNG plots go")
     evaluation.set_defaults(handler=cmd_eval)
+    check = commands.add_parser("check-reward", help="check any belay.v1.Reward server against the protocol")
+    check.add_argument("address", help="host:port of the reward server")
+    check.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
+    check.add_argument("--config", default=None, help="Belay config whose grpc section (TLS, token) to use")
+    check.set_defaults(handler=cmd_check_reward)
     prepare = commands.add_parser("prepare-model", help="convert the embedded SmolLM2 GGUF to safetensors once")
     prepare.add_argument("--out", default="~/.cache/belay/SmolLM2-135M-Instruct")
     prepare.set_defaults(handler=cmd_prepare_model)

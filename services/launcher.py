@@ -300,8 +300,7 @@ def evaluate_first_and_last(config: BelayConfig, last: pathlib.Path, out_dir: pa
     from .reward.backends import build_backend
 
     say(f"evaluating the reference and {last.name} on held-out prompts and text ...")
-    backend = build_backend(config.reward.backend, config.reward.model_dir, resolve_device(config.reward.device),
-                            config.reward.max_length)
+    backend = build_backend(config.reward, resolve_device(config.reward.device))
     results = evaluate(config, [None, last], backend, HELDOUT_PROMPTS, HELDOUT_TEXT,
                        EvalSettings(max_new_tokens=config.policy.max_new_tokens))
     say(report.table(results))

@@ -43,6 +43,37 @@ class GrpcConfig(Section):
     workers: int = Field(4, ge=1, description="server thread pool size")
     reflection: bool = Field(True, description="serve gRPC server reflection")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="grace for in-flight calls on SIGTERM (below compose's 10 s)")
+    # --- security: empty fields mean off (plaintext, no token), which is safe on loopback only ---
+    auth_token_file: str = Field("", description="file holding the shared bearer token every gRPC call must carry "
+                                 "(`authorization: Bearer <token>`; health and reflection stay open); empty: no token")
+    tls_cert_file: str = Field("", description="PEM certificate servers present (with tls_key_file); empty: plaintext")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
+    tls_ca_file: str = Field("", description="PEM CA clients trust to verify the servers' certificate "
+                             "(empty with TLS on: the system's roots)")
+
+    @field_validator("auth_token_file", "tls_cert_file", "tls_key_file", "tls_ca_file")
+    @classmethod
+    def _file_with_content(cls, value: str) -> str:
+        """Checked at load, so a bad file stops a service before it loads a model (read again at start)."""
+        if value:
+            path = pathlib.Path(value)
+            if not path.is_file():
+                raise ValueError(f"{value} does not exist (or is not a file)")
+            try:
+                empty = not path.read_bytes().strip()
+            except OSError as error:
+                raise ValueError(f"cannot read {value}: {error}") from None
+            if empty:
+                raise ValueError(f"{value} is empty")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> "GrpcConfig":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both (TLS) or neither (plaintext)")
+        if self.tls_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_ca_file is set but tls_cert_file/tls_key_file are not: the servers need them for TLS")
+        return self
 
 
 class ModelServiceConfig(Section):
@@ -60,17 +91,73 @@ class ReferenceConfig(ModelServiceConfig):
 
 
 class RewardConfig(Section):
-    backend: Literal["vader", "hf_classifier"] = Field("vader", description="which scorer serves Score")
-    model_dir: str = Field("", description="hf_classifier: local sequence-classification model directory")
+    """The reward service's scorer; with backend 'combined', each of `components` is one of these
+    (only the backend fields below, plus its `name` and `weight`)."""
+    backend: Literal["vader", "hf_classifier", "embedding_similarity", "python", "http", "combined"] = Field(
+        "vader", description="which scorer serves Score (services/reward/backends.py describes each)")
+    model_dir: str = Field("", description="hf_classifier: local sequence-classification model directory; "
+                           "embedding_similarity: a sentence-embedding model (empty: the packaged all-MiniLM-L6-v2)")
     address: str = Field("127.0.0.1:50053", description="host:port this service listens on / is reached at")
     metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus /metrics port (0: none)")
-    device: str = Field("auto", description="hf_classifier: 'auto', 'cpu' or 'cuda[:N]'")
-    max_length: int = Field(1024, ge=8, description="hf_classifier: tokens kept per (prompt, response) text")
+    device: str = Field("auto", description="hf_classifier, embedding_similarity: 'auto', 'cpu' or 'cuda[:N]'")
+    max_length: int = Field(1024, ge=8, description="hf_classifier, embedding_similarity: tokens kept per text "
+                            "(the embedding model's own limit applies too)")
+    batch_size: int = Field(32, ge=1, description="hf_classifier, embedding_similarity: texts per forward pass")
+    targets: list[str] = Field([], description="embedding_similarity: target texts; a response scores its cosine "
+                               "similarity to the closest one")
+    function: str = Field("", description="python: 'module:function' called with (prompts, responses), "
+                          "returning one float per pair")
+    url: str = Field("", description="http: reward endpoint; POST {prompts, responses} answers {scores}")
+    timeout_seconds: float = Field(30.0, gt=0, description="http: deadline of one request (timeouts are not retried)")
+    retries: int = Field(2, ge=0, description="http: further attempts after a connection error or a 5xx reply")
+    retry_backoff_seconds: float = Field(0.5, ge=0, description="http: wait before the first retry, doubled each time")
+    components: list[RewardConfig] = Field([], description="combined: the scorers, each {name, weight, backend, "
+                                           "...its fields}; score = sum of weight * component score")
+    name: str = Field("", description="a combined component's label in model_id and metrics")
+    weight: float = Field(1.0, description="a combined component's multiplier")
 
     @model_validator(mode="after")
     def _backend_needs_model(self) -> "RewardConfig":
+        import math
+
         if self.backend == "hf_classifier" and not self.model_dir:
             raise ValueError("model_dir is required when backend is 'hf_classifier'")
+        if self.backend == "embedding_similarity":
+            if not self.targets or not all(target.strip() for target in self.targets):
+                raise ValueError("targets is required when backend is 'embedding_similarity' "
+                                 "(a list of non-empty texts to compare responses with)")
+        if self.backend == "python":
+            module, _, function = self.function.partition(":")
+            if not self.function:
+                raise ValueError("function is required when backend is 'python' (as 'module:function')")
+            if not module.strip() or not function.strip():
+                raise ValueError(f"function must read 'module:function' (got {self.function!r})")
+        if self.backend == "http":
+            if not self.url:
+                raise ValueError("url is required when backend is 'http' (e.g. http://127.0.0.1:8000/score)")
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"url must start with http:// or https:// (got {self.url!r})")
+        if self.backend == "combined":
+            if not self.components:
+                raise ValueError("components is required when backend is 'combined' "
+                                 "(a list of {name, weight, backend, ...})")
+            names = [component.name for component in self.components]
+            for index, component in enumerate(self.components):
+                if not component.name:
+                    raise ValueError(f"components[{index}].name is required (it labels the component's metrics)")
+                if component.backend == "combined":
+                    raise ValueError(f"components[{index}] ({component.name}): a component cannot be 'combined'")
+                if not math.isfinite(component.weight):
+                    raise ValueError(f"components[{index}].weight must be finite (got {component.weight})")
+                service_fields = component.model_fields_set & {"address", "metrics_port"}
+                if service_fields:
+                    raise ValueError(f"components[{index}] ({component.name}): {sorted(service_fields)} belong to "
+                                     "the reward section, not to a component")
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            if duplicates:
+                raise ValueError(f"components: names must be unique (repeated: {duplicates})")
+        elif self.components:
+            raise ValueError(f"components is only used when backend is 'combined' (backend is {self.backend!r})")
         return self
 
 

@@ -67,6 +67,10 @@ def parse_logprobs_request(request: belay_pb2.LogProbsRequest, vocab_size: int, 
     temperature = request.temperature or 1.0
     if not math.isfinite(temperature) or temperature <= 0:
         raise invalid(f"temperature must be a positive number, got {request.temperature}")
+    # Far below 1e-6 logits / temperature overflows float32 and every log-prob is NaN (1e-6, as the
+    # float32 the field holds, is a hair under 1e-6: hence the tolerance).
+    if temperature < 0.9999e-6:
+        raise invalid(f"temperature must be at least 1e-06 (0 means 1.0), got {request.temperature}")
     if request.top_k > vocab_size:
         raise invalid(f"top_k={request.top_k} exceeds the vocabulary size {vocab_size}")
     reply_bytes = 8 * request.top_k * sum(len(r) for r in responses)

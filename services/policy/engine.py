@@ -82,6 +82,10 @@ class PolicyEngine:
     def check_sampling(self, sampling: Sampling, rows: int, prompt_ids: list[list[int]]) -> None:
         if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
             raise invalid(f"temperature must be >= 0 (0 is greedy), got {sampling.temperature}")
+        # Far below 1e-6 logits / temperature overflows float32 and sampling fails on NaN
+        # probabilities (1e-6 as a float32 is a hair under 1e-6: hence the tolerance).
+        if 0 < sampling.temperature < 0.9999e-6:
+            raise invalid(f"temperature must be 0 (greedy) or at least 1e-06, got {sampling.temperature}")
         if not (0 < sampling.top_p <= 1):
             raise invalid(f"top_p must be in (0, 1], got {sampling.top_p}")
         if sampling.max_new_tokens < 1:
@@ -100,6 +104,9 @@ class PolicyEngine:
             raise invalid("empty batch: no prompts")
         if samples_per_prompt < 1:
             raise invalid(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
+        if len(prompts) * samples_per_prompt > self.limits.max_batch_size:  # before templating every prompt
+            raise too_big(f"{len(prompts) * samples_per_prompt} rows (prompts x samples_per_prompt) exceed "
+                          f"max_batch_size={self.limits.max_batch_size}; split the request")
         templated = [apply_chat_template(self.tokenizer, p) for p in prompts]
         self.check_sampling(sampling, len(prompts) * samples_per_prompt, templated)
         index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]

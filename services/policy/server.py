@@ -25,16 +25,50 @@ FINISH = {"eos": belay_pb2.FINISH_REASON_EOS, "length": belay_pb2.FINISH_REASON_
 
 
 def checked_checkpoint_path(root: str, version: int, path: str) -> pathlib.Path:
-    """A checkpoint path the policy may load: a committed vNNNNNN directory for `version` inside root."""
-    root_path = pathlib.Path(root).resolve()
-    candidate = pathlib.Path(path).resolve()
+    """A checkpoint path the policy may load: a committed vNNNNNN directory for `version` inside root.
+
+    The path is resolved (every symlink followed, `..` applied) and must then be a direct child of
+    the resolved root: `root/../x`, absolute paths elsewhere and symlinks out of root are refused
+    with INVALID_ARGUMENT naming the path, as are files in the checkpoint that link out of it. A
+    directory without safetensors weights (e.g. only a pickled pytorch_model.bin, which is never
+    loaded) is FAILED_PRECONDITION.
+    """
+    from ..common.checkpoints import STATE_TENSORS
+
+    shown = repr(path) if len(path) <= 300 else repr(path[:300]) + "..."  # messages name the path, briefly
+    if not path or "\x00" in path:
+        raise invalid(f"checkpoint_path {shown} is not a path")
+    given = pathlib.Path(path)
+    try:
+        root_path = pathlib.Path(root).resolve()
+        candidate = given.resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # a name too long, a symlink loop, ...
+        raise invalid(f"checkpoint_path {shown} cannot be resolved: {error}") from None
     if candidate.parent != root_path:
-        raise invalid(f"checkpoint_path {path} is not inside the policy's checkpoint directory {root_path}")
+        try:
+            link = ", through a symlink that leads out of it" if given.is_symlink() else ""
+        except OSError:  # e.g. a name too long to look at: refused all the same
+            link = ""
+        raise invalid(f"checkpoint_path {shown} resolves to {str(candidate)[:300]}, which is not inside the "
+                      f"policy's checkpoint directory {root_path}{link}")
     match = VERSION_DIR.match(candidate.name)
     if not match or int(match.group(1)) != version:
-        raise invalid(f"checkpoint_path {path} is not the committed directory of version {version}")
+        raise invalid(f"checkpoint_path {shown} is not the committed directory of version {version}")
     if not candidate.is_dir():
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"checkpoint {candidate} does not exist (yet)")
+    entries = list(candidate.iterdir())
+    for entry in entries:
+        try:
+            target = entry.resolve()
+        except (OSError, RuntimeError) as error:
+            raise invalid(f"checkpoint_path {shown}: {entry.name} cannot be resolved: {error}") from None
+        if candidate not in target.parents:
+            raise invalid(f"checkpoint_path {shown}: {entry.name} is a symlink to {target}, outside the checkpoint")
+    if not any(e.name.endswith(".safetensors") and e.name != STATE_TENSORS for e in entries):
+        pickles = sorted(e.name for e in entries if e.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        found = f" (only {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"checkpoint {candidate} holds no *.safetensors weights{found}")
     return candidate
 
 
@@ -81,6 +115,16 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
             policy_version=batch.version)
 
     def _update_weights(self, request: belay_pb2.UpdateWeightsRequest) -> belay_pb2.UpdateWeightsResponse:
+        from safetensors import SafetensorError
+
+        from ..common.rpc import is_loopback_address
+
+        # Weights decide everything the policy says: from beyond loopback only a token holder may send them
+        # (with auth_token_file set, the server's interceptor has already checked this caller's token).
+        if not self.config.grpc.auth_token_file and not is_loopback_address(self.config.policy.address):
+            raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"UpdateWeights is refused: the policy listens on {self.config.policy.address}, beyond "
+                               "loopback, without a token; configure grpc.auth_token_file")
         if request.version <= 0:
             raise invalid(f"version must be positive, got {request.version}")
         path = checked_checkpoint_path(self.config.run.checkpoint_dir, request.version, request.checkpoint_path)
@@ -88,7 +132,7 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
         if not self.config.policy.run_actor:  # no batches to wait for: swap now
             try:
                 self.metrics.record_swap(self.engine.swap_to(request.version, path), request.version)
-            except (ValueError, FileNotFoundError) as error:  # the old weights keep serving
+            except (ValueError, OSError, SafetensorError) as error:  # the old weights keep serving
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"version {request.version} refused: "
                                    f"{error}") from None
         pending, _ = self.swaps.newest()

@@ -1,12 +1,17 @@
-"""The reward service: Score through a pluggable backend. It sees text, not token ids, so any
-reward model with any tokenizer can be swapped in."""
+"""The reward service: Score through a pluggable backend (reward.backend; services/reward/backends.py).
+It sees text, not token ids, so any reward model with any tokenizer can be swapped in.
+
+Metrics: belay_reward_score (every raw score returned), belay_reward_score_seconds, and for the
+`combined` backend each component's own scores, labelled by component name:
+belay_reward_component_score (histogram) and belay_reward_component_score_mean (last batch's mean).
+The reply's reward_model_id is the backend's model_id, which every rollout records."""
 from __future__ import annotations
 
 import logging
 import math
 
 import grpc
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
@@ -14,9 +19,10 @@ from ..common.config import BelayConfig, GrpcConfig
 from ..common.metrics import LLM_SECONDS_BUCKETS, run_info
 from ..common.models import resolve_device
 from ..common.rpc import ServiceServer, handle, info_response, invalid, too_big
-from .backends import RewardBackend, build_backend
+from .backends import RewardBackend, build_backend, check_scores
 
 log = logging.getLogger(__name__)
+SCORE_BUCKETS = (-10, -3, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 3, 10)
 SERVICE_NAME = belay_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
 
 
@@ -38,22 +44,32 @@ class RewardServicer(belay_pb2_grpc.RewardServicer):
         self.seconds = Histogram("belay_reward_score_seconds", "Reward Score call time",
                                  buckets=LLM_SECONDS_BUCKETS, registry=registry)
         self.scores = Histogram("belay_reward_score", "Raw reward scores returned",
-                                buckets=(-10, -3, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 3, 10), registry=registry)
+                                buckets=SCORE_BUCKETS, registry=registry)
+        self.component_scores = Histogram("belay_reward_component_score", "Raw scores of each combined component",
+                                          ["component"], buckets=SCORE_BUCKETS, registry=registry)
+        self.component_means = Gauge("belay_reward_component_score_mean",
+                                     "Mean raw score of each combined component over the last Score batch",
+                                     ["component"], registry=registry)
         self.registry = registry
 
     def load(self) -> None:
         section = self.config.reward
-        self.backend = build_backend(section.backend, section.model_dir, resolve_device(section.device),
-                                     section.max_length)
+        self.backend = build_backend(section, resolve_device(section.device))
         run_info(self.registry, "reward", self.config.run.name, self.backend.model_id)
         log.info("reward backend %s ready (%s)", section.backend, self.backend.model_id)
 
     def _score(self, request: belay_pb2.ScoreRequest) -> belay_pb2.ScoreResponse:
         prompts, responses = parse_score_request(request, self.config.grpc)
-        scores = self.backend.score(prompts, responses)
-        if len(scores) != len(responses) or not all(math.isfinite(s) for s in scores):
-            raise RuntimeError(f"backend {self.backend.model_id} returned {len(scores)} scores for "
-                               f"{len(responses)} responses, or a non-finite one: {scores[:8]}")
+        score_components = getattr(self.backend, "score_components", None)
+        if score_components is not None:
+            scores, parts = score_components(prompts, responses)
+            for name, values in parts.items():
+                for value in values:
+                    self.component_scores.labels(component=name).observe(value)
+                self.component_means.labels(component=name).set(math.fsum(values) / len(values))
+        else:
+            scores = self.backend.score(prompts, responses)
+        scores = check_scores(scores, len(responses), f"reward backend {self.backend.model_id}")
         for value in scores:
             self.scores.observe(value)
         return belay_pb2.ScoreResponse(scores=scores, reward_model_id=self.backend.model_id,

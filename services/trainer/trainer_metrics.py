@@ -40,6 +40,10 @@ class TrainerMetrics:
                                   buckets=(-20, -10, -7, -5, -4, -3, -2, -1.5, -1, -0.5, -0.25, -0.1, -0.01, 0),
                                   registry=registry)
         self.ready = Gauge("belay_trainer_ready", "1 once the trainer has loaded and resumed", registry=registry)
+        self.reward_model = Gauge("belay_trainer_reward_model_info",
+                                  "1 for the reward model(s) that scored the last batch, 0 for earlier ones",
+                                  ["reward_model_id"], registry=registry)
+        self.reward_models_seen: set[str] = set()
         for reason in ("stale", "malformed", "duplicate", "nonfinite"):
             self.dropped.labels(reason=reason)
 
@@ -48,6 +52,10 @@ class TrainerMetrics:
             if key in summary:
                 gauge.set(summary[key])
         self.steps.inc()
+        current = set(summary.get("reward_model_ids", []))
+        self.reward_models_seen |= current
+        for model_id in self.reward_models_seen:  # a swapped reward service shows as a change here
+            self.reward_model.labels(reward_model_id=model_id).set(1 if model_id in current else 0)
         self.consumed.inc(summary["rollouts"])
         self.step_seconds.observe(summary["seconds"]["update"] + summary["seconds"]["checkpoint"])
         self.last_step.set_to_current_time()
