@@ -14,6 +14,7 @@ from ..common.models import load_causal_lm, load_tokenizer, resolve_device
 from ..common.rollout_queue import RolloutQueue
 from ..common.rpc import channel
 from ..common.service_main import start
+from .distributed import Distributed
 from .trainer import Trainer
 from .trainer_metrics import TrainerMetrics
 
@@ -21,19 +22,22 @@ log = logging.getLogger("services.trainer")
 config = start("Belay trainer service (PPO)", torch_threads="trainer")
 section = config.trainer
 torch.manual_seed(section.seed)
+distributed = Distributed.from_environment(resolve_device(section.device))  # under torchrun
+main_rank = distributed is None or distributed.is_main
 registry = CollectorRegistry()
 metrics = TrainerMetrics(registry)
 run_info(registry, "trainer", config.run.name, section.model_dir)
-serve_metrics(registry, section.metrics_port)
+if main_rank:  # one /metrics for the run
+    serve_metrics(registry, section.metrics_port)
 
 stop = threading.Event()
 for signum in (signal.SIGTERM, signal.SIGINT):  # finish the step in hand (its checkpoint), then exit
     signal.signal(signum, lambda *_: stop.set())
 
 model = load_causal_lm(section.model_dir, resolve_device(section.device), "trainer.model_dir")
-policy = belay_pb2_grpc.PolicyStub(channel(section.policy_address, config.grpc))
+policy = belay_pb2_grpc.PolicyStub(channel(section.policy_address, config.grpc)) if main_rank else None
 trainer = Trainer(config, model, load_tokenizer(section.model_dir),
-                  RolloutQueue.from_url(config.redis.url, config.run.name), metrics, policy)
+                  RolloutQueue.from_url(config.redis.url, config.run.name), metrics, policy, distributed)
 trainer.resume()
 metrics.ready.set(1)
 metrics.gauges["version"].set(trainer.version)

@@ -21,12 +21,13 @@ from ..common.checkpoints import (latest_valid_checkpoint, load_trainer_state, l
                                   save_trainer_state, write_checkpoint)
 from ..common.config import BelayConfig
 from ..common.lora import load_adapter_into, lora_settings, save_adapter, wrap_with_lora
-from ..common.models import chosen_and_entropy, next_token_log_probs
+from ..common.models import chosen_and_entropy, next_token_log_probs, weights_fingerprint
 from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
 from . import ppo
 from .advantages import (batch_mean_advantage, clipped_value_loss, gae_advantages, group_advantage, rloo_advantage,
                          sequence_advantage_to_tokens, token_rewards, whiten)
 from .batch import PPOBatch, collate
+from .distributed import Distributed, decode_rollouts, encode_rollouts
 from .kl import AdaptiveKLController, FixedKLController, exact_kl_from_rows, per_token_kl
 from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
 from .value_head import ValueHead
@@ -39,8 +40,9 @@ REMEMBERED_ROLLOUT_IDS = 50_000  # for de-duplication across at-least-once redel
 class Trainer:
     def __init__(self, config: BelayConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  queue: RolloutQueue, metrics: TrainerMetrics,
-                 policy: belay_pb2_grpc.PolicyStub | None = None):
+                 policy: belay_pb2_grpc.PolicyStub | None = None, distributed: Distributed | None = None):
         self.config, self.section = config, config.trainer
+        self.distributed = distributed  # under torchrun; rank 0 alone reads Redis and writes checkpoints
         section = self.section
         if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
             model = wrap_with_lora(model, lora_settings(config.lora))
@@ -69,8 +71,9 @@ class Trainer:
     # --- resume --------------------------------------------------------------------------
     def resume(self) -> int:
         """Load the newest committed checkpoint, if any: weights, optimizer, RNG, version, seen ids."""
-        for path in remove_unfinished(self.config.run.checkpoint_dir):
-            log.warning("removed %s, a checkpoint a killed trainer never finished", path)
+        if self.distributed is None or self.distributed.is_main:  # the one writer cleans up after itself
+            for path in remove_unfinished(self.config.run.checkpoint_dir):
+                log.warning("removed %s, a checkpoint a killed trainer never finished", path)
         latest = latest_valid_checkpoint(self.config.run.checkpoint_dir, log)
         if latest is None:
             return 0
@@ -226,12 +229,19 @@ class Trainer:
         for epoch in range(section.ppo_epochs):
             order = torch.randperm(len(rollouts), generator=self.shuffle)
             for start in range(0, len(rollouts), section.minibatch_size):
-                rows = order[start:start + section.minibatch_size].to(self.device)
+                rows = order[start:start + section.minibatch_size]
+                if self.distributed is not None:  # each rank its share; gradients averaged in the step
+                    rows = rows[self.distributed.rank::self.distributed.world_size]
+                rows = rows.to(self.device)
                 self._minibatch_step(data.select(rows), {k: None if v is None else v[rows] for k, v in targets.items()},
                                      beta, stats)
-                if section.early_stop_kl is not None and stats["approx_kl"] and stats["approx_kl"][-1] > section.early_stop_kl:
-                    stopped_early = True
-                    break
+                if section.early_stop_kl is not None and stats["approx_kl"]:
+                    approx_kl = stats["approx_kl"][-1]
+                    if self.distributed is not None:  # every rank must take the same decision
+                        approx_kl = self.distributed.mean(approx_kl)
+                    if approx_kl > section.early_stop_kl:
+                        stopped_early = True
+                        break
             if stopped_early:
                 break
         # 6. β for the next update (the adaptive controller moves it towards the target KL).
@@ -275,9 +285,14 @@ class Trainer:
             loss = loss + section.value_coef * value_loss
             stats["value_loss"].append(value_loss.item())
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.distributed is not None:
+            finite = self.distributed.all_true(finite)  # one rank's NaN skips the step on all of them
+        if not finite:
             return self._skip(stats, f"loss is {loss.item()}")
         loss.backward()
+        if self.distributed is not None:
+            self.distributed.average_gradients(self.parameters)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, section.max_grad_norm)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -381,6 +396,8 @@ class Trainer:
                     raise
 
     def run(self, stop: threading.Event) -> None:
+        if self.distributed is not None and not self.distributed.is_main:
+            return self.run_follower()
         self.until_redis_answers(self.queue.ensure_group, "creating the consumer group", stop)
         steps = 0
         while not stop.is_set():
@@ -393,7 +410,26 @@ class Trainer:
                 continue
             if len(entries) < self.section.batch_size:
                 break  # stopping: the partial batch stays pending and is read again after a restart
+            if self.distributed is not None:
+                self.distributed.broadcast_bytes(encode_rollouts([r for _, r in entries]))
             if self.step(entries) is not None:
                 steps += 1
+            if self.distributed is not None:
+                self.after_distributed_step()
             if self.section.max_steps and steps >= self.section.max_steps:
                 break
+        if self.distributed is not None:
+            self.distributed.broadcast_bytes(b"")  # tells the other ranks to stop
+
+    def run_follower(self) -> None:
+        """A rank other than 0: train on each batch rank 0 broadcasts, until it sends nothing."""
+        while payload := self.distributed.broadcast_bytes(None):
+            if self.update(decode_rollouts(payload))["optimizer_steps"]:
+                self.version += 1
+            self.after_distributed_step()
+
+    def after_distributed_step(self) -> None:
+        """Wait for rank 0's checkpoint; log this rank's weights so identical replicas can be checked."""
+        self.distributed.barrier()
+        log.info("rank %d weights after version %d: %s", self.distributed.rank, self.version,
+                 weights_fingerprint(self.model)[:16])

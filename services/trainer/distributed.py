@@ -1,0 +1,77 @@
+"""Data-parallel training under torchrun: rank 0 reads rollouts and writes checkpoints; every rank
+trains on its share of each minibatch and gradients are averaged across ranks, so all ranks hold
+identical weights after every optimizer step. PyTorch's own torch.distributed (gloo on CPU,
+nccl on GPU); rollouts travel between ranks as JSON bytes in a uint8 tensor, never as pickles."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..common.rollout_queue import Rollout
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> "Distributed | None":
+        """Join the process group torchrun describes (WORLD_SIZE > 1); None for a single process."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast_bytes(self, payload: bytes | None) -> bytes:
+        """Rank 0's payload, on every rank."""
+        size = torch.tensor([len(payload) if self.is_main else 0], dtype=torch.long)
+        dist.broadcast(size, src=0)
+        buffer = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.is_main and size.item()
+                  else torch.empty(int(size.item()), dtype=torch.uint8))
+        if size.item():
+            dist.broadcast(buffer, src=0)
+        return bytes(buffer.numpy().tobytes())
+
+    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        """grad <- mean over ranks (a missing grad counts as zeros, so every rank joins every call)."""
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+            parameter.grad /= self.world_size
+
+    def all_true(self, flag: bool) -> bool:
+        value = torch.tensor([1 if flag else 0], dtype=torch.long)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def mean(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return float(tensor.item()) / self.world_size
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def encode_rollouts(rollouts: list[Rollout]) -> bytes:
+    """Rollouts as JSON (binary fields base64), the same fields the Redis stream carries."""
+    rows = [{k: ({"b64": base64.b64encode(v).decode()} if isinstance(v, bytes) else v)
+             for k, v in r.to_fields().items()} for r in rollouts]
+    return json.dumps(rows).encode()
+
+
+def decode_rollouts(payload: bytes) -> list[Rollout]:
+    rows = json.loads(payload)
+    return [Rollout.from_fields({k.encode(): (base64.b64decode(v["b64"]) if isinstance(v, dict) else str(v).encode())
+                                 for k, v in row.items()}) for row in rows]

@@ -1,0 +1,62 @@
+"""The trainer's data-parallel path: two processes under torchrun with gloo on CPU finish PPO
+updates on rollouts from the real stream, with identical weights on both ranks."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import redis
+import torch
+import yaml
+
+from services.common.checkpoints import committed_versions
+from services.common.config import BelayConfig
+from services.common.models import load_causal_lm, load_tokenizer
+from services.common.rollout_queue import Rollout, RolloutQueue
+from services.policy.engine import PolicyEngine, Sampling
+from tests.conftest import free_port
+from tests.system.conftest import REPO
+
+
+def fill_stream(config: BelayConfig, model_dir, batches: int) -> None:
+    tokenizer = load_tokenizer(str(model_dir))
+    engine = PolicyEngine(load_causal_lm(str(model_dir), torch.device("cpu"), "p"), tokenizer, config.grpc, 4096)
+    queue = RolloutQueue(redis.Redis.from_url(config.redis.url), config.run.name)
+    queue.ensure_group()
+    for index in range(batches):
+        prompts = ["Tell me about your weekend.", "Hi", "How are you feeling today?", "Describe a walk."]
+        batch = engine.generate(prompts, 2, Sampling(max_new_tokens=8, seed=index))
+        queue.add_all([Rollout(prompt_text=prompts[batch.prompt_index[r]], response_text=batch.texts[r],
+                               prompt_ids=np.array(batch.prompt_ids[r]), response_ids=np.array(batch.response_ids[r]),
+                               logprobs=np.array(batch.logprobs[r], np.float32),
+                               ref_logprobs=np.array(batch.logprobs[r], np.float32) - 0.1,
+                               reward=float(r % 3), policy_version=0, finish_reason=batch.finish_reasons[r],
+                               group_id=f"{index}-{batch.prompt_index[r]}") for r in range(8)])
+
+
+def test_two_gloo_ranks_finish_updates_with_identical_weights(stack_config, redis_url, tiny_lm_dir, tmp_path):
+    data = stack_config.model_dump()
+    data["redis"]["url"] = redis_url
+    data["trainer"].update(max_steps=2, max_staleness=5, ppo_epochs=2)
+    config = BelayConfig.model_validate(data)
+    fill_stream(config, tiny_lm_dir, batches=2)
+    config_file = tmp_path / "belay.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "services.trainer", "--config", str(config_file)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    fingerprints = {}
+    for rank, version, fingerprint in re.findall(r"rank (\d) weights after version (\d+): (\w+)", output):
+        fingerprints.setdefault(int(version), {})[int(rank)] = fingerprint
+    assert sorted(fingerprints) == [1, 2]
+    for version, by_rank in fingerprints.items():
+        assert set(by_rank) == {0, 1} and by_rank[0] == by_rank[1], f"ranks differ after version {version}"
+    assert fingerprints[1][0] != fingerprints[2][0]  # they trained
+    assert [v for v, _ in committed_versions(config.run.checkpoint_dir)] == [1, 2]  # rank 0 alone wrote
+    queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
+    assert queue.pending_count() == 0 and queue.latest_version()[0] == 2
