@@ -30,6 +30,14 @@ def stack_config(tmp_path, tiny_lm_dir, tiny_reward_dir) -> BelayConfig:
     })
 
 
+def variant(config: BelayConfig, changes: dict) -> BelayConfig:
+    """The config with some sections' fields changed, validated again as a whole."""
+    data = config.model_dump()
+    for section, values in changes.items():
+        data[section].update(values)
+    return BelayConfig.model_validate(data)
+
+
 def account_for_rollouts(config: BelayConfig) -> dict:
     """Every rollout ever written, sorted into trained / dropped / pending / unread, from Redis and
     the latest checkpoint. Asserts each one is accounted for and none was trained twice."""

@@ -11,7 +11,7 @@ import pytest
 from services.common.config import BelayConfig
 from services.common.rollout_queue import RolloutQueue
 from services.launcher import LocalStack
-from tests.system.conftest import account_for_rollouts
+from tests.system.conftest import account_for_rollouts, variant
 
 
 def latest_version(queue: RolloutQueue) -> int:
@@ -35,10 +35,8 @@ def wait_for_version(stack: LocalStack, queue: RolloutQueue, version: int, timeo
 
 @pytest.mark.parametrize("victim", ["trainer", "policy", "reward", "redis"])
 def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, tmp_path):
-    data = stack_config.model_dump()
-    data["trainer"]["max_steps"] = 0
-    data["redis"]["claim_idle_ms"] = 3000  # a killed trainer's unacknowledged rollouts are claimed after 3 s
-    config = BelayConfig.model_validate(data)
+    # run until stopped; a killed trainer's unacknowledged rollouts are claimed after 3 s
+    config = variant(stack_config, {"trainer": {"max_steps": 0}, "redis": {"claim_idle_ms": 3000}})
     stack = LocalStack(config, tmp_path / "run", say=lambda *_: None)
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
     try:

@@ -12,17 +12,14 @@ import redis
 from services.common.config import BelayConfig
 from services.common.rollout_queue import RolloutQueue
 from services.launcher import LocalStack
-from tests.system.conftest import REPO, account_for_rollouts
+from tests.system.conftest import REPO, account_for_rollouts, variant
 from tests.system.test_faults import wait_for_version
 
 EXAMPLE_ID = "example-ends-with-full-stop"
 
 
 def test_reward_service_swapped_mid_run(stack_config: BelayConfig, tmp_path):
-    data = stack_config.model_dump()
-    data["trainer"]["max_steps"] = 0
-    data["reward"] = {**data["reward"], "backend": "vader", "model_dir": ""}
-    config = BelayConfig.model_validate(data)
+    config = variant(stack_config, {"trainer": {"max_steps": 0}, "reward": {"backend": "vader", "model_dir": ""}})
     stack = LocalStack(config, tmp_path / "run", say=lambda *_: None)
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
     try:

@@ -13,6 +13,7 @@ from services.common.lora import LoraSettings, load_adapter_into, wrap_with_lora
 from services.common.models import load_causal_lm, load_tokenizer, response_logprobs
 from services.common.rpc import channel
 from services.launcher import LocalStack, follow, wait_for_policy_version
+from tests.system.conftest import variant
 from tests.system.test_ppo_loop import fixed_sequence, rpc_logprobs
 
 RUNS = {
@@ -21,13 +22,6 @@ RUNS = {
                                                                                          "prompts_per_batch": 2}},
     "lora": {"lora": {"enabled": True, "r": 4, "alpha": 8}},
 }
-
-
-def variant(config: BelayConfig, changes: dict) -> BelayConfig:
-    data = config.model_dump()
-    for section, values in changes.items():
-        data[section].update(values)
-    return BelayConfig.model_validate(data)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
