@@ -26,6 +26,8 @@ class RunConfig(Section):
     name: str = Field("belay", description="run name: prefixes every Redis key, labels metrics")
     checkpoint_dir: str = Field("runs/belay/checkpoints", description="where the trainer writes policy versions")
     log_level: str = Field("INFO", description="Python logging level of every service")
+    metrics_address: str = Field("127.0.0.1", description="address every /metrics server binds (0.0.0.0 inside "
+                                 "a container network for Prometheus; loopback by default)")
 
 
 class RedisConfig(Section):
@@ -40,6 +42,8 @@ class GrpcConfig(Section):
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="send and receive limit on servers and clients")
     max_batch_size: int = Field(256, ge=1, description="most rows one request may carry")
     max_sequence_length: int = Field(4096, ge=2, description="most tokens one prompt+response row may carry")
+    max_text_chars: int = Field(32768, ge=1, description="most characters one prompt or response text may carry "
+                                "(Generate, Score); longer ones are refused before any work (VADER is quadratic)")
     workers: int = Field(4, ge=1, description="server thread pool size")
     reflection: bool = Field(True, description="serve gRPC server reflection")
     shutdown_grace_seconds: float = Field(5.0, ge=0, description="grace for in-flight calls on SIGTERM (below compose's 10 s)")

@@ -7,11 +7,11 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 LLM_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, address: str = "127.0.0.1") -> int:
+def serve_metrics(registry: CollectorRegistry, port: int, address: str) -> int:
     """Serve /metrics on address:port (port 0: none). Returns the port.
 
-    Loopback by default: metrics name the run and the model, and nothing beyond this machine is
-    let in unless a caller passes another address on purpose (e.g. "0.0.0.0" behind a firewall)."""
+    run.metrics_address is loopback by default: metrics name the run and the model, and nothing
+    beyond this machine is let in unless the config says so (e.g. 0.0.0.0 in a compose network)."""
     if port:
         start_http_server(port, addr=address, registry=registry)
     return port

@@ -35,7 +35,7 @@ def serve(build_server, config: BelayConfig, metrics_port: int) -> None:
 
     registry = CollectorRegistry()
     server, servicer = build_server(config, registry)
-    serve_metrics(registry, metrics_port)
+    serve_metrics(registry, metrics_port, config.run.metrics_address)
     server.stop_on_signals()
     server.start()
     servicer.load()

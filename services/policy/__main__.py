@@ -26,7 +26,7 @@ section = config.policy
 registry = CollectorRegistry()
 metrics = PolicyMetrics(registry)
 run_info(registry, "policy", config.run.name, section.model_dir)
-serve_metrics(registry, section.metrics_port)
+serve_metrics(registry, section.metrics_port, config.run.metrics_address)
 
 tokenizer = load_tokenizer(section.model_dir)
 model = load_causal_lm(section.model_dir, resolve_device(section.device), "policy.model_dir")

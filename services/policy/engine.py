@@ -107,6 +107,10 @@ class PolicyEngine:
         if len(prompts) * samples_per_prompt > self.limits.max_batch_size:  # before templating every prompt
             raise too_big(f"{len(prompts) * samples_per_prompt} rows (prompts x samples_per_prompt) exceed "
                           f"max_batch_size={self.limits.max_batch_size}; split the request")
+        for index, prompt in enumerate(prompts):  # before tokenizing it
+            if len(prompt) > self.limits.max_text_chars:
+                raise too_big(f"prompt {index} has {len(prompt)} characters, over max_text_chars="
+                              f"{self.limits.max_text_chars}")
         templated = [apply_chat_template(self.tokenizer, p) for p in prompts]
         self.check_sampling(sampling, len(prompts) * samples_per_prompt, templated)
         index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]

@@ -34,6 +34,11 @@ def parse_score_request(request: belay_pb2.ScoreRequest, limits: GrpcConfig) -> 
         raise invalid(f"prompts has {len(prompts)} rows but responses has {len(responses)}")
     if len(responses) > limits.max_batch_size:
         raise too_big(f"batch of {len(responses)} rows exceeds max_batch_size={limits.max_batch_size}; split it")
+    for name, texts in (("prompts", prompts), ("responses", responses)):
+        for index, text in enumerate(texts):
+            if len(text) > limits.max_text_chars:
+                raise too_big(f"{name}[{index}] has {len(text)} characters, over max_text_chars="
+                              f"{limits.max_text_chars}")
     return prompts, responses
 
 

@@ -28,7 +28,7 @@ registry = CollectorRegistry()
 metrics = TrainerMetrics(registry)
 run_info(registry, "trainer", config.run.name, section.model_dir)
 if main_rank:  # one /metrics for the run
-    serve_metrics(registry, section.metrics_port)
+    serve_metrics(registry, section.metrics_port, config.run.metrics_address)
 
 stop = threading.Event()
 for signum in (signal.SIGTERM, signal.SIGINT):  # finish the step in hand (its checkpoint), then exit

@@ -34,6 +34,8 @@ DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUST
 CALL_DEADLINE = 30.0  # seconds; a call past it is a hang, and fails the example as DEADLINE_EXCEEDED
 MAX_MESSAGE = 256 * 1024  # the servers' message limit here, so huge payloads are cheap to send
 VOCAB = 320  # tests/tiny_models.py's tokenizer
+MAX_TEXT = 4096  # the servers' max_text_chars here (VADER is quadratic: its time stays small under it)
+LIMITS = {"max_batch_size": 4, "max_message_bytes": MAX_MESSAGE, "max_text_chars": MAX_TEXT}
 FUZZ = settings(max_examples=int(os.environ.get("BELAY_FUZZ_EXAMPLES", "50")), deadline=None,
                 derandomize="BELAY_FUZZ_EXAMPLES" not in os.environ,
                 database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -127,6 +129,7 @@ STRING_LISTS = st.one_of(
     st.lists(TEXT, max_size=5),
     st.integers(0, 20_000).map(lambda n: [""] * n),              # huge counts
     st.integers(1, 4).map(lambda n: ["héllo wörld 🎉 " * 2000] * n),  # huge strings, under the message limit
+    st.integers(1, 4).map(lambda n: ["good " * (MAX_TEXT // 5)] * n),  # just under max_text_chars
     st.lists(st.sampled_from(["", "\x00", "\n" * 50, "<|im_end|>", "<|im_start|>assistant", "<pad>" * 30]),
              max_size=4),
 )
@@ -193,24 +196,35 @@ def check_logprobs_reply(request: belay_pb2.LogProbsRequest, reply: belay_pb2.Lo
 
 # --- servers ---
 
+def with_plain_stub(running, stub_class):
+    """running.fuzz: a stub on a channel without the client-side message limit, so oversized
+    requests reach the server (channel() would refuse to send them)."""
+    running.fuzz_channel = grpc.insecure_channel(running.address)
+    running.fuzz = stub_class(running.fuzz_channel)
+    return running
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_lm_dir):
-    config = make_config({"max_batch_size": 4, "max_message_bytes": MAX_MESSAGE},
+    config = make_config(LIMITS,
                          reference={"model_dir": str(tiny_lm_dir)})
     with running_reference(config) as running:
-        yield running
+        yield with_plain_stub(running, belay_pb2_grpc.ReferenceStub)
+        running.fuzz_channel.close()
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_lm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz_ckpt") / "ckpt"
-    config = make_config({"max_batch_size": 4, "max_message_bytes": MAX_MESSAGE},
+    config = make_config(LIMITS,
                          policy={"model_dir": str(tiny_lm_dir), "max_new_tokens": 4},
                          run={"checkpoint_dir": str(root)})
     with running_policy(config) as running:
         engine_model = running.servicer.engine.loaded.model
-        running.committed = write_checkpoint(root, 3, lambda d: engine_model.save_pretrained(d, safe_serialization=True))
-        yield running
+        running.committed = write_checkpoint(root, 3,
+                                             lambda d: engine_model.save_pretrained(d, safe_serialization=True))
+        yield with_plain_stub(running, belay_pb2_grpc.PolicyStub)
+        running.fuzz_channel.close()
 
 
 @pytest.fixture(scope="module", params=["vader", "hf_classifier"])
@@ -218,9 +232,10 @@ def reward(request, tiny_reward_dir):
     section = {"backend": request.param}
     if request.param == "hf_classifier":
         section.update(model_dir=str(tiny_reward_dir), max_length=32)
-    config = make_config({"max_batch_size": 4, "max_message_bytes": MAX_MESSAGE}, reward=section)
+    config = make_config(LIMITS, reward=section)
     with running_reward(config) as running:
-        yield running
+        yield with_plain_stub(running, belay_pb2_grpc.RewardStub)
+        running.fuzz_channel.close()
 
 
 # --- the fuzz ---
@@ -234,7 +249,7 @@ TINY_TEMPERATURE_LOGPROBS = belay_pb2.LogProbsRequest(prompt_ids=pack_int32([[1,
 @given(request=logprobs_requests())
 @example(request=TINY_TEMPERATURE_LOGPROBS)
 def test_reference_logprobs(reference, request):
-    code, reply = call(reference.stub.LogProbs, request)
+    code, reply = call(reference.fuzz.LogProbs, request)
     if code == grpc.StatusCode.OK:
         check_logprobs_reply(request, reply)
 
@@ -248,7 +263,7 @@ def test_reference_still_serves_after_the_fuzz(reference):
 @given(request=logprobs_requests())
 @example(request=TINY_TEMPERATURE_LOGPROBS)
 def test_policy_logprobs(policy, request):
-    code, reply = call(policy.stub.LogProbs, request)
+    code, reply = call(policy.fuzz.LogProbs, request)
     if code == grpc.StatusCode.OK:
         check_logprobs_reply(request, reply)
 
@@ -259,7 +274,7 @@ def test_policy_logprobs(policy, request):
 @example(request=belay_pb2.GenerateRequest(prompts=["Hi"], sampling=belay_pb2.SamplingParams(
     temperature=1e-45, max_new_tokens=2)))
 def test_policy_generate(policy, request):
-    code, reply = call(policy.stub.Generate, request)
+    code, reply = call(policy.fuzz.Generate, request)
     if code == grpc.StatusCode.OK:
         rows = len(request.prompts) * (request.samples_per_prompt or 1)
         responses = unpack_int32(reply.response_ids)
@@ -293,7 +308,8 @@ PATHS = st.one_of(
 def test_policy_update_weights(policy, version, path):
     root = policy.config.run.checkpoint_dir
     path = path.replace("{root}", root).replace("{committed}", str(policy.committed))
-    code, reply = call(policy.stub.UpdateWeights, belay_pb2.UpdateWeightsRequest(version=version, checkpoint_path=path))
+    request = belay_pb2.UpdateWeightsRequest(version=version, checkpoint_path=path)
+    code, reply = call(policy.fuzz.UpdateWeights, request)
     if code == grpc.StatusCode.OK:  # only the one committed checkpoint can be taken
         assert version == 3 and reply.current_version == 3
 
@@ -301,7 +317,7 @@ def test_policy_update_weights(policy, version, path):
 @FUZZ
 @given(request=st.builds(belay_pb2.InfoRequest))
 def test_policy_info(policy, request):
-    code, reply = call(policy.stub.Info, request)
+    code, reply = call(policy.fuzz.Info, request)
     assert code == grpc.StatusCode.OK and reply.service == "policy"
 
 
@@ -309,9 +325,13 @@ def test_a_huge_prompt_list_is_refused_before_any_work(policy):
     """Found by this fuzzing: every prompt was chat-templated before the batch limit was checked, so
     a message of empty prompts held a worker ~60 us per prompt (a 64 MiB one: half an hour)."""
     start = time.perf_counter()
-    code, _ = call(policy.stub.Generate, belay_pb2.GenerateRequest(prompts=[""] * 100_000))
+    code, _ = call(policy.fuzz.Generate, belay_pb2.GenerateRequest(prompts=[""] * 100_000))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert time.perf_counter() - start < 3.0
+    with pytest.raises(grpc.RpcError) as caught:  # and a prompt past max_text_chars, before tokenizing it
+        policy.fuzz.Generate(belay_pb2.GenerateRequest(prompts=["x" * (MAX_TEXT + 1)]), timeout=CALL_DEADLINE)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"prompt 0 has {MAX_TEXT + 1} characters, over max_text_chars={MAX_TEXT}" in caught.value.details()
 
 
 def test_policy_still_serves_after_the_fuzz(policy):
@@ -324,12 +344,26 @@ def test_policy_still_serves_after_the_fuzz(policy):
 
 @FUZZ
 @given(request=score_requests())
+# Found by this fuzzing: VADER's time grows with the square of the text (28k characters: ~5 s, 56k:
+# ~28 s), so one request could hold a worker for hours; texts past max_text_chars are now refused.
+@example(request=belay_pb2.ScoreRequest(prompts=["Hi"] * 4, responses=["héllo wörld 🎉 " * 2000] * 4))
 def test_reward_score(reward, request):
-    code, reply = call(reward.stub.Score, request)
+    code, reply = call(reward.fuzz.Score, request)
     if code == grpc.StatusCode.OK:
         assert len(reply.scores) == len(request.responses) and all(math.isfinite(s) for s in reply.scores)
     good = reward.stub.Score(belay_pb2.ScoreRequest(prompts=["Hi"], responses=["I love it"]), timeout=CALL_DEADLINE)
     assert len(good.scores) == 1
+
+
+def test_reward_texts_past_max_text_chars_are_refused_and_those_at_it_scored(reward):
+    at_limit = ("good " * MAX_TEXT)[:MAX_TEXT]
+    reply = reward.fuzz.Score(belay_pb2.ScoreRequest(prompts=["Hi"], responses=[at_limit]), timeout=CALL_DEADLINE)
+    assert len(reply.scores) == 1
+    with pytest.raises(grpc.RpcError) as caught:
+        reward.fuzz.Score(belay_pb2.ScoreRequest(prompts=["Hi", at_limit + "!"], responses=["a", "b"]),
+                          timeout=CALL_DEADLINE)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"prompts[1] has {MAX_TEXT + 1} characters, over max_text_chars={MAX_TEXT}" in caught.value.details()
 
 
 # --- raw bytes: messages that are not even valid protobuf ---
@@ -338,7 +372,7 @@ def test_reward_score(reward, request):
 @given(payload=st.one_of(st.binary(max_size=64), st.builds(lambda n: struct.pack("<i", n) * 4, INT32)),
        method=st.sampled_from(["/belay.v1.Reference/LogProbs", "/belay.v1.Reference/Info"]))
 def test_reference_raw_bytes(reference, payload, method):
-    raw = reference.channel.unary_unary(method)  # no (de)serializers: the bytes go as they are
+    raw = reference.fuzz_channel.unary_unary(method)  # no (de)serializers: the bytes go as they are
     try:
         raw(payload, timeout=CALL_DEADLINE)
     except grpc.RpcError as error:
@@ -365,8 +399,10 @@ HEADER = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E),
 @FUZZ
 @given(values=st.one_of(st.just([]), st.just(["Bearer fuzz-token-0123456789"]),
                         st.lists(st.one_of(HEADER, HEADER.map(lambda t: "Bearer " + t),
-                                           st.sampled_from(["Bearer fuzz-token-0123456789", "Bearer fuzz-token-012345678",
-                                                            "Bearer fuzz-token-0123456789 ", "fuzz-token-0123456789"])),
+                                           st.sampled_from(["Bearer fuzz-token-0123456789",
+                                                            "Bearer fuzz-token-012345678",
+                                                            "Bearer fuzz-token-0123456789 ",
+                                                            "fuzz-token-0123456789"])),
                                  max_size=2)))
 def test_authorization_headers(token_reward, values):
     chan = grpc.insecure_channel(token_reward.address)

@@ -13,6 +13,8 @@ import pathlib
 import grpc
 import numpy as np
 import pytest
+
+from services.common.config import BelayConfig
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -351,7 +353,7 @@ def _pem_key(key) -> bytes:
 
 def make_ca(directory: pathlib.Path, name: str):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
@@ -367,7 +369,7 @@ def make_ca(directory: pathlib.Path, name: str):
 
 def make_server_cert(directory: pathlib.Path, ca_key, ca_cert) -> tuple[pathlib.Path, pathlib.Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
@@ -463,5 +465,5 @@ def _listening_hosts(port: int) -> set[str]:
 @pytest.mark.skipif(not pathlib.Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
 def test_metrics_listen_on_loopback_by_default():
     port = free_port()
-    assert serve_metrics(CollectorRegistry(), port) == port
+    assert serve_metrics(CollectorRegistry(), port, BelayConfig().run.metrics_address) == port
     assert _listening_hosts(port) == {"127.0.0.1"}
