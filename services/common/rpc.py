@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 # Retries on UNAVAILABLE only, for our methods, which are all idempotent (no state changes
 # on a repeated Generate, LogProbs, Score, Info; UpdateWeights to the same version is a no-op).
+# round_robin: with a headless Service (every pod's address in DNS) calls spread over replicas.
 RETRY_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "belay.v1.Policy"}, {"service": "belay.v1.Reference"},
                  {"service": "belay.v1.Reward"}],
