@@ -45,6 +45,7 @@ class Rollout:
     group_id: str                # shared by the samples of one prompt
     reward_model_id: str = ""
     group_size: int = 1          # samples of this prompt in the batch that produced it
+    reward_components: dict = field(default_factory=dict)  # a combined reward's parts: name -> raw score
     ref_top_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))         # (R*K,) for the exact KL
     ref_top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (R*K,)
     timings: dict = field(default_factory=dict)  # seconds: generate, reference, reward, swap
@@ -88,6 +89,7 @@ class Rollout:
             "reward": repr(float(self.reward)), "policy_version": str(int(self.policy_version)),
             "finish_reason": self.finish_reason, "reward_model_id": self.reward_model_id,
             "group_size": str(int(self.group_size)),
+            "reward_components": json.dumps(self.reward_components),
             "ref_top_ids": np.asarray(self.ref_top_ids, "<i4").tobytes(),
             "ref_top_logprobs": np.asarray(self.ref_top_logprobs, "<f4").tobytes(),
             "timings": json.dumps(self.timings), "created_at": repr(self.created_at),
@@ -108,6 +110,7 @@ class Rollout:
                 reward=float(text("reward")), policy_version=int(text("policy_version")),
                 finish_reason=text("finish_reason"), reward_model_id=text("reward_model_id"),
                 group_size=int(text("group_size")) if "group_size" in get else 1,
+                reward_components=json.loads(text("reward_components")) if "reward_components" in get else {},
                 ref_top_ids=np.frombuffer(get.get("ref_top_ids", b""), "<i4"),
                 ref_top_logprobs=np.frombuffer(get.get("ref_top_logprobs", b""), "<f4"),
                 timings=json.loads(text("timings")), created_at=float(text("created_at")),

@@ -138,7 +138,11 @@ class Actor:
             raise DependencyError("reward", f"{len(reward_reply.scores)} scores for {len(batch.texts)} responses")
         if not all(math.isfinite(score) for score in reward_reply.scores):
             raise DependencyError("reward", f"non-finite scores {list(reward_reply.scores)[:8]}")
-        return ref, list(reward_reply.scores), reward_reply.reward_model_id, timings
+        components = [{part.name: float(part.scores[row]) for part in reward_reply.components}
+                      for row in range(len(batch.texts))]
+        if any(len(part.scores) != len(batch.texts) for part in reward_reply.components):
+            raise DependencyError("reward", "a component's score count does not match the responses")
+        return ref, list(reward_reply.scores), components, reward_reply.reward_model_id, timings
 
     def run_batch(self) -> int:
         """Generate, score and enqueue one batch. Returns the number of rollouts written."""
@@ -149,7 +153,7 @@ class Actor:
         self.batches += 1
         batch = self.engine.generate(prompts, section.samples_per_prompt, sampling)
         self.metrics.observe_generation(batch)
-        ref, rewards, reward_model_id, timings = self.score(batch, prompts)
+        ref, rewards, components, reward_model_id, timings = self.score(batch, prompts)
         timings.update(generate=batch.seconds, swap=self.last_swap_seconds)
         groups = [uuid.uuid4().hex for _ in prompts]
         rollouts = []
@@ -162,7 +166,7 @@ class Actor:
                 logprobs=batch.logprobs[row], ref_logprobs=ref_logprobs, reward=rewards[row],
                 policy_version=batch.version, finish_reason=batch.finish_reasons[row],
                 group_id=groups[batch.prompt_index[row]], group_size=section.samples_per_prompt,
-                reward_model_id=reward_model_id, timings=timings, **extra))
+                reward_model_id=reward_model_id, reward_components=components[row], timings=timings, **extra))
         self.queue.add_all(rollouts)
         self.metrics.rollouts_written.inc(len(batch.response_ids))
         log.info("version %d: wrote %d rollouts (generate %.1f s, reference %.1f s, reward %.1f s)",

@@ -66,8 +66,12 @@ class RewardServicer(belay_pb2_grpc.RewardServicer):
     def _score(self, request: belay_pb2.ScoreRequest) -> belay_pb2.ScoreResponse:
         prompts, responses = parse_score_request(request, self.config.grpc)
         score_components = getattr(self.backend, "score_components", None)
+        components = []
         if score_components is not None:
             scores, parts = score_components(prompts, responses)
+            weights = {name: weight for name, weight, _ in self.backend.components}
+            components = [belay_pb2.ComponentScores(name=name, weight=weights[name], scores=values)
+                          for name, values in parts.items()]
             for name, values in parts.items():
                 for value in values:
                     self.component_scores.labels(component=name).observe(value)
@@ -78,7 +82,7 @@ class RewardServicer(belay_pb2_grpc.RewardServicer):
         for value in scores:
             self.scores.observe(value)
         return belay_pb2.ScoreResponse(scores=scores, reward_model_id=self.backend.model_id,
-                                       reward_model_revision=self.backend.revision)
+                                       reward_model_revision=self.backend.revision, components=components)
 
     def Score(self, request, context):
         if self.backend is None:

@@ -370,6 +370,9 @@ class Trainer:
             version=version, rollouts=len(rollouts), time=time.time(),
             rollout_versions=sorted({r.policy_version for r in rollouts}),
             reward_model_ids=sorted({r.reward_model_id for r in rollouts}),
+            reward_components={name: float(np.mean([r.reward_components[name] for r in rollouts
+                                                    if name in r.reward_components]))
+                               for name in sorted({n for r in rollouts for n in r.reward_components})},
             seconds={"update": update_seconds, "checkpoint": checkpoint_seconds,
                      **{k: float(np.mean([r.timings.get(k, 0.0) for r in rollouts])) for k in timing_keys}},
             sample={"prompt": rollouts[0].prompt_text, "response": rollouts[0].response_text,

@@ -44,6 +44,9 @@ class TrainerMetrics:
                                   "1 for the reward model(s) that scored the last batch, 0 for earlier ones",
                                   ["reward_model_id"], registry=registry)
         self.reward_models_seen: set[str] = set()
+        self.reward_components = Gauge("belay_trainer_reward_component_mean",
+                                       "Mean raw score of each part of a combined reward over the last batch",
+                                       ["component"], registry=registry)
         for reason in ("stale", "malformed", "duplicate", "nonfinite"):
             self.dropped.labels(reason=reason)
 
@@ -52,6 +55,8 @@ class TrainerMetrics:
             if key in summary:
                 gauge.set(summary[key])
         self.steps.inc()
+        for name, mean in summary.get("reward_components", {}).items():
+            self.reward_components.labels(component=name).set(mean)
         current = set(summary.get("reward_model_ids", []))
         self.reward_models_seen |= current
         for model_id in self.reward_models_seen:  # a swapped reward service shows as a change here

@@ -372,6 +372,10 @@ def test_combined_equals_the_weighted_sum_of_its_components_scored_separately(ht
     expected = sum(weights[name] * scores for name, scores in separately.items())
     np.testing.assert_allclose(reply.scores, expected, rtol=1e-5, atol=1e-5)
     assert reply.reward_model_id == info.model_id == "combined(vader*1.0+length*0.5+remote*-2.0)"
+    # each component's scores travel in the reply too (the actor keeps them in every rollout)
+    assert [(c.name, c.weight) for c in reply.components] == list(weights.items())
+    for component in reply.components:
+        np.testing.assert_allclose(component.scores, separately[component.name], rtol=1e-5, atol=1e-5)
     analyzer = SentimentIntensityAnalyzer()
     np.testing.assert_allclose(separately["vader"], [analyzer.polarity_scores(r)["compound"] for r in RESPONSES],
                                atol=1e-6)

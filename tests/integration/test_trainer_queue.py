@@ -107,3 +107,17 @@ def test_a_new_trainer_claims_rollouts_a_dead_one_left_unacknowledged(tiny_lm_di
     assert [e for e, _ in second] == ids[8:]
     pending = queue.redis.xpending_range(queue.stream, GROUP, "-", "+", count=100)
     assert {p["consumer"].decode() for p in pending} == {trainer.consumer}
+
+
+def test_a_combined_rewards_parts_are_averaged_in_the_step_and_exported(tiny_lm_dir, redis_url, tmp_path):
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path)
+    queue = trainer.queue
+    queue.ensure_group()
+    for i in range(8):
+        item = rollout(trainer.tokenizer, version=0, reward=float(i), seed=i)
+        item.reward_components = {"polite": 1.0, "short": float(i)}
+        queue.add(item)
+    summary = trainer.step(trainer.collect(threading.Event()))
+    assert summary["reward_components"] == {"polite": 1.0, "short": sum(range(8)) / 8}
+    gauge = trainer.metrics.reward_components
+    assert gauge.labels(component="short")._value.get() == 3.5

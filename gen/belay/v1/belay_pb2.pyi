@@ -139,11 +139,23 @@ class ScoreRequest(_message.Message):
     def __init__(self, prompts: _Optional[_Iterable[str]] = ..., responses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "reward_model_id", "reward_model_revision")
+    __slots__ = ("scores", "reward_model_id", "reward_model_revision", "components")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     REWARD_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     REWARD_MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     reward_model_id: str
     reward_model_revision: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., reward_model_id: _Optional[str] = ..., reward_model_revision: _Optional[str] = ...) -> None: ...
+    components: _containers.RepeatedCompositeFieldContainer[ComponentScores]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., reward_model_id: _Optional[str] = ..., reward_model_revision: _Optional[str] = ..., components: _Optional[_Iterable[_Union[ComponentScores, _Mapping]]] = ...) -> None: ...
+
+class ComponentScores(_message.Message):
+    __slots__ = ("name", "weight", "scores")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
