@@ -6,7 +6,6 @@ import ast
 import json
 import os
 import pathlib
-import pickle
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.common import checkpoints
+from tests.pickle_trap import trap_bytes
 from services.common.checkpoints import (committed_versions, latest_checkpoint, load_trainer_state, load_weights_into,
                                          optimizer_state_from_flat, optimizer_state_to_flat, prune_checkpoints,
                                          save_trainer_state, version_dir_name, write_checkpoint)
@@ -236,21 +236,9 @@ def test_load_weights_into_refuses_a_dir_without_model_safetensors(tmp_path, tin
 def test_load_weights_never_unpickles(tiny_lm_dir, tmp_path):
     """A pickle next to the safetensors would run code if unpickled; it must be left alone."""
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __init__(self, path: pathlib.Path):
-            self.path = path
-
-        def __reduce__(self):
-            return (pathlib.Path.touch, (self.path,))
-
-    control = tmp_path / "control"
-    pickle.loads(pickle.dumps(Payload(control)))
-    assert control.exists()  # the payload does fire when unpickled
-
     checkpoint = checkpoint_with(tmp_path, saved_weights(tiny_lm_dir))
-    (checkpoint / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
-    (checkpoint / "optimizer.pt").write_bytes(pickle.dumps(Payload(marker)))
+    (checkpoint / "pytorch_model.bin").write_bytes(trap_bytes(marker))
+    (checkpoint / "optimizer.pt").write_bytes(trap_bytes(marker))
     save_trainer_state(checkpoint, {"x": torch.zeros(1)}, {"step": 0})
     load_weights_into(fresh_model(tiny_lm_dir, seed=2), checkpoint)
     load_trainer_state(checkpoint)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import pickle
 import re
 
 import pytest
@@ -17,6 +16,7 @@ from services.common.checkpoints import load_weights_into, write_checkpoint
 from services.common.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, adapter_tensors,
                                   is_adapter_checkpoint, load_adapter_into, save_adapter, wrap_with_lora)
 from services.common.models import load_causal_lm, token_logprobs
+from tests.pickle_trap import trap_bytes
 
 CPU = torch.device("cpu")
 TEXTS = ["I love this, it is good and happy and great.", "How are you feeling today?"]
@@ -250,27 +250,16 @@ def test_one_misfit_tensor_among_good_ones_copies_nothing(tiny_lm_dir, batch, lo
 def test_a_pickled_adapter_is_never_loaded(tiny_lm_dir, trained, tmp_path):
     marker = tmp_path / "pwned"
 
-    class Payload:
-        def __init__(self, path: pathlib.Path):
-            self.path = path
-
-        def __reduce__(self):
-            return (pathlib.Path.touch, (self.path,))
-
-    control = tmp_path / "control"
-    pickle.loads(pickle.dumps(Payload(control)))
-    assert control.exists()  # the payload does fire when unpickled
-
     only_pickle = tmp_path / "only_pickle"
     only_pickle.mkdir()
     (only_pickle / ADAPTER_CONFIG).write_text((trained[1] / ADAPTER_CONFIG).read_text())
-    (only_pickle / "adapter_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    (only_pickle / "adapter_model.bin").write_bytes(trap_bytes(marker))
     with pytest.raises(FileNotFoundError, match=ADAPTER_WEIGHTS):
         load_adapter_into(wrapped(tiny_lm_dir), only_pickle)
 
     beside = tmp_path / "beside"
     save_adapter(trained[0], beside)
-    (beside / "adapter_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    (beside / "adapter_model.bin").write_bytes(trap_bytes(marker))
     load_adapter_into(wrapped(tiny_lm_dir), beside)
     assert not marker.exists()
 
