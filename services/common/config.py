@@ -92,6 +92,8 @@ class ModelServiceConfig(Section):
 class ReferenceConfig(ModelServiceConfig):
     address: str = "127.0.0.1:50052"
     metrics_port: int = 9102
+    fingerprint_check_seconds: float = Field(300.0, gt=0, description="how often the frozen weights are hashed "
+                                             "again; any change stops the service (and so the run)")
 
 
 class RewardConfig(Section):

@@ -27,8 +27,9 @@ def start(description: str, torch_threads: str | None = None) -> BelayConfig:
     return config
 
 
-def serve(build_server, config: BelayConfig, metrics_port: int) -> None:
-    """Wire a model service: build it, serve /metrics, start gRPC (NOT_SERVING), load, SERVING, wait."""
+def serve(build_server, config: BelayConfig, metrics_port: int, on_loaded=None) -> None:
+    """Wire a model service: build it, serve /metrics, start gRPC (NOT_SERVING), load, SERVING, wait.
+    on_loaded(servicer), if given, runs once the model is loaded."""
     from prometheus_client import CollectorRegistry
 
     from .metrics import serve_metrics
@@ -39,5 +40,7 @@ def serve(build_server, config: BelayConfig, metrics_port: int) -> None:
     server.stop_on_signals()
     server.start()
     servicer.load()
+    if on_loaded is not None:
+        on_loaded(servicer)
     server.mark_serving()
     server.wait()

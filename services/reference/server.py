@@ -12,7 +12,8 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 from ..common.config import BelayConfig
 from ..common.logprob_service import LoadedModel, LogProbsHandler
 from ..common.metrics import LLM_SECONDS_BUCKETS, run_info
-from ..common.models import (freeze, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint)
+from ..common.models import (freeze, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint,
+                             weights_fingerprint)
 from ..common.rpc import ServiceServer, handle, info_response
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,14 @@ class ReferenceServicer(belay_pb2_grpc.ReferenceServicer):
                                         section.max_tokens_per_forward)
         self.loaded = LoadedModel(model=model, version=0)
         log.info("reference loaded from %s (weights %s)", section.model_dir, self.loaded.revision[:12])
+
+    def weights_changed(self) -> str | None:
+        """The reference is the floor of PPO and must never move: hash its weights again and say
+        what changed (None while they equal the fingerprint taken at load)."""
+        now = weights_fingerprint(self.loaded.model)
+        if now != self.loaded.revision:
+            return f"reference weights changed since load: {self.loaded.revision[:16]} -> {now[:16]}"
+        return None
 
     def LogProbs(self, request, context):
         if self.loaded is None:

@@ -39,6 +39,8 @@ policy = belay_pb2_grpc.PolicyStub(channel(section.policy_address, config.grpc))
 trainer = Trainer(config, model, load_tokenizer(section.model_dir),
                   RolloutQueue.from_url(config.redis.url, config.run.name), metrics, policy, distributed)
 trainer.resume()
+if main_rank:
+    log.info("run manifest: %s", trainer.write_run_manifest())
 metrics.ready.set(1)
 metrics.gauges["version"].set(trainer.version)
 log.info("trainer ready at version %d", trainer.version)

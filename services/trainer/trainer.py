@@ -21,6 +21,7 @@ from ..common.checkpoints import (latest_valid_checkpoint, load_trainer_state, l
                                   save_trainer_state, write_checkpoint)
 from ..common.config import BelayConfig
 from ..common.lora import load_adapter_into, lora_settings, save_adapter, wrap_with_lora
+from ..common.manifest import run_manifest, write_manifest
 from ..common.models import chosen_and_entropy, next_token_log_probs, weights_fingerprint
 from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
 from . import ppo
@@ -67,6 +68,16 @@ class Trainer:
         self.consumer = consumer_name()
         self.pending_cursor: str | None = "0"  # None once this consumer's pending entries are read
         self.partial_groups: dict[str, list[tuple[str, Rollout]]] = {}  # group baselines need whole groups
+
+    # --- the run's manifest ---------------------------------------------------------------
+    def write_run_manifest(self) -> pathlib.Path:
+        """checkpoint_dir/run_manifest.json: config, packages, fingerprints, seeds, git revision."""
+        path = pathlib.Path(self.config.run.checkpoint_dir) / "run_manifest.json"
+        manifest = run_manifest(self.config.model_dump(mode="json"),
+                                {"policy_start": weights_fingerprint(self.model), "version_start": str(self.version)},
+                                {"trainer": self.section.seed, "policy": self.config.policy.seed})
+        write_manifest(path, manifest)
+        return path
 
     # --- resume --------------------------------------------------------------------------
     def resume(self) -> int:

@@ -223,3 +223,24 @@ def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(tiny_lm_di
         assert torch.equal(a, b), name
     assert torch.equal(straight.value_head.linear.weight, resumed.value_head.linear.weight)
     assert straight.kl_controller.value == resumed.kl_controller.value
+
+
+def test_the_run_manifest_records_config_packages_fingerprints_seeds_and_revision(tiny_lm_dir, tmp_path):
+    import json
+
+    from services.common.models import weights_fingerprint
+    trainer = make_trainer(tiny_lm_dir, tmp_path, seed=7)
+    manifest = json.loads(trainer.write_run_manifest().read_text())
+    assert manifest["config"]["trainer"]["seed"] == 7 and manifest["seeds"] == {"trainer": 7, "policy": 0}
+    assert manifest["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert manifest["fingerprints"]["policy_start"] == weights_fingerprint(trainer.model)
+    assert manifest["git_revision"] and len(manifest["git_revision"].split("+")[0]) == 40
+
+
+def test_two_runs_with_the_same_seed_make_the_same_first_update(tiny_lm_dir, reference_dir, tmp_path):
+    rollouts = sample_rollouts(tiny_lm_dir, reference_dir, seed=3)
+    first, second = (make_trainer(tiny_lm_dir, tmp_path / name, seed=11, ppo_epochs=2) for name in ("a", "b"))
+    first.update(rollouts)
+    second.update(rollouts)
+    for (name, a), b in zip(first.model.named_parameters(), second.model.parameters()):
+        assert torch.equal(a, b), name
