@@ -121,3 +121,23 @@ def test_a_combined_rewards_parts_are_averaged_in_the_step_and_exported(tiny_lm_
     assert summary["reward_components"] == {"polite": 1.0, "short": sum(range(8)) / 8}
     gauge = trainer.metrics.reward_components
     assert gauge.labels(component="short")._value.get() == 3.5
+
+
+def test_a_non_finite_update_publishes_nothing_and_training_continues(tiny_lm_dir, redis_url, tmp_path):
+    """Rewards so large that the gradient overflows to inf: every minibatch is skipped, no
+    checkpoint is written, the rollouts go to the dropped stream, and the next batch trains."""
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path)
+    queue = trainer.queue
+    queue.ensure_group()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    for i in range(8):
+        queue.add(rollout(trainer.tokenizer, version=0, reward=3e38 * (1 if i % 2 else -1), seed=i))
+    assert trainer.step(trainer.collect(threading.Event())) is None
+    assert committed_versions(trainer.config.run.checkpoint_dir) == [] and queue.latest_version()[0] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    dropped = queue.redis.xrange(queue.dropped_stream)
+    assert len(dropped) == 8 and {f[b"drop_reason"] for _, f in dropped} == {b"nonfinite"}
+    assert trainer.metrics.nonfinite_skips._value.get() >= 1 and queue.pending_count() == 0
+    for i in range(8):
+        queue.add(rollout(trainer.tokenizer, version=0, reward=float(i % 3), seed=10 + i))
+    assert trainer.step(trainer.collect(threading.Event()))["version"] == 1
