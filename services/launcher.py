@@ -195,8 +195,12 @@ def wait_for_policy_version(config: BelayConfig, version: int, timeout: float) -
 
 def format_step(step: dict, iterations: int | None, recent_rewards: list[float]) -> str:
     """One progress line; recent_rewards (this step's last) gives the trend through batch noise."""
-    s = step["seconds"]
     of = f"/{iterations}" if iterations else ""
+    if step.get("event") == "rollback":
+        return (f"iteration {step['version']}{of}  ROLLBACK: batch KL {step['batch_kl']:.2f} nats passed "
+                f"kl_hard_limit; weights of version {step['rolled_back_to']} published again "
+                f"(β {step['kl_coef']:.3g}, lr {step['lr']:.3g})")
+    s = step["seconds"]
     trend = sum(recent_rewards[-5:]) / len(recent_rewards[-5:])
     return (f"iteration {step['version']}{of}  reward {step['reward_mean']:+.3f} ± {step['reward_std']:.3f} "
             f"(last 5: {trend:+.3f})  "
@@ -210,13 +214,16 @@ SUMMARY_KEYS = ("reward_mean", "reward_std", "kl_per_sequence", "kl_per_token", 
 
 
 def summarise(steps: list[dict]) -> dict:
+    """Figures over the training steps (rollbacks are counted, not averaged in)."""
+    rollbacks = sum(1 for s in steps if s.get("event") == "rollback")
+    steps = [s for s in steps if "event" not in s]
     if not steps:
-        return {}
+        return {"rollbacks": rollbacks} if rollbacks else {}
     keys = ("generate", "reference", "reward", "update", "checkpoint", "swap")
     quarter = max(1, len(steps) // 4)
     wall = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
     return {
-        "iterations": len(steps),
+        "iterations": len(steps), "rollbacks": rollbacks,
         "first": {k: steps[0][k] for k in SUMMARY_KEYS},
         "last": {k: steps[-1][k] for k in SUMMARY_KEYS},
         "first_quarter_mean": {k: sum(x[k] for x in steps[:quarter]) / quarter for k in SUMMARY_KEYS},
@@ -234,7 +241,7 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
         stack.check_alive()
         for cursor, step in queue.read_steps(cursor, block_ms=1000):
             steps.append(step)
-            say(format_step(step, iterations, [x["reward_mean"] for x in steps]))
+            say(format_step(step, iterations, [x["reward_mean"] for x in steps if "reward_mean" in x]))
             if iterations is not None and len(steps) >= iterations:
                 break
     return steps

@@ -232,6 +232,12 @@ class TrainerConfig(Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="learning-rate decay after warm-up")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear learning-rate warm-up")
     lr_decay_steps: int = Field(1000, ge=1, description="optimizer steps over which linear/cosine decay reaches 0")
+    # --- rails ---
+    kl_hard_limit: float | None = Field(None, gt=0, description="KL per response (nats) of a batch past which the "
+                                        "policy that sampled it is rolled back to the last good version (None: off)")
+    kl_limit_action: Literal["raise_beta", "lower_lr"] = Field(
+        "raise_beta", description="after a rollback: multiply β by kl_limit_factor, or divide the learning rate by it")
+    kl_limit_factor: float = Field(2.0, gt=1, description="how strongly a rollback raises β or lowers the learning rate")
 
     @field_validator("max_grad_norm")
     @classmethod

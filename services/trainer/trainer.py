@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
-from ..common.checkpoints import (latest_valid_checkpoint, load_trainer_state, load_weights_into,
+from ..common.checkpoints import (committed_versions, latest_valid_checkpoint, load_trainer_state, load_weights_into,
                                   optimizer_state_from_flat, optimizer_state_to_flat, prune_checkpoints, remove_unfinished,
                                   save_trainer_state, write_checkpoint)
 from ..common.config import BelayConfig
@@ -44,6 +44,9 @@ class Trainer:
                  policy: belay_pb2_grpc.PolicyStub | None = None, distributed: Distributed | None = None):
         self.config, self.section = config, config.trainer
         self.distributed = distributed  # under torchrun; rank 0 alone reads Redis and writes checkpoints
+        if distributed is not None and config.trainer.kl_hard_limit is not None:
+            raise ValueError("trainer.kl_hard_limit is not supported with data-parallel training yet: "
+                             "a rollback on rank 0 would leave the other ranks behind")
         section = self.section
         if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
             model = wrap_with_lora(model, lora_settings(config.lora))
@@ -68,6 +71,7 @@ class Trainer:
         self.consumer = consumer_name()
         self.pending_cursor: str | None = "0"  # None once this consumer's pending entries are read
         self.partial_groups: dict[str, list[tuple[str, Rollout]]] = {}  # group baselines need whole groups
+        self.good_versions: set[int] = {0}  # versions whose samples stayed under kl_hard_limit (0: the SFT model)
 
     # --- the run's manifest ---------------------------------------------------------------
     def write_run_manifest(self) -> pathlib.Path:
@@ -100,6 +104,7 @@ class Trainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.kl_controller.load_state_dict(meta["kl_controller"])
         self.reward_moments.load_state_dict(meta["reward_moments"])
+        self.good_versions = set(meta.get("good_versions", [0]))
         optimizer_tensors = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
         self.optimizer.load_state_dict(optimizer_state_from_flat(optimizer_tensors, meta["optimizer"]))
         torch.set_rng_state(tensors["rng/torch"])
@@ -332,6 +337,7 @@ class Trainer:
             tensors.update({f"value_head/{k}": v for k, v in self.value_head.state_dict().items()})
         meta = {"version": version, "optimizer": optimizer_rest, "scheduler": self.scheduler.state_dict(),
                 "kl_controller": self.kl_controller.state_dict(), "reward_moments": self.reward_moments.state_dict(),
+                "good_versions": sorted(self.good_versions),
                 "consumed_rollout_ids": [*self.consumed_ids, *consumed][-REMEMBERED_ROLLOUT_IDS:],
                 "config": self.config.model_dump(mode="json")}
 
@@ -358,6 +364,12 @@ class Trainer:
     def step(self, entries: list[tuple[str, Rollout]]) -> dict | None:
         """Update on a batch, checkpoint, announce, then XACK. Returns the summary (None: skipped)."""
         rollouts = [rollout for _, rollout in entries]
+        limit = self.section.kl_hard_limit
+        if limit is not None:
+            batch_kl = float(np.mean([float(r.logprobs.sum() - r.ref_logprobs.sum()) for r in rollouts]))
+            if batch_kl > limit:  # the version that sampled these went too far from the reference
+                return self.roll_back(entries, batch_kl)
+            self.good_versions.update(r.policy_version for r in rollouts)
         started = time.perf_counter()
         summary = self.update(rollouts)
         update_seconds = time.perf_counter() - started
@@ -393,6 +405,50 @@ class Trainer:
         log.info("version %d: reward %.3f±%.3f KL/seq %.3f len %.1f loss %.4f clip %.3f (%.1f s)", version,
                  summary["reward_mean"], summary["reward_std"], summary["kl_per_sequence"],
                  summary["response_length_mean"], summary["loss"], summary["clip_fraction"], update_seconds)
+        return summary
+
+    def roll_back(self, entries: list[tuple[str, Rollout]], batch_kl: float) -> dict:
+        """The rail: restore the newest good version's weights, publish them as a new version (the
+        policy swaps back), raise β or lower the learning rate, and drop the batch with its reason."""
+        section = self.section
+        worst = min(r.policy_version for _, r in entries)
+        target = max(v for v in self.good_versions if v < worst) if any(v < worst for v in self.good_versions) else 0
+        checkpoints = dict(committed_versions(self.config.run.checkpoint_dir))
+        if target not in checkpoints:  # pruned, or the SFT model itself
+            target = 0
+        if target == 0 and self.config.lora.enabled:
+            with torch.no_grad():  # zero adapters: exactly the base model
+                for name, parameter in self.model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.zero_()
+        elif target == 0:
+            load_weights_into(self.model, section.model_dir)
+        elif self.config.lora.enabled:
+            load_adapter_into(self.model, checkpoints[target])
+        else:
+            load_weights_into(self.model, checkpoints[target])
+        self.optimizer.state.clear()  # the moments steered towards the bad version
+        if section.kl_limit_action == "raise_beta":
+            self.kl_controller.value *= section.kl_limit_factor
+        else:
+            self.scheduler.base_lrs = [lr / section.kl_limit_factor for lr in self.scheduler.base_lrs]
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr / section.kl_limit_factor
+        version = self.version + 1
+        path = self.save(version, [r.rollout_id for _, r in entries])
+        self.version = version
+        self.good_versions.add(version)
+        self.until_redis_answers(lambda: self.announce(version, path), f"announcing version {version}")
+        for entry_id, _ in entries:
+            self._drop(entry_id, "kl_limit", f"batch KL {batch_kl:.2f} nats > kl_hard_limit {section.kl_hard_limit}")
+        self.metrics.rollbacks.inc()
+        summary = {"event": "rollback", "version": version, "rolled_back_to": target, "batch_kl": batch_kl,
+                   "kl_coef": self.kl_controller.value, "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+        self.until_redis_answers(lambda: self.queue.log_step(summary), "logging the rollback")
+        log.warning("KL %.2f nats per response > kl_hard_limit %.2f: rolled back to version %d, published as "
+                    "version %d; %s now %s", batch_kl, section.kl_hard_limit, target, version,
+                    "β" if section.kl_limit_action == "raise_beta" else "lr",
+                    summary["kl_coef"] if section.kl_limit_action == "raise_beta" else summary["lr"])
         return summary
 
     def until_redis_answers(self, action, what: str, stop: threading.Event | None = None):

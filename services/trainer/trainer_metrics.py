@@ -39,6 +39,9 @@ class TrainerMetrics:
         self.logprobs = Histogram("belay_trainer_policy_logprob", "Behaviour log-probabilities of response tokens",
                                   buckets=(-20, -10, -7, -5, -4, -3, -2, -1.5, -1, -0.5, -0.25, -0.1, -0.01, 0),
                                   registry=registry)
+        self.rollbacks = Counter("belay_trainer_rollbacks_total",
+                                 "Policy rolled back to the last good version after a batch passed kl_hard_limit",
+                                 registry=registry)
         self.ready = Gauge("belay_trainer_ready", "1 once the trainer has loaded and resumed", registry=registry)
         self.reward_model = Gauge("belay_trainer_reward_model_info",
                                   "1 for the reward model(s) that scored the last batch, 0 for earlier ones",

@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import redis
 import torch
 from prometheus_client import CollectorRegistry
@@ -141,3 +142,47 @@ def test_a_non_finite_update_publishes_nothing_and_training_continues(tiny_lm_di
     for i in range(8):
         queue.add(rollout(trainer.tokenizer, version=0, reward=float(i % 3), seed=10 + i))
     assert trainer.step(trainer.collect(threading.Event()))["version"] == 1
+
+
+def test_a_batch_past_the_kl_hard_limit_rolls_the_policy_back_and_training_continues(tiny_lm_dir, redis_url, tmp_path):
+    from services.common.models import load_causal_lm as load
+
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, kl_hard_limit=3.0, kl_coef=0.1, lr=1e-2)
+    queue = trainer.queue
+    queue.ensure_group()
+
+    def batch(version: int, logprob: float, seed: int):
+        for i in range(8):
+            item = rollout(trainer.tokenizer, version=version, reward=float(i % 3), seed=seed + i)
+            item.logprobs = np.full(5, logprob, np.float32)  # reference at -5.2: KL = 5 * (logprob + 5.2)
+            queue.add(item)
+        return trainer.step(trainer.collect(threading.Event()))
+
+    assert batch(0, -5.0, 0)["version"] == 1  # KL 1.0 per response: fine
+    rollback = batch(1, -1.0, 100)  # KL 21 per response: version 1 went too far
+    assert rollback["event"] == "rollback" and rollback["rolled_back_to"] == 0 and rollback["version"] == 2
+    assert trainer.kl_controller.value == pytest.approx(0.2)  # raise_beta, factor 2
+    assert trainer.metrics.rollbacks._value.get() == 1
+    v1, v2 = (dict(committed_versions(trainer.config.run.checkpoint_dir))[v] for v in (1, 2))
+    base = load(str(tiny_lm_dir), torch.device("cpu"), "base").state_dict()
+    restored = load(str(v2), torch.device("cpu"), "v2").state_dict()
+    moved = load(str(v1), torch.device("cpu"), "v1").state_dict()
+    assert all(torch.equal(base[k], restored[k]) for k in base)  # version 2 serves the SFT weights again
+    assert any(not torch.equal(base[k], moved[k]) for k in base)
+    assert queue.latest_version()[0] == 2
+    reasons = [f[b"drop_reason"] for _, f in queue.redis.xrange(queue.dropped_stream)]
+    assert reasons == [b"kl_limit"] * 8
+    assert batch(2, -5.0, 200)["version"] == 3  # and training goes on from the restored weights
+
+
+def test_the_kl_rail_can_lower_the_learning_rate_instead(tiny_lm_dir, redis_url, tmp_path):
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, kl_hard_limit=3.0, kl_limit_action="lower_lr",
+                           kl_limit_factor=4.0, lr=1e-3)
+    trainer.queue.ensure_group()
+    for i in range(8):
+        item = rollout(trainer.tokenizer, version=0, reward=float(i), seed=i)
+        item.logprobs = np.full(5, -1.0, np.float32)
+        trainer.queue.add(item)
+    summary = trainer.step(trainer.collect(threading.Event()))
+    assert summary["event"] == "rollback" and summary["lr"] == pytest.approx(1e-3 / 4)
+    assert trainer.scheduler.base_lrs == [pytest.approx(1e-3 / 4)] * len(trainer.scheduler.base_lrs)

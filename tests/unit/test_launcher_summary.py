@@ -33,3 +33,14 @@ def test_progress_line_shows_the_mean_of_the_last_five_rewards():
 
 def test_empty_run_summarises_to_nothing():
     assert summarise([]) == {}
+
+
+def test_a_rollback_is_shown_as_such_and_counted_not_averaged():
+    rollback = {"event": "rollback", "version": 3, "rolled_back_to": 1, "batch_kl": 21.5, "kl_coef": 0.4,
+                "lr": 1e-5, "time": 109.0}
+    line = format_step(rollback, 5, [0.1, 0.2])
+    assert "ROLLBACK" in line and "version 1" in line and "21.50" in line
+    steps = [step(1, 0.1, 0.0, 1.0), step(2, 0.3, 1.0, 1.0), rollback, step(4, 0.5, 0.5, 1.0)]
+    summary = summarise(steps)
+    assert summary["rollbacks"] == 1 and summary["iterations"] == 3
+    assert summary["last"]["reward_mean"] == 0.5
