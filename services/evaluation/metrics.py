@@ -56,3 +56,16 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
 def exact_kl_per_token(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     """KL(π‖π_ref) at each position from full rows: Σ_v π(v)(log π(v) − log π_ref(v)). (T, V) -> (T,)"""
     return (policy_log_probs.exp() * (policy_log_probs - ref_log_probs)).sum(-1)
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson correlation of two equal-length samples; 0.0 when either is constant (no linear relation
+    can be seen), so a batch of equal lengths never reads as NaN."""
+    n = len(xs)
+    if n < 2 or n != len(ys):
+        return 0.0
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+    var_x = sum((x - mean_x) ** 2 for x in xs)
+    var_y = sum((y - mean_y) ** 2 for y in ys)
+    return cov / math.sqrt(var_x * var_y) if var_x > 0 and var_y > 0 else 0.0

@@ -24,6 +24,7 @@ from ..common.lora import load_adapter_into, lora_settings, save_adapter, wrap_w
 from ..common.manifest import run_manifest, write_manifest
 from ..common.models import chosen_and_entropy, next_token_log_probs, weights_fingerprint
 from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
+from ..evaluation.metrics import distinct_n, pearson, repetition
 from . import ppo
 from .advantages import (batch_mean_advantage, clipped_value_loss, gae_advantages, group_advantage, rloo_advantage,
                          sequence_advantage_to_tokens, token_rewards, whiten)
@@ -275,6 +276,10 @@ class Trainer:
             "total_reward_mean": float(total_reward.mean()),
             "response_length_mean": float(data.response_lengths.mean()),
             "eos_fraction": float((~data.truncated).float().mean()),
+            # the seed's quiet failure modes: a reward that favours length, responses collapsing onto templates
+            "reward_length_correlation": pearson(data.rewards.tolist(), data.response_lengths.tolist()),
+            "distinct_2": distinct_n([r.response_text for r in rollouts], 2),
+            "repetition_3": float(np.mean([repetition(r.response_text, 3) for r in rollouts])),
             "entropy": mean("entropy"), "clip_fraction": mean("clip_fraction"), "approx_kl": mean("approx_kl"),
             "loss": mean("loss"), "grad_norm": mean("grad_norm"), "value_loss": mean("value_loss"),
             "lr": self.scheduler.get_last_lr()[0],

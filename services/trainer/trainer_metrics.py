@@ -20,6 +20,10 @@ STEP_GAUGES = {
     "loss": ("belay_trainer_loss", "Clipped PPO loss (do not read it like a supervised loss)"),
     "grad_norm": ("belay_trainer_grad_norm", "Gradient norm before clipping"),
     "version": ("belay_trainer_policy_version", "Policy version last published"),
+    "reward_length_correlation": ("belay_trainer_reward_length_correlation",
+                                  "Pearson correlation of reward and response length in the batch (a length bias)"),
+    "distinct_2": ("belay_trainer_distinct_2", "Distinct word bigrams / all bigrams over the batch's responses"),
+    "repetition_3": ("belay_trainer_repetition_3", "Mean share of repeated word trigrams within a response"),
 }
 
 

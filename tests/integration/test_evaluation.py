@@ -109,3 +109,10 @@ def test_belay_eval_command_prints_a_table_and_writes_json_and_plots(tiny_lm_dir
     assert set(results["models"]) == {"reference", pathlib.Path(tiny_lm_dir).name}
     for plot in ("frontier.png", "perplexity.png"):
         assert (tmp_path / "eval" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pearson_matches_numpy_and_is_zero_for_a_constant_sample():
+    import numpy as np
+    xs, ys = [1.0, 2.0, 3.0, 5.0], [2.0, 1.0, 4.0, 9.0]
+    assert metrics.pearson(xs, ys) == pytest.approx(np.corrcoef(xs, ys)[0, 1])
+    assert metrics.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0

@@ -186,3 +186,30 @@ def test_the_kl_rail_can_lower_the_learning_rate_instead(tiny_lm_dir, redis_url,
     summary = trainer.step(trainer.collect(threading.Event()))
     assert summary["event"] == "rollback" and summary["lr"] == pytest.approx(1e-3 / 4)
     assert trainer.scheduler.base_lrs == [pytest.approx(1e-3 / 4)] * len(trainer.scheduler.base_lrs)
+
+
+def test_each_step_reports_the_length_bias_and_diversity_of_its_responses(tiny_lm_dir, redis_url, tmp_path):
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path)
+    trainer.queue.ensure_group()
+    texts = ["good good good good", "a b c d", "a b a b", "x y", "good good good good", "p q r", "s t", "u v w"]
+    lengths, rewards = [], []
+    for i, text in enumerate(texts):
+        item = rollout(trainer.tokenizer, version=0, reward=float(i), seed=i)
+        keep = 2 + i % 4  # responses of 2 to 5 tokens, so length and reward can correlate
+        item.response_ids, item.logprobs, item.ref_logprobs = (item.response_ids[:keep], item.logprobs[:keep],
+                                                               item.ref_logprobs[:keep])
+        item.response_text = text
+        lengths.append(len(item.response_ids))
+        rewards.append(item.reward)
+        trainer.queue.add(item)
+    summary = trainer.step(trainer.collect(threading.Event()))
+    bigrams = [tuple(t.split()[j:j + 2]) for t in texts for j in range(len(t.split()) - 1)]
+    assert summary["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+    per_text = []
+    for t in texts:
+        grams = [tuple(t.split()[j:j + 3]) for j in range(len(t.split()) - 2)]
+        per_text.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+    assert summary["repetition_3"] == pytest.approx(sum(per_text) / len(per_text))
+    assert summary["reward_length_correlation"] == pytest.approx(float(np.corrcoef(rewards, lengths)[0, 1]))
+    assert summary["reward_length_correlation"] != 0.0
+    assert trainer.metrics.gauges["distinct_2"]._value.get() == pytest.approx(summary["distinct_2"])
