@@ -45,4 +45,6 @@ metrics.ready.set(1)
 metrics.gauges["version"].set(trainer.version)
 log.info("trainer ready at version %d", trainer.version)
 trainer.run(stop)
+if distributed is not None:
+    distributed.close()
 log.info("trainer stopped at version %d", trainer.version)

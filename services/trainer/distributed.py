@@ -63,6 +63,11 @@ class Distributed:
     def barrier(self) -> None:
         dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group together: a rank that exits with gloo's threads still up aborts."""
+        dist.barrier()
+        dist.destroy_process_group()
+
 
 def encode_rollouts(rollouts: list[Rollout]) -> bytes:
     """Rollouts as JSON (binary fields base64), the same fields the Redis stream carries."""
