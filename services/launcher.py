@@ -21,8 +21,10 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from .common.checkpoints import latest_checkpoint
 from .common.config import BelayConfig
+from .common.review_store import ReviewStore
 from .common.rollout_queue import RolloutQueue
 from .common.rpc import channel, wait_until_serving
+from .evaluation.run_report import write_run_report
 
 SERVICES = ("reference", "reward", "policy", "trainer")
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -193,6 +195,17 @@ def wait_for_policy_version(config: BelayConfig, version: int, timeout: float) -
     return current
 
 
+def final_canaries(config: BelayConfig, version: int | None, timeout: float = 120) -> dict[int, dict]:
+    """Every version's canary answers, once the policy has answered them for `version` (it does so
+    right after its swap, so they may trail the last step by a few seconds)."""
+    store = ReviewStore.from_url(config.redis.url, config.run.name)
+    deadline = time.monotonic() + timeout
+    while (config.policy.canary_prompts_file and version is not None and not store.has_canaries(version)
+           and time.monotonic() < deadline):
+        time.sleep(0.5)
+    return store.canaries()
+
+
 def format_step(step: dict, iterations: int | None, recent_rewards: list[float]) -> str:
     """One progress line; recent_rewards (this step's last) gives the trend through batch noise."""
     of = f"/{iterations}" if iterations else ""
@@ -251,6 +264,7 @@ def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sampl
        sample_tokens: int, startup_timeout: float, evaluate_after: bool = True, say=print) -> dict:
     stack = LocalStack(config, run_dir, say)
     steps: list[dict] = []
+    canaries: dict[int, dict] = {}
     before: list[str] = []
     after: list[str] = []
     try:
@@ -278,6 +292,7 @@ def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sampl
             say(f"after training, policy version {version} (expected {steps[-1]['version']}, serving {final}):")
             for prompt, old, new in zip(sample_prompts, before, after):
                 say(f"  > {prompt}\n    before: {old!r}\n    after:  {new!r}")
+        canaries = final_canaries(config, steps[-1]["version"] if steps else None)  # before Redis stops
     finally:
         say("stopping services ...")
         stack.stop()
@@ -294,6 +309,15 @@ def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sampl
         latest = latest_checkpoint(config.run.checkpoint_dir)
         if evaluate_after and latest is not None:
             summary["eval"] = evaluate_first_and_last(config, latest[1], run_dir / "eval", say)
+    if steps:
+        report = write_run_report(steps, canaries, run_dir / "report")
+        summary["report"] = str(report)
+        if canaries:
+            first, last = canaries[min(canaries)], canaries[max(canaries)]
+            say(f"canary prompts, version {first['version']} -> {last['version']} (drift {last['drift']:.3f}):")
+            for prompt, old, new in zip(first["prompts"], first["outputs"], last["outputs"]):
+                say(f"  > {prompt}\n    v{first['version']}: {old!r}\n    v{last['version']}: {new!r}")
+        say(f"report: {report} (plots: {report.parent / 'training.png'})")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     say(f"summary written to {run_dir / 'summary.json'}")
     return summary

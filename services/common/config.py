@@ -182,6 +182,9 @@ class PolicyConfig(ModelServiceConfig):
     startup_timeout_seconds: float = Field(600.0, gt=0, description="how long to wait for reference and reward at start")
     run_actor: bool = Field(True, description="run the rollout loop (False: serve gRPC only)")
     version_poll_seconds: float = Field(0.5, gt=0, description="how often a paused actor looks for a new version")
+    canary_prompts_file: str = Field("prompts/canary.txt", description="prompts answered greedily at every new "
+                                     "version, kept per version and compared with the first (empty: no canaries)")
+    canary_max_new_tokens: int = Field(32, ge=1, description="response length cap of the canary answers")
 
 
 class TrainerConfig(Section):

@@ -17,7 +17,9 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from ..common.config import BelayConfig
 from ..common.packing import PackingError, pack_int32, unpack_float32, unpack_int32
+from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
+from .canaries import Canaries
 from .engine import GenerationBatch, PolicyEngine, Sampling
 from .policy_metrics import PolicyMetrics
 from .server import SwapRequests, checked_checkpoint_path
@@ -25,13 +27,13 @@ from .server import SwapRequests, checked_checkpoint_path
 log = logging.getLogger(__name__)
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str, what: str = "policy.prompts_file") -> list[str]:
     file = pathlib.Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"policy.prompts_file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
-        raise ValueError(f"policy.prompts_file {path} holds no prompts")
+        raise ValueError(f"{what} {path} holds no prompts")
     return prompts
 
 
@@ -77,6 +79,11 @@ class Actor:
         self.reference_top_k = (trainer.kl_top_k or engine.vocab_size) if trainer.kl_estimator == "full" else 0
         self.refused_version = 0  # a checkpoint that failed to load is not retried every batch
         self.batches = 0
+        canary_file = config.policy.canary_prompts_file
+        self.canaries = (Canaries(read_prompts(canary_file, "policy.canary_prompts_file"),
+                                  config.policy.canary_max_new_tokens,
+                                  ReviewStore(queue.redis, config.run.name), metrics.registry)
+                         if canary_file else None)
 
     def take_new_weights(self) -> None:
         """Swap to the newest version announced (Redis key, the truth) or requested (RPC)."""
@@ -96,6 +103,11 @@ class Actor:
                 log.error("version %d refused, still serving %d: %s", version, self.engine.version, error)
                 return
             self.metrics.record_swap(self.last_swap_seconds, version)
+
+    def answer_canaries(self) -> None:
+        """The fixed prompts, greedily, once per version served (the first call: the starting version)."""
+        if self.canaries is not None:
+            self.canaries.answer(self.engine)
 
     def score(self, batch: GenerationBatch, prompts: list[str]) -> tuple[list, list[float], str, dict]:
         """Reference logprobs and rewards for a batch, both calls in flight at once."""
@@ -180,6 +192,7 @@ class Actor:
         while not stop.is_set():
             try:
                 self.take_new_weights()
+                self.answer_canaries()
                 if self.queue.waiting() >= self.config.redis.max_queue_lag:  # back-pressure: trainer is behind
                     stop.wait(poll)
                     self.metrics.backpressure_seconds.inc(poll)

@@ -8,6 +8,7 @@ from ..common.metrics import LLM_SECONDS_BUCKETS
 
 class PolicyMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry  # for signals registered elsewhere (canaries.py)
         self.generated_tokens = Counter("belay_policy_generated_tokens_total", "Response tokens sampled",
                                         registry=registry)
         self.responses = Counter("belay_policy_responses_total", "Responses sampled, by finish reason",

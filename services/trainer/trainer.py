@@ -23,6 +23,7 @@ from ..common.config import BelayConfig
 from ..common.lora import load_adapter_into, lora_settings, save_adapter, wrap_with_lora
 from ..common.manifest import run_manifest, write_manifest
 from ..common.models import chosen_and_entropy, next_token_log_probs, weights_fingerprint
+from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
 from ..evaluation.metrics import distinct_n, pearson, repetition
 from . import ppo
@@ -37,6 +38,14 @@ from .trainer_metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 REMEMBERED_ROLLOUT_IDS = 50_000  # for de-duplication across at-least-once redelivery
+
+
+def review_samples(rollouts: list[Rollout], version: int) -> list[dict]:
+    """What the review page shows of a batch: each rollout with its KL (k1, nats per response)."""
+    now = time.time()
+    return [{"rollout_id": r.rollout_id, "prompt": r.prompt_text, "response": r.response_text,
+             "reward": float(r.reward), "kl": float(np.sum(r.logprobs) - np.sum(r.ref_logprobs)),
+             "version": r.policy_version, "trained_into": version, "time": now} for r in rollouts]
 
 
 class Trainer:
@@ -54,6 +63,7 @@ class Trainer:
         self.model, self.tokenizer = model.train(), tokenizer
         self.device = next(model.parameters()).device
         self.queue, self.metrics, self.policy = queue, metrics, policy
+        self.review = ReviewStore(queue.redis, config.run.name) if queue is not None else None  # for the review page
         # The critic for GAE reads the policy's last hidden states (a shared trunk, as in TRL).
         self.value_head = ValueHead.from_model_config(model.config).to(self.device) if section.advantage == "gae" else None
         parameters = [p for p in model.parameters() if p.requires_grad]
@@ -407,6 +417,9 @@ class Trainer:
                     "reward": rollouts[0].reward})
         self.metrics.record_step(summary)
         self.until_redis_answers(lambda: self.queue.log_step(summary), "logging the step")
+        if self.review is not None:
+            self.until_redis_answers(lambda: self.review.record_samples(review_samples(rollouts, version)),
+                                     "recording samples for review")
         log.info("version %d: reward %.3f±%.3f KL/seq %.3f len %.1f loss %.4f clip %.3f (%.1f s)", version,
                  summary["reward_mean"], summary["reward_std"], summary["kl_per_sequence"],
                  summary["response_length_mean"], summary["loss"], summary["clip_fraction"], update_seconds)

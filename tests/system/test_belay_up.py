@@ -42,6 +42,11 @@ def test_belay_up_runs_n_iterations_prints_progress_and_stops_everything(stack_c
     assert set(summary["eval"]["models"]) == {"reference", "v000002"}
     assert "held-out reward" in out and "held-out perplexity" in out
     assert set(summary["mean_seconds"]) == {"generate", "reference", "reward", "update", "checkpoint", "swap"}
+    # The end-of-run report: the plots, and the canaries of version 0 and of the last version.
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert (tmp_path / "run" / "report" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| prompt | version 0 | version 2 |" in report
+    assert "canary prompts, version 0 -> 2" in out
     for address in (stack_config.policy.address, stack_config.reference.address, stack_config.reward.address,
                     stack_config.redis.url.split("//")[1].split("/")[0]):
         assert port_closed(address), f"{address} still listening after belay up returned"

@@ -6,6 +6,7 @@ import pathlib
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
@@ -13,10 +14,12 @@ from services.common.checkpoints import committed_versions
 from services.common.config import BelayConfig
 from services.common.models import load_causal_lm, load_tokenizer, response_logprobs
 from services.common.packing import pack_int32, unpack_float32
+from services.common.review_store import ReviewStore
 from services.common.rollout_queue import RolloutQueue
 from services.common.rpc import channel
 from services.launcher import LocalStack, follow, wait_for_policy_version
 from tests.system.conftest import account_for_rollouts
+from services.policy.actor import read_prompts
 from services.policy.engine import apply_chat_template
 
 
@@ -74,6 +77,22 @@ def test_three_ppo_iterations_hot_swap_and_no_rollout_lost(stack_config: BelayCo
         np.testing.assert_allclose(
             frozen, response_logprobs(reference_model, [prompt], [response], tokenizer.pad_token_id)[0].numpy(),
             atol=1e-5)
+
+        # For the review page: every trained rollout with its KL (sum of behaviour - reference logprobs),
+        # newest first; and the canaries answered by each version served so far, 0 first with no drift.
+        review = ReviewStore.from_url(config.redis.url, config.run.name)
+        samples = review.recent_samples(100)
+        assert len(samples) == 8 * 3 and [s["trained_into"] for s in samples[::8]] == [3, 2, 1]
+        assert all(s["version"] <= s["trained_into"] - 1 and s["response"] is not None for s in samples)
+        assert np.mean([s["kl"] for s in samples[:8]]) == pytest.approx(steps[-1]["kl_per_sequence"], rel=1e-4, abs=1e-5)
+        deadline = time.monotonic() + 60
+        while not review.has_canaries(3):  # answered right after the swap to 3
+            assert time.monotonic() < deadline, f"no canaries for version 3: {list(review.canaries())}"
+            time.sleep(0.2)
+        canaries = review.canaries()
+        assert canaries[0]["drift"] == 0.0 and set(canaries) <= {0, 1, 2, 3}
+        assert canaries[0]["prompts"] == read_prompts(config.policy.canary_prompts_file)
+        assert 0.0 <= canaries[3]["drift"] <= 1.0
 
         # The services export their signals.
         trainer_metrics = scrape(config.trainer.metrics_port) if stack.processes["trainer"].popen.poll() is None else ""

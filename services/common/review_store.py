@@ -1,0 +1,84 @@
+"""What a person reviews, kept in Redis next to the run: recent samples (written by the trainer
+after each step), canary outputs per policy version (written by the policy after each swap) and
+ratings (written by the review page). JSON values: these are small, human-facing records, not
+the hot path (rollouts travel as packed arrays on the rollout stream).
+
+Keys, for run R:
+- belay:R:samples   list, newest first, capped at MAX_SAMPLES: {rollout_id, prompt, response,
+                    reward, kl, version, time}
+- belay:R:canaries  hash version -> {version, time, prompts, outputs, output_ids, drift}
+- belay:R:ratings   hash rollout_id -> {rollout_id, rating, prompt, response, version, time}
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+MAX_SAMPLES = 200
+RATINGS = (1, 2, 3, 4, 5)  # 1: broken, 5: fine (the seed's human spot-check)
+
+
+class ReviewStore:
+    def __init__(self, client: redis.Redis, run_name: str):
+        self.redis = client
+        self.samples_key = f"belay:{run_name}:samples"
+        self.canaries_key = f"belay:{run_name}:canaries"
+        self.ratings_key = f"belay:{run_name}:ratings"
+
+    @classmethod
+    def from_url(cls, url: str, run_name: str) -> "ReviewStore":
+        return cls(redis.Redis.from_url(url), run_name)
+
+    # --- samples -------------------------------------------------------------------------
+    def record_samples(self, samples: list[dict]) -> None:
+        """Prepend one step's samples (each with at least rollout_id, prompt, response, reward, kl, version)."""
+        if not samples:
+            return
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.samples_key, *[json.dumps(s) for s in samples])
+            pipe.ltrim(self.samples_key, 0, MAX_SAMPLES - 1)
+            pipe.execute()
+
+    def recent_samples(self, count: int = 50) -> list[dict]:
+        return [json.loads(raw) for raw in self.redis.lrange(self.samples_key, 0, max(0, count - 1))]
+
+    def sample(self, rollout_id: str) -> dict | None:
+        for raw in self.redis.lrange(self.samples_key, 0, -1):
+            record = json.loads(raw)
+            if record.get("rollout_id") == rollout_id:
+                return record
+        return None
+
+    # --- canaries ------------------------------------------------------------------------
+    def record_canaries(self, version: int, record: dict) -> None:
+        self.redis.hset(self.canaries_key, str(version), json.dumps({**record, "version": version}))
+
+    def canaries(self) -> dict[int, dict]:
+        """Every version's canary record, oldest version first."""
+        records = {int(k): json.loads(v) for k, v in self.redis.hgetall(self.canaries_key).items()}
+        return dict(sorted(records.items()))
+
+    def has_canaries(self, version: int) -> bool:
+        return bool(self.redis.hexists(self.canaries_key, str(version)))
+
+    def first_canaries(self) -> dict | None:
+        records = self.canaries()
+        return records[min(records)] if records else None
+
+    # --- ratings -------------------------------------------------------------------------
+    def record_rating(self, rollout_id: str, rating: int) -> dict:
+        """Store a person's rating of a recent sample; ValueError names what was wrong."""
+        if isinstance(rating, bool) or not isinstance(rating, int) or rating not in RATINGS:
+            raise ValueError(f"rating must be an integer from {RATINGS[0]} to {RATINGS[-1]}, got {rating!r}")
+        sample = self.sample(rollout_id)
+        if sample is None:
+            raise ValueError(f"no recent sample has rollout_id {rollout_id!r}")
+        record = {"rollout_id": rollout_id, "rating": rating, "prompt": sample["prompt"],
+                  "response": sample["response"], "version": sample["version"], "time": time.time()}
+        self.redis.hset(self.ratings_key, rollout_id, json.dumps(record))
+        return record
+
+    def ratings(self) -> list[dict]:
+        return sorted((json.loads(v) for v in self.redis.hvals(self.ratings_key)), key=lambda r: r["time"])

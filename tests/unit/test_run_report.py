@@ -1,0 +1,38 @@
+"""The end-of-run report: the PNG holds the four panels' data, report.md the first and last figures
+and the canary answers side by side."""
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.image import imread  # noqa: E402
+
+from services.evaluation.run_report import canary_table, write_run_report  # noqa: E402
+
+
+def step(version: int, reward: float, kl: float, length: float, entropy: float) -> dict:
+    return {"version": version, "reward_mean": reward, "reward_std": 0.1, "kl_per_sequence": kl,
+            "response_length_mean": length, "entropy": entropy}
+
+
+def test_report_has_plots_figures_and_canaries(tmp_path):
+    steps = [step(1, 0.1, 0.0, 20, 2.5), {**step(2, 0.3, 1.5, 18, 2.4), "detectors_firing": ["shorter"]},
+             {"event": "rollback", "version": 3, "rolled_back_to": 1, "batch_kl": 40.0},
+             step(4, 0.35, 0.7, 19, 2.45)]
+    canaries = {0: {"version": 0, "prompts": ["Hi?", "Sky | colour?"], "outputs": ["Hello.", "Blue."], "drift": 0.0},
+                4: {"version": 4, "prompts": ["Hi?", "Sky | colour?"], "outputs": ["Hello there!", "Blue\nsky."],
+                    "drift": 0.42}}
+    path = write_run_report(steps, canaries, tmp_path / "report")
+    image = imread(tmp_path / "report" / "training.png")
+    assert image.shape[0] > 400 and image.shape[1] > 600
+    text = path.read_text()
+    assert "| reward (mean ± std of the batch) | 0.1 | 0.35 |" in text
+    assert "| KL(policy || reference), nats/response | 0 | 0.7 |" in text
+    assert "| response length, tokens | 20 | 19 |" in text
+    assert "Rollbacks: 1. Detectors that fired: shorter." in text
+    assert "drift from version 0 to version 4: 0.420" in text
+    assert "| Sky \\| colour? | Blue. | Blue sky. |" in text  # pipes escaped, newlines flattened
+
+
+def test_no_canaries_and_no_steps_say_so(tmp_path):
+    assert "no canary answers" in canary_table({})[0]
+    text = write_run_report([], {}, tmp_path).read_text()
+    assert "No PPO step was published." in text and not (tmp_path / "training.png").exists()
