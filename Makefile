@@ -9,10 +9,12 @@ PYTEST_ARGS ?=
 
 .PHONY: setup system-deps venv demo test protos clean
 
-system-deps:  ## from Debian: redis-server (the rollout queue); prometheus and prometheus-alertmanager (promtool, amtool, and the real servers the monitoring tests start on their own ports)
+system-deps:  ## from Debian: redis-server (the rollout queue); prometheus and prometheus-alertmanager (promtool, amtool, and the real servers the monitoring tests start on their own ports); chromium and chromium-driver (the review page's browser test)
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
 	@{ command -v promtool && command -v amtool && command -v prometheus-alertmanager; } >/dev/null || { \
 		$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus prometheus-alertmanager; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium chromium-driver; }
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -220,7 +220,9 @@ def format_step(step: dict, iterations: int | None, recent_rewards: list[float])
             f"KL/seq {step['kl_per_sequence']:.3f} (per token {step['kl_per_token']:.4f})  "
             f"len {step['response_length_mean']:.1f}  clip {step['clip_fraction']:.2f}  "
             f"| gen {s['generate']:.1f}s ref {s['reference']:.1f}s reward {s['reward']:.2f}s "
-            f"update {s['update']:.1f}s ckpt {s['checkpoint']:.1f}s swap {s['swap']:.2f}s")
+            f"update {s['update']:.1f}s ckpt {s['checkpoint']:.1f}s swap {s['swap']:.2f}s"
+            + (f"  DETECTOR: {', '.join(step['detectors_firing'])} (docs/runbooks.md)"
+               if step.get("detectors_firing") else ""))
 
 
 SUMMARY_KEYS = ("reward_mean", "reward_std", "kl_per_sequence", "kl_per_token", "response_length_mean")
@@ -279,6 +281,8 @@ def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sampl
             say(f"  > {prompt}\n    {text!r}")
         stack.start(("trainer",))
         stack.wait_healthy(startup_timeout)
+        if config.trainer.review_port:
+            say(f"review page (samples, canaries, ratings): http://127.0.0.1:{config.trainer.review_port}/")
         say("training (Ctrl-C stops cleanly) ...")
         try:
             steps = follow(config, stack, iterations, say)

@@ -241,6 +241,22 @@ class TrainerConfig(Section):
     kl_limit_action: Literal["raise_beta", "lower_lr"] = Field(
         "raise_beta", description="after a rollback: multiply β by kl_limit_factor, or divide the learning rate by it")
     kl_limit_factor: float = Field(2.0, gt=1, description="how strongly a rollback raises β or lowers the learning rate")
+    # --- failure detectors (services/trainer/detectors.py) ---
+    detector_window: int = Field(6, ge=2, description="updates per detector window; every detector reads NaN "
+                                 "until the first window is full, whose mean response length is the baseline")
+    detector_kl_bound: float = Field(6.0, gt=0, description="reward hacking: KL per response (nats) past which a "
+                                     "rising reward is suspect (Ziegler et al.'s target; scale it with max_new_tokens)")
+    detector_length_ratio: float = Field(0.5, gt=0, lt=1, description="shorter responses: fires when the window's "
+                                         "mean response length falls below this share of the first window's")
+    detector_similarity_bound: float = Field(0.5, gt=0, lt=1, description="template collapse: fires when responses "
+                                             "to different prompts pass this mean Jaccard similarity of word 1-2-grams")
+    detector_still_kl: float = Field(0.05, gt=0, description="not moving: fires when KL per response (nats) stays "
+                                     "below this for a whole window and the reward is flat")
+    detector_flat_reward: float = Field(2.0, gt=0, description="not moving: the reward counts as flat when its "
+                                        "fitted rise across the window is under this many batch standard deviations")
+    # --- the review page ---
+    review_port: int = Field(8080, ge=0, le=65535, description="HTTP port of the review page (recent samples, "
+                             "canaries, ratings), bound on run.metrics_address; 0: off")
 
     @field_validator("max_grad_norm")
     @classmethod

@@ -10,11 +10,13 @@ from prometheus_client import CollectorRegistry
 from belay.v1 import belay_pb2_grpc
 
 from ..common.metrics import run_info, serve_metrics
+from ..common.review_store import ReviewStore
 from ..common.models import load_causal_lm, load_tokenizer, resolve_device
 from ..common.rollout_queue import RolloutQueue
 from ..common.rpc import channel
 from ..common.service_main import start
 from .distributed import Distributed
+from . import review
 from .trainer import Trainer
 from .trainer_metrics import TrainerMetrics
 
@@ -29,6 +31,12 @@ metrics = TrainerMetrics(registry)
 run_info(registry, "trainer", config.run.name, section.model_dir)
 if main_rank:  # one /metrics for the run
     serve_metrics(registry, section.metrics_port, config.run.metrics_address)
+review_page = None
+if main_rank and section.review_port:  # samples, canaries and ratings, from Redis; ratings exported on /metrics
+    review_page = review.serve(review.create_app(ReviewStore.from_url(config.redis.url, config.run.name),
+                                                 review.ReviewMetrics(registry), config.run.name),
+                               config.run.metrics_address, section.review_port)
+    log.info("review page at %s", review_page.url)
 
 stop = threading.Event()
 for signum in (signal.SIGTERM, signal.SIGINT):  # finish the step in hand (its checkpoint), then exit
@@ -47,4 +55,6 @@ log.info("trainer ready at version %d", trainer.version)
 trainer.run(stop)
 if distributed is not None:
     distributed.close()
+if review_page is not None:
+    review_page.stop()
 log.info("trainer stopped at version %d", trainer.version)

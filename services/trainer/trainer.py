@@ -30,6 +30,7 @@ from . import ppo
 from .advantages import (batch_mean_advantage, clipped_value_loss, gae_advantages, group_advantage, rloo_advantage,
                          sequence_advantage_to_tokens, token_rewards, whiten)
 from .batch import PPOBatch, collate
+from .detectors import RUNBOOK, Detectors
 from .distributed import Distributed, decode_rollouts, encode_rollouts
 from .kl import AdaptiveKLController, FixedKLController, exact_kl_from_rows, per_token_kl
 from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
@@ -83,6 +84,8 @@ class Trainer:
         self.pending_cursor: str | None = "0"  # None once this consumer's pending entries are read
         self.partial_groups: dict[str, list[tuple[str, Rollout]]] = {}  # group baselines need whole groups
         self.good_versions: set[int] = {0}  # versions whose samples stayed under kl_hard_limit (0: the SFT model)
+        self.detectors = Detectors.from_config(section)  # the seed's quiet failure modes, over recent updates
+        self.metrics.record_detector_bounds(self.detectors.bounds)
 
     # --- the run's manifest ---------------------------------------------------------------
     def write_run_manifest(self) -> pathlib.Path:
@@ -416,6 +419,7 @@ class Trainer:
             sample={"prompt": rollouts[0].prompt_text, "response": rollouts[0].response_text,
                     "reward": rollouts[0].reward})
         self.metrics.record_step(summary)
+        self.watch_for_failures(summary, rollouts)
         self.until_redis_answers(lambda: self.queue.log_step(summary), "logging the step")
         if self.review is not None:
             self.until_redis_answers(lambda: self.review.record_samples(review_samples(rollouts, version)),
@@ -424,6 +428,16 @@ class Trainer:
                  summary["reward_mean"], summary["reward_std"], summary["kl_per_sequence"],
                  summary["response_length_mean"], summary["loss"], summary["clip_fraction"], update_seconds)
         return summary
+
+    def watch_for_failures(self, summary: dict, rollouts: list[Rollout]) -> None:
+        """The failure detectors (detectors.py) on this update: their values and the names of those
+        firing go into the summary and /metrics; one starting to fire is logged with its runbook line."""
+        values, firing, started = self.detectors.observe(summary, [r.prompt_text for r in rollouts],
+                                                         [r.response_text for r in rollouts])
+        summary.update(values, detectors_firing=[name for name, on in firing.items() if on])
+        self.metrics.record_detectors(values, firing)
+        for name in started:
+            log.warning("failure detector %s is firing at version %d: %s", name, summary["version"], RUNBOOK[name])
 
     def roll_back(self, entries: list[tuple[str, Rollout]], batch_kl: float) -> dict:
         """The rail: restore the newest good version's weights, publish them as a new version (the

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..common.metrics import LLM_SECONDS_BUCKETS
+from .detectors import DETECTORS
 
 # Gauges set from each step's summary: key in the summary -> (metric name, help).
 STEP_GAUGES = {
@@ -24,6 +25,19 @@ STEP_GAUGES = {
                                   "Pearson correlation of reward and response length in the batch (a length bias)"),
     "distinct_2": ("belay_trainer_distinct_2", "Distinct word bigrams / all bigrams over the batch's responses"),
     "repetition_3": ("belay_trainer_repetition_3", "Mean share of repeated word trigrams within a response"),
+}
+# The failure detectors' values (services/trainer/detectors.py), NaN until their first window is full.
+DETECTOR_GAUGES = {
+    "reward_slope": ("belay_trainer_reward_slope_per_step",
+                     "Least-squares slope of the batch mean reward over the detector window, per update"),
+    "reward_rise_ratio": ("belay_trainer_reward_rise_ratio",
+                          "Fitted reward rise across the detector window, in mean batch reward standard deviations"),
+    "response_length_ratio": ("belay_trainer_response_length_ratio",
+                              "Mean response length over the detector window / over the first window"),
+    "cross_prompt_similarity": ("belay_trainer_cross_prompt_similarity",
+                                "Mean word 1-2-gram Jaccard similarity of responses to different prompts, over the window"),
+    "kl_per_sequence_window_max": ("belay_trainer_kl_per_sequence_window_max",
+                                   "Largest batch KL per response over the detector window, nats"),
 }
 
 
@@ -56,6 +70,26 @@ class TrainerMetrics:
                                        ["component"], registry=registry)
         for reason in ("stale", "malformed", "duplicate", "nonfinite"):
             self.dropped.labels(reason=reason)
+        self.detector_values = {key: Gauge(name, text, registry=registry) for key, (name, text) in DETECTOR_GAUGES.items()}
+        self.detector_firing = Gauge("belay_trainer_detector_firing", "1 while the trainer's own failure detector "
+                                     "concludes its failure mode is happening", ["detector"], registry=registry)
+        self.detector_bound = Gauge("belay_trainer_detector_bound", "A failure detector's bound from the config "
+                                    "(label: the trainer config field), read by the alert rules", ["bound"],
+                                    registry=registry)
+        for key in DETECTOR_GAUGES:
+            self.detector_values[key].set(float("nan"))
+        for name in DETECTORS:
+            self.detector_firing.labels(detector=name).set(0)
+
+    def record_detector_bounds(self, bounds: dict[str, float]) -> None:
+        for field, value in bounds.items():
+            self.detector_bound.labels(bound=field).set(value)
+
+    def record_detectors(self, values: dict[str, float], firing: dict[str, bool]) -> None:
+        for key, gauge in self.detector_values.items():
+            gauge.set(values[key])
+        for name, on in firing.items():
+            self.detector_firing.labels(detector=name).set(1 if on else 0)
 
     def record_step(self, summary: dict) -> None:
         for key, gauge in self.gauges.items():

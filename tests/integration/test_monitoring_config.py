@@ -20,9 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from services.common.config import BelayConfig
 from services.common.metrics import run_info
+from services.policy.canaries import Canaries
 from services.policy.policy_metrics import PolicyMetrics
 from services.reference.server import ReferenceServicer
 from services.reward.server import RewardServicer
+from services.trainer.review import ReviewMetrics
 from services.trainer.trainer_metrics import TrainerMetrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -38,7 +40,9 @@ EXPRESSION_UID = "__expr__"  # Grafana's server-side expressions (reduce, thresh
 
 SERVICES = {"policy": 9101, "reference": 9102, "reward": 9103, "trainer": 9104}
 ALERTS = {"BelayKLDivergenceHigh", "BelayServiceDown", "BelayRolloutQueueBacklog", "BelayStaleRollouts",
-          "BelayNonFiniteSkips", "BelayTrainerStalled"}
+          "BelayNonFiniteSkips", "BelayTrainerStalled",
+          # the failure detectors (services/trainer/detectors.py)
+          "BelayRewardHacking", "BelayResponsesShrinking", "BelayTemplateCollapse", "BelayPolicyNotMoving"}
 PROMETHEUS_OWN = {"up"}  # series Prometheus writes itself for every target
 
 
@@ -264,7 +268,8 @@ def exported_series_names() -> set[str]:
     config = BelayConfig()
     registries = []
     for build in (TrainerMetrics, PolicyMetrics, lambda r: RewardServicer(config, r),
-                  lambda r: ReferenceServicer(config, r), lambda r: run_info(r, "trainer", "run", "model")):
+                  lambda r: ReferenceServicer(config, r), lambda r: run_info(r, "trainer", "run", "model"),
+                  lambda r: Canaries(["a canary"], 8, store=None, registry=r), ReviewMetrics):
         registry = CollectorRegistry()
         build(registry)
         registries.append(registry)

@@ -44,3 +44,10 @@ def test_a_rollback_is_shown_as_such_and_counted_not_averaged():
     summary = summarise(steps)
     assert summary["rollbacks"] == 1 and summary["iterations"] == 3
     assert summary["last"]["reward_mean"] == 0.5
+
+
+def test_a_firing_detector_is_named_on_the_progress_line():
+    quiet = format_step(step(7, 1.0, 2.0, 4.0), 10, [1.0])
+    assert "DETECTOR" not in quiet
+    loud = format_step({**step(7, 1.0, 2.0, 4.0), "detectors_firing": ["reward_hacking", "template_collapse"]}, 10, [1.0])
+    assert loud.endswith("DETECTOR: reward_hacking, template_collapse (docs/runbooks.md)")
