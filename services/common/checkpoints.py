@@ -17,6 +17,7 @@ import shutil
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 VERSION_DIR = re.compile(r"^v(\d{6})$")
@@ -147,28 +148,32 @@ def load_weights_into(model: torch.nn.Module, checkpoint: str | os.PathLike) -> 
 
     Keys the checkpoint lacks are allowed only where the model ties them to a loaded tensor
     (e.g. lm_head tied to the embeddings); any other mismatch raises and names the keys.
+    The files are memory-mapped (safe_open) and copied one tensor at a time, so a swap never
+    holds a second copy of the model: every key and shape is checked from the headers first.
     """
     checkpoint = pathlib.Path(checkpoint)
     files = sorted(p for p in checkpoint.glob("*.safetensors") if p.name != STATE_TENSORS)
     if not files:
         raise FileNotFoundError(f"{checkpoint} holds no model *.safetensors")
-    state: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        state.update(load_file(file))
+        with safe_open(file, framework="pt") as handle:
+            shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
     own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    loaded_pointers = {own[name].data_ptr() for name in state if name in own}
-    missing = sorted(name for name in set(own) - set(state) if own[name].data_ptr() not in loaded_pointers)
+    unexpected = sorted(set(shapes) - set(own))
+    loaded_pointers = {own[name].data_ptr() for name in shapes if name in own}
+    missing = sorted(name for name in set(own) - set(shapes) if own[name].data_ptr() not in loaded_pointers)
     if unexpected or missing:
         raise ValueError(f"{checkpoint} does not fit the model: unexpected keys {unexpected[:5]}, "
                          f"missing keys {missing[:5]}")
-    for name, tensor in state.items():
-        if own[name].shape != tensor.shape:
-            raise ValueError(f"{checkpoint}: {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(own[name].shape)}")
+    for name, shape in shapes.items():
+        if tuple(own[name].shape) != shape:
+            raise ValueError(f"{checkpoint}: {name} has shape {shape}, the model expects {tuple(own[name].shape)}")
     with torch.no_grad():
-        for name, tensor in state.items():
-            own[name].copy_(tensor)
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    own[name].copy_(handle.get_tensor(name))
 
 
 def save_trainer_state(directory: pathlib.Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
