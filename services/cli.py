@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import sys
 
+from .bench.workload import Workload
 from .common.config import ConfigError, load_config
 
 
@@ -103,6 +104,40 @@ def cmd_check_reward(args) -> int:
     return 0 if all(result.passed for result in results) else 1
 
 
+def cmd_bench(args) -> int:
+    import dataclasses
+    import json
+
+    from .bench.bench import format_report, run_bench
+    from .bench.reward_model import ensure_reward_model
+    from .bench.workload import Workload
+    from .common.smollm2 import DEFAULT_DIR, prepare_smollm2
+
+    if args.iterations < 1 or args.warmup < 0:
+        print(f"--iterations must be >= 1 and --warmup >= 0 (got {args.iterations}, {args.warmup})", file=sys.stderr)
+        return 2
+    defaults = Workload()
+    model_dir = pathlib.Path(args.model_dir or defaults.model_dir).expanduser()
+    if model_dir == DEFAULT_DIR:
+        prepare_smollm2(DEFAULT_DIR)  # converts the embedded model once
+    elif not (model_dir / "config.json").is_file():
+        print(f"--model-dir {model_dir} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+        return 2
+    if args.reward_dir is None and model_dir != DEFAULT_DIR:
+        print("--reward-dir is needed with --model-dir (the default reward model is built from SmolLM2)", file=sys.stderr)
+        return 2
+    reward_dir = ensure_reward_model(model_dir, args.reward_dir or defaults.reward_dir)
+    workload = dataclasses.replace(defaults, model_dir=str(model_dir), reward_dir=str(reward_dir),
+                                   iterations=args.iterations, warmup=args.warmup)
+    results = run_bench(workload, pathlib.Path(args.run_dir), trl=args.trl, trl_python=args.trl_python)
+    print()
+    print(format_report(results))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
 def resolve_default_model(config):
     """Point every model_dir naming the embedded default at its converted copy (converting it once)."""
     from .common.smollm2 import DEFAULT_DIR, prepare_smollm2
@@ -143,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
     check.add_argument("--config", default=None, help="Belay config whose grpc section (TLS, token) to use")
     check.set_defaults(handler=cmd_check_reward)
+    bench = commands.add_parser("bench", help="per-stage figures of a fixed PPO workload: services, in-process, TRL")
+    bench.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    bench.add_argument("--iterations", type=int, default=Workload.iterations, help="measured PPO steps per mode")
+    bench.add_argument("--warmup", type=int, default=Workload.warmup, help="steps run first, not measured")
+    bench.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True,
+                       help="run TRL's PPOTrainer on the same workload (--no-trl skips it)")
+    bench.add_argument("--trl-python", default=sys.executable, help="the interpreter (environment) that runs TRL")
+    bench.add_argument("--model-dir", default=None, help="policy/reference model (default: SmolLM2-135M-Instruct)")
+    bench.add_argument("--reward-dir", default=None, help="sequence-classifier reward model (built from the "
+                       "model's trunk if missing)")
+    bench.add_argument("--run-dir", default="runs/bench", help="where each mode's logs and checkpoints go")
+    bench.set_defaults(handler=cmd_bench)
     prepare = commands.add_parser("prepare-model", help="convert the embedded SmolLM2 GGUF to safetensors once")
     prepare.add_argument("--out", default="~/.cache/belay/SmolLM2-135M-Instruct")
     prepare.set_defaults(handler=cmd_prepare_model)

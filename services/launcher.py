@@ -156,6 +156,22 @@ class LocalStack:
             return self.processes["trainer"].popen.poll() == 0
         return any(line.split()[:2] == ["belay_trainer_ready", "1.0"] for line in lines)
 
+    def peak_memory_bytes(self) -> dict[str, int]:
+        """Each running process's peak resident set so far (VmHWM in /proc/<pid>/status, Linux);
+        read it before stop(). A process that has exited is left out."""
+        peaks = {}
+        for name, process in self.processes.items():
+            if process.popen.poll() is not None:
+                continue
+            try:
+                status = pathlib.Path(f"/proc/{process.popen.pid}/status").read_text()
+            except OSError:  # exited meanwhile
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks[name] = int(line.split()[1]) * 1024  # reported in kB
+        return peaks
+
     def stop(self, grace: float = 60.0) -> None:
         """SIGTERM in order (producers first, redis last), SIGKILL past the grace."""
         for name in (*STOP_ORDER, "redis"):

@@ -109,6 +109,8 @@ class RewardConfig(Section):
     max_length: int = Field(1024, ge=8, description="hf_classifier, embedding_similarity: tokens kept per text "
                             "(the embedding model's own limit applies too)")
     batch_size: int = Field(32, ge=1, description="hf_classifier, embedding_similarity: texts per forward pass")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads of the reward service (0: torch's "
+                               "default); it runs beside the reference, so on few cores give each half")
     targets: list[str] = Field([], description="embedding_similarity: target texts; a response scores its cosine "
                                "similarity to the closest one")
     function: str = Field("", description="python: 'module:function' called with (prompts, responses), "
@@ -155,7 +157,7 @@ class RewardConfig(Section):
                     raise ValueError(f"components[{index}] ({component.name}): a component cannot be 'combined'")
                 if not math.isfinite(component.weight):
                     raise ValueError(f"components[{index}].weight must be finite (got {component.weight})")
-                service_fields = component.model_fields_set & {"address", "metrics_port"}
+                service_fields = component.model_fields_set & {"address", "metrics_port", "torch_threads"}
                 if service_fields:
                     raise ValueError(f"components[{index}] ({component.name}): {sorted(service_fields)} belong to "
                                      "the reward section, not to a component")

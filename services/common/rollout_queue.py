@@ -48,7 +48,8 @@ class Rollout:
     reward_components: dict = field(default_factory=dict)  # a combined reward's parts: name -> raw score
     ref_top_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))         # (R*K,) for the exact KL
     ref_top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (R*K,)
-    timings: dict = field(default_factory=dict)  # seconds: generate, reference, reward, swap
+    timings: dict = field(default_factory=dict)  # the batch's seconds per stage (generate, logprobs, reference,
+    # reward, swap), wall-clock marks (started_at, enqueued_at) and wire bytes; the trainer adds queue
     rollout_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
 

@@ -66,6 +66,43 @@ class DependencyError(RuntimeError):
         return cls(dependency, f"{error.code().name}: {error.details()}")
 
 
+def reference_request(batch: GenerationBatch, temperature: float, top_k: int) -> belay_pb2.LogProbsRequest:
+    return belay_pb2.LogProbsRequest(prompt_ids=pack_int32(batch.prompt_ids), response_ids=pack_int32(batch.response_ids),
+                                     temperature=temperature, top_k=top_k)
+
+
+def build_rollouts(batch: GenerationBatch, prompts: list[str], ref: list[tuple], rewards: list[float],
+                   components: list[dict], reward_model_id: str, timings: dict,
+                   samples_per_prompt: int) -> list[Rollout]:
+    """One Rollout per generated row: the sample, its reference rows (logprobs, top ids, top
+    logprobs), its score. The actor and the bench's in-process mode both build rollouts here."""
+    groups = [uuid.uuid4().hex for _ in prompts]
+    rollouts = []
+    for row in range(len(batch.response_ids)):
+        ref_logprobs, ref_top_ids, ref_top_logprobs = ref[row]
+        extra = {} if ref_top_ids is None else {"ref_top_ids": ref_top_ids, "ref_top_logprobs": ref_top_logprobs}
+        rollouts.append(Rollout(
+            prompt_text=prompts[batch.prompt_index[row]], response_text=batch.texts[row],
+            prompt_ids=np.asarray(batch.prompt_ids[row], np.int32), response_ids=np.asarray(batch.response_ids[row], np.int32),
+            logprobs=np.asarray(batch.logprobs[row], np.float32), ref_logprobs=np.asarray(ref_logprobs, np.float32),
+            reward=rewards[row],
+            policy_version=batch.version, finish_reason=batch.finish_reasons[row],
+            group_id=groups[batch.prompt_index[row]], group_size=samples_per_prompt,
+            reward_model_id=reward_model_id, reward_components=components[row], timings=timings, **extra))
+    return rollouts
+
+
+def may_generate(trainer_version: int, outstanding_rollouts: int, policy_version: int, rows: int,
+                 batch_size: int, max_staleness: int) -> bool:
+    """Whether a batch sampled now would be fresh enough for the trainer: its last row is trained at
+    version trainer_version + (outstanding + rows - 1) // batch_size (each trainer batch adds one),
+    and is dropped as stale past policy_version + max_staleness. So max_staleness 0 generates only
+    once the trainer has taken everything and published (overlap off); 1 samples batch k+1 while the
+    trainer updates on batch k (overlap on). Drops only lower the trainer's version: no deadlock."""
+    trained_at = trainer_version + (outstanding_rollouts + rows - 1) // batch_size
+    return trained_at - policy_version <= max_staleness
+
+
 class Actor:
     def __init__(self, config: BelayConfig, engine: PolicyEngine, queue: RolloutQueue,
                  reference: belay_pb2_grpc.ReferenceStub, reward: belay_pb2_grpc.RewardStub,
@@ -112,9 +149,7 @@ class Actor:
     def score(self, batch: GenerationBatch, prompts: list[str]) -> tuple[list, list[float], str, dict]:
         """Reference logprobs and rewards for a batch, both calls in flight at once."""
         section = self.config.policy
-        ref_request = belay_pb2.LogProbsRequest(prompt_ids=pack_int32(batch.prompt_ids),
-                                                response_ids=pack_int32(batch.response_ids),
-                                                temperature=section.temperature, top_k=self.reference_top_k)
+        ref_request = reference_request(batch, section.temperature, self.reference_top_k)
         reward_request = belay_pb2.ScoreRequest(prompts=[prompts[i] for i in batch.prompt_index],
                                                 responses=batch.texts)
         start = time.perf_counter()
@@ -134,6 +169,8 @@ class Actor:
             raise DependencyError.from_rpc("reference", error) from None
         for name, seconds in timings.items():
             self.metrics.dependency_seconds.labels(dependency=name).observe(seconds)
+        timings.update(reference_request_bytes=ref_request.ByteSize(), reference_reply_bytes=ref_reply.ByteSize(),
+                       reward_request_bytes=reward_request.ByteSize(), reward_reply_bytes=reward_reply.ByteSize())
         try:
             ref_logprobs = unpack_float32(ref_reply.logprobs, "reference logprobs")
         except PackingError as error:
@@ -159,6 +196,7 @@ class Actor:
     def run_batch(self) -> int:
         """Generate, score and enqueue one batch. Returns the number of rollouts written."""
         section = self.config.policy
+        started_at = time.time()
         prompts = self.prompts.take(section.prompts_per_batch)
         sampling = Sampling(temperature=section.temperature, top_p=section.top_p,
                             max_new_tokens=section.max_new_tokens, seed=section.seed + self.batches)
@@ -166,25 +204,29 @@ class Actor:
         batch = self.engine.generate(prompts, section.samples_per_prompt, sampling)
         self.metrics.observe_generation(batch)
         ref, rewards, components, reward_model_id, timings = self.score(batch, prompts)
-        timings.update(generate=batch.seconds, swap=self.last_swap_seconds)
-        groups = [uuid.uuid4().hex for _ in prompts]
-        rollouts = []
-        for row in range(len(batch.response_ids)):
-            ref_logprobs, ref_top_ids, ref_top_logprobs = ref[row]
-            extra = {} if ref_top_ids is None else {"ref_top_ids": ref_top_ids, "ref_top_logprobs": ref_top_logprobs}
-            rollouts.append(Rollout(
-                prompt_text=prompts[batch.prompt_index[row]], response_text=batch.texts[row],
-                prompt_ids=batch.prompt_ids[row], response_ids=batch.response_ids[row],
-                logprobs=batch.logprobs[row], ref_logprobs=ref_logprobs, reward=rewards[row],
-                policy_version=batch.version, finish_reason=batch.finish_reasons[row],
-                group_id=groups[batch.prompt_index[row]], group_size=section.samples_per_prompt,
-                reward_model_id=reward_model_id, reward_components=components[row], timings=timings, **extra))
+        # Seconds per stage, the batch's wire bytes and wall-clock marks (the trainer adds the queue time).
+        timings.update(generate=batch.generate_seconds, logprobs=batch.logprob_seconds, swap=self.last_swap_seconds,
+                       started_at=started_at)
+        self.last_swap_seconds = 0.0  # the swap is paid by the first batch after it
+        rollouts = build_rollouts(batch, prompts, ref, rewards, components, reward_model_id, timings,
+                                  section.samples_per_prompt)
+        timings["enqueued_at"] = time.time()  # the dict every rollout shares, serialised by add_all
         self.queue.add_all(rollouts)
         self.metrics.rollouts_written.inc(len(batch.response_ids))
         log.info("version %d: wrote %d rollouts (generate %.1f s, reference %.1f s, reward %.1f s)",
                  batch.version, len(batch.response_ids), batch.seconds, timings.get("reference", 0),
                  timings.get("reward", 0))
         return len(batch.response_ids)
+
+    def fresh_enough(self) -> bool:
+        """may_generate() on the queue's state: outstanding (unread + pending) rollouts are read
+        before the version, since the trainer publishes a version before it acknowledges its batch."""
+        outstanding = self.queue.waiting() + self.queue.pending_count()
+        trainer_version, _ = self.queue.latest_version()
+        section = self.config.policy
+        return may_generate(trainer_version, outstanding, self.engine.version,
+                            section.prompts_per_batch * section.samples_per_prompt,
+                            self.config.trainer.batch_size, self.config.trainer.max_staleness)
 
     def run(self, stop: threading.Event) -> None:
         poll = self.config.policy.version_poll_seconds
@@ -196,6 +238,9 @@ class Actor:
                 if self.queue.waiting() >= self.config.redis.max_queue_lag:  # back-pressure: trainer is behind
                     stop.wait(poll)
                     self.metrics.backpressure_seconds.inc(poll)
+                    continue
+                if not self.fresh_enough():  # its rows would be dropped as stale: wait for the trainer
+                    stop.wait(poll)
                     continue
                 self.run_batch()
                 failures = 0

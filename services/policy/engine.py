@@ -42,7 +42,12 @@ class GenerationBatch:
     texts: list[str]
     finish_reasons: list[str]     # "eos" or "length"
     version: int
-    seconds: float
+    generate_seconds: float       # sampling
+    logprob_seconds: float        # the teacher-forced behaviour-logprob pass
+
+    @property
+    def seconds(self) -> float:
+        return self.generate_seconds + self.logprob_seconds
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
@@ -137,6 +142,7 @@ class PolicyEngine:
                 output = loaded.model.generate(input_ids=input_ids.to(device),
                                                attention_mask=attention_mask.to(device),
                                                generation_config=config)
+            sampled = time.perf_counter()
             responses, reasons = [], []
             for row in output[:, width:].tolist():
                 tokens, reason = cut_at_eos(row, self.eos_ids)
@@ -146,10 +152,12 @@ class PolicyEngine:
             # temperature: the sampler's own scores are warped by top_p and are not pi(a|s).
             logprobs = response_logprobs(loaded.model, rows, responses, self.pad_id,
                                          sampling.temperature or 1.0, self.max_tokens_per_forward)
+            scored = time.perf_counter()
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         return GenerationBatch(prompt_index=index, prompt_ids=rows, response_ids=responses,
                                logprobs=[lp.tolist() for lp in logprobs], texts=texts, finish_reasons=reasons,
-                               version=loaded.version, seconds=time.perf_counter() - start)
+                               version=loaded.version, generate_seconds=sampled - start,
+                               logprob_seconds=scored - sampled)
 
     def swap_to(self, version: int, checkpoint: pathlib.Path) -> float:
         """Load a committed checkpoint's weights in place, between batches. Returns seconds taken.

@@ -149,9 +149,12 @@ class Trainer:
                         self.pending_cursor = "0"  # claimed entries are now our pending ones: walk them
                         continue
             held = {e for e, _ in batch} | {e for group in self.partial_groups.values() for e, _ in group}
+            read_at = time.time()
             for entry_id, item in entries:
                 if entry_id in held:  # re-delivered while we hold it (e.g. claimed back from ourselves)
                     continue
+                if isinstance(item, Rollout):  # time in the stream, from the actor's XADD to this read
+                    item.timings["queue"] = max(0.0, read_at - item.timings.get("enqueued_at", read_at))
                 if isinstance(item, MalformedRollout):
                     self._drop(entry_id, "malformed", str(item))
                 elif item.rollout_id in seen:
@@ -406,7 +409,7 @@ class Trainer:
         # consumed ids saved in the checkpoint keep them from being trained twice.
         self.until_redis_answers(lambda: self.queue.ack([entry_id for entry_id, _ in entries]), "acknowledging")
         prune_checkpoints(self.config.run.checkpoint_dir, self.section.keep_checkpoints)
-        timing_keys = ("generate", "reference", "reward", "swap")
+        timing_keys = ("generate", "logprobs", "reference", "reward", "queue", "swap")
         summary.update(
             version=version, rollouts=len(rollouts), time=time.time(),
             rollout_versions=sorted({r.policy_version for r in rollouts}),

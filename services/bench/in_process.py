@@ -1,0 +1,113 @@
+"""The bench's in-process mode: the same workload and the same functions as the services
+(PolicyEngine.generate, response_logprobs on the frozen reference, the reward backend's score,
+build_rollouts, Trainer.update, Trainer.save), in one process with no RPC and no queue.
+
+One model is both the policy and the trainer's: an update is already in the weights the next
+batch samples with, so there is no hot-swap (reported as 0). A checkpoint is still written after
+every update (the same durability as the services), and its time is reported on its own.
+
+Run as `python -m services.bench.in_process --workload W.json --run-dir D --json OUT` so that the
+process's peak memory is this mode's alone."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from ..common.checkpoints import prune_checkpoints
+from ..common.logprob_service import LoadedModel
+from ..common.models import freeze, load_causal_lm, load_tokenizer, resolve_device, response_logprobs
+from ..policy.actor import PromptCycle, build_rollouts, read_prompts
+from ..policy.engine import PolicyEngine, Sampling
+from ..reward.backends import build_backend, check_scores
+from ..trainer.trainer import Trainer
+from ..trainer.trainer_metrics import TrainerMetrics
+from .workload import Workload, belay_config
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM, Linux)."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
+    """warmup + iterations PPO steps; the raw run in the services mode's shape."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    torch.set_num_threads(workload.torch_threads)
+    config = belay_config(workload, run_dir)
+    policy, device = config.policy, resolve_device(config.policy.device)
+    torch.manual_seed(config.trainer.seed)
+    tokenizer = load_tokenizer(workload.model_dir)
+    model = load_causal_lm(workload.model_dir, device, "policy")
+    engine = PolicyEngine(model, tokenizer, config.grpc, policy.max_tokens_per_forward)
+    trainer = Trainer(config, model, tokenizer, queue=None, metrics=TrainerMetrics(CollectorRegistry()))
+    reference = freeze(load_causal_lm(workload.model_dir, device, "reference"))
+    reward = build_backend(config.reward, resolve_device(config.reward.device))
+    prompt_cycle = PromptCycle(read_prompts(policy.prompts_file), policy.seed)
+    records, started = [], []
+    for step in range(workload.warmup + workload.iterations):
+        started.append(time.time())
+        prompts = prompt_cycle.take(policy.prompts_per_batch)
+        sampling = Sampling(temperature=policy.temperature, top_p=policy.top_p,
+                            max_new_tokens=policy.max_new_tokens, seed=policy.seed + step)
+        batch = engine.generate(prompts, policy.samples_per_prompt, sampling)
+        clock = time.perf_counter()
+        ref_rows = response_logprobs(reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id,
+                                     policy.temperature, config.reference.max_tokens_per_forward)
+        reference_seconds, clock = time.perf_counter() - clock, time.perf_counter()
+        scores = check_scores(reward.score([prompts[i] for i in batch.prompt_index], batch.texts),
+                              len(batch.texts), f"reward backend {reward.model_id}")
+        reward_seconds = time.perf_counter() - clock
+        timings = {"generate": batch.generate_seconds, "logprobs": batch.logprob_seconds,
+                   "reference": reference_seconds, "reward": reward_seconds, "started_at": started[-1]}
+        rollouts = build_rollouts(batch, prompts, [(row.numpy(), None, None) for row in ref_rows], scores,
+                                  [{} for _ in scores], reward.model_id, timings, policy.samples_per_prompt)
+        clock = time.perf_counter()
+        summary = trainer.update(rollouts)
+        update_seconds, clock = time.perf_counter() - clock, time.perf_counter()
+        version = trainer.version + 1
+        trainer.save(version, [r.rollout_id for r in rollouts])
+        trainer.version = version
+        trainer.consumed_ids.extend(r.rollout_id for r in rollouts)
+        prune_checkpoints(config.run.checkpoint_dir, config.trainer.keep_checkpoints)
+        checkpoint_seconds = time.perf_counter() - clock
+        engine.loaded = LoadedModel(model=model, version=version)  # the one model already holds the update
+        records.append({
+            "version": version, "end_time": time.time(), "rollouts": len(rollouts),
+            "response_tokens": sum(len(r) for r in batch.response_ids), "rollout_versions": [batch.version],
+            "optimizer_steps": summary["optimizer_steps"],
+            "seconds": {"generation": batch.generate_seconds, "behaviour_logprobs": batch.logprob_seconds,
+                        "reference": reference_seconds, "reward": reward_seconds, "queue": 0.0,
+                        "update": update_seconds, "checkpoint_write": checkpoint_seconds, "hot_swap": 0.0}})
+    start = records[workload.warmup - 1]["end_time"] if workload.warmup else started[0]
+    return {"steps": records, "measured_from": start, "warmup": workload.warmup,
+            "peak_memory_bytes": {"in_process": peak_rss_bytes()},
+            "checkpoint_per_step": True, "hot_swap_per_step": False,
+            "settings": {"processes": "1 (policy = trainer model, reference, reward backend)",
+                         "torch_threads": workload.torch_threads, "reference_and_reward": "sequential"}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.bench.in_process", description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", required=True, help="JSON file of the Workload's fields")
+    parser.add_argument("--run-dir", required=True, help="where its checkpoints go (emptied first)")
+    parser.add_argument("--json", required=True, help="where the raw run is written")
+    args = parser.parse_args(argv)
+    workload = Workload(**json.loads(pathlib.Path(args.workload).read_text()))
+    run = run_in_process(workload, pathlib.Path(args.run_dir))
+    run["workload"] = dataclasses.asdict(workload)
+    pathlib.Path(args.json).write_text(json.dumps(run, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The GPU bench path, run on the CPU with its tiny size (this machine has no GPU): the figures it
+writes must agree with each other and with formulas recomputed here from the model's shape."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from services.bench.gpu import peak_bf16_flops
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+ROWS, NEW_TOKENS, PROMPT_TOKENS = 8, 8, 8
+
+
+def run_gpu_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.bench.gpu", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def figures(request, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpu") / "gpu.json"
+    done = run_gpu_bench("--json", str(out), "--size", "tiny", "--device", "cpu", "--dtype", request.param,
+                         "--iterations", "2", "--warmup", "1", "--batch", str(ROWS),
+                         "--max-new-tokens", str(NEW_TOKENS), "--prompt-tokens", str(PROMPT_TOKENS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == ""
+    return json.loads(out.read_text()) | {"_asked_dtype": request.param}
+
+
+def matmul_weights(model: dict) -> int:
+    """Llama's linear layers: q and o (H x H), k and v (H x kv_heads * head_dim), gate, up and down
+    (H x I each) per layer, and the untied output head (V x H)."""
+    hidden, layers, vocab = model["hidden_size"], model["num_hidden_layers"], model["vocab_size"]
+    kv_width = model["num_key_value_heads"] * hidden // model["num_attention_heads"]
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * model["intermediate_size"]
+    return layers * per_layer + vocab * hidden
+
+
+def test_the_run_used_the_asked_dtype_and_device(figures):
+    assert figures["dtype"] == f"torch.{figures['_asked_dtype']}"
+    assert figures["device"] == "cpu" and figures["size"] == "tiny"
+
+
+def test_generation_rate_is_tokens_over_seconds(figures):
+    generation = figures["generation"]
+    assert len(generation["seconds"]) == len(generation["response_tokens"]) == 2
+    for tokens in generation["response_tokens"]:
+        assert ROWS <= tokens <= ROWS * NEW_TOKENS
+    assert generation["tokens_per_second"] == pytest.approx(sum(generation["response_tokens"]) /
+                                                            sum(generation["seconds"]))
+
+
+def test_update_flops_follow_six_n_d(figures):
+    update = figures["update"]
+    assert update["n_params"] == matmul_weights(figures["model"])
+    assert PROMPT_TOKENS + 1 <= update["width"] <= PROMPT_TOKENS + NEW_TOKENS
+    assert update["tokens_processed"] == update["ppo_epochs"] * ROWS * update["width"]
+    assert update["flops"] == 6 * update["n_params"] * update["tokens_processed"]
+    assert update["seconds_mean"] == pytest.approx(sum(update["seconds"]) / 2)
+    assert update["achieved_flops_per_second"] == pytest.approx(update["flops"] / update["seconds_mean"])
+    assert update["peak_flops_per_second"] is None and update["mfu"] is None  # no peak figure for a CPU
+    assert update["optimizer_steps"] == update["ppo_epochs"] * ROWS // update["minibatch_size"]
+    assert update["skipped_minibatches"] == 0
+
+
+def test_hot_swap_moves_the_engine_to_the_trained_weights(figures):
+    swap = figures["hot_swap"]
+    assert (swap["version_before"], swap["version_after"]) == (0, 1)
+    assert swap["engine_fingerprint_before"] != swap["engine_fingerprint_after"]
+    assert swap["engine_fingerprint_after"] == swap["trainer_fingerprint"]
+    assert 0 < swap["engine_seconds"] <= swap["seconds"]
+    assert swap["checkpoint_bytes"] > 0 and figures["checkpoint_write_seconds"] > 0
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path):
+    done = run_gpu_bench("--json", str(tmp_path / "x.json"), "--size", "tiny", "--device", "cuda")
+    assert done.returncode != 0
+    assert "torch sees no CUDA device" in done.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_peak_table_tells_pcie_from_sxm_and_knows_no_other_cards():
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops("Tesla T4") is None
