@@ -18,7 +18,7 @@ from ..common.checkpoints import checkpoint_problem, load_weights_into
 from ..common.config import GrpcConfig
 from ..common.lora import is_adapter_checkpoint, load_adapter_into
 from ..common.logprob_service import LoadedModel, context_limit
-from ..common.models import response_logprobs
+from ..common.models import own_weights
 from ..common.rpc import invalid, too_big
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class GenerationBatch:
     finish_reasons: list[str]     # "eos" or "length"
     version: int
     generate_seconds: float       # sampling
-    logprob_seconds: float        # the teacher-forced behaviour-logprob pass
+    logprob_seconds: float        # gathering the behaviour log-probs (their forward is the sampling one)
 
     @property
     def seconds(self) -> float:
@@ -57,6 +57,43 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list
                                             tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+class BehaviourLogprobs:
+    """Behaviour log-probabilities log pi(a_t|s_t) at the sampling temperature, read off the very
+    forward passes that sampled the tokens: one forward, not a second teacher-forced pass. The
+    sampler's own scores are warped by top_p (not pi), so a forward hook keeps the raw last-position
+    logits of each step as log_softmax(logits / T), and the next step's input (the token just
+    sampled) picks its entry. Memory: one (B, V) row per step, never the whole (B, T, V).
+    They equal the teacher-forced log-probs up to float rounding (tests check 1e-5)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        self.temperature = temperature
+        self.target = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: the causal LM
+        self.previous: torch.Tensor | None = None  # (B, V) log-probs of the step in flight
+        self.chosen: list[torch.Tensor] = []       # (B,) per sampled token
+
+    def _hook(self, module, args, kwargs, output):
+        if self.previous is not None:  # this step's input is the token the previous step sampled
+            self.chosen.append(self.previous.gather(-1, kwargs["input_ids"][:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(output.logits[:, -1, :].float() / self.temperature, dim=-1)
+
+    def __enter__(self):
+        self.handle = self.target.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def finish(self, new_tokens: torch.Tensor) -> list[list[float]]:
+        """Per row, the log-prob of every sampled token (the last one from the last step)."""
+        if self.previous is not None and new_tokens.shape[1]:
+            self.chosen.append(self.previous.gather(-1, new_tokens[:, -1:].to(self.previous.device)).squeeze(-1))
+        if len(self.chosen) != new_tokens.shape[1]:
+            raise RuntimeError(f"recorded {len(self.chosen)} steps for {new_tokens.shape[1]} sampled tokens")
+        if not self.chosen:
+            return [[] for _ in range(new_tokens.shape[0])]
+        return torch.stack(self.chosen, dim=1).cpu().tolist()
 
 
 def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], str]:
@@ -73,7 +110,7 @@ class PolicyEngine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_tokens_per_forward = max_tokens_per_forward
-        self.loaded = LoadedModel(model=model.eval(), version=version)
+        self.loaded = LoadedModel(model=own_weights(model).eval(), version=version)  # swapped into in place
         self.lock = threading.RLock()
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -138,24 +175,23 @@ class PolicyEngine:
                 pad_token_id=self.pad_id)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            with torch.no_grad():
+            recorder = BehaviourLogprobs(loaded.model, sampling.temperature or 1.0)
+            with torch.no_grad(), recorder:
                 output = loaded.model.generate(input_ids=input_ids.to(device),
                                                attention_mask=attention_mask.to(device),
                                                generation_config=config)
             sampled = time.perf_counter()
-            responses, reasons = [], []
-            for row in output[:, width:].tolist():
+            chosen = recorder.finish(output[:, width:])  # (B, new tokens)
+            responses, reasons, logprobs = [], [], []
+            for row, row_logprobs in zip(output[:, width:].tolist(), chosen):
                 tokens, reason = cut_at_eos(row, self.eos_ids)
                 responses.append(tokens)
                 reasons.append(reason)
-            # Behaviour log-probs by a teacher-forced pass on the same weights, at the sampling
-            # temperature: the sampler's own scores are warped by top_p and are not pi(a|s).
-            logprobs = response_logprobs(loaded.model, rows, responses, self.pad_id,
-                                         sampling.temperature or 1.0, self.max_tokens_per_forward)
+                logprobs.append(row_logprobs[:len(tokens)])
             scored = time.perf_counter()
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         return GenerationBatch(prompt_index=index, prompt_ids=rows, response_ids=responses,
-                               logprobs=[lp.tolist() for lp in logprobs], texts=texts, finish_reasons=reasons,
+                               logprobs=logprobs, texts=texts, finish_reasons=reasons,
                                version=loaded.version, generate_seconds=sampled - start,
                                logprob_seconds=scored - sampled)
 

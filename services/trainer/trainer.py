@@ -22,7 +22,7 @@ from ..common.checkpoints import (committed_versions, latest_valid_checkpoint, l
 from ..common.config import BelayConfig
 from ..common.lora import load_adapter_into, lora_settings, save_adapter, wrap_with_lora
 from ..common.manifest import run_manifest, write_manifest
-from ..common.models import chosen_and_entropy, next_token_log_probs, weights_fingerprint
+from ..common.models import chosen_and_entropy, next_token_log_probs, own_weights, weights_fingerprint
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
 from ..evaluation.metrics import distinct_n, pearson, repetition
@@ -61,7 +61,7 @@ class Trainer:
         section = self.section
         if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
             model = wrap_with_lora(model, lora_settings(config.lora))
-        self.model, self.tokenizer = model.train(), tokenizer
+        self.model, self.tokenizer = own_weights(model).train(), tokenizer  # the optimizer writes in place
         self.device = next(model.parameters()).device
         self.queue, self.metrics, self.policy = queue, metrics, policy
         self.review = ReviewStore(queue.redis, config.run.name) if queue is not None else None  # for the review page

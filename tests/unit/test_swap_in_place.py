@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from services.common.checkpoints import write_checkpoint
 from services.common.config import GrpcConfig
-from services.common.models import load_causal_lm, load_tokenizer
+from services.common.models import load_causal_lm, load_tokenizer, own_weights
 from services.policy.engine import PolicyEngine
 from tests.tiny_models import llama_config
 
@@ -53,3 +53,14 @@ def test_swap_copies_into_the_same_parameters_and_keeps_no_second_copy(tiny_lm_d
     own |= {t.untyped_storage().data_ptr() for t in expected.values()}
     own |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     assert tensors_alive_of_size({p.numel() for p in model.parameters()}, own) == []
+
+
+def test_own_weights_copies_parameters_once_and_keeps_ties(tiny_lm_dir):
+    model = load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy")
+    before = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+    own_weights(model)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # still tied
+    for name, parameter in model.named_parameters():
+        pointer, value = before[name]
+        assert parameter.data_ptr() != pointer  # new memory ...
+        torch.testing.assert_close(parameter.detach(), value, rtol=0, atol=0)  # ... same weights
