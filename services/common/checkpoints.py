@@ -17,6 +17,7 @@ import shutil
 from typing import Any, Callable
 
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -68,21 +69,35 @@ def write_checkpoint(root: str | os.PathLike, version: int, write_files: Callabl
     return final
 
 
-def _sha256(path: pathlib.Path) -> str:
+# The manifest's checksum: xxh3-128 guards against torn and corrupt files (what it is for: anyone who
+# can write the checkpoint directory can rewrite the manifest too) at ~27 GB/s, where sha256 ran at
+# 1.8 GB/s and cost 0.8 s of every 1.5 GB checkpoint. Manifests written with sha256 still verify.
+CHECKSUM = "xxh3_128"
+
+
+def file_checksum(path: pathlib.Path, algorithm: str = CHECKSUM) -> str:
+    if algorithm == "sha256":
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    if algorithm != "xxh3_128":
+        raise ValueError(f"unknown checksum {algorithm!r} in a manifest")
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        while chunk := handle.read(64 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_manifest(directory: pathlib.Path, version: int) -> None:
-    """MANIFEST lists every file with its size and sha256, so corruption is caught on load."""
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    """MANIFEST lists every file with its size and checksum, so corruption is caught on load."""
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, CHECKSUM: file_checksum(p)}
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps({"version": version, "files": files}, indent=1))
 
 
 def checkpoint_problem(directory: str | os.PathLike, full: bool = True) -> str | None:
     """Why a committed checkpoint cannot be trusted (None when it can): a missing manifest or
-    file, a wrong size (half-written), or with full=True a wrong sha256 (corrupt)."""
+    file, a wrong size (half-written), or with full=True a wrong checksum (corrupt)."""
     directory = pathlib.Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -94,8 +109,9 @@ def checkpoint_problem(directory: str | os.PathLike, full: bool = True) -> str |
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']} (half-written?)"
-        if full and _sha256(path) != expected["sha256"]:
-            return f"{name} does not match its sha256 (corrupt)"
+        algorithm = CHECKSUM if CHECKSUM in expected else "sha256"
+        if full and file_checksum(path, algorithm) != expected.get(algorithm):
+            return f"{name} does not match its {algorithm} checksum (corrupt)"
     return None
 
 

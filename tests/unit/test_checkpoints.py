@@ -392,7 +392,7 @@ def test_a_half_written_or_corrupt_checkpoint_is_detected_and_skipped_with_a_log
         handle.seek(500)
         handle.write(b"y")
     (v2 / "model.safetensors").write_bytes(b"x" * 10)  # truncated
-    assert "sha256" in checkpoint_problem(v3) and checkpoint_problem(v3, full=False) is None
+    assert "xxh3_128 checksum" in checkpoint_problem(v3) and checkpoint_problem(v3, full=False) is None
     assert "half-written" in checkpoint_problem(v2) and "half-written" in checkpoint_problem(v2, full=False)
     log = logging.getLogger("test")
     with caplog.at_level(logging.ERROR, logger="test"):
@@ -400,3 +400,23 @@ def test_a_half_written_or_corrupt_checkpoint_is_detected_and_skipped_with_a_log
     assert "v000003" in caplog.text and "corrupt" in caplog.text and "v000002" in caplog.text
     (v1 / "MANIFEST.json").unlink()
     assert "MANIFEST" in checkpoint_problem(v1) and latest_valid_checkpoint(tmp_path) is None
+
+
+def test_manifest_checksums_are_xxh3_and_older_sha256_manifests_still_verify(tmp_path):
+    import hashlib
+    import json
+
+    import xxhash
+
+    from services.common.checkpoints import MANIFEST, checkpoint_problem
+
+    payload = bytes(range(256)) * 4000
+    path = write_checkpoint(tmp_path, 1, lambda d: (d / "model.safetensors").write_bytes(payload))
+    entry = json.loads((path / MANIFEST).read_text())["files"]["model.safetensors"]
+    assert entry == {"size": len(payload), "xxh3_128": xxhash.xxh3_128(payload).hexdigest()}
+    # a manifest from before the switch: sha256 per file
+    (path / MANIFEST).write_text(json.dumps({"version": 1, "files": {"model.safetensors": {
+        "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}}))
+    assert checkpoint_problem(path) is None
+    (path / "model.safetensors").write_bytes(payload[:-1] + b"?")
+    assert "sha256 checksum (corrupt)" in checkpoint_problem(path)
