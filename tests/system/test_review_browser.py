@@ -45,6 +45,20 @@ def wait_for_samples(store: ReviewStore, stack: LocalStack, timeout: float = 300
     return samples
 
 
+def settled_samples(store: ReviewStore, stack: LocalStack, timeout: float = 60) -> list[dict]:
+    """The newest samples once the trainer has stopped adding any (the same for 2 s)."""
+    deadline = time.monotonic() + timeout
+    last = store.recent_samples()
+    while True:
+        time.sleep(2.0)
+        stack.check_alive()
+        now = store.recent_samples()
+        if [s["rollout_id"] for s in now] == [s["rollout_id"] for s in last]:
+            return now
+        assert time.monotonic() < deadline, "the trainer kept adding samples after the policy stopped"
+        last = now
+
+
 def scrape(port: int) -> list[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode().splitlines()
@@ -63,14 +77,20 @@ def test_the_page_shows_a_real_runs_samples_and_a_click_stores_and_exports_a_rat
         stack.start()
         stack.wait_healthy(180)
         store = ReviewStore.from_url(config.redis.url, config.run.name)
-        samples = {s["rollout_id"]: s for s in wait_for_samples(store, stack)}
+        wait_for_samples(store, stack)
+        # Stop the policy so no new samples push these off the page (it shows the newest 50) while
+        # Chromium starts; the trainer trains on what is queued, then waits, serving the page.
+        policy = stack.processes.pop("policy").popen
+        policy.terminate()
+        policy.wait(60)
+        samples = {s["rollout_id"]: s for s in settled_samples(store, stack)}
         assert "review page at http://127.0.0.1:" in stack.processes["trainer"].log_path.read_text()
 
         browser = headless_chromium()
         browser.get(f"http://127.0.0.1:{config.trainer.review_port}/")
         assert "Belay review" in browser.title
         shown = [row.get_attribute("data-rollout-id") for row in browser.find_elements(By.CSS_SELECTOR, "tr.sample")]
-        assert set(samples) <= set(shown)  # later steps may have added rows since
+        assert set(samples) == set(shown)  # the newest 50 (or all of them)
         # HTML parsing turns \r into \n and drops NUL: compare exactly on a sample without them.
         rollout_id = next(i for i, s in samples.items() if not {"\r", "\0"} & set(s["response"]))
         row = browser.find_element(By.CSS_SELECTOR, f'tr.sample[data-rollout-id="{rollout_id}"]')
