@@ -8,7 +8,7 @@ import pathlib
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ..common.checkpoints import _fsync_tree
+from ..common.smollm2 import save_model_dir
 
 
 def ensure_reward_model(base_dir: str | pathlib.Path, out_dir: str | pathlib.Path, seed: int = 0) -> pathlib.Path:
@@ -23,13 +23,4 @@ def ensure_reward_model(base_dir: str | pathlib.Path, out_dir: str | pathlib.Pat
                                                                local_files_only=True, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
     model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    temp = out.with_name(out.name + ".tmp")
-    if temp.exists():
-        import shutil
-        shutil.rmtree(temp)
-    model.save_pretrained(temp, safe_serialization=True)
-    tokenizer.save_pretrained(temp)
-    _fsync_tree(temp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp.rename(out)
-    return out
+    return save_model_dir(model, tokenizer, out)

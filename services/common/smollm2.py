@@ -47,6 +47,12 @@ def prepare_smollm2(out_dir: pathlib.Path = DEFAULT_DIR) -> pathlib.Path:
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = end_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return save_model_dir(model, tokenizer, out_dir)
+
+
+def save_model_dir(model, tokenizer, out_dir: pathlib.Path) -> pathlib.Path:
+    """model + tokenizer as a safetensors Hugging Face directory, whole or not at all: written
+    beside out_dir, fsynced, then renamed into place (a killed conversion leaves no half model)."""
     temp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(temp, ignore_errors=True)
     model.save_pretrained(temp, safe_serialization=True)
