@@ -24,7 +24,11 @@ class Section(BaseModel):
 
 class RunConfig(Section):
     name: str = Field("belay", description="run name: prefixes every Redis key, labels metrics")
-    checkpoint_dir: str = Field("runs/belay/checkpoints", description="where the trainer writes policy versions")
+    checkpoint_dir: str = Field("runs/belay/checkpoints", description="where the trainer persists resumable "
+                                "checkpoints (weights, optimizer, RNG, ...): durable storage")
+    publish_dir: str = Field("", description="file weight transport: where the trainer publishes each version's "
+                             "serving weights for the policy (empty: a memory-backed /dev/shm directory named after "
+                             "the run and checkpoint_dir; under compose and Kubernetes a volume both mount)")
     log_level: str = Field("INFO", description="Python logging level of every service")
     metrics_address: str = Field("127.0.0.1", description="address every /metrics server binds (0.0.0.0 inside "
                                  "a container network for Prometheus; loopback by default)")
@@ -207,7 +211,21 @@ class TrainerConfig(Section):
     max_staleness: int = Field(1, ge=0, description="drop rollouts more than this many versions behind")
     temperature: float = Field(1.0, gt=0, description="must equal the policy's sampling temperature")
     max_steps: int = Field(0, ge=0, description="stop after this many updates (0: run until stopped)")
-    keep_checkpoints: int = Field(3, ge=2, description="newest checkpoints kept on disk (older ones are deleted)")
+    keep_checkpoints: int = Field(3, ge=2, description="newest persisted checkpoints kept on disk (older ones "
+                                  "are deleted); published weights are pruned on their own")
+    checkpoint_every_steps: int = Field(10, ge=1, description="persist the full resumable checkpoint every this many "
+                                        "updates (also at max_steps and on SIGTERM)")
+    checkpoint_every_seconds: float = Field(600.0, gt=0, description="... or once this many seconds have passed "
+                                            "since the last persist, whichever comes first")
+    weight_transport: Literal["file", "broadcast", "cuda_ipc"] = Field(
+        "file", description="how each update's weights reach the policy: 'file' (safetensors in run.publish_dir), "
+        "'broadcast' (a torch.distributed group per replica: gloo on CPU, NCCL on GPU) or 'cuda_ipc' (same GPU)")
+    broadcast_address: str = Field("127.0.0.1:29650", description="broadcast: host:port of the trainer's rendezvous "
+                                   "store, as the policy replicas reach it (the trainer listens on its port)")
+    broadcast_bucket_mb: float = Field(256.0, gt=0, description="broadcast/cuda_ipc: tensors travel in buckets "
+                                       "of about this many MiB")
+    broadcast_timeout_seconds: float = Field(60.0, gt=0, description="broadcast: a replica that has not joined or "
+                                             "received within this is dropped from the publish (it catches up later)")
     seed: int = Field(0, description="torch seed of the trainer")
     # --- the PPO toolbox (docs/algorithm.md gives every formula); defaults are the seed's recipe ---
     kl_estimator: Literal["k1", "k2", "k3", "full"] = Field(
