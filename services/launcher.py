@@ -236,7 +236,7 @@ def format_step(step: dict, iterations: int | None, recent_rewards: list[float])
             f"KL/seq {step['kl_per_sequence']:.3f} (per token {step['kl_per_token']:.4f})  "
             f"len {step['response_length_mean']:.1f}  clip {step['clip_fraction']:.2f}  "
             f"| gen {s['generate']:.1f}s ref {s['reference']:.1f}s reward {s['reward']:.2f}s "
-            f"update {s['update']:.1f}s ckpt {s['checkpoint']:.1f}s swap {s['swap']:.2f}s"
+            f"update {s['update']:.1f}s publish {s['publish']:.2f}s persist {s['persist']:.2f}s swap {s['swap']:.2f}s"
             + (f"  DETECTOR: {', '.join(step['detectors_firing'])} (docs/runbooks.md)"
                if step.get("detectors_firing") else ""))
 
@@ -250,7 +250,7 @@ def summarise(steps: list[dict]) -> dict:
     steps = [s for s in steps if "event" not in s]
     if not steps:
         return {"rollbacks": rollbacks} if rollbacks else {}
-    keys = ("generate", "reference", "reward", "update", "checkpoint", "swap")
+    keys = ("generate", "reference", "reward", "update", "publish", "persist", "swap")
     quarter = max(1, len(steps) // 4)
     wall = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
     return {

@@ -47,8 +47,12 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: str | os.PathLike, version: int, write_files: Callable[[pathlib.Path], None]) -> pathlib.Path:
-    """Call write_files(temp_dir), then commit it atomically as root/vNNNNNN. Never overwrites."""
+def write_checkpoint(root: str | os.PathLike, version: int, write_files: Callable[[pathlib.Path], None],
+                     durable: bool = True) -> pathlib.Path:
+    """Call write_files(temp_dir), then commit it atomically as root/vNNNNNN. Never overwrites.
+
+    durable=False skips the fsyncs (published weights in a memory-backed directory: the rename
+    alone makes them appear whole, and a crash of the machine loses nothing that was persisted)."""
     root = pathlib.Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / version_dir_name(version)
@@ -60,9 +64,11 @@ def write_checkpoint(root: str | os.PathLike, version: int, write_files: Callabl
     try:
         write_files(temp)
         write_manifest(temp, version)
-        _fsync_tree(temp)
+        if durable:
+            _fsync_tree(temp)
         os.rename(temp, final)
-        _fsync_dir(root)
+        if durable:
+            _fsync_dir(root)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -149,6 +155,24 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[pathlib.Path]:
     return removed
 
 
+def prune_below(root: str | os.PathLike, version: int) -> list[pathlib.Path]:
+    """Delete committed version directories older than `version` (never the newest one)."""
+    committed = committed_versions(root)
+    removed = []
+    for found, path in committed[:-1]:
+        if found < version:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def write_weights(directory: pathlib.Path, tensors: dict[str, torch.Tensor], name: str = "model.safetensors") -> int:
+    """Weights only, as a standard safetensors file; returns the bytes written."""
+    save_file({k: v.detach().contiguous() if v.device.type == "cpu" else v.detach().cpu().contiguous()
+               for k, v in tensors.items()}, str(directory / name), metadata={"format": "pt"})
+    return (directory / name).stat().st_size
+
+
 def remove_unfinished(root: str | os.PathLike) -> list[pathlib.Path]:
     """Delete temp dirs a killed writer left. Call only where no other writer can be at work
     (the one trainer, at start-up)."""
@@ -176,20 +200,35 @@ def load_weights_into(model: torch.nn.Module, checkpoint: str | os.PathLike) -> 
         with safe_open(file, framework="pt") as handle:
             shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
     own = model.state_dict()
-    unexpected = sorted(set(shapes) - set(own))
-    loaded_pointers = {own[name].data_ptr() for name in shapes if name in own}
-    missing = sorted(name for name in set(own) - set(shapes) if own[name].data_ptr() not in loaded_pointers)
-    if unexpected or missing:
-        raise ValueError(f"{checkpoint} does not fit the model: unexpected keys {unexpected[:5]}, "
-                         f"missing keys {missing[:5]}")
-    for name, shape in shapes.items():
-        if tuple(own[name].shape) != shape:
-            raise ValueError(f"{checkpoint}: {name} has shape {shape}, the model expects {tuple(own[name].shape)}")
+    check_fits(own, shapes, str(checkpoint))
     with torch.no_grad():
         for file in files:
             with safe_open(file, framework="pt") as handle:
                 for name in handle.keys():
                     own[name].copy_(handle.get_tensor(name))
+
+
+def check_fits(own: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise ValueError naming the keys or shapes unless `shapes` covers `own` exactly (keys that
+    share storage with a covered one, e.g. an lm_head tied to the embeddings, may be absent)."""
+    unexpected = sorted(set(shapes) - set(own))
+    loaded_pointers = {own[name].data_ptr() for name in shapes if name in own}
+    missing = sorted(name for name in set(own) - set(shapes) if own[name].data_ptr() not in loaded_pointers)
+    if unexpected or missing:
+        raise ValueError(f"{source} does not fit the model: unexpected keys {unexpected[:5]}, "
+                         f"missing keys {missing[:5]}")
+    for name, shape in shapes.items():
+        if tuple(own[name].shape) != tuple(shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(shape)}, the model expects {tuple(own[name].shape)}")
+
+
+def load_tensors_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy staged tensors (a receiving transport's) into `own` (a state dict sharing the model's
+    storage) in place, after checking every key and shape: a misfit changes nothing."""
+    check_fits(own, {name: tuple(t.shape) for name, t in tensors.items()}, source)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
 
 
 def save_trainer_state(directory: pathlib.Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

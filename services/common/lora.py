@@ -89,7 +89,8 @@ def adapter_tensors(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(peft_model, adapter_name=_adapter_name(peft_model))
 
 
-def _config_dict(peft_model: PeftModel) -> dict:
+def adapter_config(peft_model: PeftModel) -> dict:
+    """The active adapter's config as adapter_config.json holds it."""
     config = peft_model.peft_config[_adapter_name(peft_model)].to_dict()
     for key, value in config.items():
         if isinstance(value, set):  # target_modules is a set; sorted for a deterministic file
@@ -99,17 +100,23 @@ def _config_dict(peft_model: PeftModel) -> dict:
 
 
 def save_adapter(peft_model: PeftModel, directory: str | os.PathLike) -> None:
-    """Write adapter_model.safetensors and adapter_config.json into `directory` (nothing else).
+    """Write adapter_model.safetensors and adapter_config.json into `directory` (nothing else)."""
+    write_adapter_files(directory, adapter_tensors(peft_model), adapter_config(peft_model))
+
+
+def write_adapter_files(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> int:
+    """adapter_model.safetensors and adapter_config.json from tensors (live or a snapshot's copies).
 
     Written by hand rather than with PeftModel.save_pretrained so that no README or .bin ever
     appears and the files are exactly these two; the layout still loads with PeftModel.from_pretrained.
-    Meant to be called inside checkpoints.write_checkpoint, which fsyncs and commits atomically.
+    Meant to be called inside checkpoints.write_checkpoint, which commits atomically. Returns bytes.
     """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in adapter_tensors(peft_model).items()}
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(_config_dict(peft_model), indent=2, sort_keys=True))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return (directory / ADAPTER_WEIGHTS).stat().st_size
 
 
 def is_adapter_checkpoint(directory: str | os.PathLike) -> bool:
@@ -142,7 +149,7 @@ def load_adapter_into(peft_model: PeftModel, directory: str | os.PathLike) -> No
         raise FileNotFoundError(f"{directory} holds no {ADAPTER_WEIGHTS} (pickled adapters are never loaded)")
 
     saved_config = json.loads(config_path.read_text())
-    own_config = _config_dict(peft_model)
+    own_config = adapter_config(peft_model)
     for field in CHECKED_FIELDS:
         default = _FIELD_DEFAULTS.get(field)
         saved = _normalised(field, saved_config.get(field, default))

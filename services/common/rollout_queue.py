@@ -3,10 +3,12 @@
 Keys for run R:
   belay:R:rollouts          stream of Rollout entries (producers: policy replicas)
   belay:R:rollouts:dropped  rollouts the trainer refused (stale, malformed), with the reason
-  belay:R:policy_version    JSON {"version": N, "path": ...}: the truth about the newest policy
+  belay:R:policy_version    JSON {"version": N, "path": ..., "transport": ...}: the newest published policy
+  belay:R:awaiting_persist  rollouts trained into published versions but not yet persisted (still pending)
+  belay:R:replicas          hash replica -> JSON {"version", "address", "transport", "time"}: what each serves
   belay:R:versions          pub/sub channel: a hint that a new version exists (at-most-once)
   belay:R:steps             stream of trainer step summaries (what `belay up` shows)
-Delivery is at-least-once: the trainer XACKs only after the checkpoint that used a rollout.
+Delivery is at-least-once: the trainer XACKs only after the persisted checkpoint that used a rollout.
 """
 from __future__ import annotations
 
@@ -134,6 +136,8 @@ class RolloutQueue:
         self.version_key = f"belay:{run_name}:policy_version"
         self.version_channel = f"belay:{run_name}:versions"
         self.steps_stream = f"belay:{run_name}:steps"
+        self.awaiting_key = f"belay:{run_name}:awaiting_persist"
+        self.replicas_key = f"belay:{run_name}:replicas"
 
     @classmethod
     def from_url(cls, url: str, run_name: str) -> "RolloutQueue":
@@ -221,16 +225,48 @@ class RolloutQueue:
             return 0
 
     # --- versions and step log -----------------------------------------------------------
-    def publish_version(self, version: int, path: str) -> None:
-        self.redis.set(self.version_key, json.dumps({"version": version, "path": path}))
-        self.redis.publish(self.version_channel, str(version))
+    def publish_version(self, version: int, path: str, transport: str = "file", awaiting: int | None = None) -> None:
+        """Announce a published version; with `awaiting`, the count of trained-but-unpersisted
+        rollouts changes in the same transaction, so the actor never sees one without the other."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.version_key, json.dumps({"version": version, "path": path, "transport": transport}))
+            if awaiting is not None:
+                pipe.set(self.awaiting_key, int(awaiting))
+            pipe.publish(self.version_channel, str(version))
+            pipe.execute()
+
+    def ack_persisted(self, entry_ids: list[str], awaiting: int) -> None:
+        """XACK rollouts a committed checkpoint holds, and lower the awaiting count with them."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            if entry_ids:
+                pipe.xack(self.stream, GROUP, *entry_ids)
+            pipe.set(self.awaiting_key, int(awaiting))
+            pipe.execute()
+
+    def awaiting_persist(self) -> int:
+        return int(self.redis.get(self.awaiting_key) or 0)
 
     def latest_version(self) -> tuple[int, str | None]:
+        record = self.latest_publication()
+        return int(record.get("version", 0)), record.get("path")
+
+    def latest_publication(self) -> dict:
+        """{"version", "path", "transport"} of the newest published version ({} before the first)."""
         raw = self.redis.get(self.version_key)
-        if not raw:
-            return 0, None
-        data = json.loads(raw)
-        return int(data["version"]), data["path"]
+        return json.loads(raw) if raw else {}
+
+    def report_serving(self, replica: str, version: int, address: str, transport: str) -> None:
+        self.redis.hset(self.replicas_key, replica, json.dumps(
+            {"version": version, "address": address, "transport": transport, "time": time.time()}))
+
+    def replicas(self, max_age_seconds: float | None = None) -> dict[str, dict]:
+        """What each policy replica last said it serves; with max_age_seconds, only recent reports."""
+        now, found = time.time(), {}
+        for replica, raw in self.redis.hgetall(self.replicas_key).items():
+            record = json.loads(raw)
+            if max_age_seconds is None or now - record["time"] <= max_age_seconds:
+                found[replica.decode()] = record
+        return found
 
     def log_step(self, record: dict) -> None:
         self.redis.xadd(self.steps_stream, {"json": json.dumps(record)}, maxlen=100_000, approximate=True)

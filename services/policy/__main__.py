@@ -17,7 +17,8 @@ from ..common.service_main import start
 from .actor import Actor
 from .engine import PolicyEngine
 from .policy_metrics import PolicyMetrics
-from .server import PolicyServicer, SwapRequests, build_server
+from .server import PolicyServicer, build_server
+from .swaps import SwapRequests
 from .startup import check_same_tokenizer, wait_for_dependencies
 
 log = logging.getLogger("services.policy")

@@ -18,11 +18,11 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 from ..common.config import BelayConfig
 from ..common.packing import PackingError, pack_int32, unpack_float32, unpack_int32
 from ..common.review_store import ReviewStore
-from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
+from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue, consumer_name
 from .canaries import Canaries
 from .engine import GenerationBatch, PolicyEngine, Sampling
 from .policy_metrics import PolicyMetrics
-from .server import SwapRequests, checked_checkpoint_path
+from .swaps import SwapRequests, checked_weights_path
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ class Actor:
         trainer = config.trainer  # the exact KL needs the reference's top-k rows in each rollout
         self.reference_top_k = (trainer.kl_top_k or engine.vocab_size) if trainer.kl_estimator == "full" else 0
         self.refused_version = 0  # a checkpoint that failed to load is not retried every batch
+        self.replica = consumer_name()
+        self.reported, self.reported_at = -1, 0.0
         self.batches = 0
         canary_file = config.policy.canary_prompts_file
         self.canaries = (Canaries(read_prompts(canary_file, "policy.canary_prompts_file"),
@@ -123,12 +125,14 @@ class Actor:
                          if canary_file else None)
 
     def take_new_weights(self) -> None:
-        """Swap to the newest version announced (Redis key, the truth) or requested (RPC)."""
+        """Swap to the newest version announced (Redis key, the truth) or requested (RPC, or staged
+        by a receiving transport), then say in Redis what this replica serves."""
         version, path = self.queue.latest_version()
-        if version > self.engine.version and path:
+        if version > self.engine.version and path and version != self.refused_version:
             try:
-                self.swaps.offer(version, checked_checkpoint_path(self.config.run.checkpoint_dir, version, path))
+                self.swaps.offer(version, checked_weights_path(self.config.run, version, path))
             except Exception as error:
+                self.refused_version = version  # said once: the next version is the way on
                 log.error("announced version %d refused: %s", version, error)
         version, path = self.swaps.newest()
         if version > self.engine.version and version != self.refused_version:
@@ -140,6 +144,15 @@ class Actor:
                 log.error("version %d refused, still serving %d: %s", version, self.engine.version, error)
                 return
             self.metrics.record_swap(self.last_swap_seconds, version)
+        self.report_serving()
+
+    def report_serving(self) -> None:
+        """The trainer keeps published weights until no live replica serves older ones."""
+        now = time.monotonic()
+        if self.reported != self.engine.version or now - self.reported_at > 10:
+            self.queue.report_serving(self.replica, self.engine.version, self.config.policy.address,
+                                      self.config.trainer.weight_transport)
+            self.reported, self.reported_at = self.engine.version, now
 
     def answer_canaries(self) -> None:
         """The fixed prompts, greedily, once per version served (the first call: the starting version)."""
@@ -219,9 +232,10 @@ class Actor:
         return len(batch.response_ids)
 
     def fresh_enough(self) -> bool:
-        """may_generate() on the queue's state: outstanding (unread + pending) rollouts are read
-        before the version, since the trainer publishes a version before it acknowledges its batch."""
-        outstanding = self.queue.waiting() + self.queue.pending_count()
+        """may_generate() on the queue's state: outstanding rollouts are those not trained yet, the
+        unread and the pending ones less those trained but awaiting their persist (pending until
+        then). Read before the version, since the trainer publishes before it acknowledges."""
+        outstanding = max(0, self.queue.waiting() + self.queue.pending_count() - self.queue.awaiting_persist())
         trainer_version, _ = self.queue.latest_version()
         section = self.config.policy
         return may_generate(trainer_version, outstanding, self.engine.version,

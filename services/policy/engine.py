@@ -10,13 +10,14 @@ import pathlib
 import threading
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..common.checkpoints import checkpoint_problem, load_weights_into
+from ..common.checkpoints import checkpoint_problem, load_tensors_into, load_weights_into
 from ..common.config import GrpcConfig
-from ..common.lora import is_adapter_checkpoint, load_adapter_into
+from ..common.lora import adapter_tensors, is_adapter_checkpoint, load_adapter_into
 from ..common.logprob_service import LoadedModel, context_limit
 from ..common.models import own_weights
 from ..common.rpc import invalid, too_big
@@ -195,25 +196,33 @@ class PolicyEngine:
                                version=loaded.version, generate_seconds=sampled - start,
                                logprob_seconds=scored - sampled)
 
-    def swap_to(self, version: int, checkpoint: pathlib.Path) -> float:
-        """Load a committed checkpoint's weights in place, between batches. Returns seconds taken.
+    def swap_to(self, version: int, source) -> float:
+        """Load a version's weights in place, between batches. Returns seconds taken.
 
-        Both loaders check every key and shape before they copy anything, so a bad
-        checkpoint raises and leaves the old weights serving.
+        `source` is a committed version directory (a published or persisted one) or tensors a
+        receiving transport staged in memory (name -> tensor; adapter tensors under LoRA). Every
+        key and shape is checked before anything is copied, so bad weights raise and leave the
+        old ones serving.
         """
         start = time.perf_counter()
         with self.lock:
             if version <= self.loaded.version:
                 return 0.0
-            problem = checkpoint_problem(checkpoint, full=False)  # sizes: cheap, catches half-written files
-            if problem is not None:
-                raise ValueError(f"checkpoint {checkpoint} refused: {problem}")
             model = self.loaded.model
-            if is_adapter_checkpoint(checkpoint):  # LoRA: only the adapter tensors travel
-                load_adapter_into(model, checkpoint)
+            if isinstance(source, Mapping):
+                own = adapter_tensors(model) if hasattr(model, "peft_config") else model.state_dict()
+                load_tensors_into(own, source, f"version {version}")
+                shown = "staged tensors"
             else:
-                load_weights_into(model, checkpoint)
+                problem = checkpoint_problem(source, full=False)  # sizes: cheap, catches half-written files
+                if problem is not None:
+                    raise ValueError(f"checkpoint {source} refused: {problem}")
+                if is_adapter_checkpoint(source):  # LoRA: only the adapter tensors travel
+                    load_adapter_into(model, source)
+                else:
+                    load_weights_into(model, source)
+                shown = str(source)
             self.loaded = LoadedModel(model=model, version=version)
         seconds = time.perf_counter() - start
-        log.info("hot-swapped to version %d from %s in %.2f s", version, checkpoint, seconds)
+        log.info("hot-swapped to version %d from %s in %.3f s", version, shown, seconds)
         return seconds

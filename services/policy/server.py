@@ -3,14 +3,11 @@ to PolicyEngine calls and back."""
 from __future__ import annotations
 
 import logging
-import pathlib
-import threading
 
 import grpc
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
-from ..common.checkpoints import VERSION_DIR
 from ..common.config import BelayConfig
 from ..common.logprob_service import LogProbsHandler
 from ..common.models import tokenizer_fingerprint
@@ -18,75 +15,11 @@ from ..common.packing import pack_float32, pack_int32
 from ..common.rpc import RequestError, ServiceServer, handle, info_response, invalid
 from .engine import PolicyEngine, Sampling
 from .policy_metrics import PolicyMetrics
+from .swaps import SwapRequests, checked_weights_path
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = belay_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
 FINISH = {"eos": belay_pb2.FINISH_REASON_EOS, "length": belay_pb2.FINISH_REASON_LENGTH}
-
-
-def checked_checkpoint_path(root: str, version: int, path: str) -> pathlib.Path:
-    """A checkpoint path the policy may load: a committed vNNNNNN directory for `version` inside root.
-
-    The path is resolved (every symlink followed, `..` applied) and must then be a direct child of
-    the resolved root: `root/../x`, absolute paths elsewhere and symlinks out of root are refused
-    with INVALID_ARGUMENT naming the path, as are files in the checkpoint that link out of it. A
-    directory without safetensors weights (e.g. only a pickled pytorch_model.bin, which is never
-    loaded) is FAILED_PRECONDITION.
-    """
-    from ..common.checkpoints import STATE_TENSORS
-
-    shown = repr(path) if len(path) <= 300 else repr(path[:300]) + "..."  # messages name the path, briefly
-    if not path or "\x00" in path:
-        raise invalid(f"checkpoint_path {shown} is not a path")
-    given = pathlib.Path(path)
-    try:
-        root_path = pathlib.Path(root).resolve()
-        candidate = given.resolve()
-    except (OSError, RuntimeError, ValueError) as error:  # a name too long, a symlink loop, ...
-        raise invalid(f"checkpoint_path {shown} cannot be resolved: {error}") from None
-    if candidate.parent != root_path:
-        try:
-            link = ", through a symlink that leads out of it" if given.is_symlink() else ""
-        except OSError:  # e.g. a name too long to look at: refused all the same
-            link = ""
-        raise invalid(f"checkpoint_path {shown} resolves to {str(candidate)[:300]}, which is not inside the "
-                      f"policy's checkpoint directory {root_path}{link}")
-    match = VERSION_DIR.match(candidate.name)
-    if not match or int(match.group(1)) != version:
-        raise invalid(f"checkpoint_path {shown} is not the committed directory of version {version}")
-    if not candidate.is_dir():
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"checkpoint {candidate} does not exist (yet)")
-    entries = list(candidate.iterdir())
-    for entry in entries:
-        try:
-            target = entry.resolve()
-        except (OSError, RuntimeError) as error:
-            raise invalid(f"checkpoint_path {shown}: {entry.name} cannot be resolved: {error}") from None
-        if candidate not in target.parents:
-            raise invalid(f"checkpoint_path {shown}: {entry.name} is a symlink to {target}, outside the checkpoint")
-    if not any(e.name.endswith(".safetensors") and e.name != STATE_TENSORS for e in entries):
-        pickles = sorted(e.name for e in entries if e.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-        found = f" (only {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"checkpoint {candidate} holds no *.safetensors weights{found}")
-    return candidate
-
-
-class SwapRequests:
-    """The newest version someone asked for; the actor applies it between batches."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.version, self.path = 0, None
-
-    def offer(self, version: int, path: pathlib.Path) -> None:
-        with self._lock:
-            if version > self.version:
-                self.version, self.path = version, path
-
-    def newest(self) -> tuple[int, pathlib.Path | None]:
-        with self._lock:
-            return self.version, self.path
 
 
 class PolicyServicer(belay_pb2_grpc.PolicyServicer):
@@ -127,7 +60,7 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
                                "loopback, without a token; configure grpc.auth_token_file")
         if request.version <= 0:
             raise invalid(f"version must be positive, got {request.version}")
-        path = checked_checkpoint_path(self.config.run.checkpoint_dir, request.version, request.checkpoint_path)
+        path = checked_weights_path(self.config.run, request.version, request.checkpoint_path)
         self.swaps.offer(request.version, path)
         if not self.config.policy.run_actor:  # no batches to wait for: swap now
             try:

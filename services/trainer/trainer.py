@@ -1,6 +1,7 @@
 """The trainer's loop, in the seed's order: read a batch of rollouts, KL on response tokens,
-reward - beta*KL, advantage, clipped PPO epochs with gradient clipping, checkpoint, announce,
-and only then acknowledge the rollouts."""
+reward - beta*KL, advantage, clipped PPO epochs with gradient clipping, publish the new weights
+to the policy; every few updates persist the full checkpoint in the background, and only once it
+is committed acknowledge the rollouts it holds."""
 from __future__ import annotations
 
 import collections
@@ -9,18 +10,16 @@ import pathlib
 import threading
 import time
 
-import grpc
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from belay.v1 import belay_pb2, belay_pb2_grpc
+from belay.v1 import belay_pb2_grpc
 
 from ..common.checkpoints import (committed_versions, latest_valid_checkpoint, load_trainer_state, load_weights_into,
-                                  optimizer_state_from_flat, optimizer_state_to_flat, prune_checkpoints, remove_unfinished,
-                                  save_trainer_state, write_checkpoint)
+                                  optimizer_state_from_flat, optimizer_state_to_flat, remove_unfinished)
 from ..common.config import BelayConfig
-from ..common.lora import load_adapter_into, lora_settings, save_adapter, wrap_with_lora
+from ..common.lora import adapter_config, load_adapter_into, lora_settings, wrap_with_lora
 from ..common.manifest import run_manifest, write_manifest
 from ..common.models import chosen_and_entropy, next_token_log_probs, own_weights, weights_fingerprint
 from ..common.review_store import ReviewStore
@@ -32,6 +31,9 @@ from .advantages import (batch_mean_advantage, clipped_value_loss, gae_advantage
 from .batch import PPOBatch, collate
 from .detectors import RUNBOOK, Detectors
 from .distributed import Distributed, decode_rollouts, encode_rollouts
+from .lineage import Lineage
+from .persisting import Persister, Snapshot
+from .publishing import Publication, Publisher, make_transport, serving_tensors
 from .kl import AdaptiveKLController, FixedKLController, exact_kl_from_rows, per_token_kl
 from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
 from .value_head import ValueHead
@@ -79,6 +81,16 @@ class Trainer:
         self.reward_moments = RunningMoments()
         self.shuffle = torch.Generator().manual_seed(section.seed)
         self.version = 0
+        self.lineage = Lineage()  # staleness in updates along this trainer's history, not version numbers
+        self.main_rank = distributed is None or distributed.is_main
+        self.publisher = (Publisher(config, queue, policy, make_transport(config, self.model))
+                          if self.main_rank and queue is not None else None)
+        self.persister = Persister(config.run.checkpoint_dir, section.keep_checkpoints, section.checkpoint_every_steps,
+                                   section.checkpoint_every_seconds, queue, self.until_redis_answers,
+                                   self.write_model_files)
+        self.persister.on_persisted = metrics.persist_seconds.observe
+        self.persister.on_failure = metrics.persist_failures.inc
+        metrics.watch_persister(self.persister, section.checkpoint_every_steps, section.checkpoint_every_seconds)
         self.consumed_ids: collections.deque[str] = collections.deque(maxlen=REMEMBERED_ROLLOUT_IDS)
         self.consumer = consumer_name()
         self.pending_cursor: str | None = "0"  # None once this consumer's pending entries are read
@@ -124,9 +136,26 @@ class Trainer:
         torch.set_rng_state(tensors["rng/torch"])
         self.shuffle.set_state(tensors["rng/shuffle"])
         self.version = version
+        self.lineage = Lineage.from_state(meta.get("lineage"), version)  # absent before format 2: numbers
+        self.persister.persisted_version = version
         self.consumed_ids.extend(meta["consumed_rollout_ids"])
         log.info("resumed from %s (version %d)", path, version)
         return version
+
+    def publish_at_start(self) -> None:
+        """A resumed (or restarted) trainer publishes at once, so no replica keeps sampling from
+        weights that were never persisted. Versions only grow: when an earlier trainer published
+        past the persisted version P, the weights of P go out as a new version above all of them,
+        and the versions in between become orphans of this lineage (see Lineage.staleness)."""
+        published = self.until_redis_answers(self.queue.latest_version, "reading the published version")[0]
+        if published > self.version:
+            log.warning("versions %d..%d were published but never persisted; version %d (persisted) is published "
+                        "again as version %d", self.version + 1, published, self.version, published + 1)
+            self.lineage.orphans_after(self.version, published)
+            self.lineage.republish(self.version, published + 1)
+            self.version = published + 1
+        if self.version > 0 or published > 0:
+            self.publish(self.version)
 
     # --- reading -------------------------------------------------------------------------
     def collect(self, stop: threading.Event) -> list[tuple[str, Rollout]]:
@@ -155,13 +184,19 @@ class Trainer:
                     continue
                 if isinstance(item, Rollout):  # time in the stream, from the actor's XADD to this read
                     item.timings["queue"] = max(0.0, read_at - item.timings.get("enqueued_at", read_at))
+                if self.persister.holds(entry_id):  # trained into a published version; its persist will ack it
+                    continue
                 if isinstance(item, MalformedRollout):
                     self._drop(entry_id, "malformed", str(item))
                 elif item.rollout_id in seen:
                     self.queue.ack([entry_id])  # trained on before a crash took the ack: not twice
                     self.metrics.dropped.labels(reason="duplicate").inc()
-                elif self.version - item.policy_version > self.section.max_staleness:
-                    self._drop(entry_id, "stale", f"version {item.policy_version}, trainer at {self.version}")
+                elif (staleness := self.lineage.staleness(item.policy_version)) is None:
+                    self._drop(entry_id, "orphaned", f"version {item.policy_version} is on no branch this trainer "
+                               f"knows (published by a trainer that died before persisting it, then superseded)")
+                elif staleness > self.section.max_staleness:
+                    self._drop(entry_id, "stale", f"version {item.policy_version} is {staleness} updates behind "
+                               f"version {self.version}")
                 elif self.section.advantage in ("group", "rloo"):
                     self.partial_groups.setdefault(item.group_id, []).append((entry_id, item))
                 else:
@@ -348,42 +383,61 @@ class Trainer:
         self.metrics.nonfinite_skips.inc()
         stats["skipped"].append(1)
 
-    # --- publishing ----------------------------------------------------------------------
-    def save(self, version: int, consumed: list[str]) -> pathlib.Path:
+    # --- publish and persist -----------------------------------------------------------------
+    def publish(self, version: int):
+        """The weights the policy serves, through the weight transport, announced with the count of
+        trained rollouts still awaiting their persist (the actor's production bound leaves them out)."""
+        if self.publisher is None:  # no queue (the bench's in-process mode): nobody to hand weights to
+            return Publication(version, "", "none", 0, 0.0)
+        publication = self.publisher.publish(version, self.model, self.persister.awaiting(), self.until_redis_answers)
+        self.metrics.record_publication(publication)
+        return publication
+
+    def snapshot(self, version: int) -> Snapshot:
+        """Copies of everything the checkpoint holds, taken between updates (the persist writes them later)."""
         optimizer_tensors, optimizer_rest = optimizer_state_to_flat(self.optimizer.state_dict())
-        tensors = {f"optimizer/{k}": v for k, v in optimizer_tensors.items()}
-        tensors["rng/torch"] = torch.get_rng_state()
-        tensors["rng/shuffle"] = self.shuffle.get_state()
+        state = {f"optimizer/{k}": v for k, v in optimizer_tensors.items()}
         if self.value_head is not None:
-            tensors.update({f"value_head/{k}": v for k, v in self.value_head.state_dict().items()})
-        meta = {"version": version, "optimizer": optimizer_rest, "scheduler": self.scheduler.state_dict(),
+            state.update({f"value_head/{k}": v for k, v in self.value_head.state_dict().items()})
+        weights = serving_tensors(self.model, self.config.lora.enabled)
+        copied = self.persister.buffers.copy({**{f"weights/{k}": v for k, v in weights.items()}, **state})
+        state = {k: copied[k] for k in state}
+        state["rng/torch"] = torch.get_rng_state()
+        state["rng/shuffle"] = self.shuffle.get_state()
+        meta = {"format": 2, "version": version, "optimizer": optimizer_rest, "scheduler": self.scheduler.state_dict(),
                 "kl_controller": self.kl_controller.state_dict(), "reward_moments": self.reward_moments.state_dict(),
-                "good_versions": sorted(self.good_versions),
-                "consumed_rollout_ids": [*self.consumed_ids, *consumed][-REMEMBERED_ROLLOUT_IDS:],
+                "good_versions": sorted(self.good_versions), "lineage": self.lineage.state(),
+                "consumed_rollout_ids": list(self.consumed_ids)[-REMEMBERED_ROLLOUT_IDS:],
                 "config": self.config.model_dump(mode="json")}
+        return Snapshot(version=version, weights={k: copied[f"weights/{k}"] for k in weights}, state=state, meta=meta,
+                        adapter_config=adapter_config(self.model) if self.config.lora.enabled else None)
 
-        def write_files(directory: pathlib.Path) -> None:
-            if self.config.lora.enabled:
-                save_adapter(self.model, directory)  # the hot-swap ships adapter weights only
-            else:
-                self.model.save_pretrained(directory, safe_serialization=True)
-            self.tokenizer.save_pretrained(directory)
-            save_trainer_state(directory, tensors, meta)
+    def write_model_files(self, directory: pathlib.Path) -> None:
+        """Beside the weights: what makes a checkpoint a Hugging Face model directory (belay eval loads it)."""
+        if not self.config.lora.enabled:
+            self.model.config.to_json_file(directory / "config.json")
+            if getattr(self.model, "generation_config", None) is not None:
+                self.model.generation_config.to_json_file(directory / "generation_config.json")
+        self.tokenizer.save_pretrained(directory)
 
-        return write_checkpoint(self.config.run.checkpoint_dir, version, write_files)
+    def persist(self, wait: bool = False) -> float:
+        """Snapshot now, write in the background (wait=True: and wait for it). Returns the seconds on
+        this thread: the snapshot's copies, plus waiting for a previous persist still in flight."""
+        started = time.perf_counter()
+        self.persister.start(self.snapshot(self.version))
+        if wait:
+            self.persister.wait()
+        return time.perf_counter() - started
 
-    def announce(self, version: int, path: pathlib.Path) -> None:
-        self.queue.publish_version(version, str(path))
-        if self.policy is None:
-            return
-        try:  # a push to the policy; the Redis key stays the truth if this fails
-            self.policy.UpdateWeights(belay_pb2.UpdateWeightsRequest(version=version, checkpoint_path=str(path)),
-                                      timeout=10)
-        except grpc.RpcError as error:
-            log.warning("policy not told of version %d (%s); it will find it in Redis", version, error.code().name)
+    def save(self, version: int, consumed: list[str]) -> pathlib.Path:
+        """Persist `version` now and wait for it (the bench's in-process mode and tests)."""
+        self.version = version
+        self.consumed_ids.extend(consumed)
+        self.persist(wait=True)
+        return pathlib.Path(self.config.run.checkpoint_dir) / f"v{version:06d}"
 
     def step(self, entries: list[tuple[str, Rollout]]) -> dict | None:
-        """Update on a batch, checkpoint, announce, then XACK. Returns the summary (None: skipped)."""
+        """Update on a batch, publish, persist when due. Returns the summary (None: skipped)."""
         rollouts = [rollout for _, rollout in entries]
         limit = self.section.kl_hard_limit
         if limit is not None:
@@ -399,16 +453,15 @@ class Trainer:
                 self._drop(entry_id, "nonfinite", "every minibatch of its update was non-finite")
             return None
         version = self.version + 1
-        started = time.perf_counter()
-        path = self.save(version, [r.rollout_id for r in rollouts])
         self.version = version
+        self.lineage.advance(version)
         self.consumed_ids.extend(r.rollout_id for r in rollouts)
-        self.until_redis_answers(lambda: self.announce(version, path), f"announcing version {version}")
-        checkpoint_seconds = time.perf_counter() - started
-        # Only now: the checkpoint holds them. A crash before this line redelivers them, and the
-        # consumed ids saved in the checkpoint keep them from being trained twice.
-        self.until_redis_answers(lambda: self.queue.ack([entry_id for entry_id, _ in entries]), "acknowledging")
-        prune_checkpoints(self.config.run.checkpoint_dir, self.section.keep_checkpoints)
+        # Publish (critical path), then persist when due (a snapshot here, the writing in the background).
+        # The rollouts stay pending in Redis until a committed checkpoint holds them: a crash before
+        # that redelivers them, and the resumed trainer trains them once into its lineage.
+        self.persister.trained_into_published([entry_id for entry_id, _ in entries])
+        publication = self.publish(version)
+        persist_seconds = self.persist() if self.persister.due() else 0.0
         timing_keys = ("generate", "logprobs", "reference", "reward", "queue", "swap")
         summary.update(
             version=version, rollouts=len(rollouts), time=time.time(),
@@ -417,7 +470,9 @@ class Trainer:
             reward_components={name: float(np.mean([r.reward_components[name] for r in rollouts
                                                     if name in r.reward_components]))
                                for name in sorted({n for r in rollouts for n in r.reward_components})},
-            seconds={"update": update_seconds, "checkpoint": checkpoint_seconds,
+            publish_bytes=publication.bytes, persisted_version=self.persister.persisted_version,
+            seconds={"update": update_seconds, "publish": publication.seconds, "persist": persist_seconds,
+                     "persist_background": self.persister.last_write_seconds,
                      **{k: float(np.mean([r.timings.get(k, 0.0) for r in rollouts])) for k in timing_keys}},
             sample={"prompt": rollouts[0].prompt_text, "response": rollouts[0].response_text,
                     "reward": rollouts[0].reward})
@@ -443,14 +498,19 @@ class Trainer:
             log.warning("failure detector %s is firing at version %d: %s", name, summary["version"], RUNBOOK[name])
 
     def roll_back(self, entries: list[tuple[str, Rollout]], batch_kl: float) -> dict:
-        """The rail: restore the newest good version's weights, publish them as a new version (the
-        policy swaps back), raise β or lower the learning rate, and drop the batch with its reason."""
+        """The rail: restore the newest good version that was persisted (published weights are not
+        kept), publish it as a new version (the policy swaps back), raise β or lower the learning
+        rate, and drop the batch with its reason. With no good version persisted yet, the target is
+        the SFT model, and the log says so."""
         section = self.section
         worst = min(r.policy_version for _, r in entries)
-        target = max(v for v in self.good_versions if v < worst) if any(v < worst for v in self.good_versions) else 0
+        self.persister.wait()  # a persist in flight may be the good version to return to
         checkpoints = dict(committed_versions(self.config.run.checkpoint_dir))
-        if target not in checkpoints:  # pruned, or the SFT model itself
-            target = 0
+        persisted_good = [v for v in self.good_versions if v < worst and v in checkpoints]
+        target = max(persisted_good, default=0)
+        if target == 0:
+            log.warning("no good version below %d is persisted (checkpoint_every_steps=%d): rolling back to the "
+                        "SFT model", worst, section.checkpoint_every_steps)
         if target == 0 and self.config.lora.enabled:
             with torch.no_grad():  # zero adapters: exactly the base model
                 for name, parameter in self.model.named_parameters():
@@ -470,10 +530,11 @@ class Trainer:
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
                 group["lr"] = lr / section.kl_limit_factor
         version = self.version + 1
-        path = self.save(version, [r.rollout_id for _, r in entries])
         self.version = version
+        self.lineage.advance(version)
         self.good_versions.add(version)
-        self.until_redis_answers(lambda: self.announce(version, path), f"announcing version {version}")
+        self.publish(version)
+        self.persist()  # at once: the restored weights and the raised β or lowered lr are the new base
         for entry_id, _ in entries:
             self._drop(entry_id, "kl_limit", f"batch KL {batch_kl:.2f} nats > kl_hard_limit {section.kl_hard_limit}")
         self.metrics.rollbacks.inc()
@@ -487,8 +548,8 @@ class Trainer:
         return summary
 
     def until_redis_answers(self, action, what: str, stop: threading.Event | None = None):
-        """Run a Redis action, waiting out a Redis restart with back-off (a checkpoint already
-        written must still be announced and acknowledged: its rollouts stay pending meanwhile)."""
+        """Run a Redis action, waiting out a Redis restart with back-off (a version already published
+        must still be announced, a committed checkpoint's rollouts acknowledged: they stay pending meanwhile)."""
         delay = 0.5
         while True:
             try:
@@ -504,6 +565,7 @@ class Trainer:
         if self.distributed is not None and not self.distributed.is_main:
             return self.run_follower()
         self.until_redis_answers(self.queue.ensure_group, "creating the consumer group", stop)
+        self.publish_at_start()
         steps = 0
         while not stop.is_set():
             try:
@@ -525,6 +587,17 @@ class Trainer:
                 break
         if self.distributed is not None:
             self.distributed.broadcast_bytes(b"")  # tells the other ranks to stop
+        self.finish()
+
+    def finish(self) -> None:
+        """At max_steps or SIGTERM: persist what is not persisted yet and wait for it; then the
+        published copies can go (a restarted policy loads the persisted version)."""
+        if self.persister.persisted_version != self.version or self.persister.awaiting():
+            self.persist(wait=True)
+        else:
+            self.persister.wait()
+        if self.publisher is not None:
+            self.publisher.close(remove=self.persister.persisted_version == self.version)
 
     def run_follower(self) -> None:
         """A rank other than 0: train on each batch rank 0 broadcasts, until it sends nothing."""
@@ -534,7 +607,7 @@ class Trainer:
             self.after_distributed_step()
 
     def after_distributed_step(self) -> None:
-        """Wait for rank 0's checkpoint; at DEBUG, log this rank's weights so identical replicas can be checked."""
+        """Wait for rank 0's publish; at DEBUG, log this rank's weights so identical replicas can be checked."""
         self.distributed.barrier()
         if log.isEnabledFor(logging.DEBUG):  # hashing every weight costs ~0.5 s on 135M: only when asked
             log.debug("rank %d weights after version %d: %s", self.distributed.rank, self.version,

@@ -50,7 +50,8 @@ class TrainerMetrics:
                                registry=registry)
         self.nonfinite_skips = Counter("belay_trainer_nonfinite_skips_total",
                                        "Minibatch updates skipped for a NaN/Inf loss or gradient", registry=registry)
-        self.step_seconds = Histogram("belay_trainer_step_seconds", "Time of one PPO update, checkpoint included",
+        self.step_seconds = Histogram("belay_trainer_step_seconds", "Time of one PPO update, publish and the "
+                                      "persist's snapshot included (the persist's writing is in the background)",
                                       buckets=LLM_SECONDS_BUCKETS, registry=registry)
         self.last_step = Gauge("belay_trainer_last_step_timestamp_seconds", "Unix time of the last published step",
                                registry=registry)
@@ -68,7 +69,26 @@ class TrainerMetrics:
         self.reward_components = Gauge("belay_trainer_reward_component_mean",
                                        "Mean raw score of each part of a combined reward over the last batch",
                                        ["component"], registry=registry)
-        for reason in ("stale", "malformed", "duplicate", "nonfinite"):
+        # --- the weight hand-off: publish every update, persist in the background ---
+        self.publish_seconds = Histogram("belay_trainer_publish_seconds", "Seconds on the critical path to publish "
+                                         "a version's serving weights through the transport", ["transport"],
+                                         buckets=LLM_SECONDS_BUCKETS, registry=registry)
+        self.publish_bytes = Gauge("belay_trainer_publish_bytes", "Bytes the last publish moved per policy replica",
+                                   ["transport"], registry=registry)
+        self.persist_seconds = Histogram("belay_trainer_persist_seconds", "Seconds a background persist took to "
+                                         "write and commit the full checkpoint", buckets=LLM_SECONDS_BUCKETS,
+                                         registry=registry)
+        self.persisted_version = Gauge("belay_trainer_persisted_version", "Newest version in a committed checkpoint",
+                                       registry=registry)
+        self.updates_since_persist = Gauge("belay_trainer_updates_since_persist", "Updates published since the "
+                                           "last persist began (their rollouts wait unacknowledged)", registry=registry)
+        self.seconds_since_persist = Gauge("belay_trainer_seconds_since_persist", "Seconds since the last persist "
+                                           "began", registry=registry)
+        self.persist_interval = Gauge("belay_trainer_persist_interval", "The persist cadence from the config, read "
+                                      "by the alert rule (label: steps or seconds)", ["unit"], registry=registry)
+        self.persist_failures = Counter("belay_trainer_persist_failures_total", "Persists that failed (their "
+                                        "rollouts stay pending for the next one)", registry=registry)
+        for reason in ("stale", "malformed", "duplicate", "nonfinite", "orphaned"):
             self.dropped.labels(reason=reason)
         self.detector_values = {key: Gauge(name, text, registry=registry) for key, (name, text) in DETECTOR_GAUGES.items()}
         self.detector_firing = Gauge("belay_trainer_detector_firing", "1 while the trainer's own failure detector "
@@ -103,5 +123,18 @@ class TrainerMetrics:
         for model_id in self.reward_models_seen:  # a swapped reward service shows as a change here
             self.reward_model.labels(reward_model_id=model_id).set(1 if model_id in current else 0)
         self.consumed.inc(summary["rollouts"])
-        self.step_seconds.observe(summary["seconds"]["update"] + summary["seconds"]["checkpoint"])
+        seconds = summary["seconds"]
+        self.step_seconds.observe(seconds["update"] + seconds["publish"] + seconds["persist"])
         self.last_step.set_to_current_time()
+
+    def record_publication(self, publication) -> None:
+        self.publish_seconds.labels(transport=publication.transport).observe(publication.seconds)
+        self.publish_bytes.labels(transport=publication.transport).set(publication.bytes)
+
+    def watch_persister(self, persister, every_steps: int, every_seconds: float) -> None:
+        """Gauges read from the persister whenever /metrics is scraped."""
+        self.persist_interval.labels(unit="steps").set(every_steps)
+        self.persist_interval.labels(unit="seconds").set(every_seconds)
+        self.updates_since_persist.set_function(lambda: persister.updates_since)
+        self.seconds_since_persist.set_function(persister.seconds_since)
+        self.persisted_version.set_function(lambda: persister.persisted_version)

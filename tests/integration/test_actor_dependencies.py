@@ -16,7 +16,7 @@ from services.common.rpc import ServiceServer
 from services.policy.actor import Actor, DependencyError
 from services.policy.engine import PolicyEngine
 from services.policy.policy_metrics import PolicyMetrics
-from services.policy.server import SwapRequests
+from services.policy.swaps import SwapRequests
 
 from .conftest import Running, make_config, running_reference, serving
 

@@ -13,7 +13,7 @@ from services.common.rollout_queue import RolloutQueue
 from services.policy.actor import Actor
 from services.policy.engine import PolicyEngine
 from services.policy.policy_metrics import PolicyMetrics
-from services.policy.server import SwapRequests
+from services.policy.swaps import SwapRequests
 
 from .conftest import make_config
 from .test_policy_service import commit, tiny_model

@@ -34,7 +34,7 @@ from services.common.rollout_queue import RolloutQueue
 from services.policy.actor import Actor
 from services.policy.engine import PolicyEngine
 from services.policy.policy_metrics import PolicyMetrics
-from services.policy.server import SwapRequests
+from services.policy.swaps import SwapRequests
 from services.trainer.detectors import DETECTORS, RUNBOOK
 from services.trainer.trainer import Trainer
 from services.trainer.trainer_metrics import TrainerMetrics

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import threading
 import time
 
@@ -12,8 +13,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from services.common.checkpoints import committed_versions, load_trainer_state
+from services.common.published import published_dir
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.rollout_queue import GROUP, Rollout, RolloutQueue
+from services.trainer.lineage import Lineage
 from services.trainer.trainer import Trainer
 from services.trainer.trainer_metrics import TrainerMetrics
 
@@ -40,7 +43,7 @@ def make_trainer(tiny_lm_dir, redis_url, tmp_path, **trainer):
 def test_restarted_trainer_walks_its_pending_entries_drops_stale_ones_and_trains_on_the_rest(
         tiny_lm_dir, redis_url, tmp_path):
     trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, max_staleness=1)
-    trainer.version = 5
+    trainer.version, trainer.lineage = 5, Lineage.from_state(None, 5)  # as resumed from a version-5 checkpoint
     queue = trainer.queue
     queue.ensure_group()
     ids = [queue.add(rollout(trainer.tokenizer, version=1 if i % 5 == 0 else 5, reward=float(i), seed=i))
@@ -60,30 +63,47 @@ def test_restarted_trainer_walks_its_pending_entries_drops_stale_ones_and_trains
     assert queue.pending_count() == 16  # taken but not yet trained on: still pending, not acked
 
 
-def test_step_checkpoints_announces_then_acks_and_a_redelivered_rollout_is_not_trained_twice(
-        tiny_lm_dir, redis_url, tmp_path):
-    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path)
+def test_each_step_publishes_and_only_a_committed_persist_acknowledges_its_rollouts(tiny_lm_dir, redis_url, tmp_path):
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, checkpoint_every_steps=2)
     queue = trainer.queue
     queue.ensure_group()
     for i in range(8):
         queue.add(rollout(trainer.tokenizer, version=0, reward=float(i % 3), seed=i))
     stop = threading.Event()
-    entries = trainer.collect(stop)
-    summary = trainer.step(entries)
+    first = trainer.collect(stop)
+    summary = trainer.step(first)
     assert summary["version"] == 1 and trainer.version == 1
-    assert [v for v, _ in committed_versions(trainer.config.run.checkpoint_dir)] == [1]
-    assert queue.latest_version()[0] == 1
-    assert queue.pending_count() == 0  # acked, after the checkpoint
-    state = load_trainer_state(committed_versions(trainer.config.run.checkpoint_dir)[0][1])[1]
-    assert set(state["consumed_rollout_ids"]) == {r.rollout_id for _, r in entries}
-    assert json.loads(queue.redis.xrange(queue.steps_stream)[0][1][b"json"])["version"] == 1
+    # Published (weights only, in the publish directory), announced, not persisted, not acknowledged.
+    version, path = queue.latest_version()
+    published = pathlib.Path(path)
+    assert version == 1 and published.parent == published_dir(trainer.config.run) and published.name == "v000001"
+    assert sorted(p.name for p in published.iterdir()) == ["MANIFEST.json", "model.safetensors"]
+    assert committed_versions(trainer.config.run.checkpoint_dir) == []
+    assert queue.pending_count() == 8 and queue.awaiting_persist() == 8
+    assert summary["publish_bytes"] == (published / "model.safetensors").stat().st_size
 
-    # At-least-once: the same rollout delivered again (a crash between checkpoint and ack) is acked, not trained.
-    queue.add(entries[0][1])
+    # A redelivery of a rollout awaiting its persist (a Redis blip re-walks our pending entries) is
+    # neither trained again nor acknowledged early.
+    trainer.pending_cursor = "0"
     for i in range(8):
         queue.add(rollout(trainer.tokenizer, version=1, reward=float(i), seed=100 + i))
+    second = trainer.collect(stop)
+    assert {e for e, _ in second}.isdisjoint({e for e, _ in first}) and len(second) == 8
+    assert queue.pending_count() == 16
+    trainer.step(second)  # the second update: a persist is due (checkpoint_every_steps=2)
+    trainer.persister.wait()
+    assert [v for v, _ in committed_versions(trainer.config.run.checkpoint_dir)] == [2]
+    assert queue.pending_count() == 0 and queue.awaiting_persist() == 0  # acknowledged, after the commit
+    state = load_trainer_state(committed_versions(trainer.config.run.checkpoint_dir)[0][1])[1]
+    assert set(state["consumed_rollout_ids"]) == {r.rollout_id for _, r in first + second}
+    assert [json.loads(f[b"json"])["version"] for _, f in queue.redis.xrange(queue.steps_stream)] == [1, 2]
+
+    # At-least-once: the same rollout delivered again (a crash between commit and ack) is acked, not trained.
+    queue.add(first[0][1])
+    for i in range(8):
+        queue.add(rollout(trainer.tokenizer, version=2, reward=float(i), seed=200 + i))
     again = trainer.collect(stop)
-    assert entries[0][1].rollout_id not in {r.rollout_id for _, r in again}
+    assert first[0][1].rollout_id not in {r.rollout_id for _, r in again}
     assert trainer.metrics.dropped.labels(reason="duplicate")._value.get() == 1
     assert len(again) == 8
     group = next(g for g in queue.redis.xinfo_groups(queue.stream) if g["name"].decode() == GROUP)
@@ -135,6 +155,7 @@ def test_a_non_finite_update_publishes_nothing_and_training_continues(tiny_lm_di
         queue.add(rollout(trainer.tokenizer, version=0, reward=3e38 * (1 if i % 2 else -1), seed=i))
     assert trainer.step(trainer.collect(threading.Event())) is None
     assert committed_versions(trainer.config.run.checkpoint_dir) == [] and queue.latest_version()[0] == 0
+    assert not published_dir(trainer.config.run).joinpath("v000001").exists()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     dropped = queue.redis.xrange(queue.dropped_stream)
     assert len(dropped) == 8 and {f[b"drop_reason"] for _, f in dropped} == {b"nonfinite"}
@@ -147,7 +168,8 @@ def test_a_non_finite_update_publishes_nothing_and_training_continues(tiny_lm_di
 def test_a_batch_past_the_kl_hard_limit_rolls_the_policy_back_and_training_continues(tiny_lm_dir, redis_url, tmp_path):
     from services.common.models import load_causal_lm as load
 
-    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, kl_hard_limit=3.0, kl_coef=0.1, lr=1e-2)
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, kl_hard_limit=3.0, kl_coef=0.1, lr=1e-2,
+                           checkpoint_every_steps=1)
     queue = trainer.queue
     queue.ensure_group()
 
@@ -163,6 +185,7 @@ def test_a_batch_past_the_kl_hard_limit_rolls_the_policy_back_and_training_conti
     assert rollback["event"] == "rollback" and rollback["rolled_back_to"] == 0 and rollback["version"] == 2
     assert trainer.kl_controller.value == pytest.approx(0.2)  # raise_beta, factor 2
     assert trainer.metrics.rollbacks._value.get() == 1
+    trainer.persister.wait()  # a rollback persists at once: the restored weights and the raised β
     v1, v2 = (dict(committed_versions(trainer.config.run.checkpoint_dir))[v] for v in (1, 2))
     base = load(str(tiny_lm_dir), torch.device("cpu"), "base").state_dict()
     restored = load(str(v2), torch.device("cpu"), "v2").state_dict()

@@ -1,7 +1,7 @@
 """What `belay up` prints and writes about a run: the trend through batch noise, and the timings."""
 from services.launcher import format_step, summarise
 
-TIMINGS = ("generate", "reference", "reward", "update", "checkpoint", "swap")
+TIMINGS = ("generate", "reference", "reward", "update", "publish", "persist", "swap")
 
 
 def step(version: int, reward: float, kl: float, update_seconds: float) -> dict:

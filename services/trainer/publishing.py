@@ -1,0 +1,155 @@
+"""Publish: after every update, the weights the policy serves reach it through a weight transport.
+
+Publishing is on the trainer's critical path, so it moves only what the policy needs: the model's
+tensors in their serving dtype (adapter tensors only under LoRA), never optimizer state. Which
+transport carries them is `trainer.weight_transport`:
+
+- `file`: a vNNNNNN directory of safetensors in run.publish_dir (memory-backed by default), which
+  the policy memory-maps; versions no replica serves any more are removed;
+- `broadcast`: a torch.distributed group per policy replica (services/trainer/broadcast.py);
+- `cuda_ipc`: CUDA IPC handles for a policy on the trainer's GPU (services/trainer/cuda_ipc.py).
+
+Every publication is announced in Redis (the truth: version, location, transport, and how many
+trained rollouts still await their persist) and pushed to the policy with UpdateWeights.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import grpc
+import torch
+
+from belay.v1 import belay_pb2, belay_pb2_grpc
+
+from ..common.checkpoints import prune_below, write_checkpoint, write_weights
+from ..common.config import BelayConfig
+from ..common.lora import adapter_config, adapter_tensors, write_adapter_files
+from ..common.published import published_dir
+from ..common.rollout_queue import RolloutQueue
+
+log = logging.getLogger(__name__)
+REPLICA_REPORT_MAX_AGE = 120.0  # seconds: a replica silent for longer no longer holds back pruning
+
+
+def serving_tensors(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
+    """The live tensors the policy serves (no copies): under LoRA the adapter's; otherwise the state
+    dict with tied duplicates dropped (the first name of each storage kept, as save_pretrained does
+    for an lm_head tied to the embeddings)."""
+    if lora:
+        return adapter_tensors(model)
+    seen, tensors = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = tensor.detach()
+    return tensors
+
+
+@dataclass
+class Publication:
+    version: int
+    location: str      # the directory (file), or "" where the weights travel by a group
+    transport: str
+    bytes: int         # moved per receiving replica
+    seconds: float     # on the trainer's critical path, the announcement included
+
+
+class Transport(Protocol):
+    name: str
+
+    def send(self, version: int, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
+        """Deliver one version's tensors; returns (location to announce, bytes moved per replica)."""
+
+    def forget_below(self, version: int) -> None:
+        """Release what is kept of versions older than `version` (no replica serves them)."""
+
+    def close(self, remove: bool) -> None:
+        """Stop; with remove, delete what was published (the final version is persisted)."""
+
+
+class FileTransport:
+    """Weights-only safetensors in the publish directory, committed by rename, no fsync: published
+    weights are a hand-off, not a record (the persisted checkpoint is the record)."""
+    name = "file"
+
+    def __init__(self, root: pathlib.Path, lora_config: Callable[[], dict] | None):
+        self.root, self.lora_config = root, lora_config
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def send(self, version: int, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
+        written = []
+
+        def write_files(directory: pathlib.Path) -> None:
+            if self.lora_config is not None:
+                written.append(write_adapter_files(directory, tensors, self.lora_config()))
+            else:
+                written.append(write_weights(directory, tensors))
+
+        path = self.root / f"v{version:06d}"
+        if path.is_dir():  # published before this trainer started (a resume re-announces it)
+            return str(path), sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        return str(write_checkpoint(self.root, version, write_files, durable=False)), written[0]
+
+    def forget_below(self, version: int) -> None:
+        for path in prune_below(self.root, version):
+            log.debug("removed published %s: no replica serves it", path)
+
+    def close(self, remove: bool) -> None:
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def make_transport(config: BelayConfig, model: torch.nn.Module) -> Transport:
+    lora = (lambda: adapter_config(model)) if config.lora.enabled else None
+    kind = config.trainer.weight_transport
+    if kind == "file":
+        return FileTransport(published_dir(config.run), lora)
+    if kind == "broadcast":
+        from .broadcast import BroadcastTransport
+        return BroadcastTransport(config)
+    from .cuda_ipc import CudaIpcTransport
+    return CudaIpcTransport(config)
+
+
+class Publisher:
+    """Sends each version through the transport, announces it, and prunes what no replica serves."""
+
+    def __init__(self, config: BelayConfig, queue: RolloutQueue, policy: belay_pb2_grpc.PolicyStub | None,
+                 transport: Transport):
+        self.config, self.queue, self.policy, self.transport = config, queue, policy, transport
+
+    def publish(self, version: int, model: torch.nn.Module, awaiting: int,
+                until_redis_answers: Callable) -> Publication:
+        started = time.perf_counter()
+        location, moved = self.transport.send(version, serving_tensors(model, self.config.lora.enabled))
+        until_redis_answers(lambda: self.queue.publish_version(version, location, self.transport.name, awaiting),
+                            f"announcing version {version}")
+        self.push(version, location)
+        seconds = time.perf_counter() - started
+        self.prune(version, until_redis_answers)
+        return Publication(version, location, self.transport.name, moved, seconds)
+
+    def push(self, version: int, location: str) -> None:
+        """Tell the policy at once (file transport); the Redis key stays the truth if this fails."""
+        if self.policy is None or self.transport.name != "file":
+            return
+        try:
+            self.policy.UpdateWeights(belay_pb2.UpdateWeightsRequest(version=version, checkpoint_path=location),
+                                      timeout=10)
+        except grpc.RpcError as error:
+            log.warning("policy not told of version %d (%s); it will find it in Redis", version, error.code().name)
+
+    def prune(self, newest: int, until_redis_answers: Callable) -> None:
+        """Forget versions older than the oldest one a live replica serves (and than `newest`)."""
+        replicas = until_redis_answers(lambda: self.queue.replicas(REPLICA_REPORT_MAX_AGE), "reading replicas")
+        oldest_served = min([record["version"] for record in replicas.values()], default=newest)
+        self.transport.forget_below(min(oldest_served, newest))
+
+    def close(self, remove: bool) -> None:
+        self.transport.close(remove)
