@@ -194,10 +194,18 @@ class RolloutQueue:
     def claim_abandoned(self, consumer: str, min_idle_ms: int, count: int
                         ) -> list[tuple[str, Rollout | MalformedRollout]]:
         """Take over entries another consumer read but left unacknowledged for min_idle_ms (a trainer
-        that died: a restarted one has a new name). XAUTOCLAIM, Redis >= 6.2."""
-        reply = self.redis.xautoclaim(self.stream, GROUP, consumer, min_idle_ms, start_id="0-0", count=count)
+        that died: a restarted one has a new name). Our own pending entries are never claimed: they
+        include rollouts trained and awaiting their persist, idle for as long as the persist takes."""
+        abandoned = [p["message_id"] for p in self.redis.xpending_range(self.stream, GROUP, "-", "+", count=100_000,
+                                                                       idle=min_idle_ms)
+                     if p["consumer"].decode() != consumer][:count]
+        if not abandoned:
+            return []
         entries = []
-        for entry_id, fields in reply[1]:
+        for entry_id, fields in self.redis.xclaim(self.stream, GROUP, consumer, min_idle_ms, abandoned):
+            if not fields:  # deleted from the stream meanwhile: nothing left to deliver
+                self.ack([entry_id.decode()])
+                continue
             try:
                 entries.append((entry_id.decode(), Rollout.from_fields(fields)))
             except MalformedRollout as error:

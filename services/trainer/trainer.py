@@ -41,6 +41,7 @@ from .trainer_metrics import TrainerMetrics
 
 log = logging.getLogger(__name__)
 REMEMBERED_ROLLOUT_IDS = 50_000  # for de-duplication across at-least-once redelivery
+CHECKPOINT_FORMAT = 2
 
 
 def review_samples(rollouts: list[Rollout], version: int) -> list[dict]:
@@ -119,11 +120,14 @@ class Trainer:
         if latest is None:
             return 0
         version, path = latest
+        tensors, meta = load_trainer_state(path)
+        if meta.get("format", 1) > CHECKPOINT_FORMAT:  # 1: a checkpoint per version; 2: lineage, persist cadence
+            raise ValueError(f"{path} was written in checkpoint format {meta['format']} by a newer Belay; this "
+                             f"trainer reads formats 1 to {CHECKPOINT_FORMAT}: resume it with that version or newer")
         if self.config.lora.enabled:
             load_adapter_into(self.model, path)
         else:
             load_weights_into(self.model, path)
-        tensors, meta = load_trainer_state(path)
         if self.value_head is not None:
             self.value_head.load_state_dict({k[len("value_head/"):]: v for k, v in tensors.items()
                                              if k.startswith("value_head/")})
@@ -404,7 +408,7 @@ class Trainer:
         state = {k: copied[k] for k in state}
         state["rng/torch"] = torch.get_rng_state()
         state["rng/shuffle"] = self.shuffle.get_state()
-        meta = {"format": 2, "version": version, "optimizer": optimizer_rest, "scheduler": self.scheduler.state_dict(),
+        meta = {"format": CHECKPOINT_FORMAT, "version": version, "optimizer": optimizer_rest, "scheduler": self.scheduler.state_dict(),
                 "kl_controller": self.kl_controller.state_dict(), "reward_moments": self.reward_moments.state_dict(),
                 "good_versions": sorted(self.good_versions), "lineage": self.lineage.state(),
                 "consumed_rollout_ids": list(self.consumed_ids)[-REMEMBERED_ROLLOUT_IDS:],
