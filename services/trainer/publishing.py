@@ -26,7 +26,7 @@ import torch
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
-from ..common.checkpoints import prune_below, write_checkpoint, write_weights
+from ..common.checkpoints import prune_below, remove_unfinished, write_checkpoint, write_weights
 from ..common.config import BelayConfig
 from ..common.lora import adapter_config, adapter_tensors, write_adapter_files
 from ..common.published import published_dir
@@ -81,6 +81,8 @@ class FileTransport:
     def __init__(self, root: pathlib.Path, lora_config: Callable[[], dict] | None):
         self.root, self.lora_config = root, lora_config
         self.root.mkdir(parents=True, exist_ok=True)
+        for path in remove_unfinished(self.root):  # the one publisher: what a killed one left half-written
+            log.warning("removed %s, a publish a killed trainer never finished", path)
 
     def send(self, version: int, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
         written = []

@@ -40,7 +40,7 @@ EXPRESSION_UID = "__expr__"  # Grafana's server-side expressions (reduce, thresh
 
 SERVICES = {"policy": 9101, "reference": 9102, "reward": 9103, "trainer": 9104}
 ALERTS = {"BelayKLDivergenceHigh", "BelayServiceDown", "BelayRolloutQueueBacklog", "BelayStaleRollouts",
-          "BelayNonFiniteSkips", "BelayTrainerStalled",
+          "BelayNonFiniteSkips", "BelayTrainerStalled", "BelayPersistOverdue",
           # the failure detectors (services/trainer/detectors.py)
           "BelayRewardHacking", "BelayResponsesShrinking", "BelayTemplateCollapse", "BelayPolicyNotMoving"}
 PROMETHEUS_OWN = {"up"}  # series Prometheus writes itself for every target

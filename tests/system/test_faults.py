@@ -1,14 +1,19 @@
-"""Faults injected into a running stack of real processes: kill -9 of the trainer mid-update, the
-policy mid-generation, the reward service mid-request, and Redis (AOF, appendfsync always). After
-recovery the policy version keeps advancing and every rollout written is accounted for once."""
+"""Faults injected into a running stack of real processes: kill -9 of the trainer mid-update,
+mid-publish and mid-persist, the policy mid-generation, the reward service mid-request, and Redis
+(AOF, appendfsync always). After recovery the policy version keeps advancing and every rollout
+written is accounted for once: trained once into the resumed lineage, or dropped with a reason."""
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import signal
 import time
 
 import pytest
 
 from services.common.config import BelayConfig
+from services.common.published import published_dir
 from services.common.rollout_queue import RolloutQueue
 from services.launcher import LocalStack
 from tests.system.conftest import account_for_rollouts, variant
@@ -33,10 +38,31 @@ def wait_for_version(stack: LocalStack, queue: RolloutQueue, version: int, timeo
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("victim", ["trainer", "policy", "reward", "redis"])
+def kill_inside(stack: LocalStack, directory: pathlib.Path, timeout: float) -> str:
+    """kill -9 the trainer while it writes a version into `directory` (a .tmp-v* directory exists).
+    It is frozen with SIGSTOP the moment one appears; if the directory is still there while it is
+    frozen, the kill lands mid-write for certain, else it resumes and the next write is tried."""
+    pid = stack.processes["trainer"].popen.pid
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = os.listdir(directory) if directory.is_dir() else []
+        if any(name.startswith(".tmp-v") for name in names):
+            os.kill(pid, signal.SIGSTOP)
+            caught = [name for name in os.listdir(directory) if name.startswith(".tmp-v")]
+            if caught:
+                stack.kill("trainer")
+                return caught[0]
+            os.kill(pid, signal.SIGCONT)
+        stack.check_alive()
+    raise AssertionError(f"the trainer wrote nothing into {directory} in {timeout:.0f} s")
+
+
+@pytest.mark.parametrize("victim", ["trainer", "trainer-mid-publish", "trainer-mid-persist", "policy", "reward",
+                                    "redis"])
 def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, tmp_path):
-    # run until stopped; a killed trainer's unacknowledged rollouts are claimed after 3 s
-    config = variant(stack_config, {"trainer": {"max_steps": 0}, "redis": {"claim_idle_ms": 3000}})
+    # run until stopped, persist every 2 updates; a killed trainer's unacknowledged rollouts are claimed after 3 s
+    config = variant(stack_config, {"trainer": {"max_steps": 0, "checkpoint_every_steps": 2},
+                                    "redis": {"claim_idle_ms": 3000}})
     stack = LocalStack(config, tmp_path / "run", say=lambda *_: None)
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
     try:
@@ -45,23 +71,33 @@ def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, 
         wait_for_version(stack, queue, 3, 120)
         times = [step["time"] for _, step in queue.read_steps("0-0")]
         normal_step = (times[-1] - times[0]) / max(1, len(times) - 1)  # seconds between versions, unharmed
-        time.sleep(0.3)  # into the next step: the trainer mid-update, the policy mid-batch
         before = latest_version(queue)
+        caught = ""
+        if victim == "trainer-mid-publish":
+            caught = kill_inside(stack, published_dir(config.run), 120)
+        elif victim == "trainer-mid-persist":
+            caught = kill_inside(stack, pathlib.Path(config.run.checkpoint_dir), 120)
+        else:
+            time.sleep(0.3)  # into the next step: the trainer mid-update, the policy mid-batch
+            stack.kill(victim)
         killed_at = time.monotonic()
-        stack.kill(victim)
+        victim = victim.split("-")[0]
         if victim in ("reward", "redis"):
             time.sleep(2.0)  # the others see it gone and back off
         stack.restart(victim)
-        recovered = wait_for_version(stack, queue, before + 2, 240)
+        recovered = wait_for_version(stack, queue, latest_version(queue) + 2, 240)
         lost = time.monotonic() - killed_at - 2 * normal_step
         for name in ("policy", "trainer"):
             stack.processes[name].popen.terminate()
             stack.processes[name].popen.wait(120)
         accounts = account_for_rollouts(config)
-        assert accounts["trained"] >= 8 * (before + 2)
+        assert accounts["trained"] >= 8 * 2  # at least the two updates after the recovery
         assert accounts["written"] == (accounts["trained"] + sum(accounts["dropped"].values())
                                        + accounts["pending"] + accounts["unread"])
-        print("FAULT " + json.dumps({"victim": victim, "seconds_to_two_more_versions": round(recovered, 1),
+        versions = [step["version"] for _, step in queue.read_steps("0-0")]
+        assert versions == sorted(set(versions)), "a version number was used twice"
+        print("FAULT " + json.dumps({"victim": victim, "killed_inside": caught,
+                                     "seconds_to_two_more_versions": round(recovered, 1),
                                      "normal_step_seconds": round(normal_step, 1),
                                      "seconds_lost_vs_normal": round(max(lost, 0.0), 1), **accounts}))
     finally:
