@@ -154,7 +154,9 @@ def test_published_versions_go_once_no_live_replica_serves_them(tiny_lm_dir, red
     feed(trainer, 3, version=3)
     train_one(trainer)
     assert [p.name for p in sorted(root.glob("v*"))] == ["v000002", "v000003", "v000004"]
-    trainer.finish()  # the final version is persisted: the published copies go
+    for replica in ("replica-a", "replica-b"):
+        queue.report_serving(replica, 4, "127.0.0.1:1", "file")
+    trainer.finish()  # the final version is persisted and served everywhere: the published copies go
     assert not root.exists()
 
 
@@ -210,3 +212,26 @@ def test_persist_cadence_by_steps_or_seconds_and_its_gauges(tiny_lm_dir, redis_u
     train_one(trainer)
     trainer.persister.wait()
     assert [v for v, _ in committed_versions(trainer.config.run.checkpoint_dir)][-1] == 5
+
+
+def test_lora_publishes_the_adapter_tensors_only_and_the_policy_takes_them(tiny_lm_dir, redis_url, tmp_path):
+    from services.common.lora import adapter_tensors, lora_settings, wrap_with_lora
+
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path)
+    trainer.config.lora.enabled = True
+    trainer = Trainer(trainer.config, load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "t"), trainer.tokenizer,
+                      trainer.queue, TrainerMetrics(CollectorRegistry()))
+    feed(trainer, 0, version=0)
+    summary = train_one(trainer)
+    version, path = trainer.queue.latest_version()
+    files = sorted(p.name for p in pathlib.Path(path).iterdir())
+    assert files == ["MANIFEST.json", "adapter_config.json", "adapter_model.safetensors"]
+    adapters = adapter_tensors(trainer.model)
+    assert summary["publish_bytes"] < sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
+    policy_model = wrap_with_lora(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
+                                  lora_settings(trainer.config.lora))
+    engine = PolicyEngine(policy_model, trainer.tokenizer, trainer.config.grpc, 4096)
+    engine.swap_to(version, checked_weights_path(trainer.config.run, version, path))
+    served = adapter_tensors(engine.loaded.model)
+    assert set(served) == set(adapters) and all(torch.equal(served[k], adapters[k]) for k in adapters)
+    assert any(t.abs().sum() > 0 for name, t in served.items() if "lora_B" in name)  # the update reached it

@@ -41,7 +41,7 @@ def test_belay_up_runs_n_iterations_prints_progress_and_stops_everything(stack_c
     assert summary["iterations"] == 2
     assert set(summary["eval"]["models"]) == {"reference", "v000002"}
     assert "held-out reward" in out and "held-out perplexity" in out
-    assert set(summary["mean_seconds"]) == {"generate", "reference", "reward", "update", "checkpoint", "swap"}
+    assert set(summary["mean_seconds"]) == {"generate", "reference", "reward", "update", "publish", "persist", "swap"}
     # The end-of-run report: the plots, and the canaries of version 0 and of the last version.
     report = (tmp_path / "run" / "report" / "report.md").read_text()
     assert (tmp_path / "run" / "report" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -51,7 +51,8 @@ def test_three_ppo_iterations_hot_swap_and_no_rollout_lost(stack_config: BelayCo
         stack.wait_healthy(180)
         steps = follow(config, stack, iterations=3, say=lambda *_: None)
 
-        # The policy version advances one per update, and checkpoints are committed for each.
+        # The policy version advances one per update; at max_steps the trainer persists the last one.
+        assert stack.processes["trainer"].popen.wait(120) == 0
         assert [s["version"] for s in steps] == [1, 2, 3]
         assert [v for v, _ in committed_versions(config.run.checkpoint_dir)][-1] == 3
         for step in steps:

@@ -39,6 +39,7 @@ def test_run_completes_several_iterations(name, stack_config, tmp_path, tiny_lm_
         if name == "gae":
             assert all(np.isfinite(s["value_loss"]) for s in steps)
         if name == "lora":
+            assert stack.processes["trainer"].popen.wait(120) == 0  # max_steps: the last version persisted
             check_lora_hot_swap(config, tiny_lm_dir)
     finally:
         stack.stop(grace=30)
