@@ -110,7 +110,9 @@ class Persister:
             snapshot.entry_ids, self.in_flight, self.trained = list(self.trained), list(self.trained), []
             self.updates_since = 0
         self.last_persist = time.monotonic()
-        self.thread = threading.Thread(target=self._write, args=(snapshot,), name=f"persist-v{snapshot.version}")
+        # A daemon: finish() waits for it on every clean exit; nothing else may keep the process alive
+        self.thread = threading.Thread(target=self._write, args=(snapshot,), name=f"persist-v{snapshot.version}",
+                                       daemon=True)
         self.thread.start()
         return waited
 
