@@ -155,7 +155,7 @@ def measure_broadcast(nbytes: int = BROADCAST_PROBE_BYTES, timeout: float = 300.
     if answer.get("absent"):
         return {"bytes_per_second": None, "status": "not measured (broadcast transport not present)"}
     return {"bytes_per_second": answer["gbps"] * GB,
-            "status": f"measured: torch.distributed broadcast of {nbytes} bytes"}
+            "status": f"measured by services.trainer.broadcast.measure_broadcast_gbps({nbytes})"}
 
 
 def transports(results: dict, broadcast: dict) -> dict:
