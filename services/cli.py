@@ -113,8 +113,9 @@ def cmd_bench(args) -> int:
     from .bench.workload import Workload
     from .common.smollm2 import DEFAULT_DIR, prepare_smollm2
 
-    if args.iterations < 1 or args.warmup < 0:
-        print(f"--iterations must be >= 1 and --warmup >= 0 (got {args.iterations}, {args.warmup})", file=sys.stderr)
+    if args.iterations < 1 or args.warmup < 0 or args.repeat < 1 or args.checkpoint_every_steps < 1:
+        print(f"--iterations, --repeat and --checkpoint-every-steps must be >= 1 and --warmup >= 0 (got "
+              f"{args.iterations}, {args.repeat}, {args.checkpoint_every_steps}, {args.warmup})", file=sys.stderr)
         return 2
     defaults = Workload()
     model_dir = pathlib.Path(args.model_dir or defaults.model_dir).expanduser()
@@ -128,8 +129,10 @@ def cmd_bench(args) -> int:
         return 2
     reward_dir = ensure_reward_model(model_dir, args.reward_dir or defaults.reward_dir)
     workload = dataclasses.replace(defaults, model_dir=str(model_dir), reward_dir=str(reward_dir),
-                                   iterations=args.iterations, warmup=args.warmup)
-    results = run_bench(workload, pathlib.Path(args.run_dir), trl=args.trl, trl_python=args.trl_python)
+                                   iterations=args.iterations, warmup=args.warmup,
+                                   checkpoint_every_steps=args.checkpoint_every_steps)
+    results = run_bench(workload, pathlib.Path(args.run_dir), trl=args.trl, trl_python=args.trl_python,
+                        repeat=args.repeat)
     print()
     print(format_report(results))
     if args.json:
@@ -182,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, help="also write every figure to this JSON file")
     bench.add_argument("--iterations", type=int, default=Workload.iterations, help="measured PPO steps per mode")
     bench.add_argument("--warmup", type=int, default=Workload.warmup, help="steps run first, not measured")
+    bench.add_argument("--repeat", type=int, default=1, help="run the overlap-off services mode and the in-process "
+                       "mode this many times each and judge their median seconds per step")
+    bench.add_argument("--checkpoint-every-steps", type=int, default=Workload.checkpoint_every_steps,
+                       help="persist cadence of every mode (trainer.checkpoint_every_steps)")
     bench.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True,
                        help="run TRL's PPOTrainer on the same workload (--no-trl skips it)")
     bench.add_argument("--trl-python", default=sys.executable, help="the interpreter (environment) that runs TRL")

@@ -1,10 +1,11 @@
 """The bench's in-process mode: the same workload and the same functions as the services
 (PolicyEngine.generate, response_logprobs on the frozen reference, the reward backend's score,
-build_rollouts, Trainer.update, Trainer.save), in one process with no RPC and no queue.
+build_rollouts, Trainer.update, Trainer.persist), in one process with no RPC and no queue.
 
 One model is both the policy and the trainer's: an update is already in the weights the next
-batch samples with, so there is no hot-swap (reported as 0). A checkpoint is still written after
-every update (the same durability as the services), and its time is reported on its own.
+batch samples with, so there is nothing to publish and no hot-swap (both reported as 0). The full
+checkpoint is persisted at the services' cadence (every workload.checkpoint_every_steps updates,
+in the background through the trainer's Persister), and the last persist is waited for at the end.
 
 Run as `python -m services.bench.in_process --workload W.json --run-dir D --json OUT` so that the
 process's peak memory is this mode's alone."""
@@ -20,12 +21,13 @@ import time
 import torch
 from prometheus_client import CollectorRegistry
 
-from ..common.checkpoints import prune_checkpoints
+from ..common.checkpoints import committed_versions
 from ..common.logprob_service import LoadedModel
 from ..common.models import freeze, load_causal_lm, load_tokenizer, resolve_device, response_logprobs
 from ..policy.actor import PromptCycle, build_rollouts, read_prompts
 from ..policy.engine import PolicyEngine, Sampling
 from ..reward.backends import build_backend, check_scores
+from ..trainer.publishing import serving_tensors
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
 from .workload import Workload, belay_config
@@ -37,6 +39,10 @@ def peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def directory_bytes(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*") if f.is_file())
 
 
 def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
@@ -51,6 +57,13 @@ def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
     model = load_causal_lm(workload.model_dir, device, "policy")
     engine = PolicyEngine(model, tokenizer, config.grpc, policy.max_tokens_per_forward)
     trainer = Trainer(config, model, tokenizer, queue=None, metrics=TrainerMetrics(CollectorRegistry()))
+    writes: dict[int, float] = {}  # seconds of each background write, by version
+
+    def persisted(seconds: float, observe=trainer.persister.on_persisted) -> None:
+        observe(seconds)
+        writes[trainer.persister.persisted_version] = seconds
+
+    trainer.persister.on_persisted = persisted
     reference = freeze(load_causal_lm(workload.model_dir, device, "reference"))
     reward = build_backend(config.reward, resolve_device(config.reward.device))
     prompt_cycle = PromptCycle(read_prompts(policy.prompts_file), policy.seed)
@@ -74,25 +87,43 @@ def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
                                   [{} for _ in scores], reward.model_id, timings, policy.samples_per_prompt)
         clock = time.perf_counter()
         summary = trainer.update(rollouts)
-        update_seconds, clock = time.perf_counter() - clock, time.perf_counter()
+        update_seconds = time.perf_counter() - clock
         version = trainer.version + 1
-        trainer.save(version, [r.rollout_id for r in rollouts])
         trainer.version = version
+        trainer.lineage.advance(version)
         trainer.consumed_ids.extend(r.rollout_id for r in rollouts)
-        prune_checkpoints(config.run.checkpoint_dir, config.trainer.keep_checkpoints)
-        checkpoint_seconds = time.perf_counter() - clock
+        # No publish: the one model already holds the update. Persist at the services' cadence: the
+        # snapshot here (critical path, with any wait for the previous persist), the write in the background.
+        trainer.persister.trained_into_published([])
+        persist_seconds = trainer.persist() if trainer.persister.due() else 0.0
         engine.loaded = LoadedModel(model=model, version=version)  # the one model already holds the update
         records.append({
             "version": version, "end_time": time.time(), "rollouts": len(rollouts),
             "response_tokens": sum(len(r) for r in batch.response_ids), "rollout_versions": [batch.version],
-            "optimizer_steps": summary["optimizer_steps"],
+            "optimizer_steps": summary["optimizer_steps"], "publish_bytes": 0,
+            "persisted_version": trainer.persister.persisted_version,
+            "persist_background_seconds": trainer.persister.last_write_seconds,
             "seconds": {"generation": batch.generate_seconds, "behaviour_logprobs": batch.logprob_seconds,
                         "reference": reference_seconds, "reward": reward_seconds, "queue": 0.0,
-                        "update": update_seconds, "checkpoint_write": checkpoint_seconds, "hot_swap": 0.0}})
+                        "update": update_seconds, "publish": 0.0, "persist": persist_seconds, "hot_swap": 0.0}})
+    waited_at_end = trainer.persister.wait()  # the last persist, if one is in flight: after the measured window
     start = records[workload.warmup - 1]["end_time"] if workload.warmup else started[0]
+    committed = committed_versions(config.run.checkpoint_dir)
+    checkpoint_bytes = directory_bytes(committed[-1][1]) if committed else 0
+    every, rows = workload.checkpoint_every_steps, workload.batch_size
     return {"steps": records, "measured_from": start, "warmup": workload.warmup,
             "peak_memory_bytes": {"in_process": peak_rss_bytes()},
-            "checkpoint_per_step": True, "hot_swap_per_step": False,
+            "bytes": {"publish_bytes_per_update": 0, "publish_bytes_per_rollout": 0.0,
+                      "checkpoint_bytes_per_persist": checkpoint_bytes,
+                      "persist_bytes_per_update": checkpoint_bytes / every,
+                      "persist_bytes_per_rollout": checkpoint_bytes / every / rows},
+            "persist_writes_seconds": {str(v): sec for v, sec in sorted(writes.items())},
+            "persist_wait_at_end_seconds": waited_at_end,
+            "checkpoint_every_steps": every, "weight_transport": "none (one model: no hand-off)",
+            "model_parameters": sum(p.numel() for p in model.parameters()),  # tied weights counted once
+            # what a broadcast would send per replica (and cuda_ipc share) per update: the serving tensors
+            "serving_tensor_bytes": sum(t.numel() * t.element_size() for t in serving_tensors(model, False).values()),
+            "hot_swap_per_step": False,
             "settings": {"processes": "1 (policy = trainer model, reference, reward backend)",
                          "torch_threads": workload.torch_threads, "reference_and_reward": "sequential"}}
 

@@ -29,6 +29,7 @@ class Workload:
     iterations: int = 3   # measured PPO steps per mode
     warmup: int = 1       # steps run first and not measured (start-up, first allocation)
     torch_threads: int = 2
+    checkpoint_every_steps: int = 10  # the trainer's default persist cadence (trainer.checkpoint_every_steps)
 
     @property
     def batch_size(self) -> int:
@@ -86,5 +87,6 @@ def belay_config(workload: Workload, run_dir: pathlib.Path, max_staleness: int =
                     "batch_size": workload.batch_size, "minibatch_size": workload.minibatch_size,
                     "ppo_epochs": workload.ppo_epochs, "lr": workload.lr, "kl_coef": workload.kl_coef,
                     "temperature": workload.temperature, "max_staleness": max_staleness, "advantage": advantage,
-                    "keep_checkpoints": 2, "seed": workload.seed, "torch_threads": threads["trainer"], "review_port": 0},
+                    "keep_checkpoints": 2, "checkpoint_every_steps": workload.checkpoint_every_steps,
+                    "seed": workload.seed, "torch_threads": threads["trainer"], "review_port": 0},
     })

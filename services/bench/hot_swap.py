@@ -1,6 +1,6 @@
 """Hot-swap time on the embedded SmolLM2-135M: a full-weight checkpoint against a LoRA adapter.
 
-    .venv/bin/python benchmarks/hot_swap.py [--repeats 5] [--rank 8]
+    .venv/bin/python -m services.bench.hot_swap [--repeats 5] [--rank 8]
 
 Prints the median and range of PolicyEngine.swap_to for each kind, and the checkpoint sizes.
 """
