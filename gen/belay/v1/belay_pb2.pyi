@@ -115,7 +115,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, prompt_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., response_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., logprobs: _Optional[_Union[PackedFloat32, _Mapping]] = ..., response_texts: _Optional[_Iterable[str]] = ..., finish_reasons: _Optional[_Iterable[_Union[FinishReason, str]]] = ..., prompt_index: _Optional[_Iterable[int]] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("version", "checkpoint_path", "transport", "rendezvous", "group_key", "new_group", "rank", "world_size", "manifest", "bucket_bytes", "ipc_buffers")
+    __slots__ = ("version", "checkpoint_path", "transport", "rendezvous", "group_key", "new_group", "rank", "world_size", "manifest", "bucket_bytes", "ipc_buffers", "backend")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class UpdateWeightsRequest(_message.Message):
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
     IPC_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     version: int
     checkpoint_path: str
     transport: str
@@ -138,7 +139,8 @@ class UpdateWeightsRequest(_message.Message):
     manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     bucket_bytes: int
     ipc_buffers: _containers.RepeatedCompositeFieldContainer[CudaIpcBuffer]
-    def __init__(self, version: _Optional[int] = ..., checkpoint_path: _Optional[str] = ..., transport: _Optional[str] = ..., rendezvous: _Optional[str] = ..., group_key: _Optional[str] = ..., new_group: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., ipc_buffers: _Optional[_Iterable[_Union[CudaIpcBuffer, _Mapping]]] = ...) -> None: ...
+    backend: str
+    def __init__(self, version: _Optional[int] = ..., checkpoint_path: _Optional[str] = ..., transport: _Optional[str] = ..., rendezvous: _Optional[str] = ..., group_key: _Optional[str] = ..., new_group: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., ipc_buffers: _Optional[_Iterable[_Union[CudaIpcBuffer, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")

@@ -1,0 +1,188 @@
+"""The broadcast transport end to end: a real trainer-side Publisher, real policy gRPC servers on
+loopback, a real redis-server for the announcement and the replica registry, real gloo groups.
+Replicas swap at once (run_actor False), so what they serve can be checked right after a publish."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import grpc
+import pytest
+import redis
+import torch
+from torch.distributed import PrefixStore, TCPStore
+
+from belay.v1 import belay_pb2
+from services.common.models import load_tokenizer, weights_fingerprint
+from services.common.rollout_queue import RolloutQueue
+from services.common.weight_buckets import manifest_of, specs_to_messages
+from services.common.weight_groups import make_group, ready_key
+from services.policy.receiving import BroadcastReceiver, split_rendezvous
+from services.trainer.publishing import Publisher, make_transport
+
+from ..conftest import free_port
+from .conftest import RPC_TIMEOUT, make_config, running_policy
+from .test_policy_service import tiny_model
+
+TIMEOUT = 3.0  # seconds: broadcast_timeout_seconds in these tests
+
+
+def settings(tiny_lm_dir, redis_url, tmp_path, **trainer):
+    return dict(run={"checkpoint_dir": str(tmp_path / "ckpt")}, redis={"url": redis_url},
+                trainer={"weight_transport": "broadcast", "broadcast_address": "127.0.0.1:0",
+                         "broadcast_bucket_mb": 0.02, "broadcast_timeout_seconds": TIMEOUT, **trainer},
+                policy={"model_dir": str(tiny_lm_dir)})
+
+
+@contextlib.contextmanager
+def replica(tiny_lm_dir, redis_url, tmp_path, queue: RolloutQueue, name: str, version: int = 0):
+    """A policy server on its own port, registered as its actor would register it."""
+    config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path))
+    config.policy.address = f"127.0.0.1:{free_port()}"
+    with running_policy(config) as running:
+        queue.report_serving(name, version, running.address, "broadcast")
+        yield running
+
+
+def served(running) -> tuple[int, str]:
+    info = running.stub.Info(belay_pb2.InfoRequest(), timeout=RPC_TIMEOUT)
+    return info.policy_version, info.model_revision
+
+
+def immediately(action, what):
+    return action()
+
+
+@pytest.fixture
+def trainer_side(tiny_lm_dir, redis_url, tmp_path):
+    """(publisher, queue, model): the trainer's model is another tiny Llama of the same shape."""
+    config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path))
+    queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
+    model = tiny_model(load_tokenizer(str(tiny_lm_dir)), seed=4)
+    publisher = Publisher(config, queue, None, make_transport(config, model))
+    yield publisher, queue, model
+    publisher.close(remove=True)
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """What an update does, as far as publishing cares: every weight changes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.01)
+
+
+def test_two_replicas_receive_the_same_broadcast_and_serve_the_trainers_weights(
+        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    publisher, queue, model = trainer_side
+    with replica(tiny_lm_dir, redis_url, tmp_path, queue, "a") as first, \
+            replica(tiny_lm_dir, redis_url, tmp_path, queue, "b") as second:
+        for version in (1, 2):  # the second reuses both groups
+            if version == 2:
+                perturb(model, seed=7)
+            publication = publisher.publish(version, model, 0, immediately)
+            assert publication.transport == "broadcast" and publication.location == ""
+            assert publication.bytes == sum(t.numel() * 4 for t in model.state_dict().values()) - \
+                model.lm_head.weight.numel() * 4  # tied to the embeddings: sent once
+            assert served(first) == served(second) == (version, weights_fingerprint(model))
+            assert queue.latest_publication() == {"version": version, "path": "", "transport": "broadcast"}
+        assert len(publisher.transport.groups) == 2
+
+
+def test_a_replica_that_registers_late_catches_up_without_waiting_for_an_update(
+        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    publisher, queue, model = trainer_side
+    with replica(tiny_lm_dir, redis_url, tmp_path, queue, "early") as early:
+        publisher.publish(1, model, 0, immediately)
+        assert publisher.catch_up(1, model) == []  # nobody lags
+        with replica(tiny_lm_dir, redis_url, tmp_path, queue, "late") as late:
+            assert served(late)[0] == 0
+            publisher.transport.last_catch_up = 0.0  # catch_up reads the registry at most once a second
+            assert publisher.catch_up(1, model) == ["late"]
+            assert served(late) == served(early) == (1, weights_fingerprint(model))
+            publisher.transport.last_catch_up = 0.0
+            assert publisher.catch_up(1, model) == []  # sent once, even before its actor reports it
+
+
+class StuckReceiver(BroadcastReceiver):
+    """Joins the group, then never receives: a replica that dies mid-receive without closing its socket."""
+
+    def receive(self, request, own):
+        host, port = split_rendezvous(request.rendezvous)
+        self.store = PrefixStore(request.group_key, TCPStore(host, port, is_master=False))
+        self.store.set(ready_key(request.version), b"1")
+        self.group = make_group(self.store, 1, 2, "gloo", 60)
+        threading.Event().wait(4 * TIMEOUT)
+        raise RuntimeError("never")
+
+
+def test_a_replica_stuck_mid_receive_costs_the_others_no_more_than_the_timeout(
+        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    publisher, queue, model = trainer_side
+    with replica(tiny_lm_dir, redis_url, tmp_path, queue, "healthy") as healthy, \
+            replica(tiny_lm_dir, redis_url, tmp_path, queue, "stuck") as stuck:
+        stuck.servicer.receiver = StuckReceiver(torch.device("cpu"), TIMEOUT)
+        started = time.monotonic()
+        publisher.publish(1, model, 0, immediately)
+        seconds = time.monotonic() - started
+        assert TIMEOUT * 0.8 < seconds < TIMEOUT * 3  # one op's timeout, not the stuck replica's whole budget
+        assert served(healthy) == (1, weights_fingerprint(model))
+        assert served(stuck)[0] == 0
+        assert publisher.transport.groups["stuck"].group is None  # rebuilt under a fresh key next time
+        perturb(model, seed=8)
+        stuck.servicer.receiver = BroadcastReceiver(torch.device("cpu"), TIMEOUT)  # it recovers
+        publisher.publish(2, model, 0, immediately)  # the trainer keeps publishing
+        assert served(healthy) == served(stuck) == (2, weights_fingerprint(model))
+
+
+def test_a_dead_replica_is_dropped_at_once_and_the_trainer_keeps_publishing(
+        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    publisher, queue, model = trainer_side
+    with replica(tiny_lm_dir, redis_url, tmp_path, queue, "alive") as alive:
+        queue.report_serving("gone", 0, f"127.0.0.1:{free_port()}", "broadcast")  # registered, then died
+        for version in (1, 2):
+            started = time.monotonic()
+            publisher.publish(version, model, 0, immediately)
+            assert time.monotonic() - started < TIMEOUT
+            assert served(alive)[0] == version
+
+
+def test_a_manifest_that_misfits_is_refused_and_the_old_weights_keep_serving(
+        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    publisher, queue, _ = trainer_side
+    with replica(tiny_lm_dir, redis_url, tmp_path, queue, "a") as running:
+        before = served(running)
+        wrong = tiny_model(load_tokenizer(str(tiny_lm_dir)), seed=3, hidden_size=64, intermediate_size=128)
+        request = belay_pb2.UpdateWeightsRequest(
+            version=1, transport="broadcast", rendezvous=publisher.transport.rendezvous, group_key="k" * 32,
+            new_group=True, rank=1, world_size=2, bucket_bytes=1 << 20,
+            manifest=specs_to_messages(manifest_of(dict(wrong.state_dict())), belay_pb2.TensorSpec))
+        with pytest.raises(grpc.RpcError) as caught:
+            running.stub.UpdateWeights(request, timeout=RPC_TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "model.embed_tokens.weight has shape" in caught.value.details()
+        assert "old weights keep serving" in caught.value.details()
+        started = time.monotonic()  # through the trainer: refused before joining, so no wait for the timeout
+        publisher.publish(1, wrong, 0, immediately)
+        assert time.monotonic() - started < TIMEOUT
+        assert served(running) == before
+
+
+def test_malformed_broadcast_requests_are_invalid(tiny_lm_dir, redis_url, tmp_path):
+    config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path))
+    with running_policy(config) as running:
+        own = running.servicer.engine.swappable_tensors()
+        good = specs_to_messages(manifest_of({k: v for k, v in own.items() if k != "lm_head.weight"}),
+                                 belay_pb2.TensorSpec)
+        base = dict(version=1, transport="broadcast", rendezvous="127.0.0.1:1", group_key="k", new_group=True,
+                    rank=1, world_size=2, bucket_bytes=1024, manifest=good)
+        for change, says in [({"rank": 0}, "rank 0 of 2"), ({"group_key": ""}, "group_key"),
+                             ({"rendezvous": "nowhere"}, "host:port"), ({"bucket_bytes": 0}, "bucket_bytes"),
+                             ({"transport": "pigeon"}, "none of file"), ({"backend": "mpi"}, "neither gloo"),
+                             ({"manifest": good + good[:1]}, "twice")]:
+            with pytest.raises(grpc.RpcError) as caught:
+                running.stub.UpdateWeights(belay_pb2.UpdateWeightsRequest(**{**base, **change}), timeout=RPC_TIMEOUT)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
+            assert says in caught.value.details(), (change, caught.value.details())
+        assert served(running)[0] == 0
