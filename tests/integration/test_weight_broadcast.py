@@ -4,6 +4,9 @@ Replicas swap at once (run_actor False), so what they serve can be checked right
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,18 +14,28 @@ import grpc
 import pytest
 import redis
 import torch
+from prometheus_client import CollectorRegistry
 from torch.distributed import PrefixStore, TCPStore
 
 from belay.v1 import belay_pb2
-from services.common.models import load_tokenizer, weights_fingerprint
+from belay.v1.belay_pb2_grpc import PolicyStub
+from services.common.lora import adapter_tensors, lora_settings, wrap_with_lora
+from services.common.models import load_causal_lm, load_tokenizer, weights_fingerprint
 from services.common.rollout_queue import RolloutQueue
-from services.common.weight_buckets import manifest_of, specs_to_messages
+from services.common.weight_buckets import bucket_layout, manifest_of, specs_to_messages
 from services.common.weight_groups import make_group, ready_key
+from services.policy.actor import Actor
+from services.policy.engine import PolicyEngine
+from services.policy.policy_metrics import PolicyMetrics
 from services.policy.receiving import BroadcastReceiver, split_rendezvous
-from services.trainer.publishing import Publisher, make_transport
+from services.policy.server import PolicyServicer
+from services.policy.server import build_server as build_policy_server
+from services.policy.swaps import SwapRequests
+from services.trainer.publishing import Publisher, make_transport, serving_tensors
 
 from ..conftest import free_port
-from .conftest import RPC_TIMEOUT, make_config, running_policy
+from .conftest import RPC_TIMEOUT, make_config, running_policy, serving
+from .test_actor_swaps import REPO
 from .test_policy_service import tiny_model
 
 TIMEOUT = 3.0  # seconds: broadcast_timeout_seconds in these tests
@@ -186,3 +199,76 @@ def test_malformed_broadcast_requests_are_invalid(tiny_lm_dir, redis_url, tmp_pa
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
             assert says in caught.value.details(), (change, caught.value.details())
         assert served(running)[0] == 0
+
+
+def test_under_lora_only_adapter_tensors_travel_and_the_replica_serves_the_trainers_adapters(
+        tiny_lm_dir, redis_url, tmp_path):
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path), lora=lora)
+    config.policy.address = f"127.0.0.1:{free_port()}"
+    queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
+
+    def lora_lm():
+        return wrap_with_lora(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), lora_settings(config.lora))
+
+    engine = PolicyEngine(lora_lm(), load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    servicer = PolicyServicer(config, engine, SwapRequests(), PolicyMetrics(CollectorRegistry()))
+    model = lora_lm()
+    perturb(model, seed=9)  # the base is frozen in training; here every weight moves, and only adapters may travel
+    publisher = Publisher(config, queue, None, make_transport(config, model))
+    try:
+        with serving(config, build_policy_server(config, servicer), servicer, PolicyStub) as running:
+            queue.report_serving("a", 0, running.address, "broadcast")
+            publication = publisher.publish(1, model, 0, immediately)
+            adapters = adapter_tensors(model)
+            assert publication.bytes == sum(t.numel() * 4 for t in adapters.values())
+            assert served(running)[0] == 1
+            for name, tensor in engine.swappable_tensors().items():
+                assert torch.equal(tensor, adapters[name]), name
+            fresh = lora_lm().state_dict()  # the base weights did not move
+            assert all(torch.equal(v, fresh[k]) for k, v in engine.loaded.model.state_dict().items() if "lora_" not in k)
+    finally:
+        publisher.close(remove=True)
+
+
+def test_the_actor_swaps_to_staged_weights_and_never_loads_a_path_for_a_broadcast(tiny_lm_dir, redis_url, tmp_path):
+    config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path))
+    config.policy.prompts_file = str(REPO / "prompts/default.txt")
+    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
+                          load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
+    swaps, metrics = SwapRequests(), PolicyMetrics(CollectorRegistry())
+    actor = Actor(config, engine, queue, None, None, swaps, metrics)
+    queue.publish_version(1, "", "broadcast")  # announced; the weights arrive through the group
+    actor.take_new_weights()
+    assert engine.version == 0 and metrics.batch_failures.labels(reason="swap")._value.get() == 0
+    model = tiny_model(load_tokenizer(str(tiny_lm_dir)), seed=4)
+    swaps.offer(1, {k: v.clone() for k, v in serving_tensors(model, lora=False).items()})  # what receive() stages
+    actor.take_new_weights()
+    assert engine.version == 1 and engine.loaded.revision == weights_fingerprint(model)
+    record = queue.replicas()[actor.replica]
+    assert record["version"] == 1 and record["transport"] == "broadcast"
+
+
+def test_a_replica_killed_mid_receive_does_not_stall_the_other_and_publishing_goes_on(
+        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    publisher, queue, model = trainer_side
+    address = f"127.0.0.1:{free_port()}"
+    process = subprocess.Popen([sys.executable, "-m", "tests.integration.broadcast_replica", str(tiny_lm_dir),
+                                address, "1"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "serving"
+        with replica(tiny_lm_dir, redis_url, tmp_path, queue, "healthy") as healthy:
+            queue.report_serving("doomed", 0, address, "broadcast")
+            started = time.monotonic()
+            publisher.publish(1, model, 0, immediately)
+            assert time.monotonic() - started < 2 * TIMEOUT
+            assert process.wait(RPC_TIMEOUT) == -signal.SIGKILL  # it died after its first bucket
+            assert len(bucket_layout(manifest_of(serving_tensors(model, False)), publisher.transport.bucket_bytes)) > 2
+            assert served(healthy) == (1, weights_fingerprint(model))
+            perturb(model, seed=10)
+            publisher.publish(2, model, 0, immediately)
+            assert served(healthy) == (2, weights_fingerprint(model))
+    finally:
+        process.kill()
+        process.wait()
