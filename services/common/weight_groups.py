@@ -29,3 +29,5 @@ def broadcast_bucket(group, buffer: torch.Tensor) -> None:
     options = dist.BroadcastOptions()
     options.rootRank, options.rootTensor = 0, 0
     group.broadcast([buffer], options).wait()
+    if buffer.is_cuda:  # NCCL's wait only orders the stream: block until the bytes are really here
+        torch.cuda.current_stream(buffer.device).synchronize()

@@ -66,7 +66,12 @@ class ReplicaGroup:
     key: str = field(default_factory=lambda: secrets.token_hex(16))
     group: object | None = None  # built on the first send
     sent_version: int = -1       # the newest version this replica received from us
-    failed_at: float = 0.0
+    failed_at: float | None = None  # time.monotonic() of the last failed send
+
+    def may_catch_up(self, version: int, now: float) -> bool:
+        """Not sent `version` yet, and no failed send in the last RETRY_AFTER_FAILURE_SECONDS."""
+        recently_failed = self.failed_at is not None and now - self.failed_at < RETRY_AFTER_FAILURE_SECONDS
+        return self.sent_version < version and not recently_failed
 
 
 class BroadcastTransport:
@@ -109,8 +114,7 @@ class BroadcastTransport:
         with self.lock:
             lagging = {name: record for name, record in self.live_replicas().items()
                        if record["version"] < version
-                       and (name not in self.groups or self.groups[name].sent_version < version)
-                       and now - self.groups.get(name, ReplicaGroup("")).failed_at > RETRY_AFTER_FAILURE_SECONDS}
+                       and (name not in self.groups or self.groups[name].may_catch_up(version, now))}
             if not lagging:
                 return []
             log.info("catching up replicas %s to version %d", sorted(lagging), version)

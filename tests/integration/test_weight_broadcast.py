@@ -37,6 +37,7 @@ from ..conftest import free_port
 from .conftest import RPC_TIMEOUT, make_config, running_policy, serving
 from .test_actor_swaps import REPO
 from .test_policy_service import tiny_model
+from .test_trainer_queue import make_trainer
 
 TIMEOUT = 3.0  # seconds: broadcast_timeout_seconds in these tests
 
@@ -159,6 +160,8 @@ def test_a_dead_replica_is_dropped_at_once_and_the_trainer_keeps_publishing(
             publisher.publish(version, model, 0, immediately)
             assert time.monotonic() - started < TIMEOUT
             assert served(alive)[0] == version
+        publisher.transport.last_catch_up = 0.0
+        assert publisher.catch_up(2, model) == []  # just failed: not tried again at once
 
 
 def test_a_manifest_that_misfits_is_refused_and_the_old_weights_keep_serving(
@@ -272,3 +275,20 @@ def test_a_replica_killed_mid_receive_does_not_stall_the_other_and_publishing_go
     finally:
         process.kill()
         process.wait()
+
+
+def test_the_trainer_catches_a_late_replica_up_while_it_waits_for_rollouts(tiny_lm_dir, redis_url, tmp_path):
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, weight_transport="broadcast",
+                           broadcast_address="127.0.0.1:0", broadcast_timeout_seconds=TIMEOUT)
+    queue = trainer.queue
+    queue.ensure_group()
+    perturb(trainer.model, seed=11)
+    trainer.version = 1  # as published: between updates the model is the latest published version
+    try:
+        with replica(tiny_lm_dir, redis_url, tmp_path, queue, "late") as late:
+            stop = threading.Event()
+            threading.Timer(1.5, stop.set).start()
+            assert trainer.collect(stop) == []  # no rollouts: it only waited, and caught the replica up meanwhile
+            assert served(late) == (1, weights_fingerprint(trainer.model))
+    finally:
+        trainer.publisher.close(remove=True)
