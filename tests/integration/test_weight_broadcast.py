@@ -292,3 +292,28 @@ def test_the_trainer_catches_a_late_replica_up_while_it_waits_for_rollouts(tiny_
             assert served(late) == (1, weights_fingerprint(trainer.model))
     finally:
         trainer.publisher.close(remove=True)
+
+
+def test_beyond_loopback_only_a_token_holder_can_make_a_replica_join(trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    publisher, queue, model = trainer_side
+    token = tmp_path / "token"
+    token.write_text("weights-token\n")
+    token.chmod(0o600)
+    manifest = specs_to_messages(manifest_of(serving_tensors(model, False)), belay_pb2.TensorSpec)
+    request = belay_pb2.UpdateWeightsRequest(
+        version=1, transport="broadcast", rendezvous=publisher.transport.rendezvous, group_key="intruder-key",
+        new_group=True, rank=1, world_size=2, bucket_bytes=1 << 20, manifest=manifest)
+    for auth_token_file, refused in [("", grpc.StatusCode.PERMISSION_DENIED), (str(token), grpc.StatusCode.UNAUTHENTICATED)]:
+        config = make_config(grpc_limits={"auth_token_file": auth_token_file}, **settings(tiny_lm_dir, redis_url, tmp_path))
+        config.policy.address = "0.0.0.0:0"
+        with running_policy(config) as running:
+            with grpc.insecure_channel(f"127.0.0.1:{running.server.port}") as bare:  # no token
+                with pytest.raises(grpc.RpcError) as caught:
+                    PolicyStub(bare).UpdateWeights(request, timeout=RPC_TIMEOUT)
+                assert caught.value.code() == refused
+            assert not publisher.transport.store.check([f"intruder-key/{ready_key(1)}"])  # never joined
+            if auth_token_file:  # the trainer holds the token: its broadcast goes through
+                publisher.transport.config = config  # the trainer's grpc section: the same token file
+                queue.report_serving("remote", 0, f"127.0.0.1:{running.server.port}", "broadcast")
+                publisher.publish(1, model, 0, immediately)
+                assert served(running) == (1, weights_fingerprint(model))
