@@ -57,7 +57,8 @@ def export_buffer(buffer: torch.Tensor, message_class):
     from torch.multiprocessing.reductions import reduce_tensor
 
     _rebuild, args = reduce_tensor(buffer)
-    return message_class(**ipc_fields(args, device_uuid(torch.cuda.current_device() if buffer.device.index is None else buffer.device.index)))
+    index = torch.cuda.current_device() if buffer.device.index is None else buffer.device.index
+    return message_class(**ipc_fields(args, device_uuid(index)))
 
 
 def open_buffer(message, device_index: int) -> torch.Tensor:

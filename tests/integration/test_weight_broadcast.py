@@ -212,7 +212,8 @@ def test_under_lora_only_adapter_tensors_travel_and_the_replica_serves_the_train
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
 
     def lora_lm():
-        return wrap_with_lora(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), lora_settings(config.lora))
+        base = load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy")
+        return wrap_with_lora(base, lora_settings(config.lora))
 
     engine = PolicyEngine(lora_lm(), load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
     servicer = PolicyServicer(config, engine, SwapRequests(), PolicyMetrics(CollectorRegistry()))
@@ -229,7 +230,8 @@ def test_under_lora_only_adapter_tensors_travel_and_the_replica_serves_the_train
             for name, tensor in engine.swappable_tensors().items():
                 assert torch.equal(tensor, adapters[name]), name
             fresh = lora_lm().state_dict()  # the base weights did not move
-            assert all(torch.equal(v, fresh[k]) for k, v in engine.loaded.model.state_dict().items() if "lora_" not in k)
+            for name, tensor in engine.loaded.model.state_dict().items():
+                assert "lora_" in name or torch.equal(tensor, fresh[name]), name
     finally:
         publisher.close(remove=True)
 
@@ -303,8 +305,10 @@ def test_beyond_loopback_only_a_token_holder_can_make_a_replica_join(trainer_sid
     request = belay_pb2.UpdateWeightsRequest(
         version=1, transport="broadcast", rendezvous=publisher.transport.rendezvous, group_key="intruder-key",
         new_group=True, rank=1, world_size=2, bucket_bytes=1 << 20, manifest=manifest)
-    for auth_token_file, refused in [("", grpc.StatusCode.PERMISSION_DENIED), (str(token), grpc.StatusCode.UNAUTHENTICATED)]:
-        config = make_config(grpc_limits={"auth_token_file": auth_token_file}, **settings(tiny_lm_dir, redis_url, tmp_path))
+    for auth_token_file, refused in [("", grpc.StatusCode.PERMISSION_DENIED),
+                                     (str(token), grpc.StatusCode.UNAUTHENTICATED)]:
+        config = make_config(grpc_limits={"auth_token_file": auth_token_file},
+                             **settings(tiny_lm_dir, redis_url, tmp_path))
         config.policy.address = "0.0.0.0:0"
         with running_policy(config) as running:
             with grpc.insecure_channel(f"127.0.0.1:{running.server.port}") as bare:  # no token
