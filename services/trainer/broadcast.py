@@ -56,7 +56,10 @@ from ..common.weight_groups import broadcast_bucket, make_group, ready_key
 
 log = logging.getLogger(__name__)
 CATCH_UP_EVERY_SECONDS = 1.0  # at most this often catch_up reads the replica registry
-RETRY_AFTER_FAILURE_SECONDS = 30.0  # a replica whose send failed is not tried again by catch_up sooner
+# catch_up waits this long after a failed send before trying that replica again, doubling with each
+# failure in a row up to MAX_RETRY_SECONDS: a stuck replica must not cost collect a timeout every pass
+RETRY_AFTER_FAILURE_SECONDS = 30.0
+MAX_RETRY_SECONDS = 600.0
 
 
 @dataclass
@@ -67,11 +70,15 @@ class ReplicaGroup:
     group: object | None = None  # built on the first send
     sent_version: int = -1       # the newest version this replica received from us
     failed_at: float | None = None  # time.monotonic() of the last failed send
+    failures: int = 0               # failed sends in a row
 
     def may_catch_up(self, version: int, now: float) -> bool:
-        """Not sent `version` yet, and no failed send in the last RETRY_AFTER_FAILURE_SECONDS."""
-        recently_failed = self.failed_at is not None and now - self.failed_at < RETRY_AFTER_FAILURE_SECONDS
-        return self.sent_version < version and not recently_failed
+        """Not sent `version` yet, and past the back-off of its last failed send."""
+        if self.sent_version >= version:
+            return False
+        if self.failed_at is None or self.failures == 0:
+            return True
+        return now - self.failed_at >= min(RETRY_AFTER_FAILURE_SECONDS * 2 ** (self.failures - 1), MAX_RETRY_SECONDS)
 
 
 class BroadcastTransport:
@@ -176,7 +183,7 @@ class BroadcastTransport:
             error = outcomes.get(name, TimeoutError("the send thread did not finish in time"))
             group = self.groups.get(name)
             if error is None and group is not None:
-                group.sent_version = version
+                group.sent_version, group.failures = version, 0
                 delivered.append(name)
                 continue
             log.warning("replica %s dropped from version %d (it catches up later): %s", name, version, error)
@@ -185,7 +192,7 @@ class BroadcastTransport:
                 self._shutdown(group)
                 # the next try builds a new group under a fresh key, remembering when this one failed
                 self.groups[name] = ReplicaGroup(group.address, failed_at=group.failed_at,
-                                                 sent_version=group.sent_version)
+                                                 failures=group.failures + 1, sent_version=group.sent_version)
         return delivered
 
     def _send_one(self, name: str, group: ReplicaGroup, request: belay_pb2.UpdateWeightsRequest,
