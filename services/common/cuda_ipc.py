@@ -49,7 +49,7 @@ def rebuild_args(message, device_index: int) -> tuple:
     return (torch.Tensor, torch.Size([message.numel]), (1,), 0, torch.storage.TypedStorage,
             dtype_named(message.dtype), device_index, message.storage_handle, message.storage_size_bytes,
             message.storage_offset_bytes, False, message.ref_counter_handle, message.ref_counter_offset,
-            message.event_handle or None, message.event_sync_required)
+            message.event_handle, message.event_sync_required)
 
 
 def export_buffer(buffer: torch.Tensor, message_class):
