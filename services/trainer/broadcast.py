@@ -93,8 +93,12 @@ class BroadcastTransport:
         host, _, port = section.broadcast_address.rpartition(":")
         # The trainer listens on every interface at the configured port (0: any free one, for tests);
         # replicas reach the store at the configured host.
-        self.store = dist.TCPStore(host, int(port), is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=self.timeout))
+        try:
+            self.store = dist.TCPStore(host, int(port), is_master=True, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=self.timeout))
+        except (RuntimeError, ValueError) as error:  # e.g. the port is taken (another trainer?)
+            raise RuntimeError(f"cannot host the broadcast store on port {port} of trainer.broadcast_address "
+                               f"{section.broadcast_address}: {error}; free the port or choose another") from None
         self.rendezvous = f"{host}:{self.store.port}"
         self.groups: dict[str, ReplicaGroup] = {}
         self.channels: dict[str, tuple[grpc.Channel, belay_pb2_grpc.PolicyStub]] = {}

@@ -321,3 +321,12 @@ def test_beyond_loopback_only_a_token_holder_can_make_a_replica_join(trainer_sid
                 queue.report_serving("remote", 0, f"127.0.0.1:{running.server.port}", "broadcast")
                 publisher.publish(1, model, 0, immediately)
                 assert served(running) == (1, weights_fingerprint(model))
+
+
+def test_a_taken_store_port_stops_the_trainer_at_start_naming_the_setting(trainer_side, tiny_lm_dir, redis_url,
+                                                                          tmp_path):
+    publisher, _, model = trainer_side
+    taken = publisher.transport.rendezvous
+    config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path, broadcast_address=taken))
+    with pytest.raises(RuntimeError, match="trainer.broadcast_address"):
+        make_transport(config, model)
