@@ -62,6 +62,19 @@ RETRY_AFTER_FAILURE_SECONDS = 30.0
 MAX_RETRY_SECONDS = 600.0
 
 
+def receivers(records: dict[str, dict], transport: str) -> dict[str, dict]:
+    """The registry's replicas that take `transport`, one per address: a replica restarted within
+    the registry's max age is listed under its old name too, and only the newest report is alive."""
+    newest: dict[str, tuple[str, dict]] = {}
+    for name, record in records.items():
+        address = record.get("address")
+        if record.get("transport") != transport or not address:
+            continue
+        if address not in newest or record.get("time", 0) > newest[address][1].get("time", 0):
+            newest[address] = (name, record)
+    return dict(newest.values())
+
+
 @dataclass
 class ReplicaGroup:
     """The trainer's side of one replica's group."""
@@ -152,8 +165,7 @@ class BroadcastTransport:
             return {}
         for name in set(self.groups) - set(found):  # gone (or restarted under a new name): its group goes
             self._shutdown(self.groups.pop(name))
-        return {name: record for name, record in found.items()
-                if record.get("transport") == self.name and record.get("address")}
+        return receivers(found, self.name)
 
     def send_to(self, targets: dict[str, dict], version: int, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Send to each target in its own thread; returns the replicas that took it. A thread still

@@ -24,7 +24,7 @@ from ..common.config import BelayConfig
 from ..common.cuda_ipc import export_buffer
 from ..common.rpc import channel
 from ..common.weight_buckets import bucket_layout, flatten_bucket, manifest_of, specs_to_messages
-from .broadcast import CATCH_UP_EVERY_SECONDS, RETRY_AFTER_FAILURE_SECONDS
+from .broadcast import CATCH_UP_EVERY_SECONDS, RETRY_AFTER_FAILURE_SECONDS, receivers
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ class CudaIpcTransport:
         except Exception as error:
             log.warning("replica registry unreadable (%s): no replica receives this version", error)
             return {}
-        return {name: record for name, record in found.items()
-                if record.get("transport") == self.name and record.get("address")}
+        return receivers(found, self.name)
 
     def send_to(self, targets: dict[str, dict], version: int, tensors: dict[str, torch.Tensor]) -> list[str]:
         if not targets:
