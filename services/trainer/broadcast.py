@@ -163,9 +163,10 @@ class BroadcastTransport:
         except Exception as error:  # the Redis key is the truth; nobody to send to until it answers
             log.warning("replica registry unreadable (%s): no replica receives this broadcast", error)
             return {}
-        for name in set(self.groups) - set(found):  # gone (or restarted under a new name): its group goes
+        live = receivers(found, self.name)
+        for name in set(self.groups) - set(live):  # gone (or restarted under a new name): its group goes
             self._shutdown(self.groups.pop(name))
-        return receivers(found, self.name)
+        return live
 
     def send_to(self, targets: dict[str, dict], version: int, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Send to each target in its own thread; returns the replicas that took it. A thread still
