@@ -134,14 +134,11 @@ def run_trl_subprocess(workload: Workload, python: str) -> dict:
 
 
 def measure_broadcast(nbytes: int = BROADCAST_PROBE_BYTES, timeout: float = 300.0) -> dict:
-    """services.trainer.broadcast.measure_broadcast_gbps(nbytes) in its own interpreter, where the
-    broadcast transport exists. Returns {"bytes_per_second": float | None, "status": str}."""
-    probe = ("import importlib.util, json, sys\n"
-             "if importlib.util.find_spec('services.trainer.broadcast') is None:\n"
-             "    print(json.dumps({'absent': True})); sys.exit(0)\n"
-             "import services.trainer.broadcast as b\n"
-             "f = getattr(b, 'measure_broadcast_gbps', None)\n"
-             "print(json.dumps({'absent': True} if f is None else {'gbps': float(f(int(sys.argv[1])))}))\n")
+    """services.bench.weight_broadcast.measure_broadcast_gbps(nbytes) in its own interpreter (its
+    gloo groups and store stay out of the bench's process). Returns {"bytes_per_second", "status"}."""
+    probe = ("import json, sys\n"
+             "from services.bench.weight_broadcast import measure_broadcast_gbps\n"
+             "print(json.dumps({'gbps': float(measure_broadcast_gbps(int(sys.argv[1])))}))\n")
     try:
         done = subprocess.run([sys.executable, "-c", probe, str(nbytes)], capture_output=True, text=True,
                               timeout=timeout, cwd=pathlib.Path(__file__).resolve().parents[2])
@@ -152,10 +149,8 @@ def measure_broadcast(nbytes: int = BROADCAST_PROBE_BYTES, timeout: float = 300.
     except (IndexError, json.JSONDecodeError):
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"bytes_per_second": None, "status": f"not measured (the probe failed: {tail[:200]})"}
-    if answer.get("absent"):
-        return {"bytes_per_second": None, "status": "not measured (broadcast transport not present)"}
     return {"bytes_per_second": answer["gbps"] * GB,
-            "status": f"measured by services.trainer.broadcast.measure_broadcast_gbps({nbytes})"}
+            "status": f"measured by services.bench.weight_broadcast.measure_broadcast_gbps({nbytes}), loopback gloo"}
 
 
 def transports(results: dict, broadcast: dict) -> dict:

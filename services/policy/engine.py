@@ -122,6 +122,16 @@ class PolicyEngine:
     def version(self) -> int:
         return self.loaded.version
 
+    def swappable_tensors(self) -> dict[str, torch.Tensor]:
+        """What staged tensors are copied into (sharing the model's storage): the adapter's tensors
+        for a PeftModel (only they travel under LoRA), else the whole state dict."""
+        model = self.loaded.model
+        return adapter_tensors(model) if hasattr(model, "peft_config") else model.state_dict()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.loaded.model.parameters()).device
+
     def check_sampling(self, sampling: Sampling, rows: int, prompt_ids: list[list[int]]) -> None:
         if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
             raise invalid(f"temperature must be >= 0 (0 is greedy), got {sampling.temperature}")
@@ -210,8 +220,7 @@ class PolicyEngine:
                 return 0.0
             model = self.loaded.model
             if isinstance(source, Mapping):
-                own = adapter_tensors(model) if hasattr(model, "peft_config") else model.state_dict()
-                load_tensors_into(own, source, f"version {version}")
+                load_tensors_into(self.swappable_tensors(), source, f"version {version}")
                 shown = "staged tensors"
             else:
                 problem = checkpoint_problem(source, full=False)  # sizes: cheap, catches half-written files

@@ -15,6 +15,7 @@ from ..common.packing import pack_float32, pack_int32
 from ..common.rpc import RequestError, ServiceServer, handle, info_response, invalid
 from .engine import PolicyEngine, Sampling
 from .policy_metrics import PolicyMetrics
+from .receiving import BroadcastReceiver, receive_ipc
 from .swaps import SwapRequests, checked_weights_path
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
         self.logprobs = LogProbsHandler(lambda: engine.loaded, engine.tokenizer, config.grpc,
                                         config.policy.max_tokens_per_forward)
         self.logprobs.lock = engine.lock  # never compute during a swap
+        self.receiver = BroadcastReceiver(engine.device, config.trainer.broadcast_timeout_seconds)
 
     def _generate(self, request: belay_pb2.GenerateRequest) -> belay_pb2.GenerateResponse:
         defaults = self.config.policy
@@ -60,11 +62,19 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
                                "loopback, without a token; configure grpc.auth_token_file")
         if request.version <= 0:
             raise invalid(f"version must be positive, got {request.version}")
-        path = checked_weights_path(self.config.run, request.version, request.checkpoint_path)
-        self.swaps.offer(request.version, path)
+        transport = request.transport or "file"
+        if transport == "file":
+            source = checked_weights_path(self.config.run, request.version, request.checkpoint_path)
+        elif transport == "broadcast":  # joins the trainer's group and receives into staging buffers
+            source = self.receiver.receive(request, self.engine.swappable_tensors())
+        elif transport == "cuda_ipc":  # copies out of the trainer's exported buffers, then acknowledges
+            source = receive_ipc(request, self.engine.swappable_tensors(), self.engine.device)
+        else:
+            raise invalid(f"transport {transport[:40]!r} is none of file, broadcast, cuda_ipc")
+        self.swaps.offer(request.version, source)
         if not self.config.policy.run_actor:  # no batches to wait for: swap now
             try:
-                self.metrics.record_swap(self.engine.swap_to(request.version, path), request.version)
+                self.metrics.record_swap(self.engine.swap_to(request.version, source), request.version)
             except (ValueError, OSError, SafetensorError) as error:  # the old weights keep serving
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"version {request.version} refused: "
                                    f"{error}") from None

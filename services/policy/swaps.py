@@ -85,23 +85,6 @@ class SwapRequests:
         self._lock = threading.Lock()
         self.version, self.path = 0, None
 
-    def offer(self, version: int, path: pathlib.Path) -> None:
-        with self._lock:
-            if version > self.version:
-                self.version, self.path = version, path
-
-    def newest(self) -> tuple[int, pathlib.Path | None]:
-        with self._lock:
-            return self.version, self.path
-
-
-class SwapRequests:
-    """The newest version someone asked for; the actor applies it between batches."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.version, self.path = 0, None
-
     def offer(self, version: int, source: WeightSource) -> None:
         with self._lock:
             if version > self.version:

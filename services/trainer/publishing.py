@@ -66,6 +66,10 @@ class Transport(Protocol):
     def send(self, version: int, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
         """Deliver one version's tensors; returns (location to announce, bytes moved per replica)."""
 
+    def catch_up(self, version: int, tensors: Callable[[], dict[str, torch.Tensor]]) -> list[str]:
+        """Between updates, hand the current version to replicas that joined late or restarted;
+        cheap when none did. Returns the replicas sent it."""
+
     def forget_below(self, version: int) -> None:
         """Release what is kept of versions older than `version` (no replica serves them)."""
 
@@ -98,6 +102,10 @@ class FileTransport:
             return str(path), sum(p.stat().st_size for p in path.glob("*.safetensors"))
         return str(write_checkpoint(self.root, version, write_files, durable=False)), written[0]
 
+    def catch_up(self, version: int, tensors: Callable[[], dict[str, torch.Tensor]]) -> list[str]:
+        """Nothing to do: a late replica reads the announced directory from Redis."""
+        return []
+
     def forget_below(self, version: int) -> None:
         for path in prune_below(self.root, version):
             log.debug("removed published %s: no replica serves it", path)
@@ -112,11 +120,14 @@ def make_transport(config: BelayConfig, model: torch.nn.Module) -> Transport:
     kind = config.trainer.weight_transport
     if kind == "file":
         return FileTransport(published_dir(config.run), lora)
+    # The in-memory transports send to the replicas the registry lists (each actor reports its address).
+    registry = RolloutQueue.from_url(config.redis.url, config.run.name)
+    replicas = lambda: registry.replicas(REPLICA_REPORT_MAX_AGE)  # noqa: E731
     if kind == "broadcast":
         from .broadcast import BroadcastTransport
-        return BroadcastTransport(config)
+        return BroadcastTransport(config, replicas)
     from .cuda_ipc import CudaIpcTransport
-    return CudaIpcTransport(config)
+    return CudaIpcTransport(config, replicas)
 
 
 class Publisher:
@@ -136,6 +147,12 @@ class Publisher:
         seconds = time.perf_counter() - started
         self.prune(version, until_redis_answers)
         return Publication(version, location, self.transport.name, moved, seconds)
+
+    def catch_up(self, version: int, model: torch.nn.Module) -> list[str]:
+        """Call between updates, when `model` holds the latest published `version`: a replica that
+        registered late or restarted gets it now, not at the next update (which, with
+        max_staleness, could wait forever on rollouts only that replica would make)."""
+        return self.transport.catch_up(version, lambda: serving_tensors(model, self.config.lora.enabled))
 
     def push(self, version: int, location: str) -> None:
         """Tell the policy at once (file transport); the Redis key stays the truth if this fails."""

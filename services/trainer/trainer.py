@@ -168,6 +168,8 @@ class Trainer:
         seen = set(self.consumed_ids)
         self._take_whole_groups(batch)  # groups completed during the last collect come first
         while len(batch) < self.section.batch_size and not stop.is_set():
+            if self.publisher is not None:  # the model is the latest published version: late replicas get it
+                self.publisher.catch_up(self.version, self.model)
             want = self.section.batch_size - len(batch)
             # Our own pending entries first (left by a restart), walked with a cursor; then entries a
             # dead trainer left (claimed after claim_idle_ms); then new ones.

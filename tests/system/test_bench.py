@@ -105,9 +105,8 @@ def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, t
                         sum(f["publish_bytes_per_update"] for f in services) / sum(f["publish_seconds"] for f in services),
                         rel_tol=1e-9)
     assert transports["broadcast_bytes_per_update_per_replica"] == alone["serving_tensor_bytes"]
-    if transports["broadcast_bytes_per_second"] is None:
-        assert transports["broadcast_status"] == "not measured (broadcast transport not present)"
-        assert "not measured (broadcast transport not present)" in printed
+    assert transports["broadcast_bytes_per_second"] > 0  # measured over loopback gloo in its own process
+    assert transports["broadcast_status"].startswith("measured by services.bench.weight_broadcast")
     assert transports["persist_write_bytes_per_second"] > 0
 
     projection = results["projection"]

@@ -115,12 +115,66 @@ class GenerateResponse(_message.Message):
     def __init__(self, prompt_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., response_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., logprobs: _Optional[_Union[PackedFloat32, _Mapping]] = ..., response_texts: _Optional[_Iterable[str]] = ..., finish_reasons: _Optional[_Iterable[_Union[FinishReason, str]]] = ..., prompt_index: _Optional[_Iterable[int]] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("version", "checkpoint_path")
+    __slots__ = ("version", "checkpoint_path", "transport", "rendezvous", "group_key", "new_group", "rank", "world_size", "manifest", "bucket_bytes", "ipc_buffers", "backend")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_KEY_FIELD_NUMBER: _ClassVar[int]
+    NEW_GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IPC_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     version: int
     checkpoint_path: str
-    def __init__(self, version: _Optional[int] = ..., checkpoint_path: _Optional[str] = ...) -> None: ...
+    transport: str
+    rendezvous: str
+    group_key: str
+    new_group: bool
+    rank: int
+    world_size: int
+    manifest: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    bucket_bytes: int
+    ipc_buffers: _containers.RepeatedCompositeFieldContainer[CudaIpcBuffer]
+    backend: str
+    def __init__(self, version: _Optional[int] = ..., checkpoint_path: _Optional[str] = ..., transport: _Optional[str] = ..., rendezvous: _Optional[str] = ..., group_key: _Optional[str] = ..., new_group: _Optional[bool] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., manifest: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., ipc_buffers: _Optional[_Iterable[_Union[CudaIpcBuffer, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class CudaIpcBuffer(_message.Message):
+    __slots__ = ("device_uuid", "numel", "dtype", "storage_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    numel: int
+    dtype: str
+    storage_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device_uuid: _Optional[str] = ..., numel: _Optional[int] = ..., dtype: _Optional[str] = ..., storage_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("current_version", "pending_version")
