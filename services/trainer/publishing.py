@@ -170,11 +170,11 @@ class Publisher:
         oldest_served = min([record["version"] for record in replicas.values()], default=newest)
         self.transport.forget_below(min(oldest_served, newest))
 
-    def close(self, newest: int, remove: bool, wait_seconds: float = 30.0) -> None:
+    def close(self, remove: bool, newest: int | None = None, wait_seconds: float = 30.0) -> None:
         """Stop publishing. With remove (the newest version is persisted), first give the live
-        replicas up to wait_seconds to take the newest version, then delete what was published."""
+        replicas up to wait_seconds to take `newest`, then delete what was published."""
         deadline = time.monotonic() + wait_seconds
-        while remove and time.monotonic() < deadline:
+        while remove and newest is not None and time.monotonic() < deadline:
             try:
                 replicas = self.queue.replicas(REPLICA_REPORT_MAX_AGE)
             except Exception:  # noqa: BLE001 - Redis gone at shutdown: nobody to wait for

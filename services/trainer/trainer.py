@@ -603,7 +603,7 @@ class Trainer:
         else:
             self.persister.wait()
         if self.publisher is not None:
-            self.publisher.close(self.version, remove=self.persister.persisted_version == self.version)
+            self.publisher.close(remove=self.persister.persisted_version == self.version, newest=self.version)
 
     def run_follower(self) -> None:
         """A rank other than 0: train on each batch rank 0 broadcasts, until it sends nothing."""
