@@ -191,6 +191,9 @@ class PolicyConfig(ModelServiceConfig):
     canary_prompts_file: str = Field("prompts/canary.txt", description="prompts answered greedily at every new "
                                      "version, kept per version and compared with the first (empty: no canaries)")
     canary_max_new_tokens: int = Field(32, ge=1, description="response length cap of the canary answers")
+    advertise_address: str = Field("", description="host:port at which the trainer reaches THIS replica (the "
+                                   "broadcast transport sends to each replica); empty: policy.address. Behind "
+                                   "one Service name, set it per pod, e.g. to the pod IP")
 
 
 class TrainerConfig(Section):

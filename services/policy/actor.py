@@ -150,7 +150,8 @@ class Actor:
         """The trainer keeps published weights until no live replica serves older ones."""
         now = time.monotonic()
         if self.reported != self.engine.version or now - self.reported_at > 10:
-            self.queue.report_serving(self.replica, self.engine.version, self.config.policy.address,
+            policy = self.config.policy
+            self.queue.report_serving(self.replica, self.engine.version, policy.advertise_address or policy.address,
                                       self.config.trainer.weight_transport)
             self.reported, self.reported_at = self.engine.version, now
 
