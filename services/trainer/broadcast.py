@@ -75,6 +75,17 @@ def receivers(records: dict[str, dict], transport: str) -> dict[str, dict]:
     return dict(newest.values())
 
 
+def readable_receivers(read_replicas, transport: str) -> dict[str, dict]:
+    """receivers() of the registry as read now; none (with a warning) while Redis cannot answer:
+    the Redis key is the truth, and the replicas catch up once it answers."""
+    try:
+        found = read_replicas()
+    except Exception as error:  # noqa: BLE001 - any registry failure means: nobody to send to this time
+        log.warning("replica registry unreadable (%s): no replica receives this version", error)
+        return {}
+    return receivers(found, transport)
+
+
 @dataclass
 class ReplicaGroup:
     """The trainer's side of one replica's group."""
@@ -158,12 +169,7 @@ class BroadcastTransport:
     # --- sending --------------------------------------------------------------------------
     def live_replicas(self) -> dict[str, dict]:
         """Registered replicas that take broadcasts (a registry Redis cannot answer: none this time)."""
-        try:
-            found = self.replicas()
-        except Exception as error:  # the Redis key is the truth; nobody to send to until it answers
-            log.warning("replica registry unreadable (%s): no replica receives this broadcast", error)
-            return {}
-        live = receivers(found, self.name)
+        live = readable_receivers(self.replicas, self.name)
         for name in set(self.groups) - set(live):  # gone (or restarted under a new name): its group goes
             self._shutdown(self.groups.pop(name))
         return live

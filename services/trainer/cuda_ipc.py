@@ -24,7 +24,7 @@ from ..common.config import BelayConfig
 from ..common.cuda_ipc import export_buffer
 from ..common.rpc import channel
 from ..common.weight_buckets import bucket_layout, flatten_bucket, manifest_of, specs_to_messages
-from .broadcast import CATCH_UP_EVERY_SECONDS, RETRY_AFTER_FAILURE_SECONDS, receivers
+from .broadcast import CATCH_UP_EVERY_SECONDS, RETRY_AFTER_FAILURE_SECONDS, readable_receivers
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,7 @@ class CudaIpcTransport:
         self.channels.clear()
 
     def live_replicas(self) -> dict[str, dict]:
-        try:
-            found = self.replicas()
-        except Exception as error:
-            log.warning("replica registry unreadable (%s): no replica receives this version", error)
-            return {}
-        return receivers(found, self.name)
+        return readable_receivers(self.replicas, self.name)
 
     def send_to(self, targets: dict[str, dict], version: int, tensors: dict[str, torch.Tensor]) -> list[str]:
         if not targets:
