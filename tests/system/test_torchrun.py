@@ -39,7 +39,7 @@ def fill_stream(config: BelayConfig, model_dir, batches: int) -> None:
 def test_two_gloo_ranks_finish_updates_with_identical_weights(stack_config, redis_url, tiny_lm_dir, tmp_path):
     data = stack_config.model_dump()
     data["redis"]["url"] = redis_url
-    data["trainer"].update(max_steps=2, max_staleness=5, ppo_epochs=2)
+    data["trainer"].update(max_steps=2, max_staleness=5, ppo_epochs=2, checkpoint_every_steps=1)
     data["run"]["log_level"] = "DEBUG"  # each rank then logs its weights' fingerprint after every step
     config = BelayConfig.model_validate(data)
     fill_stream(config, tiny_lm_dir, batches=2)
