@@ -134,9 +134,13 @@ class Stack:
             run = podman("healthcheck", "run", container, check=False, timeout=seconds(healthcheck.get("timeout"), 30) + 30)
             if run.returncode == 0:
                 return time.monotonic() - started
-            last = (run.stdout + run.stderr).strip() or self.health_output(service)
+            last = self.health_output(service) or (run.stdout + run.stderr).strip()
+            # podman's verdict: "starting" while failures fall in start_period, "unhealthy" once
+            # `retries` failures in a row follow it (`podman healthcheck run` prints "unhealthy" for
+            # any failed run, so its output is no verdict)
+            state = self.inspect(service)["State"]
             status = (state.get("Health") or state.get("Healthcheck") or {}).get("Status", "")
-            if "unhealthy" in last.splitlines()[-1:] or status == "unhealthy":
+            if status == "unhealthy":
                 raise StackError(f"{service}: healthcheck {healthcheck.get('test')} is unhealthy "
                                  f"({self.health_output(service) or last}); last log lines:\n{self.logs(service)}")
             if time.monotonic() - started > timeout:

@@ -359,6 +359,17 @@ def test_podman_test_override_selects_local_images_and_keeps_grafana_out():
         assert environment(merged["services"][name])["BELAY_GRPC__AUTH_TOKEN_FILE"] == "/run/secrets/grpc_token"
 
 
+@pytest.mark.parametrize("override", COMPOSE_OVERRIDES, ids=lambda path: path.name)
+def test_overrides_set_no_sequence_engines_merge_differently(override):
+    """Docker Compose replaces command, entrypoint and healthcheck.test when a later file sets them;
+    podman-compose 1.6 replaces command and entrypoint but appends a healthcheck.test to the base's.
+    So no override sets a healthcheck test: the reward example's image carries Belay's probe instead."""
+    for name, service in load_compose(override)["services"].items():
+        assert "test" not in (service.get("healthcheck") or {}), f"{override.name}: {name} overrides healthcheck.test"
+    example = (REPO / "examples/reward_server/Dockerfile").read_text()
+    assert "COPY docker/healthcheck.py docker/healthcheck.py" in example and "WORKDIR /app" in example
+
+
 def test_the_schema_rejects_what_compose_rejects():
     """The validation bites: an unknown service key, a misspelt depends_on condition, a string
     where the schema wants a list."""
