@@ -118,7 +118,8 @@ step wheelhouse
 # Resolved for the image's Python, not this machine's: environment markers differ (Debian's 3.11.2
 # needs async-timeout for redis, a 3.11.3+ does not).
 image_python=$(podman run --rm "$PYTHON_IMAGE" python3.11 -c 'import platform; print(platform.python_version())')
-stamp=$(cat requirements.txt Makefile | sha256sum | cut -c1-16)-$image_python
+no_deps_pins=$(grep -o -E -- '--no-deps [a-z0-9-]+==[0-9.]+' Makefile | cut -d' ' -f2)
+stamp=$( (cat requirements.txt; echo "$no_deps_pins") | sha256sum | cut -c1-16)-$image_python
 if [ "$(cat docker/pip/.stamp 2>/dev/null)" != "$stamp" ]; then
     rm -rf docker/pip/wheels docker/pip/.stamp
     torch_pin=$(grep -E '^torch==' requirements.txt)
@@ -133,9 +134,8 @@ if [ "$(cat docker/pip/.stamp 2>/dev/null)" != "$stamp" ]; then
         -e PIP_CERT=/ca.crt -e PIP_DISABLE_PIP_VERSION_CHECK=1 -e PIP_DEFAULT_TIMEOUT=180 "$PYTHON_IMAGE" sh -c \
         "python3.11 -m venv /tmp/venv && /tmp/venv/bin/pip download -q --only-binary=:all: --find-links /wheels \
          --dest /wheels '$torch_pin' -r /requirements.txt"
-    # shellcheck disable=SC2046
-    pip_quiet wheel -q --no-deps --wheel-dir docker/pip/wheels \
-        $(grep -o -E -- '--no-deps [a-z0-9-]+==[0-9.]+' Makefile | cut -d' ' -f2)
+    # shellcheck disable=SC2086
+    pip_quiet wheel -q --no-deps --wheel-dir docker/pip/wheels $no_deps_pins
     printf '[global]\nno-index = true\nfind-links = /tmp/pip/wheels\n' > docker/pip/pip.conf
     echo "$stamp" > docker/pip/.stamp
 fi
