@@ -42,7 +42,8 @@ test: setup  ## the whole suite: unit, integration (real gRPC), system (real pro
 
 test-compose: venv  ## docker-compose.yml run by a real engine (podman + podman-compose): builds the images here from Debian packages and PyPI, brings the stack up, checks it as a user would (tests/compose/)
 	VENV=$(VENV) tests/compose/build_images.sh
-	CONTAINERS_CONF=$(CURDIR)/build/compose/containers.conf BELAY_COMPOSE_TEST=1 \
+	CONTAINERS_CONF=$(CURDIR)/build/compose/containers.conf \
+	CONTAINERS_REGISTRIES_CONF=$(CURDIR)/build/compose/registries.conf BELAY_COMPOSE_TEST=1 \
 		$(PY) -m pytest tests/compose -v -s -p no:cacheprovider --durations=0 $(PYTEST_ARGS)
 
 protos:  ## regenerate gen/ from protos/ (the one command; a test fails when gen/ is stale)

@@ -27,6 +27,7 @@ WORK=$REPO/build/compose
 VENV=${VENV:-.venv}
 mkdir -p "$WORK"
 export CONTAINERS_CONF=$WORK/containers.conf
+export CONTAINERS_REGISTRIES_CONF=$WORK/registries.conf
 
 BASE_IMAGE=localhost/belay-test/debian:bookworm
 PYTHON_IMAGE=localhost/belay-test/python:3.11-bookworm
@@ -77,6 +78,13 @@ events_logger = "file"
 [network]
 network_backend = "netavark"
 EOF
+# Short image names resolve to local images only: nothing here may be pulled from a registry (a
+# missing image is an error, not a download).
+cat > "$CONTAINERS_REGISTRIES_CONF" <<EOF
+# Written by tests/compose/build_images.sh; read through CONTAINERS_REGISTRIES_CONF.
+unqualified-search-registries = []
+short-name-mode = "disabled"
+EOF
 
 # --- the base root filesystem -------------------------------------------------------------------------
 step base-rootfs
@@ -103,8 +111,13 @@ fi
 build() {  # build TAG CONTEXT [podman build options...]; the build's output in build/compose/build-*.log
     local tag=$1 context=$2; shift 2
     local output=$WORK/build-$(echo "$tag" | tr '/:' '__').log
+    local previous; previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
     podman build --network host --layers "$@" -t "$tag" "$context" >"$output" 2>&1 \
         || { tail -40 "$output" >&2; echo "build_images: building $tag failed (whole log: $output)" >&2; exit 1; }
+    # the image this tag named before, if the build made a new one: GBs each for Belay's image
+    if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$tag")" ]; then
+        podman rmi "$previous" >/dev/null 2>&1 || true
+    fi
 }
 pip_quiet() {  # pip, without the warnings about this machine's empty extra indexes
     "$VENV/bin/python" -m pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
@@ -120,8 +133,9 @@ step wheelhouse
 image_python=$(podman run --rm "$PYTHON_IMAGE" python3.11 -c 'import platform; print(platform.python_version())')
 no_deps_pins=$(grep -o -E -- '--no-deps [a-z0-9-]+==[0-9.]+' Makefile | cut -d' ' -f2)
 stamp=$( (cat requirements.txt; echo "$no_deps_pins") | sha256sum | cut -c1-16)-$image_python
-if [ "$(cat docker/pip/.stamp 2>/dev/null)" != "$stamp" ]; then
-    rm -rf docker/pip/wheels docker/pip/.stamp
+# (the stamp lives outside docker/pip/, which the image build copies: a new stamp would be a new layer)
+if [ "$(cat "$WORK/wheelhouse.stamp" 2>/dev/null)" != "$stamp" ]; then
+    rm -rf docker/pip/wheels "$WORK/wheelhouse.stamp"
     torch_pin=$(grep -E '^torch==' requirements.txt)
     # This machine's pip settings (its find-links hold torch's CPU wheel) pick the wheels; sdists are
     # built into wheels here. Then what the image's Python needs besides, as binaries, the wheels just
@@ -137,7 +151,7 @@ if [ "$(cat docker/pip/.stamp 2>/dev/null)" != "$stamp" ]; then
     # shellcheck disable=SC2086
     pip_quiet wheel -q --no-deps --wheel-dir docker/pip/wheels $no_deps_pins
     printf '[global]\nno-index = true\nfind-links = /tmp/pip/wheels\n' > docker/pip/pip.conf
-    echo "$stamp" > docker/pip/.stamp
+    echo "$stamp" > "$WORK/wheelhouse.stamp"
 fi
 
 step image-redis

@@ -12,6 +12,8 @@ writes. Three things podman-compose and podman 4.3 do differently from Docker Co
   condition (healthy, or exited 0 for a one-shot) before the next.
 - `up` on a service whose config changed also recreates every running service that depends on it:
   `replace` removes the one container first, so swapping the reward leaves the policy and trainer running.
+- `down` stops every container at once, Redis with the trainer: `down` stops them in reverse
+  dependency order first, as Docker Compose does.
 
 Every failure is a StackError whose message starts with the service's name.
 """
@@ -182,6 +184,11 @@ class Stack:
         conditions depends_on names (healthy; exited 0 for a one-shot)."""
         config = self.config()
         active = self.active_services(config)
+        for name in services or active:   # never let the engine reach for a registry
+            image = active[name]["image"]
+            if podman("image", "exists", image, check=False).returncode != 0:
+                raise StackError(f"{name}: image {image} is not on this machine (tests/compose/build_images.sh "
+                                 "builds every image the test runs; none is pulled)")
         for stage in self.stages(config, services):
             started = time.monotonic()
             log(f"up {' '.join(stage)}")
@@ -204,6 +211,13 @@ class Stack:
         self.wait_healthy(service, config["services"][service]["healthcheck"], timeout=health_timeout)
 
     def down(self, volumes: bool = False, timeout: float = 600) -> None:
+        """`compose down`, dependents first. podman-compose's own `down` stops every container at
+        once: Redis can then go while the trainer, on SIGTERM, finishes its step, and the trainer
+        can neither announce the version it persisted nor acknowledge its rollouts (it waits on
+        Redis until its stop_grace_period runs out). Docker Compose stops in reverse dependency
+        order; so does this, one stage at a time (`stop`), before `down` removes the containers."""
+        for stage in reversed(self.stages(self.config())):
+            self.compose("stop", *stage, timeout=timeout)
         self.compose("down", *(["--volumes"] if volumes else []), timeout=timeout)
 
     def purge(self) -> None:

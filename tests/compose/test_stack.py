@@ -180,6 +180,8 @@ def test_reward_swapped_while_training_goes_on(stack):
 
 
 def test_down_then_up_resumes_from_the_last_version_with_nothing_lost(stack):
+    rollouts = f"belay:{stack.env['RUN_NAME']}:rollouts"
+    rollouts_before = int(stack.redis("XLEN", rollouts))
     recorded_before = steps(stack)
     started = time.monotonic()
     stack.down()                           # containers and network gone, volumes kept
@@ -190,8 +192,10 @@ def test_down_then_up_resumes_from_the_last_version_with_nothing_lost(stack):
     stack.bring_up(["redis"])
     published = version_key(stack)         # what the trainer announced last, kept by Redis's AOF
     kept = steps(stack)
+    # the trainer, stopped first, finished its step: persisted, announced, logged and acknowledged
     assert kept[:len(recorded_before)] == recorded_before, "Redis lost steps across down/up"
     assert kept[-1]["version"] == published, (kept[-1], published)
+    assert int(stack.redis("XLEN", rollouts)) >= rollouts_before, "Redis lost rollouts across down/up"
     stack.bring_up()
     stack.timings["up_again"] = time.monotonic() - started
     log(f"down {stack.timings['down']:.0f}s, up again {stack.timings['up_again']:.0f}s, at version {published}")
