@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_ARGS ?= --fresh --iterations 16
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps venv demo test protos clean
+.PHONY: setup system-deps venv demo test test-compose protos clean
 
 system-deps:  ## from Debian: redis-server (the rollout queue); prometheus and prometheus-alertmanager (promtool, amtool, and the real servers the monitoring tests start on their own ports); chromium and chromium-driver (the review page's browser test)
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
@@ -39,6 +39,12 @@ demo: setup  ## belay up on SmolLM2-135M-Instruct with the offline sentiment rew
 
 test: setup  ## the whole suite: unit, integration (real gRPC), system (real processes, real redis)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-compose: venv  ## docker-compose.yml run by a real engine (podman + podman-compose): builds the images here from Debian packages and PyPI, brings the stack up, checks it as a user would (tests/compose/)
+	VENV=$(VENV) tests/compose/build_images.sh
+	CONTAINERS_CONF=$(CURDIR)/build/compose/containers.conf \
+	CONTAINERS_REGISTRIES_CONF=$(CURDIR)/build/compose/registries.conf BELAY_COMPOSE_TEST=1 \
+		$(PY) -m pytest tests/compose -v -s -p no:cacheprovider --durations=0 $(PYTEST_ARGS)
 
 protos:  ## regenerate gen/ from protos/ (the one command; a test fails when gen/ is stale)
 	$(PY) scripts/gen_protos.py

@@ -40,7 +40,8 @@ from services.common.config import load_config
 REPO = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
-COMPOSE_OVERRIDES = [COMPOSE_CPU, REPO / "deploy/compose/reward-example.override.yml"]
+PODMAN_TEST_OVERRIDE = REPO / "deploy/compose/podman-test.override.yml"
+COMPOSE_OVERRIDES = [COMPOSE_CPU, REPO / "deploy/compose/reward-example.override.yml", PODMAN_TEST_OVERRIDE]
 DOCKERFILE = REPO / "docker/Dockerfile"
 ENV_EXAMPLE = REPO / ".env.example"
 CONFIG = REPO / "configs/compose.yaml"
@@ -51,7 +52,7 @@ BELAY_SERVICES = ("reference", "reward", "policy", "trainer")
 GPU_SERVICES = ("reference", "policy", "trainer")
 GRPC_SERVICES = {"policy": "belay.v1.Policy", "reference": "belay.v1.Reference", "reward": "belay.v1.Reward"}
 PUBLISHED = {"grafana": 3000, "prometheus": 9090, "trainer": 8080}
-NAMED_VOLUMES = ("checkpoints", "model-cache", "redis-data", "prometheus-data", "grafana-data")
+NAMED_VOLUMES = ("checkpoints", "publish", "model-cache", "redis-data", "prometheus-data", "grafana-data")
 MODEL_START_PERIOD_SECONDS = 300
 APP = "/app"  # the image's WORKDIR: docker/Dockerfile copies the repository's folders under it
 
@@ -337,6 +338,38 @@ def test_compose_with_override_validates_against_the_compose_schema(override):
     validate(interpolated(merged))
 
 
+def test_podman_test_override_selects_local_images_and_keeps_grafana_out():
+    """deploy/compose/podman-test.override.yml (make test-compose): Redis, Prometheus and
+    Alertmanager from images built here (named as what they are, never as the upstream images),
+    Grafana behind a profile nothing activates, every version persisted for the down/up check."""
+    override = load_compose(PODMAN_TEST_OVERRIDE)["services"]
+    upstream = {name: compose()["services"][name]["image"] for name in ("redis", "prometheus", "alertmanager")}
+    for name, image in upstream.items():
+        local = override[name]["image"]
+        assert local.startswith("localhost/belay-test/") and local != image, name
+        built = REPO / "tests/compose/images" / name / "Dockerfile"
+        assert built.is_file(), f"{name}: no {built.relative_to(REPO)}"
+    assert override["grafana"]["profiles"], "Grafana cannot be had locally: keep it out of the test run"
+    assert set(override["grafana"]) == {"profiles"}
+    merged = interpolated(compose_merge(compose_merge(compose(), load_compose(COMPOSE_CPU)), load_compose(PODMAN_TEST_OVERRIDE)))
+    trainer = environment(merged["services"]["trainer"])
+    assert trainer["BELAY_TRAINER__CHECKPOINT_EVERY_STEPS"] == "1"
+    for name in BELAY_SERVICES:
+        assert merged["services"][name]["image"] == "belay:0.1.0-cpu", name
+        assert environment(merged["services"][name])["BELAY_GRPC__AUTH_TOKEN_FILE"] == "/run/secrets/grpc_token"
+
+
+@pytest.mark.parametrize("override", COMPOSE_OVERRIDES, ids=lambda path: path.name)
+def test_overrides_set_no_sequence_engines_merge_differently(override):
+    """Docker Compose replaces command, entrypoint and healthcheck.test when a later file sets them;
+    podman-compose 1.6 replaces command and entrypoint but appends a healthcheck.test to the base's.
+    So no override sets a healthcheck test: the reward example's image carries Belay's probe instead."""
+    for name, service in load_compose(override)["services"].items():
+        assert "test" not in (service.get("healthcheck") or {}), f"{override.name}: {name} overrides healthcheck.test"
+    example = (REPO / "examples/reward_server/Dockerfile").read_text()
+    assert "COPY docker/healthcheck.py docker/healthcheck.py" in example and "WORKDIR /app" in example
+
+
 def test_the_schema_rejects_what_compose_rejects():
     """The validation bites: an unknown service key, a misspelt depends_on condition, a string
     where the schema wants a list."""
@@ -452,9 +485,14 @@ def test_each_service_config_loads_and_addresses_resolve_on_the_network(tmp_path
         if name in ("policy", "eval"):
             assert targets["/checkpoints"][2], f"{name} must mount the checkpoints read-only"
             assert container_path(config.policy.prompts_file).is_file()
+        if name == "policy":
+            assert targets[config.run.publish_dir][:1] == ("publish",) and targets[config.run.publish_dir][2], \
+                "the policy reads each update's weights from the publish volume, read-only"
         if name == "trainer":
             assert not targets["/checkpoints"][2], "the trainer writes the checkpoints"
             assert config.run.checkpoint_dir == "/checkpoints"
+            assert config.run.publish_dir == "/publish", "containers share no /dev/shm: publish to a volume"
+            assert targets["/publish"][:1] == ("publish",) and not targets["/publish"][2], "the trainer publishes"
             assert service["healthcheck"]["test"][-2:] == ["trainer", str(config.trainer.metrics_port)]
 
 
@@ -553,10 +591,11 @@ def test_named_volumes_are_declared_and_mounted():
             assert source in declared, f"{name}: volume {source} is not declared"
             used.add(source)
     assert used == declared, f"declared but unused: {declared - used}"
-    writers = [name for name, service in document["services"].items()
-               for volume in service.get("volumes", [])
-               if mount_parts(volume)[0] == "checkpoints" and not mount_parts(volume)[2]]
-    assert writers == ["trainer"]
+    for shared in ("checkpoints", "publish"):
+        writers = [name for name, service in document["services"].items()
+                   for volume in service.get("volumes", [])
+                   if mount_parts(volume)[0] == shared and not mount_parts(volume)[2]]
+        assert writers == ["trainer"], f"{shared}: written by {writers}"
 
 
 def compose_file_references() -> list[str]:
@@ -693,7 +732,11 @@ def test_dockerfile_installs_dependencies_before_copying_code():
                    if word == "RUN" and "pip install -r" in args)
     code = copies[("services/",)]
     assert requirements < install < code
-    assert all(index > install for sources, index in copies.items() if sources != ("requirements.txt",))
+    # docker/pip/ (machine-local pip settings, only its README in git) is read by the install itself
+    assert copies[("docker/pip/",)] < install
+    assert (REPO / "docker/pip/README.md").is_file()
+    assert all(index > install for sources, index in copies.items()
+               if sources not in (("requirements.txt",), ("docker/pip/",)))
 
 
 def test_dockerfile_pins_match_requirements_and_makefile():
@@ -1079,8 +1122,11 @@ def test_k8s_volumes_probes_and_config_resolve():
         for container in containers(workload):
             for mount in container.get("volumeMounts", []):
                 assert mount["name"] in volumes or mount["name"] in templates, f"{name}: mount {mount['name']}"
-                if mount["name"] == "checkpoints":
-                    assert bool(mount.get("readOnly")) == (name != "trainer"), f"{name}: checkpoints mount"
+                if mount["name"] in ("checkpoints", "publish"):
+                    assert bool(mount.get("readOnly")) == (name != "trainer"), f"{name}: {mount['name']} mount"
+                    if mount["name"] == "publish":
+                        config = load_config(BASE / "belay.yaml", environ={})
+                        assert mount["mountPath"] == config.run.publish_dir, f"{name}: publish_dir not mounted"
             ports = {p["containerPort"] for p in container.get("ports", [])} | \
                     {p["name"] for p in container.get("ports", []) if "name" in p}
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
