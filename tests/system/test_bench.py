@@ -152,6 +152,7 @@ def test_overlap_off_trains_every_batch_on_the_version_that_sampled_it(stack_con
         stack.start()
         stack.wait_healthy(180)
         steps = follow(config, stack, iterations=3, say=lambda *_: None)
+        assert stack.processes["trainer"].popen.wait(120) == 0  # max_steps: its last persist committed
         client = redis.Redis.from_url(config.redis.url)
         dropped = client.xrange(RolloutQueue(client, config.run.name).dropped_stream)
         accounted = account_for_rollouts(config)
