@@ -26,7 +26,7 @@ import torch
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
-from ..common.checkpoints import prune_below, remove_unfinished, write_checkpoint, write_weights
+from ..common.checkpoints import committed_versions, prune_below, remove_unfinished, write_checkpoint, write_weights
 from ..common.config import BelayConfig
 from ..common.lora import adapter_config, adapter_tensors, write_adapter_files
 from ..common.published import published_dir
@@ -85,8 +85,12 @@ class FileTransport:
     def __init__(self, root: pathlib.Path, lora_config: Callable[[], dict] | None):
         self.root, self.lora_config = root, lora_config
         self.root.mkdir(parents=True, exist_ok=True)
-        for path in remove_unfinished(self.root):  # the one publisher: what a killed one left half-written
+        # The one publisher: what an earlier trainer left (half-written, or whole under numbers that a
+        # run started afresh would reuse) goes; the current version is published again at start.
+        for path in remove_unfinished(self.root):
             log.warning("removed %s, a publish a killed trainer never finished", path)
+        for _, path in committed_versions(self.root):
+            shutil.rmtree(path, ignore_errors=True)
 
     def send(self, version: int, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
         written = []
@@ -97,9 +101,7 @@ class FileTransport:
             else:
                 written.append(write_weights(directory, tensors))
 
-        path = self.root / f"v{version:06d}"
-        if path.is_dir():  # published before this trainer started (a resume re-announces it)
-            return str(path), sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        shutil.rmtree(self.root / f"v{version:06d}", ignore_errors=True)  # never another run's weights
         return str(write_checkpoint(self.root, version, write_files, durable=False)), written[0]
 
     def catch_up(self, version: int, tensors: Callable[[], dict[str, torch.Tensor]]) -> list[str]:

@@ -235,3 +235,19 @@ def test_lora_publishes_the_adapter_tensors_only_and_the_policy_takes_them(tiny_
     served = adapter_tensors(engine.loaded.model)
     assert set(served) == set(adapters) and all(torch.equal(served[k], adapters[k]) for k in adapters)
     assert any(t.abs().sum() > 0 for name, t in served.items() if "lora_B" in name)  # the update reached it
+
+
+def test_a_new_trainer_never_serves_what_an_earlier_run_left_in_the_publish_directory(tiny_lm_dir, redis_url,
+                                                                                     tmp_path):
+    first = make_trainer(tiny_lm_dir, redis_url, tmp_path)
+    feed(first, 0, version=0)
+    train_one(first)  # leaves v000001 in the publish directory (killed: no finish)
+    stale = published_dir(first.config.run) / "v000001" / "model.safetensors"
+    before = stale.read_bytes()
+    first.queue.redis.flushdb()  # the run started afresh: version numbers begin at 1 again
+    second = make_trainer(tiny_lm_dir, redis_url, tmp_path, lr=1e-2)
+    assert not stale.exists()  # an earlier run's version is gone before anything is announced
+    feed(second, 0, version=0)
+    train_one(second)
+    version, path = second.queue.latest_version()
+    assert version == 1 and (pathlib.Path(path) / "model.safetensors").read_bytes() != before
