@@ -72,7 +72,6 @@ def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, 
         wait_for_version(stack, queue, 3, 120)
         times = [step["time"] for _, step in queue.read_steps("0-0")]
         normal_step = (times[-1] - times[0]) / max(1, len(times) - 1)  # seconds between versions, unharmed
-        before = latest_version(queue)
         caught = ""
         if victim == "trainer-mid-publish":
             caught = kill_inside(stack, published_dir(config.run), 300)
