@@ -10,6 +10,7 @@ Exit 1 otherwise, with one line on stderr saying why (Docker keeps it in `docker
 grpc.health.v1 stays open without the bearer token (services/common/rpc.py), so no secret is needed
 here. Plaintext only: with grpc.tls_* set, probe with Kubernetes' native gRPC probe or a TLS client.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,7 +24,8 @@ def check_grpc(address: str, service: str, timeout: float) -> str | None:
     with grpc.insecure_channel(address) as chan:
         try:
             reply = health_pb2_grpc.HealthStub(chan).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.RpcError as error:
             return f"{address} {service!r}: {error.code().name} {error.details()}"
     if reply.status != health_pb2.HealthCheckResponse.SERVING:

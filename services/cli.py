@@ -1,5 +1,6 @@
 """The `belay` command: `belay up` runs the whole stack locally; `belay prepare-model` converts
 the embedded SmolLM2 once."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ def _prompts(path: str, count: int) -> list[str]:
 
 def cmd_prepare_model(args) -> int:
     from .common.smollm2 import prepare_smollm2
+
     print(prepare_smollm2(pathlib.Path(args.out)))
     return 0
 
@@ -40,8 +42,15 @@ def cmd_up(args) -> int:
     if args.iterations:
         config.trainer.max_steps = args.iterations
     try:
-        up(config, run_dir, args.iterations, _prompts(config.policy.prompts_file, args.samples),
-           args.sample_tokens, args.startup_timeout, evaluate_after=not args.no_eval)
+        up(
+            config,
+            run_dir,
+            args.iterations,
+            _prompts(config.policy.prompts_file, args.samples),
+            args.sample_tokens,
+            args.startup_timeout,
+            evaluate_after=not args.no_eval,
+        )
     except StackError as error:
         print(f"belay up failed: {error}", file=sys.stderr)
         return 1
@@ -114,8 +123,11 @@ def cmd_bench(args) -> int:
     from .common.smollm2 import DEFAULT_DIR, prepare_smollm2
 
     if args.iterations < 1 or args.warmup < 0 or args.repeat < 1 or args.checkpoint_every_steps < 1:
-        print(f"--iterations, --repeat and --checkpoint-every-steps must be >= 1 and --warmup >= 0 (got "
-              f"{args.iterations}, {args.repeat}, {args.checkpoint_every_steps}, {args.warmup})", file=sys.stderr)
+        print(
+            f"--iterations, --repeat and --checkpoint-every-steps must be >= 1 and --warmup >= 0 (got "
+            f"{args.iterations}, {args.repeat}, {args.checkpoint_every_steps}, {args.warmup})",
+            file=sys.stderr,
+        )
         return 2
     defaults = Workload()
     model_dir = pathlib.Path(args.model_dir or defaults.model_dir).expanduser()
@@ -125,14 +137,22 @@ def cmd_bench(args) -> int:
         print(f"--model-dir {model_dir} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
         return 2
     if args.reward_dir is None and model_dir != DEFAULT_DIR:
-        print("--reward-dir is needed with --model-dir (the default reward model is built from SmolLM2)", file=sys.stderr)
+        print(
+            "--reward-dir is needed with --model-dir (the default reward model is built from SmolLM2)", file=sys.stderr
+        )
         return 2
     reward_dir = ensure_reward_model(model_dir, args.reward_dir or defaults.reward_dir)
-    workload = dataclasses.replace(defaults, model_dir=str(model_dir), reward_dir=str(reward_dir),
-                                   iterations=args.iterations, warmup=args.warmup,
-                                   checkpoint_every_steps=args.checkpoint_every_steps)
-    results = run_bench(workload, pathlib.Path(args.run_dir), trl=args.trl, trl_python=args.trl_python,
-                        repeat=args.repeat)
+    workload = dataclasses.replace(
+        defaults,
+        model_dir=str(model_dir),
+        reward_dir=str(reward_dir),
+        iterations=args.iterations,
+        warmup=args.warmup,
+        checkpoint_every_steps=args.checkpoint_every_steps,
+    )
+    results = run_bench(
+        workload, pathlib.Path(args.run_dir), trl=args.trl, trl_python=args.trl_python, repeat=args.repeat
+    )
     print()
     print(format_report(results))
     if args.json:
@@ -165,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--startup-timeout", type=float, default=900.0)
     run.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     run.set_defaults(handler=cmd_up)
-    evaluation = commands.add_parser("eval", help="held-out reward, KL, length, diversity and perplexity of checkpoints")
+    evaluation = commands.add_parser(
+        "eval", help="held-out reward, KL, length, diversity and perplexity of checkpoints"
+    )
     evaluation.add_argument("--config", default="configs/demo.yaml")
     evaluation.add_argument("--run-dir", default=None, help="evaluate every committed checkpoint of this run")
     evaluation.add_argument("--checkpoint", action="append", default=[], help="a checkpoint directory (repeatable)")
@@ -185,16 +207,30 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", default=None, help="also write every figure to this JSON file")
     bench.add_argument("--iterations", type=int, default=Workload.iterations, help="measured PPO steps per mode")
     bench.add_argument("--warmup", type=int, default=Workload.warmup, help="steps run first, not measured")
-    bench.add_argument("--repeat", type=int, default=1, help="run the overlap-off services mode and the in-process "
-                       "mode this many times each and judge their median seconds per step")
-    bench.add_argument("--checkpoint-every-steps", type=int, default=Workload.checkpoint_every_steps,
-                       help="persist cadence of every mode (trainer.checkpoint_every_steps)")
-    bench.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True,
-                       help="run TRL's PPOTrainer on the same workload (--no-trl skips it)")
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the overlap-off services mode and the in-process "
+        "mode this many times each and judge their median seconds per step",
+    )
+    bench.add_argument(
+        "--checkpoint-every-steps",
+        type=int,
+        default=Workload.checkpoint_every_steps,
+        help="persist cadence of every mode (trainer.checkpoint_every_steps)",
+    )
+    bench.add_argument(
+        "--trl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run TRL's PPOTrainer on the same workload (--no-trl skips it)",
+    )
     bench.add_argument("--trl-python", default=sys.executable, help="the interpreter (environment) that runs TRL")
     bench.add_argument("--model-dir", default=None, help="policy/reference model (default: SmolLM2-135M-Instruct)")
-    bench.add_argument("--reward-dir", default=None, help="sequence-classifier reward model (built from the "
-                       "model's trunk if missing)")
+    bench.add_argument(
+        "--reward-dir", default=None, help="sequence-classifier reward model (built from the model's trunk if missing)"
+    )
     bench.add_argument("--run-dir", default="runs/bench", help="where each mode's logs and checkpoints go")
     bench.set_defaults(handler=cmd_bench)
     prepare = commands.add_parser("prepare-model", help="convert the embedded SmolLM2 GGUF to safetensors once")

@@ -1,5 +1,6 @@
 """`belay up`: the whole stack as local processes (a local redis-server included), the same
 commands the containers run. Starts, waits for health, follows training, stops in order."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,8 +64,14 @@ class LocalStack:
         log_path = self.run_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(log_path, "ab")
-        popen = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, cwd=os.getcwd())
+        popen = subprocess.Popen(
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=os.getcwd(),
+        )
         handle.close()
         self.processes[name] = Process(name, popen, log_path)
 
@@ -96,14 +103,34 @@ class LocalStack:
         redis_dir.mkdir(exist_ok=True)
         redis_server = shutil.which("redis-server")
         if redis_server is None:
-            raise StackError("redis-server is not installed (Debian: apt-get install redis-server; `make setup` does it)")
-        self._spawn("redis", [redis_server, "--port", str(url.port or 6379), "--bind", url.hostname or "127.0.0.1",
-                              "--dir", str(redis_dir), "--save", "", "--protected-mode", "yes",
-                              "--appendonly", "yes", "--appendfsync", "always"])  # a kill -9 of Redis loses no write
+            raise StackError(
+                "redis-server is not installed (Debian: apt-get install redis-server; `make setup` does it)"
+            )
+        self._spawn(
+            "redis",
+            [
+                redis_server,
+                "--port",
+                str(url.port or 6379),
+                "--bind",
+                url.hostname or "127.0.0.1",
+                "--dir",
+                str(redis_dir),
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ],
+        )  # a kill -9 of Redis loses no write
         self._wait_redis()
 
     def _wait_redis(self, timeout: float = 20) -> None:
         import redis
+
         client = redis.Redis.from_url(self.config.redis.url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -113,20 +140,25 @@ class LocalStack:
                 return
             except redis.ConnectionError:
                 time.sleep(0.1)
-        raise StackError(f"redis-server did not answer at {self.config.redis.url}:\n{tail(self.processes['redis'].log_path)}")
+        raise StackError(
+            f"redis-server did not answer at {self.config.redis.url}:\n{tail(self.processes['redis'].log_path)}"
+        )
 
     def check_alive(self) -> None:
         for process in self.processes.values():
             code = process.popen.poll()
             if code is not None and not (process.name == "trainer" and code == 0):  # 0: reached max_steps
-                raise StackError(f"{process.name} exited with code {code}; the end of {process.log_path}:\n"
-                                 f"{tail(process.log_path)}")
+                raise StackError(
+                    f"{process.name} exited with code {code}; the end of {process.log_path}:\n{tail(process.log_path)}"
+                )
 
     def wait_healthy(self, timeout: float, trainer: bool = True) -> None:
         deadline = time.monotonic() + timeout
-        targets = [("reference", "belay.v1.Reference", self.config.reference.address),
-                   ("reward", "belay.v1.Reward", self.config.reward.address),
-                   ("policy", "belay.v1.Policy", self.config.policy.address)]
+        targets = [
+            ("reference", "belay.v1.Reference", self.config.reference.address),
+            ("reward", "belay.v1.Reward", self.config.reward.address),
+            ("policy", "belay.v1.Policy", self.config.policy.address),
+        ]
         for name, service, address in targets:
             self.say(f"  waiting for {name} at {address} ...")
             chan = channel(address, self.config.grpc)
@@ -137,15 +169,18 @@ class LocalStack:
                     break
                 except TimeoutError:
                     if time.monotonic() > deadline:
-                        raise StackError(f"{name} not healthy after {timeout:.0f} s:\n"
-                                         f"{tail(self.processes[name].log_path)}") from None
+                        raise StackError(
+                            f"{name} not healthy after {timeout:.0f} s:\n{tail(self.processes[name].log_path)}"
+                        ) from None
         if not trainer:
             return
         self.say(f"  waiting for trainer (metrics on :{self.config.trainer.metrics_port}) ...")
         while not self.trainer_ready():
             self.check_alive()
             if time.monotonic() > deadline:
-                raise StackError(f"trainer not ready after {timeout:.0f} s:\n{tail(self.processes['trainer'].log_path)}")
+                raise StackError(
+                    f"trainer not ready after {timeout:.0f} s:\n{tail(self.processes['trainer'].log_path)}"
+                )
             time.sleep(0.5)
 
     def trainer_ready(self) -> bool:
@@ -190,9 +225,12 @@ class LocalStack:
 def sample_outputs(config: BelayConfig, prompts: list[str], max_new_tokens: int) -> tuple[int, list[str]]:
     """Greedy answers of the policy service to fixed prompts: (version, texts)."""
     stub = belay_pb2_grpc.PolicyStub(channel(config.policy.address, config.grpc))
-    reply = stub.Generate(belay_pb2.GenerateRequest(
-        prompts=prompts, sampling=belay_pb2.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)),
-        timeout=600)
+    reply = stub.Generate(
+        belay_pb2.GenerateRequest(
+            prompts=prompts, sampling=belay_pb2.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+        ),
+        timeout=600,
+    )
     return reply.policy_version, list(reply.response_texts)
 
 
@@ -216,8 +254,12 @@ def final_canaries(config: BelayConfig, version: int | None, timeout: float = 12
     right after its swap, so they may trail the last step by a few seconds)."""
     store = ReviewStore.from_url(config.redis.url, config.run.name)
     deadline = time.monotonic() + timeout
-    while (config.policy.canary_prompts_file and version is not None and not store.has_canaries(version)
-           and time.monotonic() < deadline):
+    while (
+        config.policy.canary_prompts_file
+        and version is not None
+        and not store.has_canaries(version)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.5)
     return store.canaries()
 
@@ -226,19 +268,26 @@ def format_step(step: dict, iterations: int | None, recent_rewards: list[float])
     """One progress line; recent_rewards (this step's last) gives the trend through batch noise."""
     of = f"/{iterations}" if iterations else ""
     if step.get("event") == "rollback":
-        return (f"iteration {step['version']}{of}  ROLLBACK: batch KL {step['batch_kl']:.2f} nats passed "
-                f"kl_hard_limit; weights of version {step['rolled_back_to']} published again "
-                f"(β {step['kl_coef']:.3g}, lr {step['lr']:.3g})")
+        return (
+            f"iteration {step['version']}{of}  ROLLBACK: batch KL {step['batch_kl']:.2f} nats passed "
+            f"kl_hard_limit; weights of version {step['rolled_back_to']} published again "
+            f"(β {step['kl_coef']:.3g}, lr {step['lr']:.3g})"
+        )
     s = step["seconds"]
     trend = sum(recent_rewards[-5:]) / len(recent_rewards[-5:])
-    return (f"iteration {step['version']}{of}  reward {step['reward_mean']:+.3f} ± {step['reward_std']:.3f} "
-            f"(last 5: {trend:+.3f})  "
-            f"KL/seq {step['kl_per_sequence']:.3f} (per token {step['kl_per_token']:.4f})  "
-            f"len {step['response_length_mean']:.1f}  clip {step['clip_fraction']:.2f}  "
-            f"| gen {s['generate']:.1f}s ref {s['reference']:.1f}s reward {s['reward']:.2f}s "
-            f"update {s['update']:.1f}s publish {s['publish']:.2f}s persist {s['persist']:.2f}s swap {s['swap']:.2f}s"
-            + (f"  DETECTOR: {', '.join(step['detectors_firing'])} (docs/runbooks.md)"
-               if step.get("detectors_firing") else ""))
+    return (
+        f"iteration {step['version']}{of}  reward {step['reward_mean']:+.3f} ± {step['reward_std']:.3f} "
+        f"(last 5: {trend:+.3f})  "
+        f"KL/seq {step['kl_per_sequence']:.3f} (per token {step['kl_per_token']:.4f})  "
+        f"len {step['response_length_mean']:.1f}  clip {step['clip_fraction']:.2f}  "
+        f"| gen {s['generate']:.1f}s ref {s['reference']:.1f}s reward {s['reward']:.2f}s "
+        f"update {s['update']:.1f}s publish {s['publish']:.2f}s persist {s['persist']:.2f}s swap {s['swap']:.2f}s"
+        + (
+            f"  DETECTOR: {', '.join(step['detectors_firing'])} (docs/runbooks.md)"
+            if step.get("detectors_firing")
+            else ""
+        )
+    )
 
 
 SUMMARY_KEYS = ("reward_mean", "reward_std", "kl_per_sequence", "kl_per_token", "response_length_mean")
@@ -254,7 +303,8 @@ def summarise(steps: list[dict]) -> dict:
     quarter = max(1, len(steps) // 4)
     wall = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
     return {
-        "iterations": len(steps), "rollbacks": rollbacks,
+        "iterations": len(steps),
+        "rollbacks": rollbacks,
         "first": {k: steps[0][k] for k in SUMMARY_KEYS},
         "last": {k: steps[-1][k] for k in SUMMARY_KEYS},
         "first_quarter_mean": {k: sum(x[k] for x in steps[:quarter]) / quarter for k in SUMMARY_KEYS},
@@ -278,8 +328,16 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
     return steps
 
 
-def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sample_prompts: list[str],
-       sample_tokens: int, startup_timeout: float, evaluate_after: bool = True, say=print) -> dict:
+def up(
+    config: BelayConfig,
+    run_dir: pathlib.Path,
+    iterations: int | None,
+    sample_prompts: list[str],
+    sample_tokens: int,
+    startup_timeout: float,
+    evaluate_after: bool = True,
+    say=print,
+) -> dict:
     stack = LocalStack(config, run_dir, say)
     steps: list[dict] = []
     canaries: dict[int, dict] = {}
@@ -321,10 +379,12 @@ def up(config: BelayConfig, run_dir: pathlib.Path, iterations: int | None, sampl
     if summary.get("iterations"):
         f, l, t = summary["first"], summary["last"], summary["mean_seconds"]
         q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
-        say(f"\nreward mean {f['reward_mean']:+.3f} -> {l['reward_mean']:+.3f} (first quarter of the run "
+        say(
+            f"\nreward mean {f['reward_mean']:+.3f} -> {l['reward_mean']:+.3f} (first quarter of the run "
             f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {f['kl_per_sequence']:.3f}"
             f" -> {l['kl_per_sequence']:.3f} (per token {l['kl_per_token']:.4f}) over {summary['iterations']} "
-            "iterations")
+            "iterations"
+        )
         say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
         latest = latest_checkpoint(config.run.checkpoint_dir)
         if evaluate_after and latest is not None:
@@ -352,12 +412,20 @@ def evaluate_first_and_last(config: BelayConfig, last: pathlib.Path, out_dir: pa
 
     say(f"evaluating the reference and {last.name} on held-out prompts and text ...")
     backend = build_backend(config.reward, resolve_device(config.reward.device))
-    results = evaluate(config, [None, last], backend, HELDOUT_PROMPTS, HELDOUT_TEXT,
-                       EvalSettings(max_new_tokens=config.policy.max_new_tokens))
+    results = evaluate(
+        config,
+        [None, last],
+        backend,
+        HELDOUT_PROMPTS,
+        HELDOUT_TEXT,
+        EvalSettings(max_new_tokens=config.policy.max_new_tokens),
+    )
     say(report.table(results))
     report.write(results, out_dir)
     reference, trained = results["models"]["reference"], results["models"][last.name]
-    say(f"held-out reward {reference['reward_mean']:+.3f} -> {trained['reward_mean']:+.3f}; held-out perplexity "
+    say(
+        f"held-out reward {reference['reward_mean']:+.3f} -> {trained['reward_mean']:+.3f}; held-out perplexity "
         f"{reference['perplexity']:.2f} -> {trained['perplexity']:.2f} "
-        f"({100 * (trained['perplexity'] / reference['perplexity'] - 1):+.1f}%); plots in {out_dir}")
+        f"({100 * (trained['perplexity'] / reference['perplexity'] - 1):+.1f}%); plots in {out_dir}"
+    )
     return results

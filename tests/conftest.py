@@ -1,4 +1,5 @@
 """Shared fixtures: real redis-server processes, tiny real models, free loopback ports."""
+
 from __future__ import annotations
 
 import pathlib
@@ -28,9 +29,11 @@ def redis_url(tmp_path: pathlib.Path):
     port = free_port()
     data = tmp_path / "redis"
     data.mkdir()
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-                                "--save", "", "--appendonly", "yes"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "", "--appendonly", "yes"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     for _ in range(100):
@@ -64,8 +67,11 @@ def eager_eos_lm_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def other_tokenizer_lm_dir(tmp_path_factory) -> pathlib.Path:
     """A tiny Llama whose tokenizer differs from tiny_lm_dir's (a different vocabulary)."""
-    return build_causal_lm(tmp_path_factory.mktemp("other_lm"), seed=0,
-                           tokenizer=build_tokenizer(vocab_size=300, extra_words=("zebra quokka " * 50,)))
+    return build_causal_lm(
+        tmp_path_factory.mktemp("other_lm"),
+        seed=0,
+        tokenizer=build_tokenizer(vocab_size=300, extra_words=("zebra quokka " * 50,)),
+    )
 
 
 @pytest.fixture(scope="session")

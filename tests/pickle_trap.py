@@ -1,5 +1,6 @@
 """A booby-trapped pickle: unpickling it creates a marker file. Tests leave it where a careless
 loader would unpickle it (a .bin or .pt beside the safetensors) and check the marker never appears."""
+
 from __future__ import annotations
 
 import pathlib

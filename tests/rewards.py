@@ -1,5 +1,6 @@
 """Reward functions that provoke the seed's failure modes on purpose, for the `python` reward
 backend (`reward.function: tests.rewards:<name>`), called as f(prompts, responses) -> scores."""
+
 from __future__ import annotations
 
 import difflib
@@ -17,5 +18,8 @@ def one_phrase(prompts: list[str], responses: list[str]) -> list[float]:
     PHRASE, plus half its character similarity to PHRASE (difflib's ratio, 2·matches / total
     characters), which keeps the reward dense while a random model's words are still gibberish."""
     words = set(PHRASE.split())
-    return [sum(word in words for word in response.split()) / max(1, len(response.split()))
-            + 0.5 * difflib.SequenceMatcher(None, response.strip(), PHRASE).ratio() for response in responses]
+    return [
+        sum(word in words for word in response.split()) / max(1, len(response.split()))
+        + 0.5 * difflib.SequenceMatcher(None, response.strip(), PHRASE).ratio()
+        for response in responses
+    ]

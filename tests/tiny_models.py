@@ -1,5 +1,6 @@
 """Tiny real Hugging Face models built inside the tests: a byte-level BPE tokenizer with a chat
 template, a 2-layer Llama causal LM, and a sequence-classification reward model."""
+
 from __future__ import annotations
 
 import pathlib
@@ -9,13 +10,19 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 CORPUS = [
-    "I love this, it is good and happy and great.", "This is terrible, bad and sad.",
-    "What a wonderful day, thank you so much!", "I hate waiting, it is awful.",
-    "The weather is nice and the food is excellent.", "Tell me about your weekend.",
-    "Describe a walk in the park.", "How are you feeling today?",
+    "I love this, it is good and happy and great.",
+    "This is terrible, bad and sad.",
+    "What a wonderful day, thank you so much!",
+    "I hate waiting, it is awful.",
+    "The weather is nice and the food is excellent.",
+    "Tell me about your weekend.",
+    "Describe a walk in the park.",
+    "How are you feeling today?",
 ] * 20
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -23,18 +30,29 @@ def build_tokenizer(vocab_size: int = 320, extra_words: tuple[str, ...] = ()) ->
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(CORPUS + list(extra_words), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<pad>",
-                                   chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
+    )
 
 
 def llama_config(tokenizer, **overrides) -> LlamaConfig:
-    settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                    tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     settings.update(overrides)
     return LlamaConfig(**settings)
 

@@ -5,6 +5,7 @@ Any server that speaks belay.v1.Reward (Score, Info) and grpc.health.v1 can repl
     belay check-reward 127.0.0.1:50070        # checks it against the protocol
 then point reward.address at it (docker compose: deploy/compose/reward-example.override.yml).
 """
+
 import argparse
 import pathlib
 import sys
@@ -22,9 +23,10 @@ MODEL_ID = "example-ends-with-full-stop"
 class FullStopReward(belay_pb2_grpc.RewardServicer):
     def Score(self, request, context):
         if not request.responses or len(request.prompts) != len(request.responses):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"need as many prompts as responses, at least one ({len(request.prompts)} vs "
-                          f"{len(request.responses)})")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"need as many prompts as responses, at least one ({len(request.prompts)} vs {len(request.responses)})",
+            )
         scores = [1.0 if text.rstrip().endswith(".") else 0.0 for text in request.responses]
         return belay_pb2.ScoreResponse(scores=scores, reward_model_id=MODEL_ID, reward_model_revision="1")
 

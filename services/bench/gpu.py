@@ -18,6 +18,7 @@ so every prompt has exactly --prompt-tokens tokens), and loaded back the way the
 Peak FLOP/s are dense bf16 figures from the vendors' data sheets; on another card, another dtype or
 the CPU, MFU is null and the achieved FLOP/s still say how fast the update ran.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,24 @@ from .workload import Workload
 
 log = logging.getLogger(__name__)
 SIZES = {  # LlamaConfig fields; 1b is TinyLlama-1.1B's shape
-    "1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-               intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512, max_position_embeddings=256),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        max_position_embeddings=256,
+    ),
 }
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 # (name contains, and also contains, dense bf16 FLOP/s): the first match wins, so PCIe comes before SXM.
@@ -59,8 +74,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3; words "w4".. tak
 
 def peak_bf16_flops(device_name: str) -> float | None:
     """Dense bf16 FLOP/s of a card by its torch.cuda.get_device_name(); None when the table lacks it."""
-    return next((flops for card, variant, flops in PEAK_BF16_FLOPS if card in device_name and variant in device_name),
-                None)
+    return next(
+        (flops for card, variant, flops in PEAK_BF16_FLOPS if card in device_name and variant in device_name), None
+    )
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[str, float | None]:
@@ -77,15 +93,21 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def build_random_model(size: str, directory: pathlib.Path, seed: int) -> pathlib.Path:
     """A randomly initialised Llama of `size`, saved as safetensors with its tokenizer."""
     tokenizer = word_tokenizer(SIZES[size]["vocab_size"])
-    config = LlamaConfig(**SIZES[size], tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        **SIZES[size],
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -121,23 +143,43 @@ def timed(device: torch.device, action):
 def rollouts_from(batch, rewards: np.ndarray) -> list[Rollout]:
     """The trainer's input from a generation batch. The reference is the initial policy, which is
     what sampled, so its log-probs equal the behaviour log-probs."""
-    return [Rollout(prompt_text="", response_text=text, prompt_ids=np.asarray(prompt, np.int32),
-                    response_ids=np.asarray(response, np.int32), logprobs=np.asarray(logprobs, np.float32),
-                    ref_logprobs=np.asarray(logprobs, np.float32), reward=float(reward), policy_version=batch.version,
-                    finish_reason=reason, group_id=str(row))
-            for row, (prompt, response, logprobs, text, reason, reward) in enumerate(zip(
-                batch.prompt_ids, batch.response_ids, batch.logprobs, batch.texts, batch.finish_reasons, rewards))]
+    return [
+        Rollout(
+            prompt_text="",
+            response_text=text,
+            prompt_ids=np.asarray(prompt, np.int32),
+            response_ids=np.asarray(response, np.int32),
+            logprobs=np.asarray(logprobs, np.float32),
+            ref_logprobs=np.asarray(logprobs, np.float32),
+            reward=float(reward),
+            policy_version=batch.version,
+            finish_reason=reason,
+            group_id=str(row),
+        )
+        for row, (prompt, response, logprobs, text, reason, reward) in enumerate(
+            zip(batch.prompt_ids, batch.response_ids, batch.logprobs, batch.texts, batch.finish_reasons, rewards)
+        )
+    ]
 
 
-def run_gpu_bench(size: str = "1b", device: str = "cuda", dtype: str = "bf16", iterations: int = 3, warmup: int = 1,
-                  prompt_tokens: int = 64, workload: Workload = Workload()) -> dict:
+def run_gpu_bench(
+    size: str = "1b",
+    device: str = "cuda",
+    dtype: str = "bf16",
+    iterations: int = 3,
+    warmup: int = 1,
+    prompt_tokens: int = 64,
+    workload: Workload = Workload(),
+) -> dict:
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for, but torch sees no CUDA device (torch {torch.__version__}); "
-                           "run on a GPU machine or pass --device cpu")
+        raise RuntimeError(
+            f"--device {device} asked for, but torch sees no CUDA device (torch {torch.__version__}); "
+            "run on a GPU machine or pass --device cpu"
+        )
     if iterations < 1 or warmup < 0:
         raise ValueError(f"need iterations >= 1 and warmup >= 0, got iterations={iterations} warmup={warmup}")
     torch_device, torch_dtype = torch.device(device), DTYPES[dtype]
@@ -149,22 +191,34 @@ def run_gpu_bench(size: str = "1b", device: str = "cuda", dtype: str = "bf16", i
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base, local_files_only=True)
         policy_model = load_causal_lm(str(base), torch_device, "bench policy").to(torch_dtype)
         trainer_model = load_causal_lm(str(base), torch_device, "bench trainer").to(torch_dtype)
-        engine = PolicyEngine(policy_model, tokenizer, GrpcConfig(max_batch_size=max(256, batch_size)),
-                              max_tokens_per_forward=16384)
-        config = BelayConfig.model_validate({
-            "run": {"checkpoint_dir": str(pathlib.Path(temp) / "checkpoints")},
-            "trainer": {"model_dir": str(base), "batch_size": batch_size, "minibatch_size": minibatch_size,
-                        "ppo_epochs": workload.ppo_epochs, "lr": workload.lr, "kl_coef": workload.kl_coef,
-                        "temperature": workload.temperature, "seed": workload.seed},
-            "policy": {"temperature": workload.temperature}})
+        engine = PolicyEngine(
+            policy_model, tokenizer, GrpcConfig(max_batch_size=max(256, batch_size)), max_tokens_per_forward=16384
+        )
+        config = BelayConfig.model_validate(
+            {
+                "run": {"checkpoint_dir": str(pathlib.Path(temp) / "checkpoints")},
+                "trainer": {
+                    "model_dir": str(base),
+                    "batch_size": batch_size,
+                    "minibatch_size": minibatch_size,
+                    "ppo_epochs": workload.ppo_epochs,
+                    "lr": workload.lr,
+                    "kl_coef": workload.kl_coef,
+                    "temperature": workload.temperature,
+                    "seed": workload.seed,
+                },
+                "policy": {"temperature": workload.temperature},
+            }
+        )
         trainer = Trainer(config, trainer_model, tokenizer, queue=None, metrics=TrainerMetrics(CollectorRegistry()))
 
         # 1. Generation: warm-up calls first (CUDA context, kernels), then the measured ones.
         prompts = random_prompts(batch_size, prompt_tokens, SIZES[size]["vocab_size"], workload.seed)
         generate_seconds, response_tokens = [], []
         for call in range(warmup + iterations):
-            sampling = Sampling(temperature=workload.temperature, max_new_tokens=workload.max_new_tokens,
-                                seed=workload.seed + call)
+            sampling = Sampling(
+                temperature=workload.temperature, max_new_tokens=workload.max_new_tokens, seed=workload.seed + call
+            )
             batch, seconds = timed(torch_device, lambda: engine.generate(prompts, 1, sampling))
             if call >= warmup:
                 generate_seconds.append(seconds)
@@ -188,32 +242,61 @@ def run_gpu_bench(size: str = "1b", device: str = "cuda", dtype: str = "bf16", i
         checkpoint, checkpoint_seconds = timed(torch_device, lambda: trainer.save(1, []))
         fingerprint_before, version_before = weights_fingerprint(engine.loaded.model), engine.version
         engine_seconds, swap_seconds = timed(torch_device, lambda: engine.swap_to(1, checkpoint))
-        hot_swap = {"seconds": swap_seconds, "engine_seconds": engine_seconds,
-                    "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.glob("model*.safetensors")),
-                    "version_before": version_before, "version_after": engine.version,
-                    "engine_fingerprint_before": fingerprint_before,
-                    "engine_fingerprint_after": weights_fingerprint(engine.loaded.model),
-                    "trainer_fingerprint": weights_fingerprint(trainer.model)}
+        hot_swap = {
+            "seconds": swap_seconds,
+            "engine_seconds": engine_seconds,
+            "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.glob("model*.safetensors")),
+            "version_before": version_before,
+            "version_after": engine.version,
+            "engine_fingerprint_before": fingerprint_before,
+            "engine_fingerprint_after": weights_fingerprint(engine.loaded.model),
+            "trainer_fingerprint": weights_fingerprint(trainer.model),
+        }
     return {
-        "size": size, "device": str(torch_device), "device_name": device_name, "dtype": str(torch_dtype),
-        "model": {**SIZES[size], "tie_word_embeddings": False,
-                  "parameters": sum(p.numel() for p in trainer.model.parameters()), "matmul_parameters": n_params},
-        "generation": {"rows": batch_size, "prompt_tokens": prompt_tokens, "max_new_tokens": workload.max_new_tokens,
-                       "temperature": workload.temperature, "top_p": Sampling.top_p,
-                       "seconds": generate_seconds, "response_tokens": response_tokens,
-                       "tokens_per_second": sum(response_tokens) / sum(generate_seconds)},
-        "update": {"rows": batch_size, "minibatch_size": minibatch_size, "ppo_epochs": workload.ppo_epochs,
-                   "width": width, "tokens_processed": tokens_processed, "n_params": n_params, "flops": flops,
-                   "seconds": update_seconds, "seconds_mean": update_mean,
-                   "achieved_flops_per_second": flops / update_mean, "peak_flops_per_second": peak,
-                   "mfu": None if peak is None else flops / update_mean / peak,
-                   "optimizer_steps": summary["optimizer_steps"], "skipped_minibatches": summary["skipped_minibatches"]},
+        "size": size,
+        "device": str(torch_device),
+        "device_name": device_name,
+        "dtype": str(torch_dtype),
+        "model": {
+            **SIZES[size],
+            "tie_word_embeddings": False,
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "matmul_parameters": n_params,
+        },
+        "generation": {
+            "rows": batch_size,
+            "prompt_tokens": prompt_tokens,
+            "max_new_tokens": workload.max_new_tokens,
+            "temperature": workload.temperature,
+            "top_p": Sampling.top_p,
+            "seconds": generate_seconds,
+            "response_tokens": response_tokens,
+            "tokens_per_second": sum(response_tokens) / sum(generate_seconds),
+        },
+        "update": {
+            "rows": batch_size,
+            "minibatch_size": minibatch_size,
+            "ppo_epochs": workload.ppo_epochs,
+            "width": width,
+            "tokens_processed": tokens_processed,
+            "n_params": n_params,
+            "flops": flops,
+            "seconds": update_seconds,
+            "seconds_mean": update_mean,
+            "achieved_flops_per_second": flops / update_mean,
+            "peak_flops_per_second": peak,
+            "mfu": None if peak is None else flops / update_mean / peak,
+            "optimizer_steps": summary["optimizer_steps"],
+            "skipped_minibatches": summary["skipped_minibatches"],
+        },
         "checkpoint_write_seconds": checkpoint_seconds,
         "hot_swap": hot_swap,
-        "peak_memory_bytes": {"process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                              "device": torch.cuda.max_memory_allocated(torch_device)
-                              if torch_device.type == "cuda" else None},
-        "iterations": iterations, "warmup": warmup,
+        "peak_memory_bytes": {
+            "process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "device": torch.cuda.max_memory_allocated(torch_device) if torch_device.type == "cuda" else None,
+        },
+        "iterations": iterations,
+        "warmup": warmup,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
     }
 
@@ -232,12 +315,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s gpu_bench %(message)s")
     workload = Workload(prompts_per_batch=args.batch, max_new_tokens=args.max_new_tokens)
-    figures = run_gpu_bench(args.size, args.device, args.dtype, args.iterations, args.warmup, args.prompt_tokens,
-                            workload)
+    figures = run_gpu_bench(
+        args.size, args.device, args.dtype, args.iterations, args.warmup, args.prompt_tokens, workload
+    )
     pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
-    log.info("%s %s on %s: generation %.1f tokens/s, update %.3f s (MFU %s), hot swap %.3f s -> %s",
-             args.size, figures["dtype"], figures["device_name"], figures["generation"]["tokens_per_second"],
-             figures["update"]["seconds_mean"], figures["update"]["mfu"], figures["hot_swap"]["seconds"], args.json)
+    log.info(
+        "%s %s on %s: generation %.1f tokens/s, update %.3f s (MFU %s), hot swap %.3f s -> %s",
+        args.size,
+        figures["dtype"],
+        figures["device_name"],
+        figures["generation"]["tokens_per_second"],
+        figures["update"]["seconds_mean"],
+        figures["update"]["mfu"],
+        figures["hot_swap"]["seconds"],
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 
 Prints the median and range of PolicyEngine.swap_to for each kind, and the checkpoint sizes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,23 +41,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = pathlib.Path(scratch)
         trained = load_causal_lm(base_dir, torch.device("cpu"), "bench")
-        full = [write_checkpoint(root / "full", v, lambda d: trained.save_pretrained(d, safe_serialization=True))
-                for v in range(1, args.repeats + 1)]
+        full = [
+            write_checkpoint(root / "full", v, lambda d: trained.save_pretrained(d, safe_serialization=True))
+            for v in range(1, args.repeats + 1)
+        ]
         adapted = wrap_with_lora(load_causal_lm(base_dir, torch.device("cpu"), "bench"), settings)
-        adapters = [write_checkpoint(root / "lora", v, lambda d: save_adapter(adapted, d))
-                    for v in range(1, args.repeats + 1)]
+        adapters = [
+            write_checkpoint(root / "lora", v, lambda d: save_adapter(adapted, d)) for v in range(1, args.repeats + 1)
+        ]
         del trained, adapted
         results = {}
         engine = PolicyEngine(load_causal_lm(base_dir, torch.device("cpu"), "policy"), tokenizer, GrpcConfig(), 4096)
         results["full weights"] = (time_swaps(engine, full), size_mb(full[0]))
         del engine
-        engine = PolicyEngine(wrap_with_lora(load_causal_lm(base_dir, torch.device("cpu"), "policy"), settings),
-                              tokenizer, GrpcConfig(), 4096)
+        engine = PolicyEngine(
+            wrap_with_lora(load_causal_lm(base_dir, torch.device("cpu"), "policy"), settings),
+            tokenizer,
+            GrpcConfig(),
+            4096,
+        )
         results[f"LoRA r={args.rank} adapter"] = (time_swaps(engine, adapters), size_mb(adapters[0]))
     print(f"hot-swap on SmolLM2-135M-Instruct, CPU, torch threads {torch.get_num_threads()}, {args.repeats} swaps each")
     for kind, (seconds, megabytes) in results.items():
-        print(f"  {kind:22s} median {statistics.median(seconds) * 1000:8.1f} ms  "
-              f"(min {min(seconds) * 1000:.1f}, max {max(seconds) * 1000:.1f})  checkpoint {megabytes:.1f} MB")
+        print(
+            f"  {kind:22s} median {statistics.median(seconds) * 1000:8.1f} ms  "
+            f"(min {min(seconds) * 1000:.1f}, max {max(seconds) * 1000:.1f})  checkpoint {megabytes:.1f} MB"
+        )
 
 
 if __name__ == "__main__":

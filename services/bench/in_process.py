@@ -9,6 +9,7 @@ in the background through the trainer's Persister), and the last persist is wait
 
 Run as `python -m services.bench.in_process --workload W.json --run-dir D --json OUT` so that the
 process's peak memory is this mode's alone."""
+
 from __future__ import annotations
 
 import argparse
@@ -71,20 +72,46 @@ def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
     for step in range(workload.warmup + workload.iterations):
         started.append(time.time())
         prompts = prompt_cycle.take(policy.prompts_per_batch)
-        sampling = Sampling(temperature=policy.temperature, top_p=policy.top_p,
-                            max_new_tokens=policy.max_new_tokens, seed=policy.seed + step)
+        sampling = Sampling(
+            temperature=policy.temperature,
+            top_p=policy.top_p,
+            max_new_tokens=policy.max_new_tokens,
+            seed=policy.seed + step,
+        )
         batch = engine.generate(prompts, policy.samples_per_prompt, sampling)
         clock = time.perf_counter()
-        ref_rows = response_logprobs(reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id,
-                                     policy.temperature, config.reference.max_tokens_per_forward)
+        ref_rows = response_logprobs(
+            reference,
+            batch.prompt_ids,
+            batch.response_ids,
+            tokenizer.pad_token_id,
+            policy.temperature,
+            config.reference.max_tokens_per_forward,
+        )
         reference_seconds, clock = time.perf_counter() - clock, time.perf_counter()
-        scores = check_scores(reward.score([prompts[i] for i in batch.prompt_index], batch.texts),
-                              len(batch.texts), f"reward backend {reward.model_id}")
+        scores = check_scores(
+            reward.score([prompts[i] for i in batch.prompt_index], batch.texts),
+            len(batch.texts),
+            f"reward backend {reward.model_id}",
+        )
         reward_seconds = time.perf_counter() - clock
-        timings = {"generate": batch.generate_seconds, "logprobs": batch.logprob_seconds,
-                   "reference": reference_seconds, "reward": reward_seconds, "started_at": started[-1]}
-        rollouts = build_rollouts(batch, prompts, [(row.numpy(), None, None) for row in ref_rows], scores,
-                                  [{} for _ in scores], reward.model_id, timings, policy.samples_per_prompt)
+        timings = {
+            "generate": batch.generate_seconds,
+            "logprobs": batch.logprob_seconds,
+            "reference": reference_seconds,
+            "reward": reward_seconds,
+            "started_at": started[-1],
+        }
+        rollouts = build_rollouts(
+            batch,
+            prompts,
+            [(row.numpy(), None, None) for row in ref_rows],
+            scores,
+            [{} for _ in scores],
+            reward.model_id,
+            timings,
+            policy.samples_per_prompt,
+        )
         clock = time.perf_counter()
         summary = trainer.update(rollouts)
         update_seconds = time.perf_counter() - clock
@@ -97,35 +124,61 @@ def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
         trainer.persister.trained_into_published([])
         persist_seconds = trainer.persist() if trainer.persister.due() else 0.0
         engine.loaded = LoadedModel(model=model, version=version)  # the one model already holds the update
-        records.append({
-            "version": version, "end_time": time.time(), "rollouts": len(rollouts),
-            "response_tokens": sum(len(r) for r in batch.response_ids), "rollout_versions": [batch.version],
-            "optimizer_steps": summary["optimizer_steps"], "publish_bytes": 0,
-            "persisted_version": trainer.persister.persisted_version,
-            "persist_background_seconds": trainer.persister.last_write_seconds,
-            "seconds": {"generation": batch.generate_seconds, "behaviour_logprobs": batch.logprob_seconds,
-                        "reference": reference_seconds, "reward": reward_seconds, "queue": 0.0,
-                        "update": update_seconds, "publish": 0.0, "persist": persist_seconds, "hot_swap": 0.0}})
+        records.append(
+            {
+                "version": version,
+                "end_time": time.time(),
+                "rollouts": len(rollouts),
+                "response_tokens": sum(len(r) for r in batch.response_ids),
+                "rollout_versions": [batch.version],
+                "optimizer_steps": summary["optimizer_steps"],
+                "publish_bytes": 0,
+                "persisted_version": trainer.persister.persisted_version,
+                "persist_background_seconds": trainer.persister.last_write_seconds,
+                "seconds": {
+                    "generation": batch.generate_seconds,
+                    "behaviour_logprobs": batch.logprob_seconds,
+                    "reference": reference_seconds,
+                    "reward": reward_seconds,
+                    "queue": 0.0,
+                    "update": update_seconds,
+                    "publish": 0.0,
+                    "persist": persist_seconds,
+                    "hot_swap": 0.0,
+                },
+            }
+        )
     waited_at_end = trainer.persister.wait()  # the last persist, if one is in flight: after the measured window
     start = records[workload.warmup - 1]["end_time"] if workload.warmup else started[0]
     committed = committed_versions(config.run.checkpoint_dir)
     checkpoint_bytes = directory_bytes(committed[-1][1]) if committed else 0
     every, rows = workload.checkpoint_every_steps, workload.batch_size
-    return {"steps": records, "measured_from": start, "warmup": workload.warmup,
-            "peak_memory_bytes": {"in_process": peak_rss_bytes()},
-            "bytes": {"publish_bytes_per_update": 0, "publish_bytes_per_rollout": 0.0,
-                      "checkpoint_bytes_per_persist": checkpoint_bytes,
-                      "persist_bytes_per_update": checkpoint_bytes / every,
-                      "persist_bytes_per_rollout": checkpoint_bytes / every / rows},
-            "persist_writes_seconds": {str(v): sec for v, sec in sorted(writes.items())},
-            "persist_wait_at_end_seconds": waited_at_end,
-            "checkpoint_every_steps": every, "weight_transport": "none (one model: no hand-off)",
-            "model_parameters": sum(p.numel() for p in model.parameters()),  # tied weights counted once
-            # what a broadcast would send per replica (and cuda_ipc share) per update: the serving tensors
-            "serving_tensor_bytes": sum(t.numel() * t.element_size() for t in serving_tensors(model, False).values()),
-            "hot_swap_per_step": False,
-            "settings": {"processes": "1 (policy = trainer model, reference, reward backend)",
-                         "torch_threads": workload.torch_threads, "reference_and_reward": "sequential"}}
+    return {
+        "steps": records,
+        "measured_from": start,
+        "warmup": workload.warmup,
+        "peak_memory_bytes": {"in_process": peak_rss_bytes()},
+        "bytes": {
+            "publish_bytes_per_update": 0,
+            "publish_bytes_per_rollout": 0.0,
+            "checkpoint_bytes_per_persist": checkpoint_bytes,
+            "persist_bytes_per_update": checkpoint_bytes / every,
+            "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
+        },
+        "persist_writes_seconds": {str(v): sec for v, sec in sorted(writes.items())},
+        "persist_wait_at_end_seconds": waited_at_end,
+        "checkpoint_every_steps": every,
+        "weight_transport": "none (one model: no hand-off)",
+        "model_parameters": sum(p.numel() for p in model.parameters()),  # tied weights counted once
+        # what a broadcast would send per replica (and cuda_ipc share) per update: the serving tensors
+        "serving_tensor_bytes": sum(t.numel() * t.element_size() for t in serving_tensors(model, False).values()),
+        "hot_swap_per_step": False,
+        "settings": {
+            "processes": "1 (policy = trainer model, reference, reward backend)",
+            "torch_threads": workload.torch_threads,
+            "reference_and_reward": "sequential",
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """The bench's reward model: a sequence classifier the size of the policy (SmolLM2-135M's trunk
 with a seeded, randomly initialised one-output score head), so Belay and TRL's PPOTrainer pay for
 the same reward forward pass. Built once from the causal LM's safetensors and cached."""
+
 from __future__ import annotations
 
 import pathlib
@@ -19,8 +20,9 @@ def ensure_reward_model(base_dir: str | pathlib.Path, out_dir: str | pathlib.Pat
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{base} is not a Hugging Face model directory (no config.json)")
     torch.manual_seed(seed)  # the score head is the only random part
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32,
-                                                               local_files_only=True, use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=1, dtype=torch.float32, local_files_only=True, use_safetensors=True
+    )
     tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
     model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return save_model_dir(model, tokenizer, out)

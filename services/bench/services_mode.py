@@ -1,5 +1,6 @@
 """The bench's services mode: the workload on the real stack (redis-server, reference, reward,
 policy, trainer as local processes, LocalStack), read back as raw step records from Redis."""
+
 from __future__ import annotations
 
 import pathlib
@@ -16,9 +17,17 @@ from .workload import Workload, belay_config, service_threads
 # The trainer's step summary "seconds" key of each bench stage. publish and persist are the trainer's
 # critical-path parts (persist: the snapshot copy plus any wait for the previous persist; 0 on steps
 # where none was due); the background write of a persist is off the critical path and not a stage.
-STAGE_KEYS = {"generation": "generate", "behaviour_logprobs": "logprobs", "reference": "reference",
-              "reward": "reward", "queue": "queue", "update": "update", "publish": "publish",
-              "persist": "persist", "hot_swap": "swap"}
+STAGE_KEYS = {
+    "generation": "generate",
+    "behaviour_logprobs": "logprobs",
+    "reference": "reference",
+    "reward": "reward",
+    "queue": "queue",
+    "update": "update",
+    "publish": "publish",
+    "persist": "persist",
+    "hot_swap": "swap",
+}
 PERSIST_LOG = re.compile(r"persisted version (\d+) in the background in ([0-9.]+) s")
 WIRE_KEYS = ("reference_request_bytes", "reference_reply_bytes", "reward_request_bytes", "reward_reply_bytes")
 
@@ -41,8 +50,14 @@ def background_writes(steps: list[dict], trainer_log: pathlib.Path) -> dict[int,
     return writes
 
 
-def run_services(workload: Workload, run_dir: pathlib.Path, max_staleness: int, advantage: str,
-                 startup_timeout: float = 900.0, say=print) -> dict:
+def run_services(
+    workload: Workload,
+    run_dir: pathlib.Path,
+    max_staleness: int,
+    advantage: str,
+    startup_timeout: float = 900.0,
+    say=print,
+) -> dict:
     """warmup + iterations trainer steps on a fresh stack. Returns the raw run: one record per step
     (end time, rollouts, response tokens, seconds per stage), the measured window's start, peak
     memory per process, and bytes per rollout on each path."""
@@ -66,38 +81,60 @@ def run_services(workload: Workload, run_dir: pathlib.Path, max_staleness: int, 
     if any("event" in step for step in steps):
         raise RuntimeError("a bench step was a KL rollback, not an update: the figures would mix the two")
     rows = workload.batch_size
-    records = [{"version": s["version"], "end_time": s["time"], "rollouts": s["rollouts"],
-                "response_tokens": round(s["response_length_mean"] * s["rollouts"]),
-                "rollout_versions": s["rollout_versions"], "publish_bytes": int(s.get("publish_bytes", 0)),
-                "persisted_version": int(s.get("persisted_version", 0)),
-                "persist_background_seconds": float(s["seconds"].get("persist_background", 0.0)),
-                "seconds": {stage: float(s["seconds"].get(key, 0.0)) for stage, key in STAGE_KEYS.items()}}
-               for s in steps]
+    records = [
+        {
+            "version": s["version"],
+            "end_time": s["time"],
+            "rollouts": s["rollouts"],
+            "response_tokens": round(s["response_length_mean"] * s["rollouts"]),
+            "rollout_versions": s["rollout_versions"],
+            "publish_bytes": int(s.get("publish_bytes", 0)),
+            "persisted_version": int(s.get("persisted_version", 0)),
+            "persist_background_seconds": float(s["seconds"].get("persist_background", 0.0)),
+            "seconds": {stage: float(s["seconds"].get(key, 0.0)) for stage, key in STAGE_KEYS.items()},
+        }
+        for s in steps
+    ]
     # The window starts where the last warm-up step ended; with no warm-up, where the first batch began.
-    start = records[workload.warmup - 1]["end_time"] if workload.warmup else min(
-        r.timings["started_at"] for r in rollouts)
+    start = (
+        records[workload.warmup - 1]["end_time"] if workload.warmup else min(r.timings["started_at"] for r in rollouts)
+    )
     latest = committed_versions(config.run.checkpoint_dir)[-1][1]  # the final persist, at shutdown
     checkpoint_bytes = directory_bytes(latest)
-    measured = records[workload.warmup:]
+    measured = records[workload.warmup :]
     publish_bytes = sum(r["publish_bytes"] for r in measured) / len(measured)  # what the policy maps, per update
     wire = {f"{key}_per_rollout": sum(r.timings[key] for r in rollouts) / rows / len(rollouts) for key in WIRE_KEYS}
     entry_bytes = [sum(len(name) + len(value) for name, value in fields.items()) for fields in entries]
     every = workload.checkpoint_every_steps
     return {
-        "steps": records, "measured_from": start, "warmup": workload.warmup,
-        "peak_memory_bytes": {name: peaks[name] for name in ("policy", "reference", "reward", "trainer", "redis")
-                              if name in peaks},
-        "bytes": {**wire, "stream_entry_bytes_per_rollout": sum(entry_bytes) / len(entry_bytes),
-                  "publish_bytes_per_update": publish_bytes, "publish_bytes_per_rollout": publish_bytes / rows,
-                  "checkpoint_bytes_per_persist": checkpoint_bytes,
-                  "persist_bytes_per_update": checkpoint_bytes / every,
-                  "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
-                  "hot_swap_read_bytes_per_update": publish_bytes},
-        "persist_writes_seconds": {str(v): sec for v, sec in sorted(
-            background_writes(steps, run_dir / "logs" / "trainer.log").items())},
-        "checkpoint_every_steps": every, "weight_transport": config.trainer.weight_transport,
-        "rollouts_written": len(rollouts), "rollouts_dropped": {r: dropped.count(r) for r in sorted(set(dropped))},
+        "steps": records,
+        "measured_from": start,
+        "warmup": workload.warmup,
+        "peak_memory_bytes": {
+            name: peaks[name] for name in ("policy", "reference", "reward", "trainer", "redis") if name in peaks
+        },
+        "bytes": {
+            **wire,
+            "stream_entry_bytes_per_rollout": sum(entry_bytes) / len(entry_bytes),
+            "publish_bytes_per_update": publish_bytes,
+            "publish_bytes_per_rollout": publish_bytes / rows,
+            "checkpoint_bytes_per_persist": checkpoint_bytes,
+            "persist_bytes_per_update": checkpoint_bytes / every,
+            "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
+            "hot_swap_read_bytes_per_update": publish_bytes,
+        },
+        "persist_writes_seconds": {
+            str(v): sec for v, sec in sorted(background_writes(steps, run_dir / "logs" / "trainer.log").items())
+        },
+        "checkpoint_every_steps": every,
+        "weight_transport": config.trainer.weight_transport,
+        "rollouts_written": len(rollouts),
+        "rollouts_dropped": {r: dropped.count(r) for r in sorted(set(dropped))},
         "hot_swap_per_step": True,
-        "settings": {"max_staleness": max_staleness, "advantage": advantage, "processes": "redis + 4 services",
-                     "torch_threads": service_threads(workload.torch_threads, max_staleness)},
+        "settings": {
+            "max_staleness": max_staleness,
+            "advantage": advantage,
+            "processes": "redis + 4 services",
+            "torch_threads": service_threads(workload.torch_threads, max_staleness),
+        },
     }

@@ -31,6 +31,7 @@ Timing: a TrainerCallback stamps time.perf_counter() at the start of train() and
 step (on_step_end); a step's seconds are the gap between two stamps (the first gap includes the
 first batch's data loading). The first `warmup` steps are run and left out of the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,13 @@ import tempfile
 import time
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback,
-                          set_seed)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainerCallback,
+    set_seed,
+)
 
 from ..common.models import check_model_dir, weights_fingerprint
 from ..policy.engine import apply_chat_template
@@ -100,9 +106,11 @@ def padded_tokenizer(model_dir: str):
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, padding_side="left")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if SPARE_PAD_TOKEN not in tokenizer.get_vocab():
-            raise ValueError(f"{model_dir}: TRL's PPOTrainer needs a pad token other than EOS "
-                             f"({tokenizer.eos_token!r}) and the vocabulary has no {SPARE_PAD_TOKEN!r} to use; "
-                             "give the tokenizer a distinct pad_token")
+            raise ValueError(
+                f"{model_dir}: TRL's PPOTrainer needs a pad token other than EOS "
+                f"({tokenizer.eos_token!r}) and the vocabulary has no {SPARE_PAD_TOKEN!r} to use; "
+                "give the tokenizer a distinct pad_token"
+            )
         tokenizer.pad_token = SPARE_PAD_TOKEN
     return tokenizer
 
@@ -111,12 +119,15 @@ def check_workload(workload: Workload, iterations: int, warmup: int) -> None:
     if iterations < 1 or warmup < 0:
         raise ValueError(f"need iterations >= 1 and warmup >= 0, got iterations={iterations} warmup={warmup}")
     if workload.batch_size % workload.minibatch_size:
-        raise ValueError(f"batch size {workload.batch_size} is not a multiple of minibatch size "
-                         f"{workload.minibatch_size}: TRL splits a batch into whole minibatches")
+        raise ValueError(
+            f"batch size {workload.batch_size} is not a multiple of minibatch size "
+            f"{workload.minibatch_size}: TRL splits a batch into whole minibatches"
+        )
     prompts = workload.prompts()
     if len(prompts) < workload.batch_size:  # TRL's loader drops the last partial batch and would never yield one
-        raise ValueError(f"{workload.prompts_file} holds {len(prompts)} prompts, fewer than the batch size "
-                         f"{workload.batch_size}")
+        raise ValueError(
+            f"{workload.prompts_file} holds {len(prompts)} prompts, fewer than the batch size {workload.batch_size}"
+        )
     for what, directory in (("model", workload.model_dir), ("reward model", workload.reward_dir)):
         check_model_dir(directory, f"TRL baseline {what}")
 
@@ -140,21 +151,47 @@ def run_trl_baseline(workload: Workload, iterations: int, warmup: int) -> dict:
     prompts = Dataset.from_dict({"input_ids": [apply_chat_template(tokenizer, p) for p in workload.prompts()]})
     steps = warmup + iterations
     settings = dict(
-        per_device_train_batch_size=workload.batch_size, gradient_accumulation_steps=1,
-        num_mini_batches=workload.batch_size // workload.minibatch_size, num_ppo_epochs=workload.ppo_epochs,
-        total_episodes=steps * workload.batch_size, response_length=workload.max_new_tokens,
-        temperature=workload.temperature, learning_rate=workload.lr, lr_scheduler_type="constant",
-        kl_coef=workload.kl_coef, kl_estimator="k1",
-        stop_token="eos", missing_eos_penalty=None, whiten_rewards=False, seed=workload.seed,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, num_sample_generations=0,
-        eval_strategy="no", save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True)
+        per_device_train_batch_size=workload.batch_size,
+        gradient_accumulation_steps=1,
+        num_mini_batches=workload.batch_size // workload.minibatch_size,
+        num_ppo_epochs=workload.ppo_epochs,
+        total_episodes=steps * workload.batch_size,
+        response_length=workload.max_new_tokens,
+        temperature=workload.temperature,
+        learning_rate=workload.lr,
+        lr_scheduler_type="constant",
+        kl_coef=workload.kl_coef,
+        kl_estimator="k1",
+        stop_token="eos",
+        missing_eos_penalty=None,
+        whiten_rewards=False,
+        seed=workload.seed,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        num_sample_generations=0,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     clock = StepClock()
     counter = ResponseTokenCounter(policy, tokenizer.eos_token_id)
     before = weights_fingerprint(policy)
     with tempfile.TemporaryDirectory(prefix="belay-trl-") as output_dir:
         config = PPOConfig(output_dir=output_dir, **settings)
-        trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
-                             reward_model=reward, value_model=value, train_dataset=prompts, callbacks=[clock])
+        trainer = PPOTrainer(
+            args=config,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=reference,
+            reward_model=reward,
+            value_model=value,
+            train_dataset=prompts,
+            callbacks=[clock],
+        )
         with contextlib.redirect_stdout(sys.stderr):  # TRL prints its logs; stdout stays empty
             trainer.train()
     after = weights_fingerprint(policy)
@@ -177,10 +214,18 @@ def run_trl_baseline(workload: Workload, iterations: int, warmup: int) -> dict:
         "iterations": iterations,
         "warmup": warmup,
         "workload": dataclasses.asdict(workload),
-        "settings": {**settings, "pad_token": tokenizer.pad_token, "stop_token_id": tokenizer.eos_token_id,
-                     "top_k": 0, "top_p": 1.0, "advantage": "gae (TRL: gamma 1.0, lam 0.95, separate value model)",
-                     "value_model": workload.reward_dir, "torch_threads": workload.torch_threads,
-                     "dtype": "float32", "device": "cpu"},
+        "settings": {
+            **settings,
+            "pad_token": tokenizer.pad_token,
+            "stop_token_id": tokenizer.eos_token_id,
+            "top_k": 0,
+            "top_p": 1.0,
+            "advantage": "gae (TRL: gamma 1.0, lam 0.95, separate value model)",
+            "value_model": workload.reward_dir,
+            "torch_threads": workload.torch_threads,
+            "dtype": "float32",
+            "device": "cpu",
+        },
         "versions": {"trl": trl.__version__, "torch": torch.__version__},
     }
 
@@ -196,20 +241,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--batch", type=int, default=defaults.prompts_per_batch)
-    parser.add_argument("--minibatch-size", type=int, default=None,
-                        help=f"rows per optimizer step (default: {defaults.minibatch_size}, or the batch if smaller)")
+    parser.add_argument(
+        "--minibatch-size",
+        type=int,
+        default=None,
+        help=f"rows per optimizer step (default: {defaults.minibatch_size}, or the batch if smaller)",
+    )
     parser.add_argument("--torch-threads", type=int, default=defaults.torch_threads)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s trl_baseline %(message)s")
     workload = dataclasses.replace(
-        defaults, model_dir=args.model_dir, reward_dir=args.reward_dir, prompts_file=args.prompts_file,
-        prompts_per_batch=args.batch, max_new_tokens=args.max_new_tokens, torch_threads=args.torch_threads,
-        minibatch_size=args.minibatch_size or min(defaults.minibatch_size, args.batch))
+        defaults,
+        model_dir=args.model_dir,
+        reward_dir=args.reward_dir,
+        prompts_file=args.prompts_file,
+        prompts_per_batch=args.batch,
+        max_new_tokens=args.max_new_tokens,
+        torch_threads=args.torch_threads,
+        minibatch_size=args.minibatch_size or min(defaults.minibatch_size, args.batch),
+    )
     figures = run_trl_baseline(workload, args.iterations, args.warmup)
     pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
-    log.info("TRL PPOTrainer: %.3f samples/s, %.1f response tokens/s, %.2f s/step over %d steps -> %s",
-             figures["samples_per_second"], figures["tokens_per_second"], figures["seconds_per_step"],
-             args.iterations, args.json)
+    log.info(
+        "TRL PPOTrainer: %.3f samples/s, %.1f response tokens/s, %.2f s/step over %d steps -> %s",
+        figures["samples_per_second"],
+        figures["tokens_per_second"],
+        figures["seconds_per_step"],
+        args.iterations,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

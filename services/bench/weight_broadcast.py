@@ -6,6 +6,7 @@ without the UpdateWeights round trip, which adds about a millisecond.
 
 Prints, for each size, GB/s (1e9 bytes a second) and seconds per publish to one replica.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,21 +26,23 @@ from services.common.weight_groups import broadcast_bucket, make_group
 def fake_weights(nbytes: int, tensor_mib: int = 16) -> dict[str, torch.Tensor]:
     """float32 tensors of tensor_mib each (the last smaller), nbytes in all."""
     count, tensors = nbytes // 4, {}
-    per = tensor_mib * 2 ** 20 // 4
+    per = tensor_mib * 2**20 // 4
     for index, start in enumerate(range(0, count, per)):
         tensors[f"layer.{index}.weight"] = torch.randn(min(per, count - start))
     return tensors
 
 
-def measure_publish_seconds(nbytes: int, bucket_bytes: int = 256 * 2 ** 20, repeats: int = 3,
-                            timeout_seconds: float = 120.0) -> float:
+def measure_publish_seconds(
+    nbytes: int, bucket_bytes: int = 256 * 2**20, repeats: int = 3, timeout_seconds: float = 120.0
+) -> float:
     """Median seconds to move nbytes of float32 weights from a sender rank to a receiver rank
     (threads of this process, loopback TCP), flatten and unflatten included; the group is built
     once, as the transport keeps it between versions."""
     tensors = fake_weights(nbytes)
     layout = bucket_layout(manifest_of(tensors), bucket_bytes)
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout_seconds))
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_seconds)
+    )
     prefix = secrets.token_hex(8)
     groups: dict[int, object] = {}
 
@@ -70,7 +73,7 @@ def measure_publish_seconds(nbytes: int, bucket_bytes: int = 256 * 2 ** 20, repe
     return statistics.median(seconds)
 
 
-def measure_broadcast_gbps(nbytes: int, bucket_bytes: int = 256 * 2 ** 20, repeats: int = 3) -> float:
+def measure_broadcast_gbps(nbytes: int, bucket_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
     """Broadcast throughput over loopback gloo in GB/s (1e9 bytes a second) for nbytes of float32."""
     return nbytes / measure_publish_seconds(nbytes, bucket_bytes, repeats) / 1e9
 
@@ -82,10 +85,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     for mib in args.mib:
-        nbytes = mib * 2 ** 20
-        seconds = measure_publish_seconds(nbytes, int(args.bucket_mb * 2 ** 20), args.repeats)
-        print(f"{mib} MiB float32, buckets of {args.bucket_mb:g} MiB: {nbytes / seconds / 1e9:.2f} GB/s, "
-              f"{seconds:.3f} s per publish to one replica (median of {args.repeats})")
+        nbytes = mib * 2**20
+        seconds = measure_publish_seconds(nbytes, int(args.bucket_mb * 2**20), args.repeats)
+        print(
+            f"{mib} MiB float32, buckets of {args.bucket_mb:g} MiB: {nbytes / seconds / 1e9:.2f} GB/s, "
+            f"{seconds:.3f} s per publish to one replica (median of {args.repeats})"
+        )
 
 
 if __name__ == "__main__":

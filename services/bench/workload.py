@@ -1,6 +1,7 @@
 """The one fixed workload every bench mode runs (issue #7): SmolLM2-135M-Instruct, 8 prompts per
 batch (one sample each), 48 new tokens, one PPO epoch, seeded; the reward is a sequence classifier
 of the policy's size (reward_model.py), the same for Belay and TRL."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,8 @@ class Workload:
     kl_coef: float = 0.2
     temperature: float = 1.0
     seed: int = 0
-    iterations: int = 3   # measured PPO steps per mode
-    warmup: int = 1       # steps run first and not measured (start-up, first allocation)
+    iterations: int = 3  # measured PPO steps per mode
+    warmup: int = 1  # steps run first and not measured (start-up, first allocation)
     torch_threads: int = 2
     checkpoint_every_steps: int = 10  # the trainer's default persist cadence (trainer.checkpoint_every_steps)
 
@@ -60,33 +61,71 @@ def service_threads(cores: int, max_staleness: int) -> dict[str, int]:
     return {"policy": half, "trainer": half, "reference": half, "reward": half}
 
 
-def belay_config(workload: Workload, run_dir: pathlib.Path, max_staleness: int = 0,
-                 advantage: str = "batch_mean") -> BelayConfig:
+def belay_config(
+    workload: Workload, run_dir: pathlib.Path, max_staleness: int = 0, advantage: str = "batch_mean"
+) -> BelayConfig:
     """The Belay config that runs `workload`: one actor batch is one trainer batch, the seed's recipe
     otherwise. max_staleness 0 is overlap off, 1 overlap on. No canaries and no review page: the
     bench measures the PPO loop alone. The actor polls for versions every 50 ms, so overlap off
     does not wait out the default half second after each update."""
     ports = [free_port() for _ in range(8)]
     threads = service_threads(workload.torch_threads, max_staleness)
-    return BelayConfig.model_validate({
-        "run": {"name": "bench", "checkpoint_dir": str(run_dir / "checkpoints"), "log_level": "INFO"},
-        "redis": {"url": f"redis://127.0.0.1:{ports[0]}/0", "max_queue_lag": 8 * workload.batch_size,
-                  "block_ms": 100},
-        "grpc": {"shutdown_grace_seconds": 0.5},  # nothing in flight is worth waiting for once the bench has its steps
-        "policy": {"model_dir": workload.model_dir, "prompts_file": workload.prompts_file,
-                   "address": f"127.0.0.1:{ports[1]}", "metrics_port": ports[2],
-                   "prompts_per_batch": workload.prompts_per_batch, "samples_per_prompt": 1,
-                   "max_new_tokens": workload.max_new_tokens, "temperature": workload.temperature,
-                   "seed": workload.seed, "torch_threads": threads["policy"], "canary_prompts_file": "",
-                   "version_poll_seconds": 0.05},
-        "reference": {"model_dir": workload.model_dir, "address": f"127.0.0.1:{ports[3]}", "metrics_port": ports[4],
-                      "torch_threads": threads["reference"]},
-        "reward": {"backend": "hf_classifier", "model_dir": workload.reward_dir, "address": f"127.0.0.1:{ports[5]}",
-                   "metrics_port": ports[6], "batch_size": workload.batch_size, "torch_threads": threads["reward"]},
-        "trainer": {"model_dir": workload.model_dir, "metrics_port": ports[7], "policy_address": f"127.0.0.1:{ports[1]}",
-                    "batch_size": workload.batch_size, "minibatch_size": workload.minibatch_size,
-                    "ppo_epochs": workload.ppo_epochs, "lr": workload.lr, "kl_coef": workload.kl_coef,
-                    "temperature": workload.temperature, "max_staleness": max_staleness, "advantage": advantage,
-                    "keep_checkpoints": 2, "checkpoint_every_steps": workload.checkpoint_every_steps,
-                    "seed": workload.seed, "torch_threads": threads["trainer"], "review_port": 0},
-    })
+    return BelayConfig.model_validate(
+        {
+            "run": {"name": "bench", "checkpoint_dir": str(run_dir / "checkpoints"), "log_level": "INFO"},
+            "redis": {
+                "url": f"redis://127.0.0.1:{ports[0]}/0",
+                "max_queue_lag": 8 * workload.batch_size,
+                "block_ms": 100,
+            },
+            "grpc": {
+                "shutdown_grace_seconds": 0.5
+            },  # nothing in flight is worth waiting for once the bench has its steps
+            "policy": {
+                "model_dir": workload.model_dir,
+                "prompts_file": workload.prompts_file,
+                "address": f"127.0.0.1:{ports[1]}",
+                "metrics_port": ports[2],
+                "prompts_per_batch": workload.prompts_per_batch,
+                "samples_per_prompt": 1,
+                "max_new_tokens": workload.max_new_tokens,
+                "temperature": workload.temperature,
+                "seed": workload.seed,
+                "torch_threads": threads["policy"],
+                "canary_prompts_file": "",
+                "version_poll_seconds": 0.05,
+            },
+            "reference": {
+                "model_dir": workload.model_dir,
+                "address": f"127.0.0.1:{ports[3]}",
+                "metrics_port": ports[4],
+                "torch_threads": threads["reference"],
+            },
+            "reward": {
+                "backend": "hf_classifier",
+                "model_dir": workload.reward_dir,
+                "address": f"127.0.0.1:{ports[5]}",
+                "metrics_port": ports[6],
+                "batch_size": workload.batch_size,
+                "torch_threads": threads["reward"],
+            },
+            "trainer": {
+                "model_dir": workload.model_dir,
+                "metrics_port": ports[7],
+                "policy_address": f"127.0.0.1:{ports[1]}",
+                "batch_size": workload.batch_size,
+                "minibatch_size": workload.minibatch_size,
+                "ppo_epochs": workload.ppo_epochs,
+                "lr": workload.lr,
+                "kl_coef": workload.kl_coef,
+                "temperature": workload.temperature,
+                "max_staleness": max_staleness,
+                "advantage": advantage,
+                "keep_checkpoints": 2,
+                "checkpoint_every_steps": workload.checkpoint_every_steps,
+                "seed": workload.seed,
+                "torch_threads": threads["trainer"],
+                "review_port": 0,
+            },
+        }
+    )

@@ -6,6 +6,7 @@ the rest). It is written to a temp directory on the same filesystem, every file 
 into place atomically and the parent fsynced: a directory named vNNNNNN is complete or absent.
 Nothing here unpickles: tensors come from safetensors only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,9 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: str | os.PathLike, version: int, write_files: Callable[[pathlib.Path], None],
-                     durable: bool = True) -> pathlib.Path:
+def write_checkpoint(
+    root: str | os.PathLike, version: int, write_files: Callable[[pathlib.Path], None], durable: bool = True
+) -> pathlib.Path:
     """Call write_files(temp_dir), then commit it atomically as root/vNNNNNN. Never overwrites.
 
     durable=False skips the fsyncs (published weights in a memory-backed directory: the rename
@@ -96,8 +98,11 @@ def file_checksum(path: pathlib.Path, algorithm: str = CHECKSUM) -> str:
 
 def write_manifest(directory: pathlib.Path, version: int) -> None:
     """MANIFEST lists every file with its size and checksum, so corruption is caught on load."""
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, CHECKSUM: file_checksum(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, CHECKSUM: file_checksum(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     (directory / MANIFEST).write_text(json.dumps({"version": version, "files": files}, indent=1))
 
 
@@ -168,8 +173,14 @@ def prune_below(root: str | os.PathLike, version: int) -> list[pathlib.Path]:
 
 def write_weights(directory: pathlib.Path, tensors: dict[str, torch.Tensor], name: str = "model.safetensors") -> int:
     """Weights only, as a standard safetensors file; returns the bytes written."""
-    save_file({k: v.detach().contiguous() if v.device.type == "cpu" else v.detach().cpu().contiguous()
-               for k, v in tensors.items()}, str(directory / name), metadata={"format": "pt"})
+    save_file(
+        {
+            k: v.detach().contiguous() if v.device.type == "cpu" else v.detach().cpu().contiguous()
+            for k, v in tensors.items()
+        },
+        str(directory / name),
+        metadata={"format": "pt"},
+    )
     return (directory / name).stat().st_size
 
 
@@ -215,8 +226,9 @@ def check_fits(own: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
     loaded_pointers = {own[name].data_ptr() for name in shapes if name in own}
     missing = sorted(name for name in set(own) - set(shapes) if own[name].data_ptr() not in loaded_pointers)
     if unexpected or missing:
-        raise ValueError(f"{source} does not fit the model: unexpected keys {unexpected[:5]}, "
-                         f"missing keys {missing[:5]}")
+        raise ValueError(
+            f"{source} does not fit the model: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}"
+        )
     for name, shape in shapes.items():
         if tuple(own[name].shape) != tuple(shape):
             raise ValueError(f"{source}: {name} has shape {tuple(shape)}, the model expects {tuple(own[name].shape)}")

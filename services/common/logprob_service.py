@@ -1,4 +1,5 @@
 """The LogProbs RPC that policy and reference both serve: validation, then the shared computation."""
+
 from __future__ import annotations
 
 import functools
@@ -20,6 +21,7 @@ from .rpc import invalid, too_big
 @dataclass
 class LoadedModel:
     """Weights that serve requests, with the version they are. A swap makes a new LoadedModel."""
+
     model: PreTrainedModel
     version: int
 
@@ -44,8 +46,9 @@ def check_token_rows(rows: list[np.ndarray], name: str, vocab_size: int, allow_e
             raise invalid(f"{name} row {index} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
-def parse_logprobs_request(request: belay_pb2.LogProbsRequest, vocab_size: int, max_length: int,
-                           limits: GrpcConfig) -> tuple[list[list[int]], list[list[int]], float]:
+def parse_logprobs_request(
+    request: belay_pb2.LogProbsRequest, vocab_size: int, max_length: int, limits: GrpcConfig
+) -> tuple[list[list[int]], list[list[int]], float]:
     """Checks a LogProbs request; returns (prompts, responses, temperature) or raises RequestError."""
     try:
         prompts = unpack_int32(request.prompt_ids, "prompt_ids")
@@ -62,8 +65,10 @@ def parse_logprobs_request(request: belay_pb2.LogProbsRequest, vocab_size: int, 
     check_token_rows(responses, "response_ids", vocab_size)
     for index, (prompt, response) in enumerate(zip(prompts, responses)):
         if len(prompt) + len(response) > max_length:
-            raise invalid(f"row {index} has {len(prompt) + len(response)} tokens, over the limit of {max_length} "
-                          "(the model's context or grpc.max_sequence_length)")
+            raise invalid(
+                f"row {index} has {len(prompt) + len(response)} tokens, over the limit of {max_length} "
+                "(the model's context or grpc.max_sequence_length)"
+            )
     temperature = request.temperature or 1.0
     if not math.isfinite(temperature) or temperature <= 0:
         raise invalid(f"temperature must be a positive number, got {request.temperature}")
@@ -75,16 +80,17 @@ def parse_logprobs_request(request: belay_pb2.LogProbsRequest, vocab_size: int, 
         raise invalid(f"top_k={request.top_k} exceeds the vocabulary size {vocab_size}")
     reply_bytes = 8 * request.top_k * sum(len(r) for r in responses)
     if reply_bytes > limits.max_message_bytes:
-        raise too_big(f"top_k={request.top_k} rows for {sum(len(r) for r in responses)} tokens need about "
-                      f"{reply_bytes} bytes, over max_message_bytes={limits.max_message_bytes}; lower top_k or split")
+        raise too_big(
+            f"top_k={request.top_k} rows for {sum(len(r) for r in responses)} tokens need about "
+            f"{reply_bytes} bytes, over max_message_bytes={limits.max_message_bytes}; lower top_k or split"
+        )
     return [p.tolist() for p in prompts], [r.tolist() for r in responses], temperature
 
 
 class LogProbsHandler:
     """Serves LogProbs from whatever LoadedModel `current()` returns at the time of the call."""
 
-    def __init__(self, current, tokenizer: PreTrainedTokenizerBase, limits: GrpcConfig,
-                 max_tokens_per_forward: int):
+    def __init__(self, current, tokenizer: PreTrainedTokenizerBase, limits: GrpcConfig, max_tokens_per_forward: int):
         self.current = current
         self.pad_id = tokenizer.pad_token_id
         self.limits = limits
@@ -95,10 +101,18 @@ class LogProbsHandler:
         loaded: LoadedModel = self.current()
         vocab_size = loaded.model.get_input_embeddings().num_embeddings
         prompts, responses, temperature = parse_logprobs_request(
-            request, vocab_size, context_limit(loaded.model, self.limits), self.limits)
+            request, vocab_size, context_limit(loaded.model, self.limits), self.limits
+        )
         with self.lock:
-            rows = response_logprobs(loaded.model, prompts, responses, self.pad_id, temperature,
-                                     self.max_tokens_per_forward, top_k=request.top_k)
+            rows = response_logprobs(
+                loaded.model,
+                prompts,
+                responses,
+                self.pad_id,
+                temperature,
+                self.max_tokens_per_forward,
+                top_k=request.top_k,
+            )
         reply = belay_pb2.LogProbsResponse(policy_version=loaded.version)
         if request.top_k:
             rows, top_rows = rows

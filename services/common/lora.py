@@ -9,6 +9,7 @@ stays the untouched base model (a separately loaded copy: get_peft_model edits t
 
 Nothing here unpickles: adapter tensors come from safetensors only; a .bin is never read.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ _FIELD_DEFAULTS = {"peft_type": "LORA", "use_rslora": False, "use_dora": False}
 @dataclass
 class LoraSettings:
     """What the trainer and the policy must agree on to share adapters (the same values on both)."""
+
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
@@ -52,9 +54,14 @@ class LoraSettings:
 
 def lora_config(settings: LoraSettings) -> LoraConfig:
     """The one place settings become a peft LoraConfig, so trainer and policy build identical adapters."""
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.r, lora_alpha=settings.alpha,
-                      lora_dropout=settings.dropout, target_modules=list(settings.target_modules),
-                      bias="none")
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+    )
 
 
 def wrap_with_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
@@ -162,10 +169,15 @@ def load_adapter_into(peft_model: PeftModel, directory: str | os.PathLike) -> No
     unexpected = sorted(set(state) - set(own_tensors))
     missing = sorted(set(own_tensors) - set(state))
     if unexpected or missing:
-        raise ValueError(f"{directory} does not fit the model's adapter: {len(unexpected)} unexpected keys "
-                         f"{unexpected[:5]}, {len(missing)} missing keys {missing[:5]}")
-    bad_shapes = [f"{name}: checkpoint {tuple(state[name].shape)}, model {tuple(own_tensors[name].shape)}"
-                  for name in sorted(state) if state[name].shape != own_tensors[name].shape]
+        raise ValueError(
+            f"{directory} does not fit the model's adapter: {len(unexpected)} unexpected keys "
+            f"{unexpected[:5]}, {len(missing)} missing keys {missing[:5]}"
+        )
+    bad_shapes = [
+        f"{name}: checkpoint {tuple(state[name].shape)}, model {tuple(own_tensors[name].shape)}"
+        for name in sorted(state)
+        if state[name].shape != own_tensors[name].shape
+    ]
     if bad_shapes:
         raise ValueError(f"{directory}: {len(bad_shapes)} adapter tensors have the wrong shape: {bad_shapes[:5]}")
     not_floating = sorted(name for name, tensor in state.items() if not tensor.is_floating_point())
@@ -183,5 +195,6 @@ def load_adapter_into(peft_model: PeftModel, directory: str | os.PathLike) -> No
 
 def lora_settings(section) -> LoraSettings:
     """LoraSettings from the config's `lora:` section (services.common.config.LoraConfig)."""
-    return LoraSettings(r=section.r, alpha=section.alpha, dropout=section.dropout,
-                        target_modules=tuple(section.target_modules))
+    return LoraSettings(
+        r=section.r, alpha=section.alpha, dropout=section.dropout, target_modules=tuple(section.target_modules)
+    )

@@ -1,5 +1,6 @@
 """The run manifest: what it takes to reproduce a run (resolved config, package versions, model
 fingerprints, seeds, git revision), written by the trainer when it starts."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -9,8 +10,18 @@ import pathlib
 import platform
 import subprocess
 
-PACKAGES = ("torch", "transformers", "peft", "safetensors", "tokenizers", "grpcio", "protobuf", "redis",
-            "numpy", "vaderSentiment")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "tokenizers",
+    "grpcio",
+    "protobuf",
+    "redis",
+    "numpy",
+    "vaderSentiment",
+)
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -37,9 +48,15 @@ def git_revision() -> str | None:
 
 
 def run_manifest(config: dict, fingerprints: dict[str, str], seeds: dict[str, int]) -> dict:
-    return {"config": config, "packages": package_versions(), "python": platform.python_version(),
-            "platform": platform.platform(), "fingerprints": fingerprints, "seeds": seeds,
-            "git_revision": git_revision()}
+    return {
+        "config": config,
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "fingerprints": fingerprints,
+        "seeds": seeds,
+        "git_revision": git_revision(),
+    }
 
 
 def write_manifest(path: pathlib.Path, manifest: dict) -> None:

@@ -1,4 +1,5 @@
 """Prometheus plumbing: each service builds its metrics on its own registry and serves /metrics."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server

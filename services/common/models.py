@@ -1,5 +1,6 @@
 """Loading causal LMs from local directories, and the one teacher-forced log-prob computation
 that the policy, the reference and the trainer all share (so their numbers agree)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,8 @@ def load_causal_lm(model_dir: str, device: torch.device, what: str) -> PreTraine
     """fp32 weights from safetensors only; offline."""
     check_model_dir(model_dir, what)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+        model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
+    )
     return model.to(device)
 
 
@@ -64,8 +66,10 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 over the vocabulary (token -> id) and the special tokens; equal iff ids mean the same text."""
-    payload = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]),
-               "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -78,8 +82,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def build_teacher_forced_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_teacher_forced_batch(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded prompt+response rows.
 
     Returns input_ids (B, T), attention_mask (B, T), response_mask (B, T-1) where
@@ -93,14 +98,19 @@ def build_teacher_forced_batch(prompts: list[list[int]], responses: list[list[in
     response_mask = torch.zeros((len(prompts), width - 1), dtype=torch.float32)
     for row, (prompt, response) in enumerate(zip(prompts, responses)):
         sequence = list(prompt) + list(response)
-        input_ids[row, :len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-        attention_mask[row, :len(sequence)] = 1
-        response_mask[row, len(prompt) - 1:len(sequence) - 1] = 1.0
+        input_ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+        response_mask[row, len(prompt) - 1 : len(sequence) - 1] = 1.0
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 
-def next_token_log_probs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         temperature: float = 1.0, output_hidden_states: bool = False):
+def next_token_log_probs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    output_hidden_states: bool = False,
+):
     """log softmax(logits / temperature) over the vocabulary at every position but the last.
 
     input_ids, attention_mask: (B, T) -> log_probs (B, T-1, V), float32; with output_hidden_states
@@ -113,8 +123,9 @@ def next_token_log_probs(model: PreTrainedModel, input_ids: torch.Tensor, attent
     return log_probs
 
 
-def token_logprobs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next token under softmax(logits / temperature).
 
     input_ids, attention_mask: (B, T). Returns (logprobs (B, T-1), entropy (B, T-1)), where
@@ -146,9 +157,15 @@ def _chunks(prompts: list[list[int]], responses: list[list[int]], max_tokens: in
         start = stop
 
 
-def response_logprobs(model: PreTrainedModel, prompts: list[list[int]], responses: list[list[int]],
-                      pad_id: int, temperature: float = 1.0, max_tokens_per_forward: int = 16384,
-                      top_k: int = 0):
+def response_logprobs(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+    max_tokens_per_forward: int = 16384,
+    top_k: int = 0,
+):
     """Teacher-forced log-probabilities of each response's tokens, one 1-D tensor (R,) per row, no grad.
 
     With top_k > 0, returns (rows, top_rows) where top_rows[i] = (ids (R, K) int, logprobs (R, K))
@@ -161,7 +178,8 @@ def response_logprobs(model: PreTrainedModel, prompts: list[list[int]], response
     with torch.no_grad():
         for start, stop in _chunks(prompts, responses, max_tokens_per_forward):
             input_ids, attention_mask, response_mask = build_teacher_forced_batch(
-                prompts[start:stop], responses[start:stop], pad_id, device)
+                prompts[start:stop], responses[start:stop], pad_id, device
+            )
             log_probs = next_token_log_probs(model, input_ids, attention_mask, temperature)
             chosen, _ = chosen_and_entropy(log_probs, input_ids)
             for row in range(stop - start):

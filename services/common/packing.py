@@ -1,4 +1,5 @@
 """Ragged batches of token ids / log-probabilities <-> the packed arrays of belay.v1."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ def _unpack(message, dtype: str, name: str) -> list[np.ndarray]:
     if sum(lengths) != flat.size:
         raise PackingError(f"{name}: lengths add up to {sum(lengths)} values but data holds {flat.size}")
     bounds = np.cumsum([0, *lengths])
-    return [flat[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
+    return [flat[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
 
 
 def unpack_int32(message: belay_pb2.PackedInt32, name: str = "ids") -> list[np.ndarray]:

@@ -10,6 +10,7 @@ compose and Kubernetes a volume both mount: containers do not share /dev/shm), o
 memory-backed directory in /dev/shm named after the run and its checkpoint directory, so that
 two runs on one machine never share it. Where /dev/shm is missing, beside checkpoint_dir.
 """
+
 from __future__ import annotations
 
 import os

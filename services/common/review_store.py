@@ -9,6 +9,7 @@ Keys, for run R:
 - belay:R:canaries  hash version -> {version, time, prompts, outputs, output_ids, drift}
 - belay:R:ratings   hash rollout_id -> {rollout_id, rating, prompt, response, version, time}
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,14 @@ class ReviewStore:
         sample = self.sample(rollout_id)
         if sample is None:
             raise ValueError(f"no recent sample has rollout_id {rollout_id!r}")
-        record = {"rollout_id": rollout_id, "rating": rating, "prompt": sample["prompt"],
-                  "response": sample["response"], "version": sample["version"], "time": time.time()}
+        record = {
+            "rollout_id": rollout_id,
+            "rating": rating,
+            "prompt": sample["prompt"],
+            "response": sample["response"],
+            "version": sample["version"],
+            "time": time.time(),
+        }
         self.redis.hset(self.ratings_key, rollout_id, json.dumps(record))
         return record
 

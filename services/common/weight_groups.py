@@ -1,5 +1,6 @@
 """The pieces of a weight broadcast group both ends share: how a group is built over a store (never
 the default group), how a bucket travels, and the key a replica sets once it is joining."""
+
 from __future__ import annotations
 
 import datetime

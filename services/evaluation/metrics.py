@@ -1,4 +1,5 @@
 """Evaluation metrics as pure functions: is the model better by the reward, and still a normal model?"""
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ def text_nll(model, tokenizer, texts: list[str]) -> tuple[float, int]:
 
 
 def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def distinct_n(texts: list[str], n: int) -> float:

@@ -1,13 +1,20 @@
 """What `belay eval` prints and writes: a side-by-side table, results.json and PNG plots."""
+
 from __future__ import annotations
 
 import json
 import pathlib
 
-COLUMNS = [("reward_mean", "reward", "{:+.3f}"), ("reward_std", "± std", "{:.3f}"),
-           ("kl_per_sequence", "KL/seq", "{:.3f}"), ("kl_exact_per_token", "KL/token", "{:.4f}"),
-           ("response_length", "length", "{:.1f}"), ("distinct_2", "distinct-2", "{:.3f}"),
-           ("repetition_3", "repeat-3", "{:.3f}"), ("perplexity", "perplexity", "{:.2f}")]
+COLUMNS = [
+    ("reward_mean", "reward", "{:+.3f}"),
+    ("reward_std", "± std", "{:.3f}"),
+    ("kl_per_sequence", "KL/seq", "{:.3f}"),
+    ("kl_exact_per_token", "KL/token", "{:.4f}"),
+    ("response_length", "length", "{:.1f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("repetition_3", "repeat-3", "{:.3f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+]
 
 
 def table(results: dict) -> str:
@@ -22,6 +29,7 @@ def table(results: dict) -> str:
 def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     """results.json, frontier.png (reward against KL, the path the run traced) and perplexity.png."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -33,8 +41,9 @@ def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     axis.plot([r["kl_per_sequence"] for r in rows], [r["reward_mean"] for r in rows], "o-")
     for name, row in zip(names, rows):
         axis.annotate(name, (row["kl_per_sequence"], row["reward_mean"]), fontsize=8)
-    axis.set(xlabel="KL to the reference per response (nats)", ylabel="held-out reward (mean)",
-             title="reward against KL")
+    axis.set(
+        xlabel="KL to the reference per response (nats)", ylabel="held-out reward (mean)", title="reward against KL"
+    )
     figure.tight_layout()
     figure.savefig(out_dir / "frontier.png", dpi=100)
     plt.close(figure)

@@ -1,16 +1,22 @@
 """The end-of-run report `belay up` writes: training.png (reward, KL, response length and entropy
 over the run's steps, rollbacks marked) and report.md (the figures first and last, the detectors
 that fired, and the canary prompts' answers at the first and last version side by side)."""
+
 from __future__ import annotations
 
 import pathlib
 
-PANELS = [("reward_mean", "reward (mean ± std of the batch)"), ("kl_per_sequence", "KL(policy || reference), nats/response"),
-          ("response_length_mean", "response length, tokens"), ("entropy", "policy entropy, nats/token")]
+PANELS = [
+    ("reward_mean", "reward (mean ± std of the batch)"),
+    ("kl_per_sequence", "KL(policy || reference), nats/response"),
+    ("response_length_mean", "response length, tokens"),
+    ("entropy", "policy entropy, nats/token"),
+]
 
 
 def plot_training(steps: list[dict], path: pathlib.Path) -> pathlib.Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -23,8 +29,9 @@ def plot_training(steps: list[dict], path: pathlib.Path) -> pathlib.Path:
         axis.plot(versions, values, "o-", markersize=3)
         if key == "reward_mean":
             std = [s.get("reward_std", 0.0) for s in trained]
-            axis.fill_between(versions, [v - d for v, d in zip(values, std)], [v + d for v, d in zip(values, std)],
-                              alpha=0.2)
+            axis.fill_between(
+                versions, [v - d for v, d in zip(values, std)], [v + d for v, d in zip(values, std)], alpha=0.2
+            )
         for version in rollbacks:
             axis.axvline(version, color="red", linestyle="--", linewidth=1)
         axis.set_title(title, fontsize=10)
@@ -45,9 +52,13 @@ def canary_table(canaries: dict[int, dict]) -> list[str]:
         return ["(no canary answers were recorded: policy.canary_prompts_file is empty)"]
     first, last = canaries[min(canaries)], canaries[max(canaries)]
     cell = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = [f"Canary drift from version {first['version']} to version {last['version']}: {last['drift']:.3f} "
-             "(0: the same answers, 1: nothing in common).", "",
-             f"| prompt | version {first['version']} | version {last['version']} |", "|---|---|---|"]
+    lines = [
+        f"Canary drift from version {first['version']} to version {last['version']}: {last['drift']:.3f} "
+        "(0: the same answers, 1: nothing in common).",
+        "",
+        f"| prompt | version {first['version']} | version {last['version']} |",
+        "|---|---|---|",
+    ]
     for prompt, before, after in zip(first["prompts"], first["outputs"], last["outputs"]):
         lines.append(f"| {cell(prompt)} | {cell(before)} | {cell(after)} |")
     return lines
@@ -61,13 +72,21 @@ def write_run_report(steps: list[dict], canaries: dict[int, dict], out_dir: path
     if trained:
         plot_training(steps, out_dir / "training.png")
         first, last = trained[0], trained[-1]
-        lines += ["![reward, KL, length and entropy over the run](training.png)", "",
-                  "| signal | first step | last step |", "|---|---|---|"]
+        lines += [
+            "![reward, KL, length and entropy over the run](training.png)",
+            "",
+            "| signal | first step | last step |",
+            "|---|---|---|",
+        ]
         for key, title in PANELS:
             lines.append(f"| {title} | {first.get(key, float('nan')):.4g} | {last.get(key, float('nan')):.4g} |")
         fired = sorted({name for s in trained for name in s.get("detectors_firing", [])})
-        lines += ["", f"Rollbacks: {sum(1 for s in steps if s.get('event') == 'rollback')}. "
-                  f"Detectors that fired: {', '.join(fired) if fired else 'none'}.", ""]
+        lines += [
+            "",
+            f"Rollbacks: {sum(1 for s in steps if s.get('event') == 'rollback')}. "
+            f"Detectors that fired: {', '.join(fired) if fired else 'none'}.",
+            "",
+        ]
     else:
         lines += ["No PPO step was published.", ""]
     lines += ["## Canary prompts, first and last version", ""] + canary_table(canaries)

@@ -5,6 +5,7 @@ and the exact per-token KL from full rows), response length, distinct-n and repe
 responses, and perplexity on a held-out text set: "better by the reward, still a normal model".
 Generation is fixed and seeded, and the settings are written with the results.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,15 @@ import torch
 
 from ..common.config import BelayConfig, GrpcConfig
 from ..common.lora import is_adapter_checkpoint, load_adapter_into, lora_settings, wrap_with_lora
-from ..common.models import (build_teacher_forced_batch, freeze, load_causal_lm, load_tokenizer,
-                             next_token_log_probs, resolve_device, response_logprobs)
+from ..common.models import (
+    build_teacher_forced_batch,
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    next_token_log_probs,
+    resolve_device,
+    response_logprobs,
+)
 from ..policy.actor import read_prompts
 from ..policy.engine import PolicyEngine, Sampling
 from ..reward.backends import RewardBackend
@@ -25,6 +33,7 @@ from . import metrics
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """Fixed, seeded generation for evaluation: two evals of one checkpoint agree."""
+
     temperature: float = 1.0
     top_p: float = 0.9
     max_new_tokens: int = 32
@@ -48,8 +57,9 @@ def load_candidate(config: BelayConfig, checkpoint: pathlib.Path | None, device:
     return freeze(load_causal_lm(str(checkpoint), device, str(checkpoint)))
 
 
-def exact_kl_tokens(model, reference, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                    temperature: float) -> list[float]:
+def exact_kl_tokens(
+    model, reference, prompts: list[list[int]], responses: list[list[int]], pad_id: int, temperature: float
+) -> list[float]:
     """Exact KL(π‖π_ref) at every response token, from both models' full distributions, row by row."""
     device = next(model.parameters()).device
     values: list[float] = []
@@ -62,36 +72,56 @@ def exact_kl_tokens(model, reference, prompts: list[list[int]], responses: list[
     return values
 
 
-def evaluate_model(model, reference, tokenizer, backend: RewardBackend, prompts: list[str], texts: list[str],
-                   settings: EvalSettings) -> dict:
+def evaluate_model(
+    model, reference, tokenizer, backend: RewardBackend, prompts: list[str], texts: list[str], settings: EvalSettings
+) -> dict:
     engine = PolicyEngine(model, tokenizer, GrpcConfig(), 16384)
-    batch = engine.generate(prompts, settings.samples_per_prompt, Sampling(
-        temperature=settings.temperature, top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
-        seed=settings.seed))
+    batch = engine.generate(
+        prompts,
+        settings.samples_per_prompt,
+        Sampling(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_new_tokens=settings.max_new_tokens,
+            seed=settings.seed,
+        ),
+    )
     rewards = backend.score([prompts[i] for i in batch.prompt_index], batch.texts)
-    ref = response_logprobs(reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id,
-                            settings.temperature)
+    ref = response_logprobs(
+        reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id, settings.temperature
+    )
     kl_k1 = [sum(lp) - float(r.sum()) for lp, r in zip(batch.logprobs, ref)]
-    kl_tokens = exact_kl_tokens(model, reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id,
-                                settings.temperature)
+    kl_tokens = exact_kl_tokens(
+        model, reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id, settings.temperature
+    )
     nll, count = metrics.text_nll(model, tokenizer, texts)
     reward_mean, reward_std = metrics.mean_and_std(rewards)
     return {
-        "reward_mean": reward_mean, "reward_std": reward_std,
+        "reward_mean": reward_mean,
+        "reward_std": reward_std,
         "kl_per_sequence": metrics.mean_and_std(kl_k1)[0],
         "kl_exact_per_token": metrics.mean_and_std(kl_tokens)[0],
         "response_length": metrics.mean_and_std([float(len(r)) for r in batch.response_ids])[0],
         "eos_fraction": sum(r == "eos" for r in batch.finish_reasons) / len(batch.finish_reasons),
-        "distinct_1": metrics.distinct_n(batch.texts, 1), "distinct_2": metrics.distinct_n(batch.texts, 2),
+        "distinct_1": metrics.distinct_n(batch.texts, 1),
+        "distinct_2": metrics.distinct_n(batch.texts, 2),
         "repetition_3": metrics.mean_and_std([metrics.repetition(t, 3) for t in batch.texts])[0],
         "perplexity": metrics.perplexity(nll, count),
-        "samples": [{"prompt": prompts[i], "response": t, "reward": r}
-                    for i, t, r in zip(batch.prompt_index, batch.texts, rewards)][:4],
+        "samples": [
+            {"prompt": prompts[i], "response": t, "reward": r}
+            for i, t, r in zip(batch.prompt_index, batch.texts, rewards)
+        ][:4],
     }
 
 
-def evaluate(config: BelayConfig, checkpoints: list[pathlib.Path | None], backend: RewardBackend,
-             prompts_file: str, text_file: str, settings: EvalSettings) -> dict:
+def evaluate(
+    config: BelayConfig,
+    checkpoints: list[pathlib.Path | None],
+    backend: RewardBackend,
+    prompts_file: str,
+    text_file: str,
+    settings: EvalSettings,
+) -> dict:
     """Evaluate each candidate (None = the reference); results keyed by a name a person can read."""
     device = resolve_device(config.reference.device)
     tokenizer = load_tokenizer(config.reference.model_dir)
@@ -102,5 +132,9 @@ def evaluate(config: BelayConfig, checkpoints: list[pathlib.Path | None], backen
         name = "reference" if checkpoint is None else checkpoint.name
         model = reference if checkpoint is None else load_candidate(config, checkpoint, device)
         results[name] = evaluate_model(model, reference, tokenizer, backend, prompts, texts, settings)
-    return {"settings": dataclasses.asdict(settings), "prompts_file": prompts_file, "text_file": text_file,
-            "models": results}
+    return {
+        "settings": dataclasses.asdict(settings),
+        "prompts_file": prompts_file,
+        "text_file": text_file,
+        "models": results,
+    }

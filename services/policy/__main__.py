@@ -1,5 +1,6 @@
 """python -m services.policy --config belay.yaml : config -> model (latest version) -> checks ->
 gRPC server -> rollout loop."""
+
 import logging
 import threading
 

@@ -1,5 +1,6 @@
 """The rollout loop: prompts -> sampled responses -> reference logprobs and reward (concurrently)
 -> one Rollout per response on the Redis stream. New weights are taken only between batches."""
+
 from __future__ import annotations
 
 import logging
@@ -67,13 +68,24 @@ class DependencyError(RuntimeError):
 
 
 def reference_request(batch: GenerationBatch, temperature: float, top_k: int) -> belay_pb2.LogProbsRequest:
-    return belay_pb2.LogProbsRequest(prompt_ids=pack_int32(batch.prompt_ids), response_ids=pack_int32(batch.response_ids),
-                                     temperature=temperature, top_k=top_k)
+    return belay_pb2.LogProbsRequest(
+        prompt_ids=pack_int32(batch.prompt_ids),
+        response_ids=pack_int32(batch.response_ids),
+        temperature=temperature,
+        top_k=top_k,
+    )
 
 
-def build_rollouts(batch: GenerationBatch, prompts: list[str], ref: list[tuple], rewards: list[float],
-                   components: list[dict], reward_model_id: str, timings: dict,
-                   samples_per_prompt: int) -> list[Rollout]:
+def build_rollouts(
+    batch: GenerationBatch,
+    prompts: list[str],
+    ref: list[tuple],
+    rewards: list[float],
+    components: list[dict],
+    reward_model_id: str,
+    timings: dict,
+    samples_per_prompt: int,
+) -> list[Rollout]:
     """One Rollout per generated row: the sample, its reference rows (logprobs, top ids, top
     logprobs), its score. The actor and the bench's in-process mode both build rollouts here."""
     groups = [uuid.uuid4().hex for _ in prompts]
@@ -81,19 +93,31 @@ def build_rollouts(batch: GenerationBatch, prompts: list[str], ref: list[tuple],
     for row in range(len(batch.response_ids)):
         ref_logprobs, ref_top_ids, ref_top_logprobs = ref[row]
         extra = {} if ref_top_ids is None else {"ref_top_ids": ref_top_ids, "ref_top_logprobs": ref_top_logprobs}
-        rollouts.append(Rollout(
-            prompt_text=prompts[batch.prompt_index[row]], response_text=batch.texts[row],
-            prompt_ids=np.asarray(batch.prompt_ids[row], np.int32), response_ids=np.asarray(batch.response_ids[row], np.int32),
-            logprobs=np.asarray(batch.logprobs[row], np.float32), ref_logprobs=np.asarray(ref_logprobs, np.float32),
-            reward=rewards[row],
-            policy_version=batch.version, finish_reason=batch.finish_reasons[row],
-            group_id=groups[batch.prompt_index[row]], group_size=samples_per_prompt,
-            reward_model_id=reward_model_id, reward_components=components[row], timings=timings, **extra))
+        rollouts.append(
+            Rollout(
+                prompt_text=prompts[batch.prompt_index[row]],
+                response_text=batch.texts[row],
+                prompt_ids=np.asarray(batch.prompt_ids[row], np.int32),
+                response_ids=np.asarray(batch.response_ids[row], np.int32),
+                logprobs=np.asarray(batch.logprobs[row], np.float32),
+                ref_logprobs=np.asarray(ref_logprobs, np.float32),
+                reward=rewards[row],
+                policy_version=batch.version,
+                finish_reason=batch.finish_reasons[row],
+                group_id=groups[batch.prompt_index[row]],
+                group_size=samples_per_prompt,
+                reward_model_id=reward_model_id,
+                reward_components=components[row],
+                timings=timings,
+                **extra,
+            )
+        )
     return rollouts
 
 
-def may_generate(trainer_version: int, outstanding_rollouts: int, policy_version: int, rows: int,
-                 batch_size: int, max_staleness: int) -> bool:
+def may_generate(
+    trainer_version: int, outstanding_rollouts: int, policy_version: int, rows: int, batch_size: int, max_staleness: int
+) -> bool:
     """Whether a batch sampled now would be fresh enough for the trainer: its last row is trained at
     version trainer_version + (outstanding + rows - 1) // batch_size (each trainer batch adds one),
     and is dropped as stale past policy_version + max_staleness. So max_staleness 0 generates only
@@ -104,9 +128,16 @@ def may_generate(trainer_version: int, outstanding_rollouts: int, policy_version
 
 
 class Actor:
-    def __init__(self, config: BelayConfig, engine: PolicyEngine, queue: RolloutQueue,
-                 reference: belay_pb2_grpc.ReferenceStub, reward: belay_pb2_grpc.RewardStub,
-                 swaps: SwapRequests, metrics: PolicyMetrics):
+    def __init__(
+        self,
+        config: BelayConfig,
+        engine: PolicyEngine,
+        queue: RolloutQueue,
+        reference: belay_pb2_grpc.ReferenceStub,
+        reward: belay_pb2_grpc.RewardStub,
+        swaps: SwapRequests,
+        metrics: PolicyMetrics,
+    ):
         self.config, self.engine, self.queue = config, engine, queue
         self.reference, self.reward = reference, reward
         self.swaps, self.metrics = swaps, metrics
@@ -119,10 +150,16 @@ class Actor:
         self.reported, self.reported_at = -1, 0.0
         self.batches = 0
         canary_file = config.policy.canary_prompts_file
-        self.canaries = (Canaries(read_prompts(canary_file, "policy.canary_prompts_file"),
-                                  config.policy.canary_max_new_tokens,
-                                  ReviewStore(queue.redis, config.run.name), metrics.registry)
-                         if canary_file else None)
+        self.canaries = (
+            Canaries(
+                read_prompts(canary_file, "policy.canary_prompts_file"),
+                config.policy.canary_max_new_tokens,
+                ReviewStore(queue.redis, config.run.name),
+                metrics.registry,
+            )
+            if canary_file
+            else None
+        )
 
     def take_new_weights(self) -> None:
         """Swap to the newest version announced (Redis key, the truth) or requested (RPC, or staged
@@ -151,8 +188,12 @@ class Actor:
         now = time.monotonic()
         if self.reported != self.engine.version or now - self.reported_at > 10:
             policy = self.config.policy
-            self.queue.report_serving(self.replica, self.engine.version, policy.advertise_address or policy.address,
-                                      self.config.trainer.weight_transport)
+            self.queue.report_serving(
+                self.replica,
+                self.engine.version,
+                policy.advertise_address or policy.address,
+                self.config.trainer.weight_transport,
+            )
             self.reported, self.reported_at = self.engine.version, now
 
     def answer_canaries(self) -> None:
@@ -164,8 +205,7 @@ class Actor:
         """Reference logprobs and rewards for a batch, both calls in flight at once."""
         section = self.config.policy
         ref_request = reference_request(batch, section.temperature, self.reference_top_k)
-        reward_request = belay_pb2.ScoreRequest(prompts=[prompts[i] for i in batch.prompt_index],
-                                                responses=batch.texts)
+        reward_request = belay_pb2.ScoreRequest(prompts=[prompts[i] for i in batch.prompt_index], responses=batch.texts)
         start = time.perf_counter()
         ref_call = self.reference.LogProbs.future(ref_request, timeout=section.reference_timeout_seconds)
         reward_call = self.reward.Score.future(reward_request, timeout=section.reward_timeout_seconds)
@@ -183,8 +223,12 @@ class Actor:
             raise DependencyError.from_rpc("reference", error) from None
         for name, seconds in timings.items():
             self.metrics.dependency_seconds.labels(dependency=name).observe(seconds)
-        timings.update(reference_request_bytes=ref_request.ByteSize(), reference_reply_bytes=ref_reply.ByteSize(),
-                       reward_request_bytes=reward_request.ByteSize(), reward_reply_bytes=reward_reply.ByteSize())
+        timings.update(
+            reference_request_bytes=ref_request.ByteSize(),
+            reference_reply_bytes=ref_reply.ByteSize(),
+            reward_request_bytes=reward_request.ByteSize(),
+            reward_reply_bytes=reward_reply.ByteSize(),
+        )
         try:
             ref_logprobs = unpack_float32(ref_reply.logprobs, "reference logprobs")
         except PackingError as error:
@@ -195,14 +239,17 @@ class Actor:
             raise DependencyError("reference", "non-finite logprobs")
         top_ids = unpack_int32(ref_reply.top_ids, "reference top ids") if self.reference_top_k else []
         top_logprobs = unpack_float32(ref_reply.top_logprobs, "reference top logprobs") if self.reference_top_k else []
-        ref = [(lp, top_ids[i] if top_ids else None, top_logprobs[i] if top_logprobs else None)
-               for i, lp in enumerate(ref_logprobs)]
+        ref = [
+            (lp, top_ids[i] if top_ids else None, top_logprobs[i] if top_logprobs else None)
+            for i, lp in enumerate(ref_logprobs)
+        ]
         if len(reward_reply.scores) != len(batch.texts):
             raise DependencyError("reward", f"{len(reward_reply.scores)} scores for {len(batch.texts)} responses")
         if not all(math.isfinite(score) for score in reward_reply.scores):
             raise DependencyError("reward", f"non-finite scores {list(reward_reply.scores)[:8]}")
-        components = [{part.name: float(part.scores[row]) for part in reward_reply.components}
-                      for row in range(len(batch.texts))]
+        components = [
+            {part.name: float(part.scores[row]) for part in reward_reply.components} for row in range(len(batch.texts))
+        ]
         if any(len(part.scores) != len(batch.texts) for part in reward_reply.components):
             raise DependencyError("reward", "a component's score count does not match the responses")
         return ref, list(reward_reply.scores), components, reward_reply.reward_model_id, timings
@@ -212,24 +259,38 @@ class Actor:
         section = self.config.policy
         started_at = time.time()
         prompts = self.prompts.take(section.prompts_per_batch)
-        sampling = Sampling(temperature=section.temperature, top_p=section.top_p,
-                            max_new_tokens=section.max_new_tokens, seed=section.seed + self.batches)
+        sampling = Sampling(
+            temperature=section.temperature,
+            top_p=section.top_p,
+            max_new_tokens=section.max_new_tokens,
+            seed=section.seed + self.batches,
+        )
         self.batches += 1
         batch = self.engine.generate(prompts, section.samples_per_prompt, sampling)
         self.metrics.observe_generation(batch)
         ref, rewards, components, reward_model_id, timings = self.score(batch, prompts)
         # Seconds per stage, the batch's wire bytes and wall-clock marks (the trainer adds the queue time).
-        timings.update(generate=batch.generate_seconds, logprobs=batch.logprob_seconds, swap=self.last_swap_seconds,
-                       started_at=started_at)
+        timings.update(
+            generate=batch.generate_seconds,
+            logprobs=batch.logprob_seconds,
+            swap=self.last_swap_seconds,
+            started_at=started_at,
+        )
         self.last_swap_seconds = 0.0  # the swap is paid by the first batch after it
-        rollouts = build_rollouts(batch, prompts, ref, rewards, components, reward_model_id, timings,
-                                  section.samples_per_prompt)
+        rollouts = build_rollouts(
+            batch, prompts, ref, rewards, components, reward_model_id, timings, section.samples_per_prompt
+        )
         timings["enqueued_at"] = time.time()  # the dict every rollout shares, serialised by add_all
         self.queue.add_all(rollouts)
         self.metrics.rollouts_written.inc(len(batch.response_ids))
-        log.info("version %d: wrote %d rollouts (generate %.1f s, reference %.1f s, reward %.1f s)",
-                 batch.version, len(batch.response_ids), batch.seconds, timings.get("reference", 0),
-                 timings.get("reward", 0))
+        log.info(
+            "version %d: wrote %d rollouts (generate %.1f s, reference %.1f s, reward %.1f s)",
+            batch.version,
+            len(batch.response_ids),
+            batch.seconds,
+            timings.get("reference", 0),
+            timings.get("reward", 0),
+        )
         return len(batch.response_ids)
 
     def fresh_enough(self) -> bool:
@@ -239,9 +300,14 @@ class Actor:
         outstanding = max(0, self.queue.waiting() + self.queue.pending_count() - self.queue.awaiting_persist())
         trainer_version, _ = self.queue.latest_version()
         section = self.config.policy
-        return may_generate(trainer_version, outstanding, self.engine.version,
-                            section.prompts_per_batch * section.samples_per_prompt,
-                            self.config.trainer.batch_size, self.config.trainer.max_staleness)
+        return may_generate(
+            trainer_version,
+            outstanding,
+            self.engine.version,
+            section.prompts_per_batch * section.samples_per_prompt,
+            self.config.trainer.batch_size,
+            self.config.trainer.max_staleness,
+        )
 
     def run(self, stop: threading.Event) -> None:
         poll = self.config.policy.version_poll_seconds
@@ -262,11 +328,14 @@ class Actor:
             except REDIS_DOWN as error:
                 failures += 1
                 self.metrics.batch_failures.labels(reason="redis").inc()
-                log.warning("Redis unavailable (%s); the batch in hand is not written; retrying in %d s",
-                            error, min(30, 2 ** failures))
-                stop.wait(min(30, 2 ** failures))
+                log.warning(
+                    "Redis unavailable (%s); the batch in hand is not written; retrying in %d s",
+                    error,
+                    min(30, 2**failures),
+                )
+                stop.wait(min(30, 2**failures))
             except DependencyError as error:
                 failures += 1
                 self.metrics.batch_failures.labels(reason=error.dependency).inc()
-                log.warning("batch abandoned (nothing written): %s; retrying in %d s", error, min(30, 2 ** failures))
-                stop.wait(min(30, 2 ** failures))
+                log.warning("batch abandoned (nothing written): %s; retrying in %d s", error, min(30, 2**failures))
+                stop.wait(min(30, 2**failures))

@@ -7,6 +7,7 @@ and this version's (0: the same answer, 1: nothing in common); the exported drif
 the prompts. Greedy decoding makes the answers a function of the weights alone, so any drift is
 the policy moving, not sampling noise.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -39,10 +40,15 @@ class Canaries:
         if not prompts:
             raise ValueError("canary prompts: the list is empty")
         self.prompts, self.max_new_tokens, self.store = prompts, max_new_tokens, store
-        self.drift = Gauge("belay_policy_canary_drift", "Mean token-level drift of the canary prompts' greedy "
-                           "answers from the first version's (0 same, 1 nothing in common)", registry=registry)
-        self.version = Gauge("belay_policy_canary_version", "Policy version whose canary answers were last taken",
-                             registry=registry)
+        self.drift = Gauge(
+            "belay_policy_canary_drift",
+            "Mean token-level drift of the canary prompts' greedy "
+            "answers from the first version's (0 same, 1 nothing in common)",
+            registry=registry,
+        )
+        self.version = Gauge(
+            "belay_policy_canary_version", "Policy version whose canary answers were last taken", registry=registry
+        )
 
     def answer(self, engine: PolicyEngine) -> dict | None:
         """Answer the canaries if this version has no record yet (a restarted policy does not redo
@@ -57,11 +63,21 @@ class Canaries:
         if first is not None and not same_prompts:
             log.warning("canary prompts differ from the first version's: drift is measured from this version")
         drift = canary_drift(first["output_ids"], batch.response_ids) if same_prompts else 0.0
-        record = {"time": time.time(), "prompts": self.prompts, "outputs": batch.texts,
-                  "output_ids": batch.response_ids, "drift": drift, "seconds": time.perf_counter() - started}
+        record = {
+            "time": time.time(),
+            "prompts": self.prompts,
+            "outputs": batch.texts,
+            "output_ids": batch.response_ids,
+            "drift": drift,
+            "seconds": time.perf_counter() - started,
+        }
         self.store.record_canaries(batch.version, record)
         self.drift.set(drift)
         self.version.set(batch.version)
-        log.info("canaries of version %d: drift %.3f from the first version (%.1f s)", batch.version, drift,
-                 record["seconds"])
+        log.info(
+            "canaries of version %d: drift %.3f from the first version (%.1f s)",
+            batch.version,
+            drift,
+            record["seconds"],
+        )
         return record

@@ -2,6 +2,7 @@
 
 Every use of the weights holds `lock`, so a swap never happens in the middle of a batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,15 +36,16 @@ class Sampling:
 @dataclass
 class GenerationBatch:
     """Rows in prompt order, samples_per_prompt rows per prompt."""
+
     prompt_index: list[int]
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
-    logprobs: list[list[float]]   # behaviour log-probs, teacher-forced on the weights that sampled
+    logprobs: list[list[float]]  # behaviour log-probs, teacher-forced on the weights that sampled
     texts: list[str]
-    finish_reasons: list[str]     # "eos" or "length"
+    finish_reasons: list[str]  # "eos" or "length"
     version: int
-    generate_seconds: float       # sampling
-    logprob_seconds: float        # gathering the behaviour log-probs (their forward is the sampling one)
+    generate_seconds: float  # sampling
+    logprob_seconds: float  # gathering the behaviour log-probs (their forward is the sampling one)
 
     @property
     def seconds(self) -> float:
@@ -53,8 +55,9 @@ class GenerationBatch:
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """The user's message, templated as a chat turn awaiting the assistant's answer."""
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
@@ -71,7 +74,7 @@ class BehaviourLogprobs:
         self.temperature = temperature
         self.target = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: the causal LM
         self.previous: torch.Tensor | None = None  # (B, V) log-probs of the step in flight
-        self.chosen: list[torch.Tensor] = []       # (B,) per sampled token
+        self.chosen: list[torch.Tensor] = []  # (B,) per sampled token
 
     def _hook(self, module, args, kwargs, output):
         if self.previous is not None:  # this step's input is the token the previous step sampled
@@ -100,13 +103,19 @@ def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], str]:
     """Tokens up to and including the first EOS ("eos"), or all of them ("length")."""
     for position, token in enumerate(tokens):
         if token in eos_ids:
-            return tokens[:position + 1], "eos"
+            return tokens[: position + 1], "eos"
     return tokens, "length"
 
 
 class PolicyEngine:
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: GrpcConfig,
-                 max_tokens_per_forward: int, version: int = 0):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        limits: GrpcConfig,
+        max_tokens_per_forward: int,
+        version: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_tokens_per_forward = max_tokens_per_forward
@@ -143,13 +152,17 @@ class PolicyEngine:
         if sampling.max_new_tokens < 1:
             raise invalid(f"max_new_tokens must be at least 1, got {sampling.max_new_tokens}")
         if rows > self.limits.max_batch_size:
-            raise too_big(f"{rows} rows (prompts x samples_per_prompt) exceed max_batch_size="
-                          f"{self.limits.max_batch_size}; split the request")
+            raise too_big(
+                f"{rows} rows (prompts x samples_per_prompt) exceed max_batch_size="
+                f"{self.limits.max_batch_size}; split the request"
+            )
         limit = context_limit(self.loaded.model, self.limits)
         for index, ids in enumerate(prompt_ids):
             if len(ids) + sampling.max_new_tokens > limit:
-                raise invalid(f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
-                              f"{sampling.max_new_tokens} that passes the limit of {limit} tokens")
+                raise invalid(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
+                    f"{sampling.max_new_tokens} that passes the limit of {limit} tokens"
+                )
 
     def generate(self, prompts: list[str], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
         if not prompts:
@@ -157,12 +170,15 @@ class PolicyEngine:
         if samples_per_prompt < 1:
             raise invalid(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
         if len(prompts) * samples_per_prompt > self.limits.max_batch_size:  # before templating every prompt
-            raise too_big(f"{len(prompts) * samples_per_prompt} rows (prompts x samples_per_prompt) exceed "
-                          f"max_batch_size={self.limits.max_batch_size}; split the request")
+            raise too_big(
+                f"{len(prompts) * samples_per_prompt} rows (prompts x samples_per_prompt) exceed "
+                f"max_batch_size={self.limits.max_batch_size}; split the request"
+            )
         for index, prompt in enumerate(prompts):  # before tokenizing it
             if len(prompt) > self.limits.max_text_chars:
-                raise too_big(f"prompt {index} has {len(prompt)} characters, over max_text_chars="
-                              f"{self.limits.max_text_chars}")
+                raise too_big(
+                    f"prompt {index} has {len(prompt)} characters, over max_text_chars={self.limits.max_text_chars}"
+                )
         templated = [apply_chat_template(self.tokenizer, p) for p in prompts]
         self.check_sampling(sampling, len(prompts) * samples_per_prompt, templated)
         index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
@@ -175,21 +191,26 @@ class PolicyEngine:
             input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
             for row, ids in enumerate(rows):  # left padding: every row ends where generation starts
-                input_ids[row, width - len(ids):] = torch.as_tensor(ids)
-                attention_mask[row, width - len(ids):] = 1
+                input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
             greedy = sampling.temperature == 0
             config = GenerationConfig(
-                do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p, top_k=0 if not greedy else None, num_beams=1,
-                max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(self.eos_ids),
-                pad_token_id=self.pad_id)
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=0 if not greedy else None,
+                num_beams=1,
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.pad_id,
+            )
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             recorder = BehaviourLogprobs(loaded.model, sampling.temperature or 1.0)
             with torch.no_grad(), recorder:
-                output = loaded.model.generate(input_ids=input_ids.to(device),
-                                               attention_mask=attention_mask.to(device),
-                                               generation_config=config)
+                output = loaded.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                )
             sampled = time.perf_counter()
             chosen = recorder.finish(output[:, width:])  # (B, new tokens)
             responses, reasons, logprobs = [], [], []
@@ -197,13 +218,20 @@ class PolicyEngine:
                 tokens, reason = cut_at_eos(row, self.eos_ids)
                 responses.append(tokens)
                 reasons.append(reason)
-                logprobs.append(row_logprobs[:len(tokens)])
+                logprobs.append(row_logprobs[: len(tokens)])
             scored = time.perf_counter()
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        return GenerationBatch(prompt_index=index, prompt_ids=rows, response_ids=responses,
-                               logprobs=logprobs, texts=texts, finish_reasons=reasons,
-                               version=loaded.version, generate_seconds=sampled - start,
-                               logprob_seconds=scored - sampled)
+        return GenerationBatch(
+            prompt_index=index,
+            prompt_ids=rows,
+            response_ids=responses,
+            logprobs=logprobs,
+            texts=texts,
+            finish_reasons=reasons,
+            version=loaded.version,
+            generate_seconds=sampled - start,
+            logprob_seconds=scored - sampled,
+        )
 
     def swap_to(self, version: int, source) -> float:
         """Load a version's weights in place, between batches. Returns seconds taken.

@@ -9,6 +9,7 @@ before anyone joins a group or opens a handle: a misfit is refused at once and t
 keep serving. Only tensors move (broadcast into preallocated buffers, or CUDA IPC handles rebuilt
 from plain fields): nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -63,35 +64,43 @@ class BroadcastReceiver:
         self.key: str | None = None
         self.store = self.group = None
 
-    def receive(self, request: belay_pb2.UpdateWeightsRequest, own: Mapping[str, torch.Tensor]
-                ) -> dict[str, torch.Tensor]:
+    def receive(
+        self, request: belay_pb2.UpdateWeightsRequest, own: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """Join (or reuse) the group the request names and receive every bucket into fresh staging
         buffers; returns name -> view into them, shaped as the manifest says."""
         specs, layout = checked_layout(request, own)
         if request.rank != 1 or request.world_size != 2:
-            raise invalid(f"a broadcast group holds the trainer (rank 0) and this replica (rank 1): got rank "
-                          f"{request.rank} of {request.world_size}")
+            raise invalid(
+                f"a broadcast group holds the trainer (rank 0) and this replica (rank 1): got rank "
+                f"{request.rank} of {request.world_size}"
+            )
         if not request.group_key:
             raise invalid("a broadcast request needs its group_key")
         backend = request.backend or "gloo"
         if backend not in ("gloo", "nccl"):
             raise invalid(f"backend {backend!r} is neither gloo nor nccl")
         if backend == "nccl" and self.device.type != "cuda":
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "the trainer sends over NCCL (CUDA tensors) but this policy runs on the CPU: use "
-                               "trainer.weight_transport 'file', or run the trainer on the CPU (gloo)")
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the trainer sends over NCCL (CUDA tensors) but this policy runs on the CPU: use "
+                "trainer.weight_transport 'file', or run the trainer on the CPU (gloo)",
+            )
         host, port = split_rendezvous(request.rendezvous)
         with self.lock:
             try:
                 if request.new_group or request.group_key != self.key:
                     if not request.new_group:  # e.g. this replica restarted: the trainer rebuilds on failure
-                        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                           "this replica holds no broadcast group under that key; the trainer "
-                                           "builds a new one on its next try")
+                        raise RequestError(
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            "this replica holds no broadcast group under that key; the trainer "
+                            "builds a new one on its next try",
+                        )
                     self.key, self.store, self.group = None, None, None  # the old group (if any) is let go
                     timeout = datetime.timedelta(seconds=self.timeout_seconds)
-                    self.store = dist.PrefixStore(request.group_key, dist.TCPStore(
-                        host, port, is_master=False, timeout=timeout))
+                    self.store = dist.PrefixStore(
+                        request.group_key, dist.TCPStore(host, port, is_master=False, timeout=timeout)
+                    )
                     self.store.set(ready_key(request.version), b"1")
                     self.group = make_group(self.store, 1, 2, backend, self.timeout_seconds)
                     self.key = request.group_key
@@ -106,13 +115,17 @@ class BroadcastReceiver:
                 raise
             except Exception as error:  # a timeout, or the trainer gone mid-send: the group is broken
                 self.key, self.store, self.group = None, None, None
-                raise RequestError(grpc.StatusCode.ABORTED, f"version {request.version}: the broadcast broke off "
-                                   f"({str(error)[:300]}); the old weights keep serving") from None
+                raise RequestError(
+                    grpc.StatusCode.ABORTED,
+                    f"version {request.version}: the broadcast broke off "
+                    f"({str(error)[:300]}); the old weights keep serving",
+                ) from None
         return {spec.name: staged[spec.name] for spec in specs}
 
 
-def receive_ipc(request: belay_pb2.UpdateWeightsRequest, own: Mapping[str, torch.Tensor], device: torch.device
-                ) -> dict[str, torch.Tensor]:
+def receive_ipc(
+    request: belay_pb2.UpdateWeightsRequest, own: Mapping[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Open each exported bucket buffer of the trainer's (same GPU) and copy it into a staging
     buffer on `device`; once this returns the trainer may free or reuse its buffers."""
     if not request.ipc_buffers:
@@ -122,18 +135,25 @@ def receive_ipc(request: belay_pb2.UpdateWeightsRequest, own: Mapping[str, torch
     except ValueError as error:
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"version {request.version} refused: {error}") from None
     if device.type != "cuda" or (device.index if device.index is not None else torch.cuda.current_device()) != index:
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"version {request.version} refused: the policy serves on {device}, the trainer's buffers "
-                           f"are on cuda:{index}: cuda_ipc is for a trainer and a policy on the same GPU")
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"version {request.version} refused: the policy serves on {device}, the trainer's buffers "
+            f"are on cuda:{index}: cuda_ipc is for a trainer and a policy on the same GPU",
+        )
     specs, layout = checked_layout(request, own)
     if len(request.ipc_buffers) != len(layout):
         raise invalid(f"{len(request.ipc_buffers)} ipc_buffers for a layout of {len(layout)} buckets")
     staged = {}
     for bucket, message in zip(layout, request.ipc_buffers):
-        if message.numel != bucket.numel or message.dtype != bucket.dtype or message.device_uuid != \
-                request.ipc_buffers[0].device_uuid:
-            raise invalid(f"an ipc buffer of {message.numel} {message.dtype} on {message.device_uuid[:64]} does not "
-                          f"match its bucket of {bucket.numel} {bucket.dtype}")
+        if (
+            message.numel != bucket.numel
+            or message.dtype != bucket.dtype
+            or message.device_uuid != request.ipc_buffers[0].device_uuid
+        ):
+            raise invalid(
+                f"an ipc buffer of {message.numel} {message.dtype} on {message.device_uuid[:64]} does not "
+                f"match its bucket of {bucket.numel} {bucket.dtype}"
+            )
         shared = open_buffer(message, index)
         staged.update(unflatten_bucket(bucket, shared.clone()))
         del shared

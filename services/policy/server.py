@@ -1,5 +1,6 @@
 """The policy's gRPC face: Generate, LogProbs, UpdateWeights, Info. Thin: it translates messages
 to PolicyEngine calls and back."""
+
 from __future__ import annotations
 
 import logging
@@ -30,24 +31,31 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
         self.swaps = swaps
         self.metrics = metrics
         self.fingerprint = tokenizer_fingerprint(engine.tokenizer)
-        self.logprobs = LogProbsHandler(lambda: engine.loaded, engine.tokenizer, config.grpc,
-                                        config.policy.max_tokens_per_forward)
+        self.logprobs = LogProbsHandler(
+            lambda: engine.loaded, engine.tokenizer, config.grpc, config.policy.max_tokens_per_forward
+        )
         self.logprobs.lock = engine.lock  # never compute during a swap
         self.receiver = BroadcastReceiver(engine.device, config.trainer.broadcast_timeout_seconds)
 
     def _generate(self, request: belay_pb2.GenerateRequest) -> belay_pb2.GenerateResponse:
         defaults = self.config.policy
-        sampling = Sampling(temperature=request.sampling.temperature,
-                            top_p=request.sampling.top_p or 1.0,
-                            max_new_tokens=request.sampling.max_new_tokens or defaults.max_new_tokens,
-                            seed=request.sampling.seed if request.sampling.HasField("seed") else None)
+        sampling = Sampling(
+            temperature=request.sampling.temperature,
+            top_p=request.sampling.top_p or 1.0,
+            max_new_tokens=request.sampling.max_new_tokens or defaults.max_new_tokens,
+            seed=request.sampling.seed if request.sampling.HasField("seed") else None,
+        )
         batch = self.engine.generate(list(request.prompts), request.samples_per_prompt or 1, sampling)
         self.metrics.observe_generation(batch)
         return belay_pb2.GenerateResponse(
-            prompt_ids=pack_int32(batch.prompt_ids), response_ids=pack_int32(batch.response_ids),
-            logprobs=pack_float32(batch.logprobs), response_texts=batch.texts,
-            finish_reasons=[FINISH[r] for r in batch.finish_reasons], prompt_index=batch.prompt_index,
-            policy_version=batch.version)
+            prompt_ids=pack_int32(batch.prompt_ids),
+            response_ids=pack_int32(batch.response_ids),
+            logprobs=pack_float32(batch.logprobs),
+            response_texts=batch.texts,
+            finish_reasons=[FINISH[r] for r in batch.finish_reasons],
+            prompt_index=batch.prompt_index,
+            policy_version=batch.version,
+        )
 
     def _update_weights(self, request: belay_pb2.UpdateWeightsRequest) -> belay_pb2.UpdateWeightsResponse:
         from safetensors import SafetensorError
@@ -57,9 +65,11 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
         # Weights decide everything the policy says: from beyond loopback only a token holder may send them
         # (with auth_token_file set, the server's interceptor has already checked this caller's token).
         if not self.config.grpc.auth_token_file and not is_loopback_address(self.config.policy.address):
-            raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
-                               f"UpdateWeights is refused: the policy listens on {self.config.policy.address}, beyond "
-                               "loopback, without a token; configure grpc.auth_token_file")
+            raise RequestError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"UpdateWeights is refused: the policy listens on {self.config.policy.address}, beyond "
+                "loopback, without a token; configure grpc.auth_token_file",
+            )
         if request.version <= 0:
             raise invalid(f"version must be positive, got {request.version}")
         transport = request.transport or "file"
@@ -76,8 +86,9 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
             try:
                 self.metrics.record_swap(self.engine.swap_to(request.version, source), request.version)
             except (ValueError, OSError, SafetensorError) as error:  # the old weights keep serving
-                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f"version {request.version} refused: "
-                                   f"{error}") from None
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"version {request.version} refused: {error}"
+                ) from None
         pending, _ = self.swaps.newest()
         return belay_pb2.UpdateWeightsResponse(current_version=self.engine.version, pending_version=pending)
 

@@ -1,4 +1,5 @@
 """Checks the policy makes before it writes a single rollout."""
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,9 @@ def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, reference: belay_pb
     ours = tokenizer_fingerprint(tokenizer)
     theirs = reference.Info(belay_pb2.InfoRequest(), timeout=30).tokenizer_fingerprint
     if ours != theirs:
-        raise TokenizerMismatch(f"the reference's tokenizer (fingerprint {theirs[:12]}) differs from the policy's "
-                                f"({ours[:12]}): KL between them would compare different tokens. Serve the same "
-                                "tokenizer in both, e.g. the same SFT model directory.")
+        raise TokenizerMismatch(
+            f"the reference's tokenizer (fingerprint {theirs[:12]}) differs from the policy's "
+            f"({ours[:12]}): KL between them would compare different tokens. Serve the same "
+            "tokenizer in both, e.g. the same SFT model directory."
+        )
     log.info("reference tokenizer matches (%s)", ours[:12])

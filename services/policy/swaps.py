@@ -4,6 +4,7 @@ Weights reach the policy from the trainer's publish directory (the `file` transp
 persisted checkpoint (at start, or a catching-up replica), or staged in memory by a receiving
 transport (`broadcast`, `cuda_ipc`); the actor applies the newest between generation batches.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -55,8 +56,10 @@ def checked_checkpoint_path(root: str | pathlib.Path, version: int, path: str) -
             link = ", through a symlink that leads out of it" if given.is_symlink() else ""
         except OSError:  # e.g. a name too long to look at: refused all the same
             link = ""
-        raise invalid(f"checkpoint_path {shown} resolves to {str(candidate)[:300]}, which is not inside the "
-                      f"policy's checkpoint directory {root_path}{link}")
+        raise invalid(
+            f"checkpoint_path {shown} resolves to {str(candidate)[:300]}, which is not inside the "
+            f"policy's checkpoint directory {root_path}{link}"
+        )
     match = VERSION_DIR.match(candidate.name)
     if not match or int(match.group(1)) != version:
         raise invalid(f"checkpoint_path {shown} is not the committed directory of version {version}")
@@ -73,8 +76,9 @@ def checked_checkpoint_path(root: str | pathlib.Path, version: int, path: str) -
     if not any(e.name.endswith(".safetensors") and e.name != STATE_TENSORS for e in entries):
         pickles = sorted(e.name for e in entries if e.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         found = f" (only {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"checkpoint {candidate} holds no *.safetensors weights{found}")
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"checkpoint {candidate} holds no *.safetensors weights{found}"
+        )
     return candidate
 
 

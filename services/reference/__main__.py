@@ -1,5 +1,6 @@
 """python -m services.reference --config belay.yaml : config -> frozen model -> gRPC server, and a
 watch on the frozen weights: if they ever change, the service stops (the seed's floor moved)."""
+
 import logging
 import os
 import threading
@@ -20,5 +21,9 @@ def watch_frozen_weights(servicer) -> None:
             os._exit(3)
 
 
-serve(build_server, config, config.reference.metrics_port,
-      on_loaded=lambda servicer: threading.Thread(target=watch_frozen_weights, args=(servicer,), daemon=True).start())
+serve(
+    build_server,
+    config,
+    config.reference.metrics_port,
+    on_loaded=lambda servicer: threading.Thread(target=watch_frozen_weights, args=(servicer,), daemon=True).start(),
+)

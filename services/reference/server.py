@@ -1,5 +1,6 @@
 """The reference service: the frozen SFT model, serving LogProbs. Never trained, never reloaded
 from a trainer checkpoint: it is the floor PPO's KL is measured against (the seed)."""
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,14 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 from ..common.config import BelayConfig
 from ..common.logprob_service import LoadedModel, LogProbsHandler
 from ..common.metrics import LLM_SECONDS_BUCKETS, run_info
-from ..common.models import (freeze, load_causal_lm, load_tokenizer, resolve_device, tokenizer_fingerprint,
-                             weights_fingerprint)
+from ..common.models import (
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 from ..common.rpc import ServiceServer, handle, info_response
 
 log = logging.getLogger(__name__)
@@ -25,8 +32,12 @@ class ReferenceServicer(belay_pb2_grpc.ReferenceServicer):
         self.config = config
         self.model_id = config.reference.model_dir
         self.loaded: LoadedModel | None = None  # until load(): requests get FAILED_PRECONDITION
-        self.seconds = Histogram("belay_reference_logprobs_seconds", "Reference LogProbs call time",
-                                 buckets=LLM_SECONDS_BUCKETS, registry=registry)
+        self.seconds = Histogram(
+            "belay_reference_logprobs_seconds",
+            "Reference LogProbs call time",
+            buckets=LLM_SECONDS_BUCKETS,
+            registry=registry,
+        )
         run_info(registry, "reference", config.run.name, self.model_id)
 
     def load(self) -> None:
@@ -34,8 +45,9 @@ class ReferenceServicer(belay_pb2_grpc.ReferenceServicer):
         self.tokenizer = load_tokenizer(section.model_dir)
         model = freeze(load_causal_lm(section.model_dir, resolve_device(section.device), "reference.model_dir"))
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
-        self.logprobs = LogProbsHandler(lambda: self.loaded, self.tokenizer, self.config.grpc,
-                                        section.max_tokens_per_forward)
+        self.logprobs = LogProbsHandler(
+            lambda: self.loaded, self.tokenizer, self.config.grpc, section.max_tokens_per_forward
+        )
         self.loaded = LoadedModel(model=model, version=0)
         log.info("reference loaded from %s (weights %s)", section.model_dir, self.loaded.revision[:12])
 

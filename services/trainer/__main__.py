@@ -1,5 +1,6 @@
 """python -m services.trainer --config belay.yaml : config -> policy copy with gradients ->
 resume from the latest checkpoint -> PPO loop."""
+
 import logging
 import signal
 import threading
@@ -33,9 +34,13 @@ if main_rank:  # one /metrics for the run
     serve_metrics(registry, section.metrics_port, config.run.metrics_address)
 review_page = None
 if main_rank and section.review_port:  # samples, canaries and ratings, from Redis; ratings exported on /metrics
-    review_page = review.serve(review.create_app(ReviewStore.from_url(config.redis.url, config.run.name),
-                                                 review.ReviewMetrics(registry), config.run.name),
-                               config.run.metrics_address, section.review_port)
+    review_page = review.serve(
+        review.create_app(
+            ReviewStore.from_url(config.redis.url, config.run.name), review.ReviewMetrics(registry), config.run.name
+        ),
+        config.run.metrics_address,
+        section.review_port,
+    )
     log.info("review page at %s", review_page.url)
 
 stop = threading.Event()
@@ -44,8 +49,15 @@ for signum in (signal.SIGTERM, signal.SIGINT):  # finish the step in hand (its c
 
 model = load_causal_lm(section.model_dir, resolve_device(section.device), "trainer.model_dir")
 policy = belay_pb2_grpc.PolicyStub(channel(section.policy_address, config.grpc)) if main_rank else None
-trainer = Trainer(config, model, load_tokenizer(section.model_dir),
-                  RolloutQueue.from_url(config.redis.url, config.run.name), metrics, policy, distributed)
+trainer = Trainer(
+    config,
+    model,
+    load_tokenizer(section.model_dir),
+    RolloutQueue.from_url(config.redis.url, config.run.name),
+    metrics,
+    policy,
+    distributed,
+)
 trainer.resume()
 if main_rank:
     log.info("run manifest: %s", trainer.write_run_manifest())

@@ -10,6 +10,7 @@ there cannot leak in through 0 * inf).
 Sequence-level estimators ((B,) -> (B,)): batch_mean, group (GRPO when scaled by std), rloo.
 Token-level estimator ((B, T) -> (B, T)): gae, fed by token_rewards and a value head.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,6 +19,7 @@ ADVANTAGE_ESTIMATORS = ("batch_mean", "group", "rloo", "gae")
 
 
 # --- helpers --------------------------------------------------------------------------------
+
 
 def _where_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """values where mask is set, exact 0 elsewhere (whatever values holds there)."""
@@ -29,14 +31,18 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _where_mask(values, mask).sum() / mask.bool().sum().clamp(min=1).to(values.dtype)
 
 
-def _group_stats(total_reward: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _group_stats(
+    total_reward: torch.Tensor, group_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-rollout view of its group: (inverse index (B,), group sizes (G,), group sums (G,)).
 
     group_index may hold any integer labels (not necessarily 0..G-1); they are renumbered.
     """
     if total_reward.dim() != 1 or group_index.shape != total_reward.shape:
-        raise ValueError(f"total_reward and group_index must both be (B,), got "
-                         f"{tuple(total_reward.shape)} and {tuple(group_index.shape)}")
+        raise ValueError(
+            f"total_reward and group_index must both be (B,), got "
+            f"{tuple(total_reward.shape)} and {tuple(group_index.shape)}"
+        )
     _, inverse = torch.unique(group_index, return_inverse=True)
     num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
     counts = torch.zeros(num_groups, dtype=total_reward.dtype, device=total_reward.device)
@@ -48,13 +54,15 @@ def _group_stats(total_reward: torch.Tensor, group_index: torch.Tensor) -> tuple
 
 # --- sequence-level advantages --------------------------------------------------------------
 
+
 def batch_mean_advantage(total_reward: torch.Tensor) -> torch.Tensor:
     """The seed's simplest baseline: A_i = R_i - mean_j R_j over the whole batch. (B,) -> (B,)"""
     return total_reward - total_reward.mean()
 
 
-def group_advantage(total_reward: torch.Tensor, group_index: torch.Tensor, scale_by_std: bool = False,
-                    eps: float = 1e-6) -> torch.Tensor:
+def group_advantage(
+    total_reward: torch.Tensor, group_index: torch.Tensor, scale_by_std: bool = False, eps: float = 1e-6
+) -> torch.Tensor:
     """Group-relative advantage (several samples per prompt share a group):
 
         A_i = R_i - mean_{j in g(i)} R_j
@@ -91,8 +99,10 @@ def rloo_advantage(total_reward: torch.Tensor, group_index: torch.Tensor) -> tor
 
 # --- whitening ------------------------------------------------------------------------------
 
-def whiten(values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
+
+def whiten(
+    values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """Normalise over the masked entries (all entries when mask is None):
 
         mean = sum_m(v) / N,   var = sum_m((v - mean)^2) / N      (population variance)
@@ -116,8 +126,10 @@ def whiten(values: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: b
 
 # --- token-level rewards and GAE ------------------------------------------------------------
 
-def token_rewards(score: torch.Tensor, kl_per_token: torch.Tensor, kl_coef: float,
-                  response_mask: torch.Tensor) -> torch.Tensor:
+
+def token_rewards(
+    score: torch.Tensor, kl_per_token: torch.Tensor, kl_coef: float, response_mask: torch.Tensor
+) -> torch.Tensor:
     """Per-token reward for GAE (the KL penalty is paid per token, the score once at the end):
 
         r_{b,t} = -kl_coef * kl_{b,t}                 on response tokens
@@ -137,8 +149,9 @@ def token_rewards(score: torch.Tensor, kl_per_token: torch.Tensor, kl_coef: floa
     return rewards + _where_mask(score.to(dtype).unsqueeze(-1).expand_as(rewards), is_last)
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float,
-                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised Advantage Estimation over each row's response tokens:
 
         delta_t = r_t + gamma * V_{t+1} - V_t        V_{t+1} = 0 after the last response token
@@ -181,8 +194,10 @@ def sequence_advantage_to_tokens(advantages: torch.Tensor, response_mask: torch.
 
 # --- critic loss ----------------------------------------------------------------------------
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       response_mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped value loss, to minimise:
 
         V_clip = clip(V, V_old - c, V_old + c)

@@ -1,4 +1,5 @@
 """Rollouts -> the padded tensors the PPO update works on."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,16 +12,16 @@ from ..common.rollout_queue import Rollout
 
 @dataclass
 class PPOBatch:
-    input_ids: torch.Tensor       # (B, T) prompt + response, right-padded
+    input_ids: torch.Tensor  # (B, T) prompt + response, right-padded
     attention_mask: torch.Tensor  # (B, T)
-    response_mask: torch.Tensor   # (B, T-1) 1 where position t predicts a response token
-    old_logprobs: torch.Tensor    # (B, T-1) behaviour logprobs at response positions, 0 elsewhere
-    ref_logprobs: torch.Tensor    # (B, T-1) reference logprobs at response positions, 0 elsewhere
-    rewards: torch.Tensor         # (B,) raw reward-model scores
+    response_mask: torch.Tensor  # (B, T-1) 1 where position t predicts a response token
+    old_logprobs: torch.Tensor  # (B, T-1) behaviour logprobs at response positions, 0 elsewhere
+    ref_logprobs: torch.Tensor  # (B, T-1) reference logprobs at response positions, 0 elsewhere
+    rewards: torch.Tensor  # (B,) raw reward-model scores
     response_lengths: torch.Tensor  # (B,)
-    truncated: torch.Tensor       # (B,) bool: cut at max_new_tokens without EOS
-    group_index: torch.Tensor     # (B,) long: which prompt group each rollout belongs to
-    ref_top_ids: torch.Tensor     # (B, T-1, K) reference's top-k token ids (K = 0 without the exact KL)
+    truncated: torch.Tensor  # (B,) bool: cut at max_new_tokens without EOS
+    group_index: torch.Tensor  # (B,) long: which prompt group each rollout belongs to
+    ref_top_ids: torch.Tensor  # (B, T-1, K) reference's top-k token ids (K = 0 without the exact KL)
     ref_top_logprobs: torch.Tensor  # (B, T-1, K)
 
     def select(self, rows: torch.Tensor) -> "PPOBatch":
@@ -50,9 +51,16 @@ def collate(rollouts: list[Rollout], pad_id: int, device: torch.device) -> PPOBa
             top_logprobs[row, start:stop] = torch.as_tensor(rollout.ref_top_logprobs.reshape(-1, k).copy())
         groups.setdefault(rollout.group_id, len(groups))
     as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-    return PPOBatch(input_ids, attention_mask, response_mask, old, ref,
-                    rewards=as_tensor([r.reward for r in rollouts], torch.float32),
-                    response_lengths=as_tensor([len(r.response_ids) for r in rollouts], torch.float32),
-                    truncated=as_tensor([r.finish_reason == "length" for r in rollouts], torch.bool),
-                    group_index=as_tensor([groups[r.group_id] for r in rollouts], torch.long),
-                    ref_top_ids=top_ids, ref_top_logprobs=top_logprobs)
+    return PPOBatch(
+        input_ids,
+        attention_mask,
+        response_mask,
+        old,
+        ref,
+        rewards=as_tensor([r.reward for r in rollouts], torch.float32),
+        response_lengths=as_tensor([len(r.response_ids) for r in rollouts], torch.float32),
+        truncated=as_tensor([r.finish_reason == "length" for r in rollouts], torch.bool),
+        group_index=as_tensor([groups[r.group_id] for r in rollouts], torch.long),
+        ref_top_ids=top_ids,
+        ref_top_logprobs=top_logprobs,
+    )

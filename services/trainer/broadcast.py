@@ -33,6 +33,7 @@ bucket by bucket, so it holds one bucket extra) and sends as here; or every rank
 replica's group (world size ranks + 1) and broadcasts its shards, the manifest carrying each
 shard's offsets so the replica assembles them. The first is what this module would do next.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -89,12 +90,13 @@ def readable_receivers(read_replicas, transport: str) -> dict[str, dict]:
 @dataclass
 class ReplicaGroup:
     """The trainer's side of one replica's group."""
+
     address: str
     key: str = field(default_factory=lambda: secrets.token_hex(16))
     group: object | None = None  # built on the first send
-    sent_version: int = -1       # the newest version this replica received from us
+    sent_version: int = -1  # the newest version this replica received from us
     failed_at: float | None = None  # time.monotonic() of the last failed send
-    failures: int = 0               # failed sends in a row
+    failures: int = 0  # failed sends in a row
 
     def may_catch_up(self, version: int, now: float) -> bool:
         """Not sent `version` yet, and past the back-off of its last failed send."""
@@ -113,16 +115,23 @@ class BroadcastTransport:
         section = config.trainer
         self.config, self.replicas = config, replicas
         self.timeout = section.broadcast_timeout_seconds
-        self.bucket_bytes = max(1, int(section.broadcast_bucket_mb * 2 ** 20))
+        self.bucket_bytes = max(1, int(section.broadcast_bucket_mb * 2**20))
         host, _, port = section.broadcast_address.rpartition(":")
         # The trainer listens on every interface at the configured port (0: any free one, for tests);
         # replicas reach the store at the configured host.
         try:
-            self.store = dist.TCPStore(host, int(port), is_master=True, wait_for_workers=False,
-                                       timeout=datetime.timedelta(seconds=self.timeout))
+            self.store = dist.TCPStore(
+                host,
+                int(port),
+                is_master=True,
+                wait_for_workers=False,
+                timeout=datetime.timedelta(seconds=self.timeout),
+            )
         except (RuntimeError, ValueError) as error:  # e.g. the port is taken (another trainer?)
-            raise RuntimeError(f"cannot host the broadcast store on port {port} of trainer.broadcast_address "
-                               f"{section.broadcast_address}: {error}; free the port or choose another") from None
+            raise RuntimeError(
+                f"cannot host the broadcast store on port {port} of trainer.broadcast_address "
+                f"{section.broadcast_address}: {error}; free the port or choose another"
+            ) from None
         self.rendezvous = f"{host}:{self.store.port}"
         self.groups: dict[str, ReplicaGroup] = {}
         self.channels: dict[str, tuple[grpc.Channel, belay_pb2_grpc.PolicyStub]] = {}
@@ -147,9 +156,12 @@ class BroadcastTransport:
             return []
         self.last_catch_up = now
         with self.lock:
-            lagging = {name: record for name, record in self.live_replicas().items()
-                       if record["version"] < version
-                       and (name not in self.groups or self.groups[name].may_catch_up(version, now))}
+            lagging = {
+                name: record
+                for name, record in self.live_replicas().items()
+                if record["version"] < version
+                and (name not in self.groups or self.groups[name].may_catch_up(version, now))
+            }
             if not lagging:
                 return []
             log.info("catching up replicas %s to version %d", sorted(lagging), version)
@@ -191,12 +203,23 @@ class BroadcastTransport:
                     self._shutdown(group)
                 group = self.groups[name] = ReplicaGroup(record["address"])
             request = belay_pb2.UpdateWeightsRequest(
-                version=version, transport=self.name, rendezvous=self.rendezvous, group_key=group.key,
-                new_group=group.group is None, rank=1, world_size=2,
-                manifest=specs_to_messages(manifest, belay_pb2.TensorSpec), bucket_bytes=self.bucket_bytes,
-                backend=backend)
-            thread = threading.Thread(target=self._send_one, args=(name, group, request, layout, tensors, outcomes),
-                                      name=f"broadcast-{name}", daemon=True)
+                version=version,
+                transport=self.name,
+                rendezvous=self.rendezvous,
+                group_key=group.key,
+                new_group=group.group is None,
+                rank=1,
+                world_size=2,
+                manifest=specs_to_messages(manifest, belay_pb2.TensorSpec),
+                bucket_bytes=self.bucket_bytes,
+                backend=backend,
+            )
+            thread = threading.Thread(
+                target=self._send_one,
+                args=(name, group, request, layout, tensors, outcomes),
+                name=f"broadcast-{name}",
+                daemon=True,
+            )
             thread.start()
             threads.append((name, thread))
         deadline = time.monotonic() + self.timeout * (2 + len(layout)) + 5.0
@@ -214,12 +237,23 @@ class BroadcastTransport:
                 group.failed_at = time.monotonic()
                 self._shutdown(group)
                 # the next try builds a new group under a fresh key, remembering when this one failed
-                self.groups[name] = ReplicaGroup(group.address, failed_at=group.failed_at,
-                                                 failures=group.failures + 1, sent_version=group.sent_version)
+                self.groups[name] = ReplicaGroup(
+                    group.address,
+                    failed_at=group.failed_at,
+                    failures=group.failures + 1,
+                    sent_version=group.sent_version,
+                )
         return delivered
 
-    def _send_one(self, name: str, group: ReplicaGroup, request: belay_pb2.UpdateWeightsRequest,
-                  layout: list[Bucket], tensors: dict[str, torch.Tensor], outcomes: dict) -> None:
+    def _send_one(
+        self,
+        name: str,
+        group: ReplicaGroup,
+        request: belay_pb2.UpdateWeightsRequest,
+        layout: list[Bucket],
+        tensors: dict[str, torch.Tensor],
+        outcomes: dict,
+    ) -> None:
         call = None
         try:
             prefix = dist.PrefixStore(group.key, self.store)
@@ -231,8 +265,13 @@ class BroadcastTransport:
             for bucket in layout:
                 broadcast_bucket(group.group, flatten_bucket(bucket, tensors))
             reply = call.result()
-            log.debug("replica %s received version %d (serving %d, pending %d)", name, request.version,
-                      reply.current_version, reply.pending_version)
+            log.debug(
+                "replica %s received version %d (serving %d, pending %d)",
+                name,
+                request.version,
+                reply.current_version,
+                reply.pending_version,
+            )
             outcomes[name] = None
         except grpc.RpcError as error:
             outcomes[name] = RuntimeError(f"UpdateWeights failed: {error.code().name}: {error.details()}")

@@ -8,6 +8,7 @@ served weights on the GPU on each side for the duration (the policy's staged cop
 actor swaps it in). Replicas come from the registry like the broadcast transport's; a failing one
 is dropped from this publish and caught up later.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,11 +35,13 @@ class CudaIpcTransport:
 
     def __init__(self, config: BelayConfig, replicas: Callable[[], dict[str, dict]]):
         if not torch.cuda.is_available():
-            raise ValueError("trainer.weight_transport 'cuda_ipc' needs the trainer on a CUDA device, and this "
-                             "machine has none: use 'broadcast' (gloo on CPU) or 'file'")
+            raise ValueError(
+                "trainer.weight_transport 'cuda_ipc' needs the trainer on a CUDA device, and this "
+                "machine has none: use 'broadcast' (gloo on CPU) or 'file'"
+            )
         self.config, self.replicas = config, replicas
         self.timeout = config.trainer.broadcast_timeout_seconds
-        self.bucket_bytes = max(1, int(config.trainer.broadcast_bucket_mb * 2 ** 20))
+        self.bucket_bytes = max(1, int(config.trainer.broadcast_bucket_mb * 2**20))
         self.sent: dict[str, int] = {}
         self.failed_at: dict[str, float] = {}
         self.channels: dict[str, tuple[grpc.Channel, belay_pb2_grpc.PolicyStub]] = {}
@@ -56,9 +59,13 @@ class CudaIpcTransport:
             return []
         self.last_catch_up = now
         with self.lock:
-            lagging = {name: record for name, record in self.live_replicas().items()
-                       if record["version"] < version and self.sent.get(name, -1) < version
-                       and now - self.failed_at.get(name, -RETRY_AFTER_FAILURE_SECONDS) >= RETRY_AFTER_FAILURE_SECONDS}
+            lagging = {
+                name: record
+                for name, record in self.live_replicas().items()
+                if record["version"] < version
+                and self.sent.get(name, -1) < version
+                and now - self.failed_at.get(name, -RETRY_AFTER_FAILURE_SECONDS) >= RETRY_AFTER_FAILURE_SECONDS
+            }
             return self.send_to(lagging, version, tensors()) if lagging else []
 
     def forget_below(self, version: int) -> None:
@@ -82,10 +89,16 @@ class CudaIpcTransport:
         buffers = [flatten_bucket(bucket, tensors) for bucket in layout]  # kept until every replica answers
         torch.cuda.synchronize()
         request = belay_pb2.UpdateWeightsRequest(
-            version=version, transport=self.name, manifest=specs_to_messages(manifest, belay_pb2.TensorSpec),
-            bucket_bytes=self.bucket_bytes, ipc_buffers=[export_buffer(b, belay_pb2.CudaIpcBuffer) for b in buffers])
-        calls = {name: self._stub(record["address"]).UpdateWeights.future(request, timeout=self.timeout)
-                 for name, record in targets.items()}
+            version=version,
+            transport=self.name,
+            manifest=specs_to_messages(manifest, belay_pb2.TensorSpec),
+            bucket_bytes=self.bucket_bytes,
+            ipc_buffers=[export_buffer(b, belay_pb2.CudaIpcBuffer) for b in buffers],
+        )
+        calls = {
+            name: self._stub(record["address"]).UpdateWeights.future(request, timeout=self.timeout)
+            for name, record in targets.items()
+        }
         delivered = []
         for name, call in calls.items():
             try:
@@ -94,8 +107,13 @@ class CudaIpcTransport:
                 delivered.append(name)
             except grpc.RpcError as error:
                 self.failed_at[name] = time.monotonic()
-                log.warning("replica %s dropped from version %d (it catches up later): %s: %s", name, version,
-                            error.code().name, error.details())
+                log.warning(
+                    "replica %s dropped from version %d (it catches up later): %s: %s",
+                    name,
+                    version,
+                    error.code().name,
+                    error.details(),
+                )
         del buffers  # every replica has copied out (or given up): the handles may go
         return delivered
 

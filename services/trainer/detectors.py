@@ -15,6 +15,7 @@ rule compares with a bound from the config (deploy/prometheus/rules/belay.yml; d
 Every value is NaN until the first window is full (NaN compares false, in Python as in PromQL, so
 nothing fires on it). The functions are pure; `Detectors` only keeps the window and the baseline.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,17 +29,22 @@ DETECTORS = ("reward_hacking", "shorter_responses", "template_collapse", "not_mo
 # rules carry the same lines as annotations.runbook (tests/unit/test_detectors.py checks it).
 RUNBOOK = {
     "reward_hacking": "Reward climbs fast while the model starts talking nonsense (seed: KL coefficient too small, "
-                      "reward too narrow): raise trainer.kl_coef, read the samples, widen the reward",
+    "reward too narrow): raise trainer.kl_coef, read the samples, widen the reward",
     "shorter_responses": "Responses get shorter and shorter (seed: the reward penalises length without anyone "
-                         "meaning it to): check belay_trainer_reward_length_correlation and the reward's length bias",
+    "meaning it to): check belay_trainer_reward_length_correlation and the reward's length bias",
     "template_collapse": "The model repeats template sentences (seed: the reward model favours a pattern): read the "
-                         "samples, find the phrase the reward overpays, raise trainer.kl_coef",
+    "samples, find the phrase the reward overpays, raise trainer.kl_coef",
     "not_moving": "The model barely moves (seed: KL coefficient too large, or learning rate pressed too low): "
-                  "lower trainer.kl_coef or raise trainer.lr",
+    "lower trainer.kl_coef or raise trainer.lr",
 }
 # Config fields (TrainerConfig) holding the bounds; each is also exported as a gauge so the rules follow the config.
-BOUND_FIELDS = ("detector_kl_bound", "detector_length_ratio", "detector_similarity_bound", "detector_still_kl",
-                "detector_flat_reward")
+BOUND_FIELDS = (
+    "detector_kl_bound",
+    "detector_length_ratio",
+    "detector_similarity_bound",
+    "detector_still_kl",
+    "detector_flat_reward",
+)
 NAN = float("nan")
 
 
@@ -49,8 +55,7 @@ def least_squares_slope(values: list[float]) -> float:
     if n < 2:
         return NAN
     mean_i, mean_y = (n - 1) / 2, sum(values) / n
-    return (sum((i - mean_i) * (y - mean_y) for i, y in enumerate(values))
-            / sum((i - mean_i) ** 2 for i in range(n)))
+    return sum((i - mean_i) * (y - mean_y) for i, y in enumerate(values)) / sum((i - mean_i) ** 2 for i in range(n))
 
 
 def word_grams(text: str) -> set[tuple[str, ...]]:
@@ -66,9 +71,12 @@ def cross_prompt_similarity(prompts: list[str], responses: list[str]) -> float:
     rightly agree, answers to different questions should not. Pairs where both are empty are left
     out too (nothing to compare); NaN when no pair remains."""
     grams = [word_grams(text) for text in responses]
-    similarities = [len(grams[i] & grams[j]) / len(grams[i] | grams[j])
-                    for i in range(len(responses)) for j in range(i + 1, len(responses))
-                    if prompts[i] != prompts[j] and (grams[i] or grams[j])]
+    similarities = [
+        len(grams[i] & grams[j]) / len(grams[i] | grams[j])
+        for i in range(len(responses))
+        for j in range(i + 1, len(responses))
+        if prompts[i] != prompts[j] and (grams[i] or grams[j])
+    ]
     return sum(similarities) / len(similarities) if similarities else NAN
 
 
@@ -83,8 +91,16 @@ def detector_values(window: list[dict], baseline_length: float | None, size: int
     - cross_prompt_similarity: mean of the finite batch similarities;
     - kl_per_sequence_window_max: largest batch KL per response in the window, nats."""
     if len(window) < size:
-        return dict.fromkeys(("reward_slope", "reward_rise_ratio", "response_length_ratio",
-                              "cross_prompt_similarity", "kl_per_sequence_window_max"), NAN)
+        return dict.fromkeys(
+            (
+                "reward_slope",
+                "reward_rise_ratio",
+                "response_length_ratio",
+                "cross_prompt_similarity",
+                "kl_per_sequence_window_max",
+            ),
+            NAN,
+        )
     slope = least_squares_slope([record["reward_mean"] for record in window])
     rise = slope * (len(window) - 1)
     spread = sum(record["reward_std"] for record in window) / len(window)
@@ -106,8 +122,10 @@ def detectors_firing(values: dict[str, float], kl_per_sequence: float, bounds: d
         "reward_hacking": kl_per_sequence > bounds["detector_kl_bound"] and values["reward_slope"] > 0,
         "shorter_responses": values["response_length_ratio"] < bounds["detector_length_ratio"],
         "template_collapse": values["cross_prompt_similarity"] > bounds["detector_similarity_bound"],
-        "not_moving": (values["kl_per_sequence_window_max"] < bounds["detector_still_kl"]
-                       and abs(values["reward_rise_ratio"]) < bounds["detector_flat_reward"]),
+        "not_moving": (
+            values["kl_per_sequence_window_max"] < bounds["detector_still_kl"]
+            and abs(values["reward_rise_ratio"]) < bounds["detector_flat_reward"]
+        ),
     }
 
 
@@ -125,8 +143,9 @@ class Detectors:
     def from_config(cls, section) -> "Detectors":
         return cls(section.detector_window, {field: getattr(section, field) for field in BOUND_FIELDS})
 
-    def observe(self, summary: dict, prompts: list[str], responses: list[str]
-                ) -> tuple[dict[str, float], dict[str, bool], list[str]]:
+    def observe(
+        self, summary: dict, prompts: list[str], responses: list[str]
+    ) -> tuple[dict[str, float], dict[str, bool], list[str]]:
         """Add one update (its summary and its batch's prompt and response texts). Returns the
         values, every detector's verdict, and the detectors that start firing with this update."""
         record = {key: summary[key] for key in ("reward_mean", "reward_std", "kl_per_sequence", "response_length_mean")}

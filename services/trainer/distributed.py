@@ -2,6 +2,7 @@
 trains on its share of each minibatch and gradients are averaged across ranks, so all ranks hold
 identical weights after every optimizer step. PyTorch's own torch.distributed (gloo on CPU,
 nccl on GPU); rollouts travel between ranks as JSON bytes in a uint8 tensor, never as pickles."""
+
 from __future__ import annotations
 
 import base64
@@ -36,8 +37,11 @@ class Distributed:
         """Rank 0's payload, on every rank."""
         size = torch.tensor([len(payload) if self.is_main else 0], dtype=torch.long)
         dist.broadcast(size, src=0)
-        buffer = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.is_main and size.item()
-                  else torch.empty(int(size.item()), dtype=torch.uint8))
+        buffer = (
+            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if self.is_main and size.item()
+            else torch.empty(int(size.item()), dtype=torch.uint8)
+        )
         if size.item():
             dist.broadcast(buffer, src=0)
         return bytes(buffer.numpy().tobytes())
@@ -71,12 +75,21 @@ class Distributed:
 
 def encode_rollouts(rollouts: list[Rollout]) -> bytes:
     """Rollouts as JSON (binary fields base64), the same fields the Redis stream carries."""
-    rows = [{k: ({"b64": base64.b64encode(v).decode()} if isinstance(v, bytes) else v)
-             for k, v in r.to_fields().items()} for r in rollouts]
+    rows = [
+        {k: ({"b64": base64.b64encode(v).decode()} if isinstance(v, bytes) else v) for k, v in r.to_fields().items()}
+        for r in rollouts
+    ]
     return json.dumps(rows).encode()
 
 
 def decode_rollouts(payload: bytes) -> list[Rollout]:
     rows = json.loads(payload)
-    return [Rollout.from_fields({k.encode(): (base64.b64decode(v["b64"]) if isinstance(v, dict) else str(v).encode())
-                                 for k, v in row.items()}) for row in rows]
+    return [
+        Rollout.from_fields(
+            {
+                k.encode(): (base64.b64decode(v["b64"]) if isinstance(v, dict) else str(v).encode())
+                for k, v in row.items()
+            }
+        )
+        for row in rows
+    ]

@@ -16,6 +16,7 @@ Estimators of KL(pi || pi_ref) from one token a ~ pi, with log r = log pi_ref(a)
 
 "full" is the exact KL over a row of log-probabilities (exact_kl_from_rows), not a sampled estimator.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,10 @@ _SAMPLED_ESTIMATORS = ("k1", "k2", "k3")
 
 def _check_same_shape(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> None:
     if logprobs.shape != ref_logprobs.shape or logprobs.shape != response_mask.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and "
-                         f"response_mask {tuple(response_mask.shape)} must all have the same (B, T) shape")
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and "
+            f"response_mask {tuple(response_mask.shape)} must all have the same (B, T) shape"
+        )
 
 
 def _masked_log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -75,8 +78,9 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: tor
     return _weighted((torch.expm1(log_r) - log_r).clamp_min(0.0), response_mask)
 
 
-def per_token_kl(estimator: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                 response_mask: torch.Tensor) -> torch.Tensor:
+def per_token_kl(
+    estimator: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
     """The named sampled estimator ("k1" | "k2" | "k3") per response token. (B, T) -> (B, T)
 
     "full" needs the whole rows of log-probabilities, not the sampled tokens': use exact_kl_from_rows.
@@ -88,14 +92,19 @@ def per_token_kl(estimator: str, logprobs: torch.Tensor, ref_logprobs: torch.Ten
     if estimator == "k3":
         return kl_k3(logprobs, ref_logprobs, response_mask)
     if estimator == "full":
-        raise ValueError("KL estimator 'full' needs the rows of log-probabilities: call exact_kl_from_rows; "
-                         f"per_token_kl knows {', '.join(_SAMPLED_ESTIMATORS)}")
-    raise ValueError(f"unknown KL estimator {estimator!r}: per_token_kl knows {', '.join(_SAMPLED_ESTIMATORS)} "
-                     f"(and 'full' through exact_kl_from_rows)")
+        raise ValueError(
+            "KL estimator 'full' needs the rows of log-probabilities: call exact_kl_from_rows; "
+            f"per_token_kl knows {', '.join(_SAMPLED_ESTIMATORS)}"
+        )
+    raise ValueError(
+        f"unknown KL estimator {estimator!r}: per_token_kl knows {', '.join(_SAMPLED_ESTIMATORS)} "
+        f"(and 'full' through exact_kl_from_rows)"
+    )
 
 
-def exact_kl_from_rows(policy_rows: torch.Tensor, ref_rows: torch.Tensor, response_mask: torch.Tensor,
-                       renormalise: bool) -> torch.Tensor:
+def exact_kl_from_rows(
+    policy_rows: torch.Tensor, ref_rows: torch.Tensor, response_mask: torch.Tensor, renormalise: bool
+) -> torch.Tensor:
     """KL(pi || pi_ref) at each position, summed over K token ids rather than sampled:
 
         kl[b, t] = sum_k pi_k (log pi_k - log pi_ref_k) * mask[b, t],   pi_k = exp(policy_rows[b, t, k])
@@ -113,11 +122,14 @@ def exact_kl_from_rows(policy_rows: torch.Tensor, ref_rows: torch.Tensor, respon
     policy) and can be large when pi is flat and its mass is spread beyond the top-k.
     """
     if policy_rows.shape != ref_rows.shape:
-        raise ValueError(f"policy_rows {tuple(policy_rows.shape)} and ref_rows {tuple(ref_rows.shape)} "
-                         f"must have the same (B, T, K) shape")
+        raise ValueError(
+            f"policy_rows {tuple(policy_rows.shape)} and ref_rows {tuple(ref_rows.shape)} "
+            f"must have the same (B, T, K) shape"
+        )
     if policy_rows.dim() != 3 or policy_rows.shape[:2] != response_mask.shape:
-        raise ValueError(f"rows {tuple(policy_rows.shape)} must be (B, T, K) over response_mask "
-                         f"{tuple(response_mask.shape)} (B, T)")
+        raise ValueError(
+            f"rows {tuple(policy_rows.shape)} must be (B, T, K) over response_mask {tuple(response_mask.shape)} (B, T)"
+        )
     keep = (response_mask != 0).unsqueeze(-1)  # (B, T, 1)
     zero = torch.zeros((), dtype=policy_rows.dtype, device=policy_rows.device)
     policy = torch.where(keep, policy_rows, zero)  # masked rows become identical -> KL term 0, never nan

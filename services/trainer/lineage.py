@@ -17,6 +17,7 @@ about to be trained:
 - sampled by a version older than every one remembered: stale (None is never returned for it);
 - any other unknown version (an orphan of an earlier crash): None, dropped as "orphaned".
 """
+
 from __future__ import annotations
 
 REMEMBERED_VERSIONS = 1000
@@ -56,8 +57,10 @@ class Lineage:
         return None
 
     def state(self) -> dict:
-        return {"index": {str(v): i for v, i in self.index.items()},
-                "orphans": list(self.orphans) if self.orphans else None}
+        return {
+            "index": {str(v): i for v, i in self.index.items()},
+            "orphans": list(self.orphans) if self.orphans else None,
+        }
 
     @classmethod
     def from_state(cls, state: dict | None, version: int) -> "Lineage":

@@ -9,6 +9,7 @@ atomically with checkpoints.write_checkpoint (temp dir, fsync, rename). Only onc
 are the rollouts it includes acknowledged (XACK): a crash before that redelivers them, and the
 resumed trainer trains them once into its lineage. One persist is in flight at a time.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,10 +31,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class Snapshot:
     """Everything a checkpoint holds, copied off the live training state at one version."""
+
     version: int
-    weights: dict[str, torch.Tensor]            # CPU copies: the model (or the adapters under LoRA)
-    state: dict[str, torch.Tensor]              # optimizer/..., value_head/..., rng/...
-    meta: dict                                  # the JSON half of the resume state
+    weights: dict[str, torch.Tensor]  # CPU copies: the model (or the adapters under LoRA)
+    state: dict[str, torch.Tensor]  # optimizer/..., value_head/..., rng/...
+    meta: dict  # the JSON half of the resume state
     adapter_config: dict | None = None
     entry_ids: list[str] = field(default_factory=list)  # stream entries trained into versions <= this one
 
@@ -51,8 +53,9 @@ class SnapshotBuffers:
             tensor = tensor.detach()
             buffer = self.buffers.get(name)
             if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-                buffer = self.buffers[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
-                                                          pin_memory=tensor.is_cuda)
+                buffer = self.buffers[name] = torch.empty(
+                    tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda
+                )
             buffer.copy_(tensor, non_blocking=tensor.is_cuda)
             copied[name] = buffer
         if any(t.is_cuda for t in tensors.values()):
@@ -61,15 +64,24 @@ class SnapshotBuffers:
 
 
 class Persister:
-    def __init__(self, root: str, keep: int, every_steps: int, every_seconds: float, queue: RolloutQueue | None,
-                 until_redis_answers: Callable, write_extra: Callable[[pathlib.Path], None], version: int = 0):
+    def __init__(
+        self,
+        root: str,
+        keep: int,
+        every_steps: int,
+        every_seconds: float,
+        queue: RolloutQueue | None,
+        until_redis_answers: Callable,
+        write_extra: Callable[[pathlib.Path], None],
+        version: int = 0,
+    ):
         self.root, self.keep = root, keep
         self.every_steps, self.every_seconds = every_steps, every_seconds
         self.queue, self.until_redis_answers, self.write_extra = queue, until_redis_answers, write_extra
         self.buffers = SnapshotBuffers()
         self.lock = threading.Lock()
-        self.trained: list[str] = []      # entries trained since the last snapshot (pending in Redis)
-        self.in_flight: list[str] = []    # entries of the snapshot being written
+        self.trained: list[str] = []  # entries trained since the last snapshot (pending in Redis)
+        self.in_flight: list[str] = []  # entries of the snapshot being written
         self.thread: threading.Thread | None = None
         self.persisted_version = version
         self.updates_since = 0
@@ -98,8 +110,9 @@ class Persister:
         return time.monotonic() - self.last_persist
 
     def due(self) -> bool:
-        return self.updates_since > 0 and (self.updates_since >= self.every_steps
-                                           or self.seconds_since() >= self.every_seconds)
+        return self.updates_since > 0 and (
+            self.updates_since >= self.every_steps or self.seconds_since() >= self.every_seconds
+        )
 
     # --- writing ---------------------------------------------------------------------------------
     def start(self, snapshot: Snapshot) -> float:
@@ -111,8 +124,9 @@ class Persister:
             self.updates_since = 0
         self.last_persist = time.monotonic()
         # A daemon: finish() waits for it on every clean exit; nothing else may keep the process alive
-        self.thread = threading.Thread(target=self._write, args=(snapshot,), name=f"persist-v{snapshot.version}",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self._write, args=(snapshot,), name=f"persist-v{snapshot.version}", daemon=True
+        )
         self.thread.start()
         return waited
 
@@ -138,14 +152,21 @@ class Persister:
         with self.lock:
             self.in_flight = []
         if self.queue is not None:  # only now: the checkpoint holds them
-            self.until_redis_answers(lambda: self.queue.ack_persisted(snapshot.entry_ids, self.awaiting()),
-                                     f"acknowledging the rollouts of version {snapshot.version}")
+            self.until_redis_answers(
+                lambda: self.queue.ack_persisted(snapshot.entry_ids, self.awaiting()),
+                f"acknowledging the rollouts of version {snapshot.version}",
+            )
         prune_checkpoints(self.root, self.keep)
         self.persisted_version = snapshot.version
         self.last_write_seconds = time.perf_counter() - started
         self.on_persisted(self.last_write_seconds)
-        log.info("persisted version %d in the background in %.2f s (%s, %d rollouts acknowledged)",
-                 snapshot.version, self.last_write_seconds, path, len(snapshot.entry_ids))
+        log.info(
+            "persisted version %d in the background in %.2f s (%s, %d rollouts acknowledged)",
+            snapshot.version,
+            self.last_write_seconds,
+            path,
+            len(snapshot.entry_ids),
+        )
 
     def _files(self, directory: pathlib.Path, snapshot: Snapshot) -> None:
         if snapshot.adapter_config is not None:

@@ -4,6 +4,7 @@ KL estimators live in kl.py, advantages in advantages.py, reward shaping in rewa
 Shapes: B rollouts, T token positions (positions t predict token t+1 of prompt+response).
 Every reduction over tokens takes the response mask, so prompt and padding never count.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,14 @@ def aggregate_loss(token_losses: torch.Tensor, response_mask: torch.Tensor, aggr
     raise ValueError(f"unknown loss aggregation {aggregation!r} (known: token_mean, sequence_mean)")
 
 
-def clipped_policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        response_mask: torch.Tensor, clip_eps: float, aggregation: str = "token_mean"
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clipped_policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float,
+    aggregation: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, to minimise:
 
         ratio_t = exp(log pi_new(a_t) - log pi_old(a_t))
@@ -72,10 +78,10 @@ def clipped_policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, 
 def lr_factor(step: int, warmup_steps: int, decay_steps: int, schedule: str) -> float:
     """Multiplier of the base learning rate at optimizer step `step` (0-based):
 
-        warm-up:  (step + 1) / warmup_steps              while step < warmup_steps
-        constant: 1
-        linear:   max(0, 1 - s / decay_steps)             s = step - warmup_steps
-        cosine:   0.5 * (1 + cos(pi * min(s, decay_steps) / decay_steps))
+    warm-up:  (step + 1) / warmup_steps              while step < warmup_steps
+    constant: 1
+    linear:   max(0, 1 - s / decay_steps)             s = step - warmup_steps
+    cosine:   0.5 * (1 + cos(pi * min(s, decay_steps) / decay_steps))
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps

@@ -12,6 +12,7 @@ transport carries them is `trainer.weight_transport`:
 Every publication is announced in Redis (the truth: version, location, transport, and how many
 trained rollouts still await their persist) and pushed to the policy with UpdateWeights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,10 +55,10 @@ def serving_tensors(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tenso
 @dataclass
 class Publication:
     version: int
-    location: str      # the directory (file), or "" where the weights travel by a group
+    location: str  # the directory (file), or "" where the weights travel by a group
     transport: str
-    bytes: int         # moved per receiving replica
-    seconds: float     # on the trainer's critical path, the announcement included
+    bytes: int  # moved per receiving replica
+    seconds: float  # on the trainer's critical path, the announcement included
 
 
 class Transport(Protocol):
@@ -80,6 +81,7 @@ class Transport(Protocol):
 class FileTransport:
     """Weights-only safetensors in the publish directory, committed by rename, no fsync: published
     weights are a hand-off, not a record (the persisted checkpoint is the record)."""
+
     name = "file"
 
     def __init__(self, root: pathlib.Path, lora_config: Callable[[], dict] | None):
@@ -127,24 +129,30 @@ def make_transport(config: BelayConfig, model: torch.nn.Module) -> Transport:
     replicas = lambda: registry.replicas(REPLICA_REPORT_MAX_AGE)  # noqa: E731
     if kind == "broadcast":
         from .broadcast import BroadcastTransport
+
         return BroadcastTransport(config, replicas)
     from .cuda_ipc import CudaIpcTransport
+
     return CudaIpcTransport(config, replicas)
 
 
 class Publisher:
     """Sends each version through the transport, announces it, and prunes what no replica serves."""
 
-    def __init__(self, config: BelayConfig, queue: RolloutQueue, policy: belay_pb2_grpc.PolicyStub | None,
-                 transport: Transport):
+    def __init__(
+        self, config: BelayConfig, queue: RolloutQueue, policy: belay_pb2_grpc.PolicyStub | None, transport: Transport
+    ):
         self.config, self.queue, self.policy, self.transport = config, queue, policy, transport
 
-    def publish(self, version: int, model: torch.nn.Module, awaiting: int,
-                until_redis_answers: Callable) -> Publication:
+    def publish(
+        self, version: int, model: torch.nn.Module, awaiting: int, until_redis_answers: Callable
+    ) -> Publication:
         started = time.perf_counter()
         location, moved = self.transport.send(version, serving_tensors(model, self.config.lora.enabled))
-        until_redis_answers(lambda: self.queue.publish_version(version, location, self.transport.name, awaiting),
-                            f"announcing version {version}")
+        until_redis_answers(
+            lambda: self.queue.publish_version(version, location, self.transport.name, awaiting),
+            f"announcing version {version}",
+        )
         self.push(version, location)
         seconds = time.perf_counter() - started
         self.prune(version, until_redis_answers)
@@ -161,8 +169,9 @@ class Publisher:
         if self.policy is None or self.transport.name != "file":
             return
         try:
-            self.policy.UpdateWeights(belay_pb2.UpdateWeightsRequest(version=version, checkpoint_path=location),
-                                      timeout=10)
+            self.policy.UpdateWeights(
+                belay_pb2.UpdateWeightsRequest(version=version, checkpoint_path=location), timeout=10
+            )
         except grpc.RpcError as error:
             log.warning("policy not told of version %d (%s); it will find it in Redis", version, error.code().name)
 

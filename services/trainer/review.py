@@ -4,6 +4,7 @@ canary prompts' outputs side by side across versions, and a 1..5 rating a person
 
 Everything shown is model output, so every value is escaped (html.escape) and the page loads no
 external asset: it works offline and injects nothing a model wrote."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,12 @@ class ReviewMetrics:
     recomputed from every rating stored in Redis, so it stays right across trainer restarts."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.ratings = Counter("belay_review_ratings", "Ratings given on the review page, by rating (1: broken, "
-                               "5: fine)", ["rating"], registry=registry)
+        self.ratings = Counter(
+            "belay_review_ratings",
+            "Ratings given on the review page, by rating (1: broken, 5: fine)",
+            ["rating"],
+            registry=registry,
+        )
         for rating in RATINGS:  # every series exists from the start, so rate() sees the first rating
             self.ratings.labels(rating=str(rating))
         self.mean = Gauge("belay_review_rating_mean", "Mean of all stored ratings (NaN: none yet)", registry=registry)
@@ -114,16 +119,22 @@ def render_page(run_name: str, samples: list[dict], canaries: dict[int, dict], r
         rollout_id = str(sample["rollout_id"])
         buttons = "".join(f'<button class="rate" data-rating="{r}">{r}</button>' for r in RATINGS)
         status = f"rated {rated[rollout_id]}" if rollout_id in rated else ""
-        rows.append(f'<tr class="sample" data-rollout-id="{e(rollout_id)}"><td>{e(str(sample.get("version", "")))}</td>'
-                    f'<td class="prompt">{e(str(sample.get("prompt", "")))}</td>'
-                    f'<td class="response">{e(str(sample.get("response", "")))}</td>'
-                    f'<td>{number(sample.get("reward"), "+.3f")}</td><td>{number(sample.get("kl"), ".3f")}</td>'
-                    f'<td>{buttons} <span class="status">{status}</span></td></tr>')
-    samples_html = ("<table><tr><th>version</th><th>prompt</th><th>response</th><th>reward</th><th>KL</th>"
-                    "<th>rating (1: broken, 5: fine)</th></tr>" + "".join(rows) + "</table>"
-                    if rows else "<p>No samples yet: the trainer writes them after each step.</p>")
-    return PAGE.format(run=e(run_name), samples=samples_html, canaries=render_canaries(canaries),
-                       rated=len(rated), script=SCRIPT)
+        rows.append(
+            f'<tr class="sample" data-rollout-id="{e(rollout_id)}"><td>{e(str(sample.get("version", "")))}</td>'
+            f'<td class="prompt">{e(str(sample.get("prompt", "")))}</td>'
+            f'<td class="response">{e(str(sample.get("response", "")))}</td>'
+            f"<td>{number(sample.get('reward'), '+.3f')}</td><td>{number(sample.get('kl'), '.3f')}</td>"
+            f'<td>{buttons} <span class="status">{status}</span></td></tr>'
+        )
+    samples_html = (
+        "<table><tr><th>version</th><th>prompt</th><th>response</th><th>reward</th><th>KL</th>"
+        "<th>rating (1: broken, 5: fine)</th></tr>" + "".join(rows) + "</table>"
+        if rows
+        else "<p>No samples yet: the trainer writes them after each step.</p>"
+    )
+    return PAGE.format(
+        run=e(run_name), samples=samples_html, canaries=render_canaries(canaries), rated=len(rated), script=SCRIPT
+    )
 
 
 def render_canaries(canaries: dict[int, dict]) -> str:
@@ -135,11 +146,19 @@ def render_canaries(canaries: dict[int, dict]) -> str:
     outputs = {v: dict(zip(canaries[v].get("prompts", []), canaries[v].get("outputs", []))) for v in versions}
     prompts = list(dict.fromkeys(p for v in versions for p in canaries[v].get("prompts", [])))
     header = "<tr><th>prompt</th>" + "".join(f"<th>v{v}</th>" for v in versions) + "</tr>"
-    drift = ("<tr class=\"drift\"><th>drift</th>"
-             + "".join(f"<td>{number(canaries[v].get('drift'), '.3f')}</td>" for v in versions) + "</tr>")
-    rows = ["<tr class=\"canary\"><td class=\"prompt\">" + e(prompt) + "</td>"
-            + "".join(f"<td>{e(str(outputs[v].get(prompt, '')))}</td>" for v in versions) + "</tr>"
-            for prompt in prompts]
+    drift = (
+        '<tr class="drift"><th>drift</th>'
+        + "".join(f"<td>{number(canaries[v].get('drift'), '.3f')}</td>" for v in versions)
+        + "</tr>"
+    )
+    rows = [
+        '<tr class="canary"><td class="prompt">'
+        + e(prompt)
+        + "</td>"
+        + "".join(f"<td>{e(str(outputs[v].get(prompt, '')))}</td>" for v in versions)
+        + "</tr>"
+        for prompt in prompts
+    ]
     return "<table>" + header + "".join(rows) + drift + "</table>"
 
 
@@ -189,6 +208,7 @@ belay_review_rating_mean on the trainer's /metrics.</p>
 @dataclasses.dataclass
 class ReviewServer:
     """The review page running in a daemon thread of the trainer."""
+
     server: uvicorn.Server
     thread: threading.Thread
     url: str
@@ -216,7 +236,9 @@ def serve(app: fastapi.FastAPI, host: str, port: int, startup_timeout: float = 3
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:  # uvicorn logs why (e.g. port in use)
             server.should_exit = True
-            raise RuntimeError(f"the review page could not listen on {host}:{port}; is the port in use? "
-                               "(set trainer.review_port, 0 for no page)")
+            raise RuntimeError(
+                f"the review page could not listen on {host}:{port}; is the port in use? "
+                "(set trainer.review_port, 0 for no page)"
+            )
         time.sleep(0.05)
     return ReviewServer(server, thread, f"http://{host}:{port}/")

@@ -3,6 +3,7 @@
 Shapes: B rollouts; rewards are one scalar per response, (B,).
 RunningMoments keeps its state as plain Python numbers so it saves to JSON in a checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,8 +92,10 @@ def length_normalised_reward(rewards: torch.Tensor, response_lengths: torch.Tens
     Lengths count response tokens; any length < 1 is a ValueError.
     """
     if rewards.shape != response_lengths.shape:
-        raise ValueError(f"rewards {tuple(rewards.shape)} and response_lengths {tuple(response_lengths.shape)} "
-                         f"must have the same (B,) shape")
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} and response_lengths {tuple(response_lengths.shape)} "
+            f"must have the same (B,) shape"
+        )
     if bool((response_lengths < 1).any()):
         raise ValueError(f"every response length must be >= 1, got {response_lengths.tolist()}")
     return rewards / response_lengths.to(rewards.dtype)
@@ -106,6 +109,7 @@ def truncation_penalty(rewards: torch.Tensor, truncated: torch.Tensor, penalty: 
     if truncated.dtype != torch.bool:
         raise TypeError(f"truncated must be a bool tensor, got {truncated.dtype}")
     if rewards.shape != truncated.shape:
-        raise ValueError(f"rewards {tuple(rewards.shape)} and truncated {tuple(truncated.shape)} "
-                         f"must have the same (B,) shape")
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} and truncated {tuple(truncated.shape)} must have the same (B,) shape"
+        )
     return rewards - penalty * truncated.to(rewards.dtype)

@@ -2,6 +2,7 @@
 reward - beta*KL, advantage, clipped PPO epochs with gradient clipping, publish the new weights
 to the policy; every few updates persist the full checkpoint in the background, and only once it
 is committed acknowledge the rollouts it holds."""
+
 from __future__ import annotations
 
 import collections
@@ -16,8 +17,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from belay.v1 import belay_pb2_grpc
 
-from ..common.checkpoints import (committed_versions, latest_valid_checkpoint, load_trainer_state, load_weights_into,
-                                  optimizer_state_from_flat, optimizer_state_to_flat, remove_unfinished)
+from ..common.checkpoints import (
+    committed_versions,
+    latest_valid_checkpoint,
+    load_trainer_state,
+    load_weights_into,
+    optimizer_state_from_flat,
+    optimizer_state_to_flat,
+    remove_unfinished,
+)
 from ..common.config import BelayConfig
 from ..common.lora import adapter_config, load_adapter_into, lora_settings, wrap_with_lora
 from ..common.manifest import run_manifest, write_manifest
@@ -26,8 +34,16 @@ from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
 from ..evaluation.metrics import distinct_n, pearson, repetition
 from . import ppo
-from .advantages import (batch_mean_advantage, clipped_value_loss, gae_advantages, group_advantage, rloo_advantage,
-                         sequence_advantage_to_tokens, token_rewards, whiten)
+from .advantages import (
+    batch_mean_advantage,
+    clipped_value_loss,
+    gae_advantages,
+    group_advantage,
+    rloo_advantage,
+    sequence_advantage_to_tokens,
+    token_rewards,
+    whiten,
+)
 from .batch import PPOBatch, collate
 from .detectors import RUNBOOK, Detectors
 from .distributed import Distributed, decode_rollouts, encode_rollouts
@@ -47,20 +63,39 @@ CHECKPOINT_FORMAT = 2
 def review_samples(rollouts: list[Rollout], version: int) -> list[dict]:
     """What the review page shows of a batch: each rollout with its KL (k1, nats per response)."""
     now = time.time()
-    return [{"rollout_id": r.rollout_id, "prompt": r.prompt_text, "response": r.response_text,
-             "reward": float(r.reward), "kl": float(np.sum(r.logprobs) - np.sum(r.ref_logprobs)),
-             "version": r.policy_version, "trained_into": version, "time": now} for r in rollouts]
+    return [
+        {
+            "rollout_id": r.rollout_id,
+            "prompt": r.prompt_text,
+            "response": r.response_text,
+            "reward": float(r.reward),
+            "kl": float(np.sum(r.logprobs) - np.sum(r.ref_logprobs)),
+            "version": r.policy_version,
+            "trained_into": version,
+            "time": now,
+        }
+        for r in rollouts
+    ]
 
 
 class Trainer:
-    def __init__(self, config: BelayConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 queue: RolloutQueue, metrics: TrainerMetrics,
-                 policy: belay_pb2_grpc.PolicyStub | None = None, distributed: Distributed | None = None):
+    def __init__(
+        self,
+        config: BelayConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        queue: RolloutQueue,
+        metrics: TrainerMetrics,
+        policy: belay_pb2_grpc.PolicyStub | None = None,
+        distributed: Distributed | None = None,
+    ):
         self.config, self.section = config, config.trainer
         self.distributed = distributed  # under torchrun; rank 0 alone reads Redis and writes checkpoints
         if distributed is not None and config.trainer.kl_hard_limit is not None:
-            raise ValueError("trainer.kl_hard_limit is not supported with data-parallel training yet: "
-                             "a rollback on rank 0 would leave the other ranks behind")
+            raise ValueError(
+                "trainer.kl_hard_limit is not supported with data-parallel training yet: "
+                "a rollback on rank 0 would leave the other ranks behind"
+            )
         section = self.section
         if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
             model = wrap_with_lora(model, lora_settings(config.lora))
@@ -69,26 +104,42 @@ class Trainer:
         self.queue, self.metrics, self.policy = queue, metrics, policy
         self.review = ReviewStore(queue.redis, config.run.name) if queue is not None else None  # for the review page
         # The critic for GAE reads the policy's last hidden states (a shared trunk, as in TRL).
-        self.value_head = ValueHead.from_model_config(model.config).to(self.device) if section.advantage == "gae" else None
+        self.value_head = (
+            ValueHead.from_model_config(model.config).to(self.device) if section.advantage == "gae" else None
+        )
         parameters = [p for p in model.parameters() if p.requires_grad]
         if self.value_head is not None:
             parameters += list(self.value_head.parameters())
         self.parameters = parameters
         self.optimizer = torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: ppo.lr_factor(
-            step, section.warmup_steps, section.lr_decay_steps, section.lr_schedule))
-        self.kl_controller = (AdaptiveKLController(section.kl_coef, section.kl_target, section.kl_horizon)
-                              if section.kl_controller == "adaptive" else FixedKLController(section.kl_coef))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: ppo.lr_factor(step, section.warmup_steps, section.lr_decay_steps, section.lr_schedule),
+        )
+        self.kl_controller = (
+            AdaptiveKLController(section.kl_coef, section.kl_target, section.kl_horizon)
+            if section.kl_controller == "adaptive"
+            else FixedKLController(section.kl_coef)
+        )
         self.reward_moments = RunningMoments()
         self.shuffle = torch.Generator().manual_seed(section.seed)
         self.version = 0
         self.lineage = Lineage()  # staleness in updates along this trainer's history, not version numbers
         self.main_rank = distributed is None or distributed.is_main
-        self.publisher = (Publisher(config, queue, policy, make_transport(config, self.model))
-                          if self.main_rank and queue is not None else None)
-        self.persister = Persister(config.run.checkpoint_dir, section.keep_checkpoints, section.checkpoint_every_steps,
-                                   section.checkpoint_every_seconds, queue, self.until_redis_answers,
-                                   self.write_model_files)
+        self.publisher = (
+            Publisher(config, queue, policy, make_transport(config, self.model))
+            if self.main_rank and queue is not None
+            else None
+        )
+        self.persister = Persister(
+            config.run.checkpoint_dir,
+            section.keep_checkpoints,
+            section.checkpoint_every_steps,
+            section.checkpoint_every_seconds,
+            queue,
+            self.until_redis_answers,
+            self.write_model_files,
+        )
         self.persister.on_persisted = metrics.persist_seconds.observe
         self.persister.on_failure = metrics.persist_failures.inc
         metrics.watch_persister(self.persister, section.checkpoint_every_steps, section.checkpoint_every_seconds)
@@ -104,9 +155,11 @@ class Trainer:
     def write_run_manifest(self) -> pathlib.Path:
         """checkpoint_dir/run_manifest.json: config, packages, fingerprints, seeds, git revision."""
         path = pathlib.Path(self.config.run.checkpoint_dir) / "run_manifest.json"
-        manifest = run_manifest(self.config.model_dump(mode="json"),
-                                {"policy_start": weights_fingerprint(self.model), "version_start": str(self.version)},
-                                {"trainer": self.section.seed, "policy": self.config.policy.seed})
+        manifest = run_manifest(
+            self.config.model_dump(mode="json"),
+            {"policy_start": weights_fingerprint(self.model), "version_start": str(self.version)},
+            {"trainer": self.section.seed, "policy": self.config.policy.seed},
+        )
         write_manifest(path, manifest)
         return path
 
@@ -122,20 +175,23 @@ class Trainer:
         version, path = latest
         tensors, meta = load_trainer_state(path)
         if meta.get("format", 1) > CHECKPOINT_FORMAT:  # 1: a checkpoint per version; 2: lineage, persist cadence
-            raise ValueError(f"{path} was written in checkpoint format {meta['format']} by a newer Belay; this "
-                             f"trainer reads formats 1 to {CHECKPOINT_FORMAT}: resume it with that version or newer")
+            raise ValueError(
+                f"{path} was written in checkpoint format {meta['format']} by a newer Belay; this "
+                f"trainer reads formats 1 to {CHECKPOINT_FORMAT}: resume it with that version or newer"
+            )
         if self.config.lora.enabled:
             load_adapter_into(self.model, path)
         else:
             load_weights_into(self.model, path)
         if self.value_head is not None:
-            self.value_head.load_state_dict({k[len("value_head/"):]: v for k, v in tensors.items()
-                                             if k.startswith("value_head/")})
+            self.value_head.load_state_dict(
+                {k[len("value_head/") :]: v for k, v in tensors.items() if k.startswith("value_head/")}
+            )
         self.scheduler.load_state_dict(meta["scheduler"])
         self.kl_controller.load_state_dict(meta["kl_controller"])
         self.reward_moments.load_state_dict(meta["reward_moments"])
         self.good_versions = set(meta.get("good_versions", [0]))
-        optimizer_tensors = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
+        optimizer_tensors = {k[len("optimizer/") :]: v for k, v in tensors.items() if k.startswith("optimizer/")}
         self.optimizer.load_state_dict(optimizer_state_from_flat(optimizer_tensors, meta["optimizer"]))
         torch.set_rng_state(tensors["rng/torch"])
         self.shuffle.set_state(tensors["rng/shuffle"])
@@ -153,8 +209,14 @@ class Trainer:
         and the versions in between become orphans of this lineage (see Lineage.staleness)."""
         published = self.until_redis_answers(self.queue.latest_version, "reading the published version")[0]
         if published > self.version:
-            log.warning("versions %d..%d were published but never persisted; version %d (persisted) is published "
-                        "again as version %d", self.version + 1, published, self.version, published + 1)
+            log.warning(
+                "versions %d..%d were published but never persisted; version %d (persisted) is published "
+                "again as version %d",
+                self.version + 1,
+                published,
+                self.version,
+                published + 1,
+            )
             self.lineage.orphans_after(self.version, published)
             self.lineage.republish(self.version, published + 1)
             self.version = published + 1
@@ -173,8 +235,13 @@ class Trainer:
             want = self.section.batch_size - len(batch)
             # Our own pending entries first (left by a restart), walked with a cursor; then entries a
             # dead trainer left (claimed after claim_idle_ms); then new ones.
-            entries = self.queue.read(self.consumer, want, self.config.redis.block_ms,
-                                      pending=self.pending_cursor is not None, after=self.pending_cursor or "0")
+            entries = self.queue.read(
+                self.consumer,
+                want,
+                self.config.redis.block_ms,
+                pending=self.pending_cursor is not None,
+                after=self.pending_cursor or "0",
+            )
             if self.pending_cursor is not None:
                 self.pending_cursor = entries[-1][0] if entries else None
                 if self.pending_cursor is None:  # own pending done: take over what others abandoned
@@ -198,11 +265,18 @@ class Trainer:
                     self.queue.ack([entry_id])  # trained on before a crash took the ack: not twice
                     self.metrics.dropped.labels(reason="duplicate").inc()
                 elif (staleness := self.lineage.staleness(item.policy_version)) is None:
-                    self._drop(entry_id, "orphaned", f"version {item.policy_version} is on no branch this trainer "
-                               f"knows (published by a trainer that died before persisting it, then superseded)")
+                    self._drop(
+                        entry_id,
+                        "orphaned",
+                        f"version {item.policy_version} is on no branch this trainer "
+                        f"knows (published by a trainer that died before persisting it, then superseded)",
+                    )
                 elif staleness > self.section.max_staleness:
-                    self._drop(entry_id, "stale", f"version {item.policy_version} is {staleness} updates behind "
-                               f"version {self.version}")
+                    self._drop(
+                        entry_id,
+                        "stale",
+                        f"version {item.policy_version} is {staleness} updates behind version {self.version}",
+                    )
                 elif self.section.advantage in ("group", "rloo"):
                     self.partial_groups.setdefault(item.group_id, []).append((entry_id, item))
                 else:
@@ -246,14 +320,16 @@ class Trainer:
             raise ValueError("kl_estimator 'full' needs rollouts carrying the reference's top-k rows")
         policy_rows = torch.gather(log_probs, -1, data.ref_top_ids)  # (B, T, K) the policy on the same ids
         full_vocabulary = data.ref_top_ids.shape[-1] == log_probs.shape[-1]
-        return exact_kl_from_rows(policy_rows, data.ref_top_logprobs, data.response_mask,
-                                  renormalise=not full_vocabulary)
+        return exact_kl_from_rows(
+            policy_rows, data.ref_top_logprobs, data.response_mask, renormalise=not full_vocabulary
+        )
 
     def forward(self, data: PPOBatch):
         """The policy (and critic) on a batch: (logprobs, entropy, full log-probs, values or None)."""
         want_values = self.value_head is not None
-        out = next_token_log_probs(self.model, data.input_ids, data.attention_mask, self.section.temperature,
-                                   output_hidden_states=want_values)
+        out = next_token_log_probs(
+            self.model, data.input_ids, data.attention_mask, self.section.temperature, output_hidden_states=want_values
+        )
         log_probs, hidden = out if want_values else (out, None)
         logprobs, entropy = chosen_and_entropy(log_probs, data.input_ids)
         values = self.value_head(hidden) if want_values else None
@@ -276,8 +352,8 @@ class Trainer:
         else:
             log_probs = None
         # 3. KL between the policy that sampled and the frozen reference, response tokens only.
-        token_kl = self.token_kl(data.old_logprobs, data, log_probs)   # (B, T)
-        kl = ppo.sequence_kl(token_kl, mask)                            # (B,)
+        token_kl = self.token_kl(data.old_logprobs, data, log_probs)  # (B, T)
+        kl = ppo.sequence_kl(token_kl, mask)  # (B,)
         # 4. Total reward = reward − β·KL (when the KL is paid in the reward), and the advantage.
         reward_beta = beta if section.kl_placement == "reward" else 0.0
         returns = None
@@ -303,12 +379,13 @@ class Trainer:
         for epoch in range(section.ppo_epochs):
             order = torch.randperm(len(rollouts), generator=self.shuffle)
             for start in range(0, len(rollouts), section.minibatch_size):
-                rows = order[start:start + section.minibatch_size]
+                rows = order[start : start + section.minibatch_size]
                 if self.distributed is not None:  # each rank its share; gradients averaged in the step
-                    rows = rows[self.distributed.rank::self.distributed.world_size]
+                    rows = rows[self.distributed.rank :: self.distributed.world_size]
                 rows = rows.to(self.device)
-                self._minibatch_step(data.select(rows), {k: None if v is None else v[rows] for k, v in targets.items()},
-                                     beta, stats)
+                self._minibatch_step(
+                    data.select(rows), {k: None if v is None else v[rows] for k, v in targets.items()}, beta, stats
+                )
                 if section.early_stop_kl is not None and stats["approx_kl"]:
                     approx_kl = stats["approx_kl"][-1]
                     if self.distributed is not None:  # every rank must take the same decision
@@ -326,7 +403,8 @@ class Trainer:
         return {
             "kl_per_token": float(ppo.masked_mean(token_kl, mask)),
             "kl_per_sequence": float(kl.mean()),
-            "kl_coef": beta, "kl_coef_next": kl_coef_next,
+            "kl_coef": beta,
+            "kl_coef_next": kl_coef_next,
             "reward_mean": float(data.rewards.mean()),
             "reward_std": float(data.rewards.std(unbiased=False)),
             "shaped_reward_mean": float(scores.mean()),
@@ -337,13 +415,19 @@ class Trainer:
             "reward_length_correlation": pearson(data.rewards.tolist(), data.response_lengths.tolist()),
             "distinct_2": distinct_n([r.response_text for r in rollouts], 2),
             "repetition_3": float(np.mean([repetition(r.response_text, 3) for r in rollouts])),
-            "entropy": mean("entropy"), "clip_fraction": mean("clip_fraction"), "approx_kl": mean("approx_kl"),
-            "loss": mean("loss"), "grad_norm": mean("grad_norm"), "value_loss": mean("value_loss"),
+            "entropy": mean("entropy"),
+            "clip_fraction": mean("clip_fraction"),
+            "approx_kl": mean("approx_kl"),
+            "loss": mean("loss"),
+            "grad_norm": mean("grad_norm"),
+            "value_loss": mean("value_loss"),
             "lr": self.scheduler.get_last_lr()[0],
             "first_minibatch_max_log_ratio": stats["first_minibatch_max_log_ratio"][0]
-            if stats["first_minibatch_max_log_ratio"] else float("nan"),
+            if stats["first_minibatch_max_log_ratio"]
+            else float("nan"),
             "early_stopped": stopped_early,
-            "optimizer_steps": len(stats["loss"]), "skipped_minibatches": int(sum(stats["skipped"])),
+            "optimizer_steps": len(stats["loss"]),
+            "skipped_minibatches": int(sum(stats["skipped"])),
         }
 
     def _minibatch_step(self, data: PPOBatch, targets: dict, beta: float, stats: dict) -> None:
@@ -351,15 +435,18 @@ class Trainer:
         new_logprobs, entropy, log_probs, values = self.forward(data)
         if not stats["first_minibatch_max_log_ratio"]:  # 1 for fresh rollouts: a check on the whole pipeline
             stats["first_minibatch_max_log_ratio"].append(
-                float(((new_logprobs - data.old_logprobs).abs() * mask).max().detach()))
-        loss, info = ppo.clipped_policy_loss(new_logprobs, data.old_logprobs, targets["advantages"], mask,
-                                             section.clip_eps, section.loss_aggregation)
+                float(((new_logprobs - data.old_logprobs).abs() * mask).max().detach())
+            )
+        loss, info = ppo.clipped_policy_loss(
+            new_logprobs, data.old_logprobs, targets["advantages"], mask, section.clip_eps, section.loss_aggregation
+        )
         if section.kl_placement == "loss":  # GRPO style: the KL of the policy being trained, as a loss term
             kl_loss = ppo.aggregate_loss(self.token_kl(new_logprobs, data, log_probs), mask, section.loss_aggregation)
             loss = loss + beta * kl_loss
         if values is not None:
-            value_loss, _ = clipped_value_loss(values, targets["old_values"], targets["returns"], mask,
-                                               section.value_clip)
+            value_loss, _ = clipped_value_loss(
+                values, targets["old_values"], targets["returns"], mask, section.value_clip
+            )
             loss = loss + section.value_coef * value_loss
             stats["value_loss"].append(value_loss.item())
         self.optimizer.zero_grad(set_to_none=True)
@@ -410,13 +497,25 @@ class Trainer:
         state = {k: copied[k] for k in state}
         state["rng/torch"] = torch.get_rng_state()
         state["rng/shuffle"] = self.shuffle.get_state()
-        meta = {"format": CHECKPOINT_FORMAT, "version": version, "optimizer": optimizer_rest, "scheduler": self.scheduler.state_dict(),
-                "kl_controller": self.kl_controller.state_dict(), "reward_moments": self.reward_moments.state_dict(),
-                "good_versions": sorted(self.good_versions), "lineage": self.lineage.state(),
-                "consumed_rollout_ids": list(self.consumed_ids)[-REMEMBERED_ROLLOUT_IDS:],
-                "config": self.config.model_dump(mode="json")}
-        return Snapshot(version=version, weights={k: copied[f"weights/{k}"] for k in weights}, state=state, meta=meta,
-                        adapter_config=adapter_config(self.model) if self.config.lora.enabled else None)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": version,
+            "optimizer": optimizer_rest,
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "reward_moments": self.reward_moments.state_dict(),
+            "good_versions": sorted(self.good_versions),
+            "lineage": self.lineage.state(),
+            "consumed_rollout_ids": list(self.consumed_ids)[-REMEMBERED_ROLLOUT_IDS:],
+            "config": self.config.model_dump(mode="json"),
+        }
+        return Snapshot(
+            version=version,
+            weights={k: copied[f"weights/{k}"] for k in weights},
+            state=state,
+            meta=meta,
+            adapter_config=adapter_config(self.model) if self.config.lora.enabled else None,
+        )
 
     def write_model_files(self, directory: pathlib.Path) -> None:
         """Beside the weights: what makes a checkpoint a Hugging Face model directory (belay eval loads it)."""
@@ -470,34 +569,56 @@ class Trainer:
         persist_seconds = self.persist() if self.persister.due() else 0.0
         timing_keys = ("generate", "logprobs", "reference", "reward", "queue", "swap")
         summary.update(
-            version=version, rollouts=len(rollouts), time=time.time(),
+            version=version,
+            rollouts=len(rollouts),
+            time=time.time(),
             rollout_versions=sorted({r.policy_version for r in rollouts}),
             reward_model_ids=sorted({r.reward_model_id for r in rollouts}),
-            reward_components={name: float(np.mean([r.reward_components[name] for r in rollouts
-                                                    if name in r.reward_components]))
-                               for name in sorted({n for r in rollouts for n in r.reward_components})},
-            publish_bytes=publication.bytes, persisted_version=self.persister.persisted_version,
-            seconds={"update": update_seconds, "publish": publication.seconds, "persist": persist_seconds,
-                     "persist_background": self.persister.last_write_seconds,
-                     **{k: float(np.mean([r.timings.get(k, 0.0) for r in rollouts])) for k in timing_keys}},
-            sample={"prompt": rollouts[0].prompt_text, "response": rollouts[0].response_text,
-                    "reward": rollouts[0].reward})
+            reward_components={
+                name: float(np.mean([r.reward_components[name] for r in rollouts if name in r.reward_components]))
+                for name in sorted({n for r in rollouts for n in r.reward_components})
+            },
+            publish_bytes=publication.bytes,
+            persisted_version=self.persister.persisted_version,
+            seconds={
+                "update": update_seconds,
+                "publish": publication.seconds,
+                "persist": persist_seconds,
+                "persist_background": self.persister.last_write_seconds,
+                **{k: float(np.mean([r.timings.get(k, 0.0) for r in rollouts])) for k in timing_keys},
+            },
+            sample={
+                "prompt": rollouts[0].prompt_text,
+                "response": rollouts[0].response_text,
+                "reward": rollouts[0].reward,
+            },
+        )
         self.metrics.record_step(summary)
         self.watch_for_failures(summary, rollouts)
         self.until_redis_answers(lambda: self.queue.log_step(summary), "logging the step")
         if self.review is not None:
-            self.until_redis_answers(lambda: self.review.record_samples(review_samples(rollouts, version)),
-                                     "recording samples for review")
-        log.info("version %d: reward %.3f±%.3f KL/seq %.3f len %.1f loss %.4f clip %.3f (%.1f s)", version,
-                 summary["reward_mean"], summary["reward_std"], summary["kl_per_sequence"],
-                 summary["response_length_mean"], summary["loss"], summary["clip_fraction"], update_seconds)
+            self.until_redis_answers(
+                lambda: self.review.record_samples(review_samples(rollouts, version)), "recording samples for review"
+            )
+        log.info(
+            "version %d: reward %.3f±%.3f KL/seq %.3f len %.1f loss %.4f clip %.3f (%.1f s)",
+            version,
+            summary["reward_mean"],
+            summary["reward_std"],
+            summary["kl_per_sequence"],
+            summary["response_length_mean"],
+            summary["loss"],
+            summary["clip_fraction"],
+            update_seconds,
+        )
         return summary
 
     def watch_for_failures(self, summary: dict, rollouts: list[Rollout]) -> None:
         """The failure detectors (detectors.py) on this update: their values and the names of those
         firing go into the summary and /metrics; one starting to fire is logged with its runbook line."""
-        values, firing, started = self.detectors.observe(summary, [r.prompt_text for r in rollouts],
-                                                         [r.response_text for r in rollouts])
+        values, firing, started = self.detectors.observe(
+            summary, [r.prompt_text for r in rollouts], [r.response_text for r in rollouts]
+        )
         summary.update(values, detectors_firing=[name for name, on in firing.items() if on])
         self.metrics.record_detectors(values, firing)
         for name in started:
@@ -515,8 +636,11 @@ class Trainer:
         persisted_good = [v for v in self.good_versions if v < worst and v in checkpoints]
         target = max(persisted_good, default=0)
         if target == 0:
-            log.warning("no good version below %d is persisted (checkpoint_every_steps=%d): rolling back to the "
-                        "SFT model", worst, section.checkpoint_every_steps)
+            log.warning(
+                "no good version below %d is persisted (checkpoint_every_steps=%d): rolling back to the SFT model",
+                worst,
+                section.checkpoint_every_steps,
+            )
         if target == 0 and self.config.lora.enabled:
             with torch.no_grad():  # zero adapters: exactly the base model
                 for name, parameter in self.model.named_parameters():
@@ -544,13 +668,26 @@ class Trainer:
         for entry_id, _ in entries:
             self._drop(entry_id, "kl_limit", f"batch KL {batch_kl:.2f} nats > kl_hard_limit {section.kl_hard_limit}")
         self.metrics.rollbacks.inc()
-        summary = {"event": "rollback", "version": version, "rolled_back_to": target, "batch_kl": batch_kl,
-                   "kl_coef": self.kl_controller.value, "lr": self.optimizer.param_groups[0]["lr"], "time": time.time()}
+        summary = {
+            "event": "rollback",
+            "version": version,
+            "rolled_back_to": target,
+            "batch_kl": batch_kl,
+            "kl_coef": self.kl_controller.value,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "time": time.time(),
+        }
         self.until_redis_answers(lambda: self.queue.log_step(summary), "logging the rollback")
-        log.warning("KL %.2f nats per response > kl_hard_limit %.2f: rolled back to version %d, published as "
-                    "version %d; %s now %s", batch_kl, section.kl_hard_limit, target, version,
-                    "β" if section.kl_limit_action == "raise_beta" else "lr",
-                    summary["kl_coef"] if section.kl_limit_action == "raise_beta" else summary["lr"])
+        log.warning(
+            "KL %.2f nats per response > kl_hard_limit %.2f: rolled back to version %d, published as "
+            "version %d; %s now %s",
+            batch_kl,
+            section.kl_hard_limit,
+            target,
+            version,
+            "β" if section.kl_limit_action == "raise_beta" else "lr",
+            summary["kl_coef"] if section.kl_limit_action == "raise_beta" else summary["lr"],
+        )
         return summary
 
     def until_redis_answers(self, action, what: str, stop: threading.Event | None = None):
@@ -616,5 +753,9 @@ class Trainer:
         """Wait for rank 0's publish; at DEBUG, log this rank's weights so identical replicas can be checked."""
         self.distributed.barrier()
         if log.isEnabledFor(logging.DEBUG):  # hashing every weight costs ~0.5 s on 135M: only when asked
-            log.debug("rank %d weights after version %d: %s", self.distributed.rank, self.version,
-                      weights_fingerprint(self.model)[:16])
+            log.debug(
+                "rank %d weights after version %d: %s",
+                self.distributed.rank,
+                self.version,
+                weights_fingerprint(self.model)[:16],
+            )

@@ -1,4 +1,5 @@
 """The trainer's Prometheus signals: the seed's list (KL first), plus the update's own health."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -21,23 +22,35 @@ STEP_GAUGES = {
     "loss": ("belay_trainer_loss", "Clipped PPO loss (do not read it like a supervised loss)"),
     "grad_norm": ("belay_trainer_grad_norm", "Gradient norm before clipping"),
     "version": ("belay_trainer_policy_version", "Policy version last published"),
-    "reward_length_correlation": ("belay_trainer_reward_length_correlation",
-                                  "Pearson correlation of reward and response length in the batch (a length bias)"),
+    "reward_length_correlation": (
+        "belay_trainer_reward_length_correlation",
+        "Pearson correlation of reward and response length in the batch (a length bias)",
+    ),
     "distinct_2": ("belay_trainer_distinct_2", "Distinct word bigrams / all bigrams over the batch's responses"),
     "repetition_3": ("belay_trainer_repetition_3", "Mean share of repeated word trigrams within a response"),
 }
 # The failure detectors' values (services/trainer/detectors.py), NaN until their first window is full.
 DETECTOR_GAUGES = {
-    "reward_slope": ("belay_trainer_reward_slope_per_step",
-                     "Least-squares slope of the batch mean reward over the detector window, per update"),
-    "reward_rise_ratio": ("belay_trainer_reward_rise_ratio",
-                          "Fitted reward rise across the detector window, in mean batch reward standard deviations"),
-    "response_length_ratio": ("belay_trainer_response_length_ratio",
-                              "Mean response length over the detector window / over the first window"),
-    "cross_prompt_similarity": ("belay_trainer_cross_prompt_similarity",
-                                "Mean word 1-2-gram Jaccard similarity of responses to different prompts, over the window"),
-    "kl_per_sequence_window_max": ("belay_trainer_kl_per_sequence_window_max",
-                                   "Largest batch KL per response over the detector window, nats"),
+    "reward_slope": (
+        "belay_trainer_reward_slope_per_step",
+        "Least-squares slope of the batch mean reward over the detector window, per update",
+    ),
+    "reward_rise_ratio": (
+        "belay_trainer_reward_rise_ratio",
+        "Fitted reward rise across the detector window, in mean batch reward standard deviations",
+    ),
+    "response_length_ratio": (
+        "belay_trainer_response_length_ratio",
+        "Mean response length over the detector window / over the first window",
+    ),
+    "cross_prompt_similarity": (
+        "belay_trainer_cross_prompt_similarity",
+        "Mean word 1-2-gram Jaccard similarity of responses to different prompts, over the window",
+    ),
+    "kl_per_sequence_window_max": (
+        "belay_trainer_kl_per_sequence_window_max",
+        "Largest batch KL per response over the detector window, nats",
+    ),
 }
 
 
@@ -46,56 +59,108 @@ class TrainerMetrics:
         self.gauges = {key: Gauge(name, text, registry=registry) for key, (name, text) in STEP_GAUGES.items()}
         self.steps = Counter("belay_trainer_steps_total", "PPO updates published", registry=registry)
         self.consumed = Counter("belay_trainer_rollouts_consumed_total", "Rollouts trained on", registry=registry)
-        self.dropped = Counter("belay_trainer_rollouts_dropped_total", "Rollouts refused, by reason", ["reason"],
-                               registry=registry)
-        self.nonfinite_skips = Counter("belay_trainer_nonfinite_skips_total",
-                                       "Minibatch updates skipped for a NaN/Inf loss or gradient", registry=registry)
-        self.step_seconds = Histogram("belay_trainer_step_seconds", "Time of one PPO update, publish and the "
-                                      "persist's snapshot included (the persist's writing is in the background)",
-                                      buckets=LLM_SECONDS_BUCKETS, registry=registry)
-        self.last_step = Gauge("belay_trainer_last_step_timestamp_seconds", "Unix time of the last published step",
-                               registry=registry)
-        self.logprobs = Histogram("belay_trainer_policy_logprob", "Behaviour log-probabilities of response tokens",
-                                  buckets=(-20, -10, -7, -5, -4, -3, -2, -1.5, -1, -0.5, -0.25, -0.1, -0.01, 0),
-                                  registry=registry)
-        self.rollbacks = Counter("belay_trainer_rollbacks_total",
-                                 "Policy rolled back to the last good version after a batch passed kl_hard_limit",
-                                 registry=registry)
+        self.dropped = Counter(
+            "belay_trainer_rollouts_dropped_total", "Rollouts refused, by reason", ["reason"], registry=registry
+        )
+        self.nonfinite_skips = Counter(
+            "belay_trainer_nonfinite_skips_total",
+            "Minibatch updates skipped for a NaN/Inf loss or gradient",
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            "belay_trainer_step_seconds",
+            "Time of one PPO update, publish and the "
+            "persist's snapshot included (the persist's writing is in the background)",
+            buckets=LLM_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.last_step = Gauge(
+            "belay_trainer_last_step_timestamp_seconds", "Unix time of the last published step", registry=registry
+        )
+        self.logprobs = Histogram(
+            "belay_trainer_policy_logprob",
+            "Behaviour log-probabilities of response tokens",
+            buckets=(-20, -10, -7, -5, -4, -3, -2, -1.5, -1, -0.5, -0.25, -0.1, -0.01, 0),
+            registry=registry,
+        )
+        self.rollbacks = Counter(
+            "belay_trainer_rollbacks_total",
+            "Policy rolled back to the last good version after a batch passed kl_hard_limit",
+            registry=registry,
+        )
         self.ready = Gauge("belay_trainer_ready", "1 once the trainer has loaded and resumed", registry=registry)
-        self.reward_model = Gauge("belay_trainer_reward_model_info",
-                                  "1 for the reward model(s) that scored the last batch, 0 for earlier ones",
-                                  ["reward_model_id"], registry=registry)
+        self.reward_model = Gauge(
+            "belay_trainer_reward_model_info",
+            "1 for the reward model(s) that scored the last batch, 0 for earlier ones",
+            ["reward_model_id"],
+            registry=registry,
+        )
         self.reward_models_seen: set[str] = set()
-        self.reward_components = Gauge("belay_trainer_reward_component_mean",
-                                       "Mean raw score of each part of a combined reward over the last batch",
-                                       ["component"], registry=registry)
+        self.reward_components = Gauge(
+            "belay_trainer_reward_component_mean",
+            "Mean raw score of each part of a combined reward over the last batch",
+            ["component"],
+            registry=registry,
+        )
         # --- the weight hand-off: publish every update, persist in the background ---
-        self.publish_seconds = Histogram("belay_trainer_publish_seconds", "Seconds on the critical path to publish "
-                                         "a version's serving weights through the transport", ["transport"],
-                                         buckets=LLM_SECONDS_BUCKETS, registry=registry)
-        self.publish_bytes = Gauge("belay_trainer_publish_bytes", "Bytes the last publish moved per policy replica",
-                                   ["transport"], registry=registry)
-        self.persist_seconds = Histogram("belay_trainer_persist_seconds", "Seconds a background persist took to "
-                                         "write and commit the full checkpoint", buckets=LLM_SECONDS_BUCKETS,
-                                         registry=registry)
-        self.persisted_version = Gauge("belay_trainer_persisted_version", "Newest version in a committed checkpoint",
-                                       registry=registry)
-        self.updates_since_persist = Gauge("belay_trainer_updates_since_persist", "Updates published since the "
-                                           "last persist began (their rollouts wait unacknowledged)", registry=registry)
-        self.seconds_since_persist = Gauge("belay_trainer_seconds_since_persist", "Seconds since the last persist "
-                                           "began", registry=registry)
-        self.persist_interval = Gauge("belay_trainer_persist_interval", "The persist cadence from the config, read "
-                                      "by the alert rule (label: steps or seconds)", ["unit"], registry=registry)
-        self.persist_failures = Counter("belay_trainer_persist_failures_total", "Persists that failed (their "
-                                        "rollouts stay pending for the next one)", registry=registry)
+        self.publish_seconds = Histogram(
+            "belay_trainer_publish_seconds",
+            "Seconds on the critical path to publish a version's serving weights through the transport",
+            ["transport"],
+            buckets=LLM_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.publish_bytes = Gauge(
+            "belay_trainer_publish_bytes",
+            "Bytes the last publish moved per policy replica",
+            ["transport"],
+            registry=registry,
+        )
+        self.persist_seconds = Histogram(
+            "belay_trainer_persist_seconds",
+            "Seconds a background persist took to write and commit the full checkpoint",
+            buckets=LLM_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.persisted_version = Gauge(
+            "belay_trainer_persisted_version", "Newest version in a committed checkpoint", registry=registry
+        )
+        self.updates_since_persist = Gauge(
+            "belay_trainer_updates_since_persist",
+            "Updates published since the last persist began (their rollouts wait unacknowledged)",
+            registry=registry,
+        )
+        self.seconds_since_persist = Gauge(
+            "belay_trainer_seconds_since_persist", "Seconds since the last persist began", registry=registry
+        )
+        self.persist_interval = Gauge(
+            "belay_trainer_persist_interval",
+            "The persist cadence from the config, read by the alert rule (label: steps or seconds)",
+            ["unit"],
+            registry=registry,
+        )
+        self.persist_failures = Counter(
+            "belay_trainer_persist_failures_total",
+            "Persists that failed (their rollouts stay pending for the next one)",
+            registry=registry,
+        )
         for reason in ("stale", "malformed", "duplicate", "nonfinite", "orphaned"):
             self.dropped.labels(reason=reason)
-        self.detector_values = {key: Gauge(name, text, registry=registry) for key, (name, text) in DETECTOR_GAUGES.items()}
-        self.detector_firing = Gauge("belay_trainer_detector_firing", "1 while the trainer's own failure detector "
-                                     "concludes its failure mode is happening", ["detector"], registry=registry)
-        self.detector_bound = Gauge("belay_trainer_detector_bound", "A failure detector's bound from the config "
-                                    "(label: the trainer config field), read by the alert rules", ["bound"],
-                                    registry=registry)
+        self.detector_values = {
+            key: Gauge(name, text, registry=registry) for key, (name, text) in DETECTOR_GAUGES.items()
+        }
+        self.detector_firing = Gauge(
+            "belay_trainer_detector_firing",
+            "1 while the trainer's own failure detector concludes its failure mode is happening",
+            ["detector"],
+            registry=registry,
+        )
+        self.detector_bound = Gauge(
+            "belay_trainer_detector_bound",
+            "A failure detector's bound from the config (label: the trainer config field), read by the alert rules",
+            ["bound"],
+            registry=registry,
+        )
         for key in DETECTOR_GAUGES:
             self.detector_values[key].set(float("nan"))
         for name in DETECTORS:

@@ -3,6 +3,7 @@
 No I/O here: state_dict() holds two plain float32 tensors ("linear.weight" (1, H),
 "linear.bias" (1,)), which safetensors.torch.save_file / load_file store and restore as is.
 """
+
 from __future__ import annotations
 
 from typing import Any

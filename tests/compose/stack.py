@@ -17,6 +17,7 @@ writes. Three things podman-compose and podman 4.3 do differently from Docker Co
 
 Every failure is a StackError whose message starts with the service's name.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,11 @@ from dataclasses import dataclass, field
 import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-BASE_FILES = [REPO / "docker-compose.yml", REPO / "docker-compose.cpu.yml",
-              REPO / "deploy/compose/podman-test.override.yml"]
+BASE_FILES = [
+    REPO / "docker-compose.yml",
+    REPO / "docker-compose.cpu.yml",
+    REPO / "deploy/compose/podman-test.override.yml",
+]
 REWARD_EXAMPLE = REPO / "deploy/compose/reward-example.override.yml"
 WORK = REPO / "build/compose"
 
@@ -76,17 +80,21 @@ class Stack:
     timings: dict[str, float] = field(default_factory=dict)
 
     # ----------------------------------------------------------------------------- podman-compose
-    def compose(self, *args: str, timeout: float = 600, check: bool = True,
-                files: list[pathlib.Path] | None = None) -> subprocess.CompletedProcess:
+    def compose(
+        self, *args: str, timeout: float = 600, check: bool = True, files: list[pathlib.Path] | None = None
+    ) -> subprocess.CompletedProcess:
         command = [str(pathlib.Path(sys.executable).with_name("podman-compose")), "-p", self.project]
         for path in files or self.files:
             command += ["-f", str(path)]
         environ = {**os.environ, **self.env}
-        result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
-                                env=environ, cwd=REPO)
+        result = subprocess.run(
+            [*command, *args], capture_output=True, text=True, timeout=timeout, env=environ, cwd=REPO
+        )
         if check and result.returncode != 0:
-            raise StackError(f"podman-compose {' '.join(args)} exited {result.returncode}:\n"
-                             f"{(result.stdout + result.stderr).strip()[-3000:]}")
+            raise StackError(
+                f"podman-compose {' '.join(args)} exited {result.returncode}:\n"
+                f"{(result.stdout + result.stderr).strip()[-3000:]}"
+            )
         return result
 
     def config(self) -> dict:
@@ -99,9 +107,16 @@ class Stack:
 
     def container(self, service: str) -> str:
         """The name of the service's container (one replica), or StackError."""
-        names = podman("ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
-                       "--filter", f"label=io.podman.compose.service={service}",
-                       "--format", "{{.Names}}").stdout.split()
+        names = podman(
+            "ps",
+            "-a",
+            "--filter",
+            f"label=io.podman.compose.project={self.project}",
+            "--filter",
+            f"label=io.podman.compose.service={service}",
+            "--format",
+            "{{.Names}}",
+        ).stdout.split()
         if not names:
             raise StackError(f"{service}: no container in project {self.project}")
         return names[0]
@@ -131,9 +146,13 @@ class Stack:
         while True:
             state = self.inspect(service)["State"]
             if state.get("Status") in ("exited", "stopped") or not state.get("Running", True):
-                raise StackError(f"{service}: exited (code {state.get('ExitCode')}) before it was healthy; "
-                                 f"last log lines:\n{self.logs(service)}")
-            run = podman("healthcheck", "run", container, check=False, timeout=seconds(healthcheck.get("timeout"), 30) + 30)
+                raise StackError(
+                    f"{service}: exited (code {state.get('ExitCode')}) before it was healthy; "
+                    f"last log lines:\n{self.logs(service)}"
+                )
+            run = podman(
+                "healthcheck", "run", container, check=False, timeout=seconds(healthcheck.get("timeout"), 30) + 30
+            )
             if run.returncode == 0:
                 return time.monotonic() - started
             last = self.health_output(service) or (run.stdout + run.stderr).strip()
@@ -143,11 +162,15 @@ class Stack:
             state = self.inspect(service)["State"]
             status = (state.get("Health") or state.get("Healthcheck") or {}).get("Status", "")
             if status == "unhealthy":
-                raise StackError(f"{service}: healthcheck {healthcheck.get('test')} is unhealthy "
-                                 f"({self.health_output(service) or last}); last log lines:\n{self.logs(service)}")
+                raise StackError(
+                    f"{service}: healthcheck {healthcheck.get('test')} is unhealthy "
+                    f"({self.health_output(service) or last}); last log lines:\n{self.logs(service)}"
+                )
             if time.monotonic() - started > timeout:
-                raise StackError(f"{service}: not healthy after {timeout:.0f}s; healthcheck {healthcheck.get('test')} "
-                                 f"last said: {self.health_output(service) or last!r}; last log lines:\n{self.logs(service)}")
+                raise StackError(
+                    f"{service}: not healthy after {timeout:.0f}s; healthcheck {healthcheck.get('test')} "
+                    f"last said: {self.health_output(service) or last!r}; last log lines:\n{self.logs(service)}"
+                )
             time.sleep(interval)
 
     def wait_completed(self, service: str, timeout: float) -> float:
@@ -184,11 +207,13 @@ class Stack:
         conditions depends_on names (healthy; exited 0 for a one-shot)."""
         config = self.config()
         active = self.active_services(config)
-        for name in services or active:   # never let the engine reach for a registry
+        for name in services or active:  # never let the engine reach for a registry
             image = active[name]["image"]
             if podman("image", "exists", image, check=False).returncode != 0:
-                raise StackError(f"{name}: image {image} is not on this machine (tests/compose/build_images.sh "
-                                 "builds every image the test runs; none is pulled)")
+                raise StackError(
+                    f"{name}: image {image} is not on this machine (tests/compose/build_images.sh "
+                    "builds every image the test runs; none is pulled)"
+                )
         for stage in self.stages(config, services):
             started = time.monotonic()
             log(f"up {' '.join(stage)}")
@@ -231,11 +256,16 @@ class Stack:
         if pods:
             podman("pod", "rm", "--force", *pods, check=False, timeout=120)
         volumes = set(podman("volume", "ls", "-q", "--filter", label, check=False).stdout.split())
-        volumes |= {v for v in podman("volume", "ls", "-q", check=False).stdout.split() if v.startswith(f"{self.project}_")}
+        volumes |= {
+            v for v in podman("volume", "ls", "-q", check=False).stdout.split() if v.startswith(f"{self.project}_")
+        }
         if volumes:
             podman("volume", "rm", "--force", *sorted(volumes), check=False, timeout=120)
-        networks = {n for n in podman("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
-                    if n == f"{self.project}_default" or n.startswith(f"{self.project}_")}
+        networks = {
+            n
+            for n in podman("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+            if n == f"{self.project}_default" or n.startswith(f"{self.project}_")
+        }
         if networks:
             podman("network", "rm", "--force", *sorted(networks), check=False)
 

@@ -8,6 +8,7 @@ Runs only under `make test-compose` (BELAY_COMPOSE_TEST=1), after tests/compose/
 (cheap: Redis alone), then the stack, the reward swap while it trains, and down/up. The project
 name is unique to the run, and everything it made is removed at the end, pass or fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,14 @@ import pytest
 from tests.compose import stack as compose_stack
 from tests.compose.stack import BASE_FILES, REWARD_EXAMPLE, StackError, log, new_stack
 
-pytestmark = pytest.mark.skipif(os.environ.get("BELAY_COMPOSE_TEST") != "1",
-                                reason="the compose stack runs under `make test-compose` only")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("BELAY_COMPOSE_TEST") != "1", reason="the compose stack runs under `make test-compose` only"
+)
 
 PROJECT = f"belaytest{os.getpid()}"
-EXAMPLE_REWARD_ID = "example-ends-with-full-stop"   # examples/reward_server/server.py's reward_model_id
+EXAMPLE_REWARD_ID = "example-ends-with-full-stop"  # examples/reward_server/server.py's reward_model_id
 VERSIONS_WANTED = 3
-TRAINING_TIMEOUT = 900          # seconds for a few PPO updates on 2 cores with four model services
+TRAINING_TIMEOUT = 900  # seconds for a few PPO updates on 2 cores with four model services
 
 
 def wait_for(what: str, probe, timeout: float, every: float = 5.0):
@@ -68,8 +70,9 @@ def stack(engine):
             except StackError:
                 pass
         stack.purge()
-        leftovers = compose_stack.podman("ps", "-a", "-q", "--filter",
-                                         f"label=io.podman.compose.project={PROJECT}", check=False).stdout.split()
+        leftovers = compose_stack.podman(
+            "ps", "-a", "-q", "--filter", f"label=io.podman.compose.project={PROJECT}", check=False
+        ).stdout.split()
         assert not leftovers, f"containers of {PROJECT} left behind: {leftovers}"
 
 
@@ -94,14 +97,17 @@ def prometheus_value(stack, query: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------- tests
 
+
 def test_a_broken_healthcheck_fails_naming_the_service(engine, tmp_path):
     """The health wait must bite: docker-compose.yml copied with Redis's healthcheck pointed at a
     port nothing listens on, Redis alone brought up: the wait fails and says `redis`."""
     original = (compose_stack.REPO / "docker-compose.yml").read_text()
-    broken_text = original.replace('test: ["CMD-SHELL", "redis-cli ping | grep -q PONG"]',
-                                   'test: ["CMD-SHELL", "redis-cli -p 1 ping | grep -q PONG"]')
+    broken_text = original.replace(
+        'test: ["CMD-SHELL", "redis-cli ping | grep -q PONG"]',
+        'test: ["CMD-SHELL", "redis-cli -p 1 ping | grep -q PONG"]',
+    )
     assert broken_text != original, "Redis's healthcheck in docker-compose.yml changed: update this test"
-    broken = compose_stack.REPO / "build/compose" / f"broken-{PROJECT}.yml"   # beside nothing: no paths used
+    broken = compose_stack.REPO / "build/compose" / f"broken-{PROJECT}.yml"  # beside nothing: no paths used
     broken.write_text(broken_text)
     files = [broken, *BASE_FILES[1:]]
     stack = new_stack(f"{PROJECT}broken", files)
@@ -129,23 +135,35 @@ def test_every_healthcheck_passes(stack):
 
 def test_the_trainer_publishes_versions_the_policy_serves(stack):
     started = time.monotonic()
-    wait_for(f"trainer: policy version {VERSIONS_WANTED} in Redis", lambda: version_key(stack) >= VERSIONS_WANTED,
-             TRAINING_TIMEOUT)
+    wait_for(
+        f"trainer: policy version {VERSIONS_WANTED} in Redis",
+        lambda: version_key(stack) >= VERSIONS_WANTED,
+        TRAINING_TIMEOUT,
+    )
     stack.timings["three_versions"] = time.monotonic() - started
     log(f"version {version_key(stack)} after {stack.timings['three_versions']:.0f}s of training")
     recorded = [step["version"] for step in steps(stack)]
     assert recorded == sorted(set(recorded)) and recorded[-1] >= VERSIONS_WANTED, recorded
-    wait_for("prometheus: belay_trainer_policy_version scraped",
-             lambda: (prometheus_value(stack, "belay_trainer_policy_version") or 0) >= VERSIONS_WANTED, 120)
-    wait_for("policy: belay_policy_version serving a trained version",
-             lambda: (prometheus_value(stack, "belay_policy_version") or 0) >= 1, 120)
+    wait_for(
+        "prometheus: belay_trainer_policy_version scraped",
+        lambda: (prometheus_value(stack, "belay_trainer_policy_version") or 0) >= VERSIONS_WANTED,
+        120,
+    )
+    wait_for(
+        "policy: belay_policy_version serving a trained version",
+        lambda: (prometheus_value(stack, "belay_policy_version") or 0) >= 1,
+        120,
+    )
 
 
 def test_kl_series_and_alert_rule_on_prometheus(stack):
-    series = wait_for("prometheus: belay_trainer_kl_per_sequence samples",
-                      lambda: stack.prometheus("/api/v1/query",
-                                               query="count_over_time(belay_trainer_kl_per_sequence[30m])")["result"],
-                      120)
+    series = wait_for(
+        "prometheus: belay_trainer_kl_per_sequence samples",
+        lambda: stack.prometheus("/api/v1/query", query="count_over_time(belay_trainer_kl_per_sequence[30m])")[
+            "result"
+        ],
+        120,
+    )
     assert series[0]["metric"].get("job") == "trainer", series
     assert float(series[0]["value"][1]) >= 1
     kl = prometheus_value(stack, "belay_trainer_kl_per_sequence")
@@ -167,16 +185,22 @@ def test_reward_swapped_while_training_goes_on(stack):
     stack.replace("reward", [*BASE_FILES, REWARD_EXAMPLE])
     log(f"reward swapped for the example server in {time.monotonic() - started:.0f}s at version {before}")
     assert "belay-reward-example" in stack.inspect("reward")["ImageName"]
-    swapped = wait_for(f"trainer: a step trained on rollouts scored by {EXAMPLE_REWARD_ID}",
-                       lambda: [s for s in steps(stack) if EXAMPLE_REWARD_ID in s.get("reward_model_ids", [])],
-                       TRAINING_TIMEOUT)
+    swapped = wait_for(
+        f"trainer: a step trained on rollouts scored by {EXAMPLE_REWARD_ID}",
+        lambda: [s for s in steps(stack) if EXAMPLE_REWARD_ID in s.get("reward_model_ids", [])],
+        TRAINING_TIMEOUT,
+    )
     assert swapped[0]["version"] > before, (swapped[0]["version"], before)
     assert version_key(stack) > before
-    for name in ("policy", "trainer"):   # trained on throughout: never restarted by the swap
+    for name in ("policy", "trainer"):  # trained on throughout: never restarted by the swap
         assert stack.inspect(name)["RestartCount"] == 0, f"{name} restarted during the reward swap"
-    wait_for("prometheus: belay_trainer_reward_model_info of the example reward",
-             lambda: prometheus_value(stack, f'belay_trainer_reward_model_info{{reward_model_id="{EXAMPLE_REWARD_ID}"}}') == 1,
-             120)
+    wait_for(
+        "prometheus: belay_trainer_reward_model_info of the example reward",
+        lambda: (
+            prometheus_value(stack, f'belay_trainer_reward_model_info{{reward_model_id="{EXAMPLE_REWARD_ID}"}}') == 1
+        ),
+        120,
+    )
 
 
 def test_down_then_up_resumes_from_the_last_version_with_nothing_lost(stack):
@@ -184,29 +208,36 @@ def test_down_then_up_resumes_from_the_last_version_with_nothing_lost(stack):
     rollouts_before = int(stack.redis("XLEN", rollouts))
     recorded_before = steps(stack)
     started = time.monotonic()
-    stack.down()                           # containers and network gone, volumes kept
+    stack.down()  # containers and network gone, volumes kept
     stack.timings["down"] = time.monotonic() - started
-    assert not compose_stack.podman("ps", "-a", "-q", "--filter",
-                                    f"label=io.podman.compose.project={stack.project}").stdout.split()
+    assert not compose_stack.podman(
+        "ps", "-a", "-q", "--filter", f"label=io.podman.compose.project={stack.project}"
+    ).stdout.split()
     started = time.monotonic()
     stack.bring_up(["redis"])
-    published = version_key(stack)         # what the trainer announced last, kept by Redis's AOF
+    published = version_key(stack)  # what the trainer announced last, kept by Redis's AOF
     kept = steps(stack)
     # the trainer, stopped first, finished its step: persisted, announced, logged and acknowledged
-    assert kept[:len(recorded_before)] == recorded_before, "Redis lost steps across down/up"
+    assert kept[: len(recorded_before)] == recorded_before, "Redis lost steps across down/up"
     assert kept[-1]["version"] == published, (kept[-1], published)
     assert int(stack.redis("XLEN", rollouts)) >= rollouts_before, "Redis lost rollouts across down/up"
     stack.bring_up()
     stack.timings["up_again"] = time.monotonic() - started
     log(f"down {stack.timings['down']:.0f}s, up again {stack.timings['up_again']:.0f}s, at version {published}")
-    resumed = wait_for("trainer: a new version after up",
-                       lambda: [s for s in steps(stack)[len(kept):]], TRAINING_TIMEOUT)
+    resumed = wait_for(
+        "trainer: a new version after up", lambda: [s for s in steps(stack)[len(kept) :]], TRAINING_TIMEOUT
+    )
     # every version was persisted (checkpoint_every_steps 1): the trainer resumed from the last one
     # published and numbers the next above it, never reusing one
     assert resumed[0]["version"] == published + 1, (resumed[0]["version"], published)
     versions = [step["version"] for step in steps(stack)]
     assert versions == sorted(set(versions)), f"a version was published twice: {versions}"
-    wait_for("policy: serving a version published after up",
-             lambda: (prometheus_value(stack, "belay_policy_version") or 0) > published, 300)
+    wait_for(
+        "policy: serving a version published after up",
+        lambda: (prometheus_value(stack, "belay_policy_version") or 0) > published,
+        300,
+    )
     pending = stack.redis("XPENDING", f"belay:{stack.env['RUN_NAME']}:rollouts", "trainers")
-    log(f"timings: {json.dumps({k: round(v) for k, v in stack.timings.items()})}; pending after up: {pending.splitlines()[:1]}")
+    log(
+        f"timings: {json.dumps({k: round(v) for k, v in stack.timings.items()})}; pending after up: {pending.splitlines()[:1]}"
+    )

@@ -3,6 +3,7 @@ broadcast group and receiving `--die-after` buckets: a replica killed while the 
 
 python -m tests.integration.broadcast_replica MODEL_DIR ADDRESS DIE_AFTER
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,10 @@ from tests.integration.conftest import build_policy, make_config
 
 
 def main(model_dir: str, address: str, die_after: int) -> None:
-    config = make_config(policy={"model_dir": model_dir, "address": address},
-                         trainer={"weight_transport": "broadcast", "broadcast_timeout_seconds": 60})
+    config = make_config(
+        policy={"model_dir": model_dir, "address": address},
+        trainer={"weight_transport": "broadcast", "broadcast_timeout_seconds": 60},
+    )
     received = []
     real = receiving.broadcast_bucket
 

@@ -1,6 +1,7 @@
 """Integration fixtures: Belay's real servers started in-process over real gRPC on loopback,
 serving the tiny real models of tests/tiny_models.py; plus an independent log-prob computation
 the tests compare the services against."""
+
 from __future__ import annotations
 
 import contextlib
@@ -85,8 +86,12 @@ def running_reward(config: BelayConfig):
 
 def build_policy(config: BelayConfig) -> tuple[ServiceServer, PolicyServicer]:
     model_dir = config.policy.model_dir
-    engine = PolicyEngine(load_causal_lm(model_dir, torch.device("cpu"), "policy.model_dir"),
-                          load_tokenizer(model_dir), config.grpc, config.policy.max_tokens_per_forward)
+    engine = PolicyEngine(
+        load_causal_lm(model_dir, torch.device("cpu"), "policy.model_dir"),
+        load_tokenizer(model_dir),
+        config.grpc,
+        config.policy.max_tokens_per_forward,
+    )
     servicer = PolicyServicer(config, engine, SwapRequests(), PolicyMetrics(CollectorRegistry()))
     return build_policy_server(config, servicer), servicer
 
@@ -104,8 +109,9 @@ def load_lm(model_dir) -> torch.nn.Module:
     return model.eval()
 
 
-def direct_logprobs(model: torch.nn.Module, prompt: list[int], response: list[int],
-                    temperature: float = 1.0) -> list[float]:
+def direct_logprobs(
+    model: torch.nn.Module, prompt: list[int], response: list[int], temperature: float = 1.0
+) -> list[float]:
     """log p(response[i] | prompt + response[:i]) by one unpadded forward pass of a single row."""
     ids = torch.tensor([list(prompt) + list(response)], dtype=torch.long)
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 python -m tests.integration.ipc_replica MODEL_DIR ADDRESS
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,10 +20,15 @@ from tests.integration.conftest import make_config
 
 
 def main(model_dir: str, address: str) -> None:
-    config = make_config(policy={"model_dir": model_dir, "address": address, "device": "cuda"},
-                         trainer={"weight_transport": "cuda_ipc"})
-    engine = PolicyEngine(load_causal_lm(model_dir, torch.device("cuda:0"), "policy.model_dir"),
-                          load_tokenizer(model_dir), config.grpc, config.policy.max_tokens_per_forward)
+    config = make_config(
+        policy={"model_dir": model_dir, "address": address, "device": "cuda"}, trainer={"weight_transport": "cuda_ipc"}
+    )
+    engine = PolicyEngine(
+        load_causal_lm(model_dir, torch.device("cuda:0"), "policy.model_dir"),
+        load_tokenizer(model_dir),
+        config.grpc,
+        config.policy.max_tokens_per_forward,
+    )
     server = build_server(config, PolicyServicer(config, engine, SwapRequests(), PolicyMetrics(CollectorRegistry())))
     server.start()
     server.mark_serving()

@@ -1,5 +1,6 @@
 """The actor against real reference and reward servers, healthy and broken: a reward server that
 answers NaN or the wrong number of scores is an error the actor reports and retries, never a rollout."""
+
 from __future__ import annotations
 
 import pathlib
@@ -43,18 +44,26 @@ def running_scripted_reward(config, scores) -> Running:
     return serving(config, server, servicer, belay_pb2_grpc.RewardStub)
 
 
-@pytest.mark.parametrize("scores, message", [
-    (lambda n: [float("nan")] * n, "non-finite"),
-    (lambda n: [1.0] * (n - 1), "scores for"),
-    (lambda n: [float("inf")] + [0.0] * (n - 1), "non-finite"),
-])
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        (lambda n: [float("nan")] * n, "non-finite"),
+        (lambda n: [1.0] * (n - 1), "scores for"),
+        (lambda n: [float("inf")] + [0.0] * (n - 1), "non-finite"),
+    ],
+)
 def test_a_bad_reward_reply_writes_no_rollout_and_a_good_one_does(scores, message, tiny_lm_dir, redis_url):
-    config = make_config(redis={"url": redis_url},
-                         reference={"model_dir": str(tiny_lm_dir)},
-                         policy={"model_dir": str(tiny_lm_dir), "prompts_file": str(REPO / "prompts/default.txt"),
-                                 "max_new_tokens": 6})
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
-                          load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    config = make_config(
+        redis={"url": redis_url},
+        reference={"model_dir": str(tiny_lm_dir)},
+        policy={"model_dir": str(tiny_lm_dir), "prompts_file": str(REPO / "prompts/default.txt"), "max_new_tokens": 6},
+    )
+    engine = PolicyEngine(
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
+        load_tokenizer(str(tiny_lm_dir)),
+        config.grpc,
+        4096,
+    )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     metrics = PolicyMetrics(CollectorRegistry())
     with running_reference(config) as reference:
@@ -76,25 +85,36 @@ class CombinedReward(ScriptedReward):
         n = len(request.responses)
         polite, short = [1.0] * n, [float(len(r)) for r in request.responses]
         return belay_pb2.ScoreResponse(
-            scores=[p + 0.5 * s for p, s in zip(polite, short)], reward_model_id="combined(polite*1.0+short*0.5)",
-            components=[belay_pb2.ComponentScores(name="polite", weight=1.0, scores=polite),
-                        belay_pb2.ComponentScores(name="short", weight=0.5, scores=short)])
+            scores=[p + 0.5 * s for p, s in zip(polite, short)],
+            reward_model_id="combined(polite*1.0+short*0.5)",
+            components=[
+                belay_pb2.ComponentScores(name="polite", weight=1.0, scores=polite),
+                belay_pb2.ComponentScores(name="short", weight=0.5, scores=short),
+            ],
+        )
 
 
 def test_each_part_of_a_combined_reward_is_kept_in_every_rollout(tiny_lm_dir, redis_url):
-    config = make_config(redis={"url": redis_url}, reference={"model_dir": str(tiny_lm_dir)},
-                         policy={"model_dir": str(tiny_lm_dir), "prompts_file": str(REPO / "prompts/default.txt"),
-                                 "max_new_tokens": 6})
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
-                          load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    config = make_config(
+        redis={"url": redis_url},
+        reference={"model_dir": str(tiny_lm_dir)},
+        policy={"model_dir": str(tiny_lm_dir), "prompts_file": str(REPO / "prompts/default.txt"), "max_new_tokens": 6},
+    )
+    engine = PolicyEngine(
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
+        load_tokenizer(str(tiny_lm_dir)),
+        config.grpc,
+        4096,
+    )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     queue.ensure_group()
     with running_reference(config) as reference:
         server = ServiceServer("127.0.0.1:0", config.grpc, ["belay.v1.Reward"])
         belay_pb2_grpc.add_RewardServicer_to_server(CombinedReward(None), server.server)
         with serving(config, server, None, belay_pb2_grpc.RewardStub) as reward:
-            actor = Actor(config, engine, queue, reference.stub, reward.stub, SwapRequests(),
-                          PolicyMetrics(CollectorRegistry()))
+            actor = Actor(
+                config, engine, queue, reference.stub, reward.stub, SwapRequests(), PolicyMetrics(CollectorRegistry())
+            )
             assert actor.run_batch() == 8
     rollouts = [r for _, r in queue.read("t", 100, 10)]
     for rollout in rollouts:

@@ -1,5 +1,6 @@
 """The actor takes new weights between batches from the version Redis announces, and a bad
 checkpoint never stops it: the old weights keep serving."""
+
 from __future__ import annotations
 
 import pathlib
@@ -23,11 +24,13 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def test_actor_swaps_to_announced_versions_and_survives_a_bad_one(tiny_lm_dir, redis_url, tmp_path):
     root = tmp_path / "checkpoints"
-    config = make_config(run={"checkpoint_dir": str(root)}, redis={"url": redis_url},
-                         policy={"model_dir": str(tiny_lm_dir), "prompts_file": str(REPO / "prompts/default.txt")})
+    config = make_config(
+        run={"checkpoint_dir": str(root)},
+        redis={"url": redis_url},
+        policy={"model_dir": str(tiny_lm_dir), "prompts_file": str(REPO / "prompts/default.txt")},
+    )
     tokenizer = load_tokenizer(str(tiny_lm_dir))
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer,
-                          config.grpc, 4096)
+    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, config.grpc, 4096)
     metrics = PolicyMetrics(CollectorRegistry())
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     actor = Actor(config, engine, queue, None, None, SwapRequests(), metrics)

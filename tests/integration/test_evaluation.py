@@ -1,4 +1,5 @@
 """`belay eval`: each metric against its definition, the reference against itself, and the command."""
+
 from __future__ import annotations
 
 import json
@@ -59,34 +60,52 @@ def test_exact_kl_per_token_on_known_distributions():
 
 
 def eval_config(lm_dir, reward_dir) -> BelayConfig:
-    return BelayConfig.model_validate({"reference": {"model_dir": str(lm_dir), "device": "cpu"},
-                                       "reward": {"backend": "hf_classifier", "model_dir": str(reward_dir)}})
+    return BelayConfig.model_validate(
+        {
+            "reference": {"model_dir": str(lm_dir), "device": "cpu"},
+            "reward": {"backend": "hf_classifier", "model_dir": str(reward_dir)},
+        }
+    )
 
 
 def test_reference_against_itself_has_zero_kl_and_identical_numbers(tiny_lm_dir, tiny_reward_dir):
     config = eval_config(tiny_lm_dir, tiny_reward_dir)
     backend = HFClassifierBackend(str(tiny_reward_dir), torch.device("cpu"), 256)
-    results = evaluate(config, [None, pathlib.Path(tiny_lm_dir)], backend, str(REPO / "prompts/heldout.txt"),
-                       str(REPO / "data/heldout_text.txt"), SETTINGS)
+    results = evaluate(
+        config,
+        [None, pathlib.Path(tiny_lm_dir)],
+        backend,
+        str(REPO / "prompts/heldout.txt"),
+        str(REPO / "data/heldout_text.txt"),
+        SETTINGS,
+    )
     reference, copy = results["models"]["reference"], results["models"][pathlib.Path(tiny_lm_dir).name]
     assert abs(reference["kl_per_sequence"]) < 1e-5 and abs(reference["kl_exact_per_token"]) < 1e-6
     assert abs(copy["kl_per_sequence"]) < 1e-4 and abs(copy["kl_exact_per_token"]) < 1e-6
     for key in ("reward_mean", "reward_std", "response_length", "distinct_2", "perplexity"):
         assert copy[key] == pytest.approx(reference[key], rel=1e-6), key
-    assert results["settings"] == {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 8, "samples_per_prompt": 2,
-                                   "seed": 7}
-    again = evaluate(config, [None], backend, str(REPO / "prompts/heldout.txt"), str(REPO / "data/heldout_text.txt"),
-                     SETTINGS)
+    assert results["settings"] == {
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "max_new_tokens": 8,
+        "samples_per_prompt": 2,
+        "seed": 7,
+    }
+    again = evaluate(
+        config, [None], backend, str(REPO / "prompts/heldout.txt"), str(REPO / "data/heldout_text.txt"), SETTINGS
+    )
     assert again["models"]["reference"] == reference  # seeded: two evals agree exactly
 
 
 def test_a_different_model_shows_kl_and_another_perplexity(tiny_lm_dir, tiny_reward_dir, tmp_path):
     from tests.tiny_models import build_causal_lm
+
     other = build_causal_lm(tmp_path / "v000001", seed=9)
     config = eval_config(tiny_lm_dir, tiny_reward_dir)
     backend = HFClassifierBackend(str(tiny_reward_dir), torch.device("cpu"), 256)
-    results = evaluate(config, [None, other], backend, str(REPO / "prompts/heldout.txt"),
-                       str(REPO / "data/heldout_text.txt"), SETTINGS)
+    results = evaluate(
+        config, [None, other], backend, str(REPO / "prompts/heldout.txt"), str(REPO / "data/heldout_text.txt"), SETTINGS
+    )
     moved = results["models"]["v000001"]
     assert moved["kl_exact_per_token"] > 1e-4
     assert moved["perplexity"] != pytest.approx(results["models"]["reference"]["perplexity"], rel=1e-6)
@@ -100,9 +119,26 @@ def test_heldout_prompts_were_never_training_prompts():
 def test_belay_eval_command_prints_a_table_and_writes_json_and_plots(tiny_lm_dir, tiny_reward_dir, tmp_path):
     config_file = tmp_path / "belay.yaml"
     config_file.write_text(yaml.safe_dump(eval_config(tiny_lm_dir, tiny_reward_dir).model_dump(mode="json")))
-    result = subprocess.run([sys.executable, "-m", "services.cli", "eval", "--config", str(config_file),
-                             "--checkpoint", str(tiny_lm_dir), "--max-new-tokens", "6", "--out", str(tmp_path / "eval")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "eval",
+            "--config",
+            str(config_file),
+            "--checkpoint",
+            str(tiny_lm_dir),
+            "--max-new-tokens",
+            "6",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "perplexity" in result.stdout and "reference" in result.stdout
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -113,6 +149,7 @@ def test_belay_eval_command_prints_a_table_and_writes_json_and_plots(tiny_lm_dir
 
 def test_pearson_matches_numpy_and_is_zero_for_a_constant_sample():
     import numpy as np
+
     xs, ys = [1.0, 2.0, 3.0, 5.0], [2.0, 1.0, 4.0, 9.0]
     assert metrics.pearson(xs, ys) == pytest.approx(np.corrcoef(xs, ys)[0, 1])
     assert metrics.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0

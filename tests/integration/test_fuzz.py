@@ -9,6 +9,7 @@ Every reply must be OK or one of the documented refusals, never INTERNAL or UNKN
 Examples are derandomized so the suite is reproducible; BELAY_FUZZ_EXAMPLES=500 explores further,
 with fresh random examples. The @example cases are what earlier fuzzing found (see each).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,20 +29,27 @@ from services.common.packing import pack_int32, unpack_float32, unpack_int32
 
 from .conftest import make_config, running_policy, running_reference, running_reward
 
-DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-              grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
-              grpc.StatusCode.UNAUTHENTICATED}
+DOCUMENTED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
 CALL_DEADLINE = 30.0  # seconds; a call past it is a hang, and fails the example as DEADLINE_EXCEEDED
 MAX_MESSAGE = 256 * 1024  # the servers' message limit here, so huge payloads are cheap to send
 VOCAB = 320  # tests/tiny_models.py's tokenizer
 MAX_TEXT = 4096  # the servers' max_text_chars here (VADER is quadratic: its time stays small under it)
 LIMITS = {"max_batch_size": 4, "max_message_bytes": MAX_MESSAGE, "max_text_chars": MAX_TEXT}
-FUZZ = settings(max_examples=int(os.environ.get("BELAY_FUZZ_EXAMPLES", "50")), deadline=None,
-                derandomize="BELAY_FUZZ_EXAMPLES" not in os.environ,
-                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                      HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("BELAY_FUZZ_EXAMPLES", "50")),
+    deadline=None,
+    derandomize="BELAY_FUZZ_EXAMPLES" not in os.environ,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 
-INT32 = st.integers(-2**31, 2**31 - 1)
+INT32 = st.integers(-(2**31), 2**31 - 1)
 UINT32 = st.integers(0, 2**32 - 1)
 FLOAT32 = st.floats(width=32)  # nan, ±inf, ±0, subnormals, huge: all of them
 TEMPERATURE = st.one_of(FLOAT32, st.sampled_from([0.0, -0.0, 1.0, 0.7, 1e-45, 1e-38, 1e-8, 1e-3, 3.4e38]))
@@ -62,6 +70,7 @@ def call(method, request, **kwargs):
 
 # --- strategies ---
 
+
 def mutated(draw, packed: belay_pb2.PackedInt32) -> belay_pb2.PackedInt32:
     """The packed rows, or (less often) with one thing wrong: lengths added, dropped, negative or
     moved between rows, or bytes cut off."""
@@ -76,7 +85,7 @@ def mutated(draw, packed: belay_pb2.PackedInt32) -> belay_pb2.PackedInt32:
     elif mutation == "shift" and len(lengths) > 1:  # the same total, a token moved from one row to the next
         lengths[0], lengths[1] = lengths[0] - 1, lengths[1] + 1
     elif mutation == "trim-bytes" and data:
-        data = data[:-draw(st.integers(1, min(4, len(data))))]
+        data = data[: -draw(st.integers(1, min(4, len(data))))]
     elif mutation == "huge" and lengths:  # int32 lengths whose sum overflows 32 bits
         lengths[0] = 2**31 - 1
         lengths.append(2**31 - 1)
@@ -88,11 +97,12 @@ def packed_int32(draw) -> belay_pb2.PackedInt32:
     """Any packed array at all: random bytes and lengths, huge data, or ids from anywhere in int32."""
     kind = draw(st.sampled_from(["raw", "huge", "ids"]))
     if kind == "raw":
-        return belay_pb2.PackedInt32(data=draw(st.binary(max_size=48)),
-                                     lengths=draw(st.lists(st.one_of(st.integers(-3, 12), INT32), max_size=6)))
+        return belay_pb2.PackedInt32(
+            data=draw(st.binary(max_size=48)), lengths=draw(st.lists(st.one_of(st.integers(-3, 12), INT32), max_size=6))
+        )
     if kind == "huge":  # past the message limit, or lengths that promise more than data holds
         size = draw(st.sampled_from([4, 4096, MAX_MESSAGE + 4]))
-        lengths = draw(st.lists(st.sampled_from([size // 4, 2**31 - 1, -2**31, 0]), min_size=1, max_size=3))
+        lengths = draw(st.lists(st.sampled_from([size // 4, 2**31 - 1, -(2**31), 0]), min_size=1, max_size=3))
         return belay_pb2.PackedInt32(data=b"\x01\x00\x00\x00" * (size // 4), lengths=lengths)
     rows = draw(st.lists(st.lists(st.one_of(st.integers(0, VOCAB - 1), INT32), max_size=12), max_size=5))
     return mutated(draw, pack_int32(rows))
@@ -106,7 +116,7 @@ def logprobs_requests(draw) -> belay_pb2.LogProbsRequest:
     rows = draw(st.integers(1, 5) if fault != "lengths" else st.integers(0, 5))
     token = st.integers(0, VOCAB - 1)
     if fault == "ids":
-        token = st.one_of(token, st.sampled_from([-1, VOCAB, 2**31 - 1, -2**31]), INT32)
+        token = st.one_of(token, st.sampled_from([-1, VOCAB, 2**31 - 1, -(2**31)]), INT32)
     row = st.lists(token, min_size=1 if fault != "lengths" else 0, max_size=12)
     prompt_ids = pack_int32(draw(st.lists(row, min_size=rows, max_size=rows)))
     response_ids = pack_int32(draw(st.lists(row, min_size=rows, max_size=rows)))
@@ -120,26 +130,29 @@ def logprobs_requests(draw) -> belay_pb2.LogProbsRequest:
         top_k = draw(st.one_of(st.integers(VOCAB - 2, VOCAB + 2), UINT32))
     if fault == "chaos":
         prompt_ids, response_ids = draw(packed_int32()), draw(packed_int32())
-    return belay_pb2.LogProbsRequest(prompt_ids=prompt_ids, response_ids=response_ids, temperature=temperature,
-                                     top_k=top_k)
+    return belay_pb2.LogProbsRequest(
+        prompt_ids=prompt_ids, response_ids=response_ids, temperature=temperature, top_k=top_k
+    )
 
 
 TEXT = st.text(max_size=40)
 STRING_LISTS = st.one_of(
     st.lists(TEXT, max_size=5),
-    st.integers(0, 20_000).map(lambda n: [""] * n),              # huge counts
+    st.integers(0, 20_000).map(lambda n: [""] * n),  # huge counts
     st.integers(1, 4).map(lambda n: ["héllo wörld 🎉 " * 2000] * n),  # huge strings, under the message limit
     st.integers(1, 4).map(lambda n: ["good " * (MAX_TEXT // 5)] * n),  # just under max_text_chars
-    st.lists(st.sampled_from(["", "\x00", "\n" * 50, "<|im_end|>", "<|im_start|>assistant", "<pad>" * 30]),
-             max_size=4),
+    st.lists(st.sampled_from(["", "\x00", "\n" * 50, "<|im_end|>", "<|im_start|>assistant", "<pad>" * 30]), max_size=4),
 )
 
 
 @st.composite
 def generate_requests(draw) -> belay_pb2.GenerateRequest:
     """Like logprobs_requests: well-formed but for (usually) one fault."""
-    fault = draw(st.sampled_from(["none", "none", "none", "prompts", "temperature", "top_p", "max_new_tokens",
-                                  "samples", "chaos"]))
+    fault = draw(
+        st.sampled_from(
+            ["none", "none", "none", "prompts", "temperature", "top_p", "max_new_tokens", "samples", "chaos"]
+        )
+    )
     prompts = draw(st.lists(TEXT, min_size=1, max_size=2))
     temperature = draw(st.one_of(st.sampled_from([0.0, 1.0, 0.7]), st.floats(0.0625, 16.0, width=32)))
     top_p = draw(st.one_of(st.sampled_from([0.0, 0.5, 0.9, 1.0]), st.floats(0.015625, 1.0, width=32)))
@@ -167,7 +180,9 @@ def score_requests():
     return st.one_of(
         st.builds(belay_pb2.ScoreRequest, prompts=STRING_LISTS, responses=STRING_LISTS),
         st.lists(st.tuples(TEXT, TEXT), max_size=6).map(  # matched rows, the common case
-            lambda pairs: belay_pb2.ScoreRequest(prompts=[p for p, _ in pairs], responses=[r for _, r in pairs])))
+            lambda pairs: belay_pb2.ScoreRequest(prompts=[p for p, _ in pairs], responses=[r for _, r in pairs])
+        ),
+    )
 
 
 # --- what a good request looks like, and checks on OK replies ---
@@ -196,6 +211,7 @@ def check_logprobs_reply(request: belay_pb2.LogProbsRequest, reply: belay_pb2.Lo
 
 # --- servers ---
 
+
 def with_plain_stub(running, stub_class):
     """running.fuzz: a stub on a channel without the client-side message limit, so oversized
     requests reach the server (channel() would refuse to send them)."""
@@ -206,8 +222,7 @@ def with_plain_stub(running, stub_class):
 
 @pytest.fixture(scope="module")
 def reference(tiny_lm_dir):
-    config = make_config(LIMITS,
-                         reference={"model_dir": str(tiny_lm_dir)})
+    config = make_config(LIMITS, reference={"model_dir": str(tiny_lm_dir)})
     with running_reference(config) as running:
         yield with_plain_stub(running, belay_pb2_grpc.ReferenceStub)
         running.fuzz_channel.close()
@@ -216,13 +231,14 @@ def reference(tiny_lm_dir):
 @pytest.fixture(scope="module")
 def policy(tiny_lm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz_ckpt") / "ckpt"
-    config = make_config(LIMITS,
-                         policy={"model_dir": str(tiny_lm_dir), "max_new_tokens": 4},
-                         run={"checkpoint_dir": str(root)})
+    config = make_config(
+        LIMITS, policy={"model_dir": str(tiny_lm_dir), "max_new_tokens": 4}, run={"checkpoint_dir": str(root)}
+    )
     with running_policy(config) as running:
         engine_model = running.servicer.engine.loaded.model
-        running.committed = write_checkpoint(root, 3,
-                                             lambda d: engine_model.save_pretrained(d, safe_serialization=True))
+        running.committed = write_checkpoint(
+            root, 3, lambda d: engine_model.save_pretrained(d, safe_serialization=True)
+        )
         yield with_plain_stub(running, belay_pb2_grpc.PolicyStub)
         running.fuzz_channel.close()
 
@@ -241,8 +257,9 @@ def reward(request, tiny_reward_dir):
 # --- the fuzz ---
 
 # Found by this fuzzing: a subnormal temperature made every log-prob NaN (now INVALID_ARGUMENT).
-TINY_TEMPERATURE_LOGPROBS = belay_pb2.LogProbsRequest(prompt_ids=pack_int32([[1, 2, 3]]),
-                                                      response_ids=pack_int32([[4, 5]]), temperature=1e-45, top_k=3)
+TINY_TEMPERATURE_LOGPROBS = belay_pb2.LogProbsRequest(
+    prompt_ids=pack_int32([[1, 2, 3]]), response_ids=pack_int32([[4, 5]]), temperature=1e-45, top_k=3
+)
 
 
 @FUZZ
@@ -271,8 +288,11 @@ def test_policy_logprobs(policy, request):
 @FUZZ
 @given(request=generate_requests())
 # Found by this fuzzing: a subnormal temperature made sampling fail with INTERNAL (NaN probabilities).
-@example(request=belay_pb2.GenerateRequest(prompts=["Hi"], sampling=belay_pb2.SamplingParams(
-    temperature=1e-45, max_new_tokens=2)))
+@example(
+    request=belay_pb2.GenerateRequest(
+        prompts=["Hi"], sampling=belay_pb2.SamplingParams(temperature=1e-45, max_new_tokens=2)
+    )
+)
 def test_policy_generate(policy, request):
     code, reply = call(policy.fuzz.Generate, request)
     if code == grpc.StatusCode.OK:
@@ -286,18 +306,44 @@ def test_policy_generate(policy, request):
 
 
 PATHS = st.one_of(
-    st.sampled_from(["{committed}", "{root}/v000003", "{root}/v000003/", "{root}//v000003", "{root}/v000002",
-                     "{root}/v000003/../v000003", "{root}/.tmp-v000004-1"]),
+    st.sampled_from(
+        [
+            "{committed}",
+            "{root}/v000003",
+            "{root}/v000003/",
+            "{root}//v000003",
+            "{root}/v000002",
+            "{root}/v000003/../v000003",
+            "{root}/.tmp-v000004-1",
+        ]
+    ),
     st.text(max_size=60),
-    st.sampled_from(["", "/", ".", "..", "/etc/passwd", "/dev/zero", "/proc/self/root", "\x00", "v000001",
-                     "a" * 5000, "/" + "a" * 300, "~", "$HOME", "../" * 40]),
-    st.tuples(st.sampled_from(["{root}/", "{root}/../", "{root}/v000003/", "{root}/./"]), st.text(max_size=30))
-    .map(lambda parts: parts[0] + parts[1]),
+    st.sampled_from(
+        [
+            "",
+            "/",
+            ".",
+            "..",
+            "/etc/passwd",
+            "/dev/zero",
+            "/proc/self/root",
+            "\x00",
+            "v000001",
+            "a" * 5000,
+            "/" + "a" * 300,
+            "~",
+            "$HOME",
+            "../" * 40,
+        ]
+    ),
+    st.tuples(st.sampled_from(["{root}/", "{root}/../", "{root}/v000003/", "{root}/./"]), st.text(max_size=30)).map(
+        lambda parts: parts[0] + parts[1]
+    ),
 )
 
 
 @FUZZ
-@given(version=st.one_of(st.just(3), st.integers(-2, 5), st.integers(-2**63, 2**63 - 1)), path=PATHS)
+@given(version=st.one_of(st.just(3), st.integers(-2, 5), st.integers(-(2**63), 2**63 - 1)), path=PATHS)
 # Found by this fuzzing: names too long for the filesystem answered INTERNAL (ENAMETOOLONG); a NUL too;
 # and long paths, echoed in the refusal, overflowed the client's metadata limit (RESOURCE_EXHAUSTED).
 @example(version=1, path="a" * 5000)
@@ -336,8 +382,12 @@ def test_a_huge_prompt_list_is_refused_before_any_work(policy):
 
 def test_policy_still_serves_after_the_fuzz(policy):
     good_logprobs(policy.stub)
-    reply = policy.stub.Generate(belay_pb2.GenerateRequest(prompts=["Hi"], sampling=belay_pb2.SamplingParams(
-        temperature=1.0, max_new_tokens=3, seed=1)), timeout=CALL_DEADLINE)
+    reply = policy.stub.Generate(
+        belay_pb2.GenerateRequest(
+            prompts=["Hi"], sampling=belay_pb2.SamplingParams(temperature=1.0, max_new_tokens=3, seed=1)
+        ),
+        timeout=CALL_DEADLINE,
+    )
     assert len(reply.response_texts) == 1
     assert policy.stub.Info(belay_pb2.InfoRequest(), timeout=CALL_DEADLINE).policy_version in (0, 3)
 
@@ -360,17 +410,21 @@ def test_reward_texts_past_max_text_chars_are_refused_and_those_at_it_scored(rew
     reply = reward.fuzz.Score(belay_pb2.ScoreRequest(prompts=["Hi"], responses=[at_limit]), timeout=CALL_DEADLINE)
     assert len(reply.scores) == 1
     with pytest.raises(grpc.RpcError) as caught:
-        reward.fuzz.Score(belay_pb2.ScoreRequest(prompts=["Hi", at_limit + "!"], responses=["a", "b"]),
-                          timeout=CALL_DEADLINE)
+        reward.fuzz.Score(
+            belay_pb2.ScoreRequest(prompts=["Hi", at_limit + "!"], responses=["a", "b"]), timeout=CALL_DEADLINE
+        )
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"prompts[1] has {MAX_TEXT + 1} characters, over max_text_chars={MAX_TEXT}" in caught.value.details()
 
 
 # --- raw bytes: messages that are not even valid protobuf ---
 
+
 @FUZZ
-@given(payload=st.one_of(st.binary(max_size=64), st.builds(lambda n: struct.pack("<i", n) * 4, INT32)),
-       method=st.sampled_from(["/belay.v1.Reference/LogProbs", "/belay.v1.Reference/Info"]))
+@given(
+    payload=st.one_of(st.binary(max_size=64), st.builds(lambda n: struct.pack("<i", n) * 4, INT32)),
+    method=st.sampled_from(["/belay.v1.Reference/LogProbs", "/belay.v1.Reference/Info"]),
+)
 def test_reference_raw_bytes(reference, payload, method):
     raw = reference.fuzz_channel.unary_unary(method)  # no (de)serializers: the bytes go as they are
     try:
@@ -385,6 +439,7 @@ def test_reference_raw_bytes(reference, payload, method):
 
 # --- authorization headers on a server with a token ---
 
+
 @pytest.fixture(scope="module")
 def token_reward(tmp_path_factory):
     token = tmp_path_factory.mktemp("fuzz_token") / "token"
@@ -397,19 +452,36 @@ HEADER = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E),
 
 
 @FUZZ
-@given(values=st.one_of(st.just([]), st.just(["Bearer fuzz-token-0123456789"]),
-                        st.lists(st.one_of(HEADER, HEADER.map(lambda t: "Bearer " + t),
-                                           st.sampled_from(["Bearer fuzz-token-0123456789",
-                                                            "Bearer fuzz-token-012345678",
-                                                            "Bearer fuzz-token-0123456789 ",
-                                                            "fuzz-token-0123456789"])),
-                                 max_size=2)))
+@given(
+    values=st.one_of(
+        st.just([]),
+        st.just(["Bearer fuzz-token-0123456789"]),
+        st.lists(
+            st.one_of(
+                HEADER,
+                HEADER.map(lambda t: "Bearer " + t),
+                st.sampled_from(
+                    [
+                        "Bearer fuzz-token-0123456789",
+                        "Bearer fuzz-token-012345678",
+                        "Bearer fuzz-token-0123456789 ",
+                        "fuzz-token-0123456789",
+                    ]
+                ),
+            ),
+            max_size=2,
+        ),
+    )
+)
 def test_authorization_headers(token_reward, values):
     chan = grpc.insecure_channel(token_reward.address)
     with chan:
         stub = belay_pb2_grpc.RewardStub(chan)
-        code, _ = call(stub.Score, belay_pb2.ScoreRequest(prompts=["Hi"], responses=["ok"]),
-                       metadata=[("authorization", value) for value in values])
+        code, _ = call(
+            stub.Score,
+            belay_pb2.ScoreRequest(prompts=["Hi"], responses=["ok"]),
+            metadata=[("authorization", value) for value in values],
+        )
     if values == ["Bearer fuzz-token-0123456789"]:
         assert code == grpc.StatusCode.OK
     elif not values:

@@ -1,5 +1,6 @@
 """The GPU bench path, run on the CPU with its tiny size (this machine has no GPU): the figures it
 writes must agree with each other and with formulas recomputed here from the model's shape."""
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,34 @@ ROWS, NEW_TOKENS, PROMPT_TOKENS = 8, 8, 8
 
 
 def run_gpu_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.bench.gpu", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "services.bench.gpu", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def figures(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu") / "gpu.json"
-    done = run_gpu_bench("--json", str(out), "--size", "tiny", "--device", "cpu", "--dtype", request.param,
-                         "--iterations", "2", "--warmup", "1", "--batch", str(ROWS),
-                         "--max-new-tokens", str(NEW_TOKENS), "--prompt-tokens", str(PROMPT_TOKENS))
+    done = run_gpu_bench(
+        "--json",
+        str(out),
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        request.param,
+        "--iterations",
+        "2",
+        "--warmup",
+        "1",
+        "--batch",
+        str(ROWS),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--prompt-tokens",
+        str(PROMPT_TOKENS),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == ""
     return json.loads(out.read_text()) | {"_asked_dtype": request.param}
@@ -50,8 +69,9 @@ def test_generation_rate_is_tokens_over_seconds(figures):
     assert len(generation["seconds"]) == len(generation["response_tokens"]) == 2
     for tokens in generation["response_tokens"]:
         assert ROWS <= tokens <= ROWS * NEW_TOKENS
-    assert generation["tokens_per_second"] == pytest.approx(sum(generation["response_tokens"]) /
-                                                            sum(generation["seconds"]))
+    assert generation["tokens_per_second"] == pytest.approx(
+        sum(generation["response_tokens"]) / sum(generation["seconds"])
+    )
 
 
 def test_update_flops_follow_six_n_d(figures):

@@ -1,5 +1,6 @@
 """grpc.health.v1 on a ServiceServer: NOT_SERVING until mark_serving, SERVING after, NOT_SERVING
 again once stop() begins; and a reference that has not loaded refuses work."""
+
 from __future__ import annotations
 
 import threading

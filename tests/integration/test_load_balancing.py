@@ -1,5 +1,6 @@
 """Clients spread calls over every replica a name resolves to (round_robin), as with a headless
 Kubernetes Service in front of several reward or reference pods."""
+
 from __future__ import annotations
 
 

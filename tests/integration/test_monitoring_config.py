@@ -5,6 +5,7 @@ Alertmanager's config; the Grafana provisioning files parse and name the fixed d
 every metric name in the rules, the dashboard and the Grafana alerts is one the services export,
 collected from the real metric objects the services build (a renamed metric fails here, not on a
 silent dashboard)."""
+
 from __future__ import annotations
 
 import glob
@@ -39,18 +40,30 @@ DATASOURCE_UID = "belay-prometheus"
 EXPRESSION_UID = "__expr__"  # Grafana's server-side expressions (reduce, threshold) in alert rules
 
 SERVICES = {"policy": 9101, "reference": 9102, "reward": 9103, "trainer": 9104}
-ALERTS = {"BelayKLDivergenceHigh", "BelayServiceDown", "BelayRolloutQueueBacklog", "BelayStaleRollouts",
-          "BelayNonFiniteSkips", "BelayTrainerStalled", "BelayPersistOverdue",
-          # the failure detectors (services/trainer/detectors.py)
-          "BelayRewardHacking", "BelayResponsesShrinking", "BelayTemplateCollapse", "BelayPolicyNotMoving"}
+ALERTS = {
+    "BelayKLDivergenceHigh",
+    "BelayServiceDown",
+    "BelayRolloutQueueBacklog",
+    "BelayStaleRollouts",
+    "BelayNonFiniteSkips",
+    "BelayTrainerStalled",
+    "BelayPersistOverdue",
+    # the failure detectors (services/trainer/detectors.py)
+    "BelayRewardHacking",
+    "BelayResponsesShrinking",
+    "BelayTemplateCollapse",
+    "BelayPolicyNotMoving",
+}
 PROMETHEUS_OWN = {"up"}  # series Prometheus writes itself for every target
 
 
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed; `make test` installs it (Debian: apt-get install prometheus "
-                    "prometheus-alertmanager, which ship promtool and amtool)")
+        pytest.fail(
+            f"{name} is not installed; `make test` installs it (Debian: apt-get install prometheus "
+            "prometheus-alertmanager, which ship promtool and amtool)"
+        )
     return path
 
 
@@ -63,18 +76,19 @@ def run_tool(*command: str) -> str:
 
 # --- Prometheus's and Alertmanager's own checks ---------------------------------------------------
 
+
 def test_promtool_checks_the_scrape_config_and_resolves_its_rule_files():
     output = run_tool(tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG))
     assert "SUCCESS" in output
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     # rule files resolve relative to the config file, as Prometheus resolves them, and are all found
-    resolved = [hit for pattern in config["rule_files"]
-                for hit in glob.glob(str(PROMETHEUS_CONFIG.parent / pattern))]
+    resolved = [hit for pattern in config["rule_files"] for hit in glob.glob(str(PROMETHEUS_CONFIG.parent / pattern))]
     assert [pathlib.Path(p).resolve() for p in resolved] == [RULES.resolve()]
     assert f"SUCCESS: {len(resolved)} rule files found" in output
     # one job per service, by Compose service name and default metrics port
-    jobs = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
-            for job in config["scrape_configs"]}
+    jobs = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
+    }
     assert jobs == {name: [f"{name}:{port}"] for name, port in SERVICES.items()}
     assert config["global"]["scrape_interval"] == "15s"
     assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
@@ -96,11 +110,17 @@ def test_promtool_unit_tests_of_the_alert_rules_pass():
 
 def test_promtool_unit_tests_catch_a_broken_rule(tmp_path):
     """The unit tests are sensitive: the same tests against rules whose KL bound was raised tenfold fail."""
-    (tmp_path / "belay.yml").write_text(RULES.read_text().replace(
-        "belay_trainer_kl_per_sequence > 10", "belay_trainer_kl_per_sequence > 100"))
+    (tmp_path / "belay.yml").write_text(
+        RULES.read_text().replace("belay_trainer_kl_per_sequence > 10", "belay_trainer_kl_per_sequence > 100")
+    )
     shutil.copy(RULE_TESTS, tmp_path / "belay_test.yml")
-    result = subprocess.run([tool("promtool"), "test", "rules", str(tmp_path / "belay_test.yml")],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [tool("promtool"), "test", "rules", str(tmp_path / "belay_test.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode != 0
     assert "BelayKLDivergenceHigh" in result.stdout + result.stderr
 
@@ -115,6 +135,7 @@ def test_amtool_checks_the_alertmanager_config():
 
 # --- the rules' contents ---------------------------------------------------------------------------
 
+
 def prometheus_rules() -> list[dict]:
     return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
 
@@ -128,8 +149,10 @@ def test_every_alert_has_a_severity_a_summary_and_a_one_line_runbook():
         runbook = rule["annotations"]["runbook"]
         assert runbook.strip() and "\n" not in runbook.strip(), rule["alert"]
     kl = next(rule for rule in rules if rule["alert"] == "BelayKLDivergenceHigh")
-    assert kl["annotations"]["runbook"] == ("KL coefficient too small or learning rate too high: raise "
-                                            "trainer.kl_coef or lower trainer.lr; check samples for nonsense")
+    assert kl["annotations"]["runbook"] == (
+        "KL coefficient too small or learning rate too high: raise "
+        "trainer.kl_coef or lower trainer.lr; check samples for nonsense"
+    )
     assert kl["labels"]["severity"] == "critical" and kl["for"] == "2m"
 
 
@@ -141,6 +164,7 @@ def kl_bound_in_prometheus() -> float:
 
 
 # --- Grafana ---------------------------------------------------------------------------------------
+
 
 def dashboard_panels() -> list[dict]:
     return json.loads(DASHBOARD.read_text())["panels"]
@@ -206,18 +230,32 @@ def test_grafana_alert_rules_are_provisioned_with_kl_divergence_first():
 def test_the_dashboard_shows_the_training_signals_kl_first():
     panels = dashboard_panels()
     used = set().union(*(promql_metric_names(t["expr"]) for p in panels for t in p["targets"]))
-    signals = {"belay_trainer_kl_per_sequence", "belay_trainer_kl_per_token", "belay_trainer_kl_coef",
-               "belay_trainer_reward_mean", "belay_trainer_reward_std", "belay_trainer_response_length_tokens",
-               "belay_trainer_entropy_nats", "belay_trainer_clip_fraction", "belay_trainer_approx_kl",
-               "belay_trainer_policy_version", "belay_policy_version", "belay_policy_generated_tokens_total",
-               "belay_trainer_rollouts_consumed_total", "belay_trainer_rollouts_dropped_total",
-               "belay_trainer_step_seconds_bucket", "belay_trainer_policy_logprob_bucket"}
+    signals = {
+        "belay_trainer_kl_per_sequence",
+        "belay_trainer_kl_per_token",
+        "belay_trainer_kl_coef",
+        "belay_trainer_reward_mean",
+        "belay_trainer_reward_std",
+        "belay_trainer_response_length_tokens",
+        "belay_trainer_entropy_nats",
+        "belay_trainer_clip_fraction",
+        "belay_trainer_approx_kl",
+        "belay_trainer_policy_version",
+        "belay_policy_version",
+        "belay_policy_generated_tokens_total",
+        "belay_trainer_rollouts_consumed_total",
+        "belay_trainer_rollouts_dropped_total",
+        "belay_trainer_step_seconds_bucket",
+        "belay_trainer_policy_logprob_bucket",
+    }
     assert signals <= used, f"signals missing from the dashboard: {sorted(signals - used)}"
     first = min(panels, key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
     assert promql_metric_names(first["targets"][0]["expr"]) == {"belay_trainer_kl_per_sequence"}
     # its red line is the alert's bound
-    assert first["fieldConfig"]["defaults"]["thresholds"]["steps"][-1] == {"color": "red",
-                                                                           "value": kl_bound_in_prometheus()}
+    assert first["fieldConfig"]["defaults"]["thresholds"]["steps"][-1] == {
+        "color": "red",
+        "value": kl_bound_in_prometheus(),
+    }
     [heatmap] = [p for p in panels if p["type"] == "heatmap"]
     assert heatmap["targets"][0]["format"] == "heatmap"
     assert promql_metric_names(heatmap["targets"][0]["expr"]) == {"belay_trainer_policy_logprob_bucket"}
@@ -229,8 +267,21 @@ def test_the_dashboard_shows_the_training_signals_kl_first():
 
 # --- every metric name used is exported -----------------------------------------------------------
 
-KEYWORDS = {"and", "or", "unless", "bool", "by", "without", "on", "ignoring", "group_left", "group_right",
-            "offset", "inf", "nan"}
+KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -238,9 +289,9 @@ def promql_metric_names(expr: str) -> set[str]:
     aggregations (followed by "("), keywords, label names (inside {...} or by/on/... (...)),
     durations (inside [...]) or Grafana variables ($...)."""
     text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)  # string literals
-    text = re.sub(r"\$\{[^}]*\}|\$\w+", " ", text)                                   # Grafana variables
-    text = re.sub(r"\{[^}]*\}", " ", text)                                          # label matchers
-    text = re.sub(r"\[[^\]]*\]", " ", text)                                         # ranges, subqueries
+    text = re.sub(r"\$\{[^}]*\}|\$\w+", " ", text)  # Grafana variables
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges, subqueries
     text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
     text = re.sub(r"\boffset\s+-?[0-9a-z]+", " ", text)
     names = set()
@@ -252,29 +303,44 @@ def promql_metric_names(expr: str) -> set[str]:
 
 def test_metric_name_parser_sees_through_promql():
     assert promql_metric_names(
-        '(time() - belay_trainer_last_step_timestamp_seconds > 900) and on (job, instance) (belay_trainer_ready == 1)'
-        ' and on (job, instance) (max_over_time(belay_trainer_last_step_timestamp_seconds[15m]) == 0'
-        ' and on (job, instance) (belay_trainer_ready offset 15m == 1))') == {
-        "belay_trainer_last_step_timestamp_seconds", "belay_trainer_ready"}
-    assert promql_metric_names('histogram_quantile(0.9, sum by (le, dependency) '
-                               '(rate(belay_policy_dependency_seconds_bucket{dependency="reward"}[$__rate_interval])))'
-                               ) == {"belay_policy_dependency_seconds_bucket"}
-    assert promql_metric_names('sum(rate(x_total[5m])) by (job) / ignoring(reason) 1e-6 > bool 0 or up{job=~"a|b"}'
-                               ) == {"x_total", "up"}
+        "(time() - belay_trainer_last_step_timestamp_seconds > 900) and on (job, instance) (belay_trainer_ready == 1)"
+        " and on (job, instance) (max_over_time(belay_trainer_last_step_timestamp_seconds[15m]) == 0"
+        " and on (job, instance) (belay_trainer_ready offset 15m == 1))"
+    ) == {"belay_trainer_last_step_timestamp_seconds", "belay_trainer_ready"}
+    assert promql_metric_names(
+        "histogram_quantile(0.9, sum by (le, dependency) "
+        '(rate(belay_policy_dependency_seconds_bucket{dependency="reward"}[$__rate_interval])))'
+    ) == {"belay_policy_dependency_seconds_bucket"}
+    assert promql_metric_names(
+        'sum(rate(x_total[5m])) by (job) / ignoring(reason) 1e-6 > bool 0 or up{job=~"a|b"}'
+    ) == {"x_total", "up"}
 
 
 def exported_series_names() -> set[str]:
     """Every series name the services can export, from the real metric objects each one builds."""
     config = BelayConfig()
     registries = []
-    for build in (TrainerMetrics, PolicyMetrics, lambda r: RewardServicer(config, r),
-                  lambda r: ReferenceServicer(config, r), lambda r: run_info(r, "trainer", "run", "model"),
-                  lambda r: Canaries(["a canary"], 8, store=None, registry=r), ReviewMetrics):
+    for build in (
+        TrainerMetrics,
+        PolicyMetrics,
+        lambda r: RewardServicer(config, r),
+        lambda r: ReferenceServicer(config, r),
+        lambda r: run_info(r, "trainer", "run", "model"),
+        lambda r: Canaries(["a canary"], 8, store=None, registry=r),
+        ReviewMetrics,
+    ):
         registry = CollectorRegistry()
         build(registry)
         registries.append(registry)
-    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
-                "summary": ("", "_sum", "_count"), "info": ("_info",), "stateset": ("",), "unknown": ("",)}
+    suffixes = {
+        "counter": ("_total",),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "summary": ("", "_sum", "_count"),
+        "info": ("_info",),
+        "stateset": ("",),
+        "unknown": ("",),
+    }
     names = set()
     for registry in registries:
         for family in registry.collect():
@@ -298,8 +364,13 @@ def used_expressions() -> dict[str, str]:
 def test_every_metric_name_in_rules_dashboard_and_grafana_alerts_is_exported_by_the_services():
     exported = exported_series_names()
     # the collection itself is real: each service's signature metric is in it
-    assert {"belay_trainer_kl_per_sequence", "belay_policy_generated_tokens_total", "belay_reward_score_bucket",
-            "belay_reference_logprobs_seconds_count", "belay_run_info"} <= exported
+    assert {
+        "belay_trainer_kl_per_sequence",
+        "belay_policy_generated_tokens_total",
+        "belay_reward_score_bucket",
+        "belay_reference_logprobs_seconds_count",
+        "belay_run_info",
+    } <= exported
     unknown, used_names = {}, set()
     for where, expr in used_expressions().items():
         names = promql_metric_names(expr)

@@ -1,5 +1,6 @@
 """The policy service over real gRPC: sampling limits, EOS handling, behaviour log-probs, seeds,
 refusals of bad requests, and hot-swapping weights through UpdateWeights."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -22,27 +23,34 @@ PROMPTS = ["How are you feeling today?", "Describe a walk in the park.", "Hi"]
 
 
 def generate(stub, prompts=PROMPTS, samples=1, **sampling) -> belay_pb2.GenerateResponse:
-    request = belay_pb2.GenerateRequest(prompts=prompts, samples_per_prompt=samples,
-                                        sampling=belay_pb2.SamplingParams(**sampling))
+    request = belay_pb2.GenerateRequest(
+        prompts=prompts, samples_per_prompt=samples, sampling=belay_pb2.SamplingParams(**sampling)
+    )
     return stub.Generate(request, timeout=RPC_TIMEOUT)
 
 
 def rows_of(reply):
     """(prompt rows, response rows) as lists of ids, and the behaviour log-prob rows."""
-    return ([r.tolist() for r in unpack_int32(reply.prompt_ids)],
-            [r.tolist() for r in unpack_int32(reply.response_ids)], unpack_float32(reply.logprobs))
+    return (
+        [r.tolist() for r in unpack_int32(reply.prompt_ids)],
+        [r.tolist() for r in unpack_int32(reply.response_ids)],
+        unpack_float32(reply.logprobs),
+    )
 
 
 def policy_logprobs(stub, prompts, responses, temperature=1.0):
-    request = belay_pb2.LogProbsRequest(prompt_ids=pack_int32(prompts), response_ids=pack_int32(responses),
-                                        temperature=temperature)
+    request = belay_pb2.LogProbsRequest(
+        prompt_ids=pack_int32(prompts), response_ids=pack_int32(responses), temperature=temperature
+    )
     return unpack_float32(stub.LogProbs(request, timeout=RPC_TIMEOUT).logprobs)
 
 
 def policy_config(model_dir, checkpoint_dir, **grpc_limits):
-    return make_config({"max_batch_size": 9, **grpc_limits},
-                       policy={"model_dir": str(model_dir), "run_actor": False},
-                       run={"checkpoint_dir": str(checkpoint_dir)})
+    return make_config(
+        {"max_batch_size": 9, **grpc_limits},
+        policy={"model_dir": str(model_dir), "run_actor": False},
+        run={"checkpoint_dir": str(checkpoint_dir)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +71,7 @@ def direct_model(tiny_lm_dir):
 
 
 # --- Generate ---
+
 
 def test_responses_never_exceed_max_new_tokens_and_unfinished_ones_say_length(policy):
     eos = policy.servicer.engine.tokenizer.eos_token_id
@@ -102,8 +111,9 @@ def test_samples_per_prompt_gives_that_many_rows_per_prompt_in_order(policy):
     assert list(reply.prompt_index) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert len(prompts) == len(responses) == 9
     for row, index in enumerate(reply.prompt_index):
-        expected = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[index]}],
-                                                 add_generation_prompt=True, tokenize=True)
+        expected = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[index]}], add_generation_prompt=True, tokenize=True
+        )
         assert prompts[row] == list(expected)
         assert reply.response_texts[row] == tokenizer.decode(responses[row], skip_special_tokens=True)
     assert reply.policy_version == 0
@@ -118,8 +128,7 @@ def test_behaviour_logprobs_equal_the_logprobs_rpc_and_a_direct_forward_pass(pol
     for b, s, prompt, response in zip(behaviour, served, prompts, responses):
         assert len(b) == len(response)
         np.testing.assert_allclose(b, s, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(b, direct_logprobs(direct_model, prompt, response, temperature),
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(b, direct_logprobs(direct_model, prompt, response, temperature), atol=1e-5, rtol=0)
 
 
 def test_greedy_behaviour_logprobs_are_at_temperature_one(eos_policy, eager_eos_lm_dir):
@@ -145,20 +154,37 @@ def still_generates(stub) -> None:
     assert len(rows_of(reply)[1]) == 1
 
 
-@pytest.mark.parametrize("prompts, samples, sampling, code, words", [
-    ([], 1, {}, grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
-    (["Hi"], 1, {"top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    (["Hi"], 1, {"temperature": -0.5}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    (["Hi"], 1, {"temperature": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    (["Hi", "Hello"], 5, {}, grpc.StatusCode.RESOURCE_EXHAUSTED,
-     "10 rows (prompts x samples_per_prompt) exceed max_batch_size=9"),
-    (["Hi"], 1, {"max_new_tokens": 250}, grpc.StatusCode.INVALID_ARGUMENT, "limit of 256"),
-], ids=["no-prompts", "top-p-over-one", "negative-temperature", "nan-temperature", "rows-over-batch-limit",
-        "past-context"])
-def test_bad_generate_requests_are_refused_and_the_server_keeps_serving(policy, prompts, samples, sampling,
-                                                                         code, words):
-    request = belay_pb2.GenerateRequest(prompts=prompts, samples_per_prompt=samples,
-                                        sampling=belay_pb2.SamplingParams(**sampling))
+@pytest.mark.parametrize(
+    "prompts, samples, sampling, code, words",
+    [
+        ([], 1, {}, grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
+        (["Hi"], 1, {"top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (["Hi"], 1, {"temperature": -0.5}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (["Hi"], 1, {"temperature": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (
+            ["Hi", "Hello"],
+            5,
+            {},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "10 rows (prompts x samples_per_prompt) exceed max_batch_size=9",
+        ),
+        (["Hi"], 1, {"max_new_tokens": 250}, grpc.StatusCode.INVALID_ARGUMENT, "limit of 256"),
+    ],
+    ids=[
+        "no-prompts",
+        "top-p-over-one",
+        "negative-temperature",
+        "nan-temperature",
+        "rows-over-batch-limit",
+        "past-context",
+    ],
+)
+def test_bad_generate_requests_are_refused_and_the_server_keeps_serving(
+    policy, prompts, samples, sampling, code, words
+):
+    request = belay_pb2.GenerateRequest(
+        prompts=prompts, samples_per_prompt=samples, sampling=belay_pb2.SamplingParams(**sampling)
+    )
     error = rpc_error(policy.stub.Generate, request)
     assert error.code() == code
     assert words in error.details()
@@ -167,13 +193,15 @@ def test_bad_generate_requests_are_refused_and_the_server_keeps_serving(policy, 
 
 def test_generation_right_at_the_context_limit_is_allowed(policy):
     tokenizer = policy.servicer.engine.tokenizer
-    prompt_length = len(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
-                                                      add_generation_prompt=True, tokenize=True))
+    prompt_length = len(
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True)
+    )
     reply = generate(policy.stub, prompts=["Hi"], temperature=1.0, max_new_tokens=256 - prompt_length, seed=0)
     assert len(rows_of(reply)[1][0]) <= 256 - prompt_length
 
 
 # --- UpdateWeights ---
+
 
 def tiny_model(tokenizer, seed: int, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
@@ -200,8 +228,9 @@ def test_update_weights_swaps_to_the_committed_checkpoint(fresh_policy, tiny_lm_
     new_model = tiny_model(load_tokenizer(str(tiny_lm_dir)), seed=99)
     path = commit(fresh_policy.config.run.checkpoint_dir, 1, new_model)
 
-    reply = fresh_policy.stub.UpdateWeights(belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(path)),
-                                            timeout=RPC_TIMEOUT)
+    reply = fresh_policy.stub.UpdateWeights(
+        belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(path)), timeout=RPC_TIMEOUT
+    )
     assert reply.current_version == 1
     info = fresh_policy.stub.Info(belay_pb2.InfoRequest(), timeout=RPC_TIMEOUT)
     assert info.policy_version == 1
@@ -215,21 +244,24 @@ def test_update_weights_swaps_to_the_committed_checkpoint(fresh_policy, tiny_lm_
     assert reply.policy_version == 1
 
     # asking again for the version already serving changes nothing
-    again = fresh_policy.stub.UpdateWeights(belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(path)),
-                                            timeout=RPC_TIMEOUT)
+    again = fresh_policy.stub.UpdateWeights(
+        belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(path)), timeout=RPC_TIMEOUT
+    )
     assert again.current_version == 1
 
 
 def test_update_weights_refuses_a_path_outside_the_checkpoint_dir(fresh_policy, tiny_lm_dir, tmp_path):
     before = policy_logprobs(fresh_policy.stub, PROBE_PROMPTS, PROBE_RESPONSES)
     outside = commit(tmp_path / "elsewhere", 1, tiny_model(load_tokenizer(str(tiny_lm_dir)), seed=99))
-    error = rpc_error(fresh_policy.stub.UpdateWeights,
-                      belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(outside)))
+    error = rpc_error(
+        fresh_policy.stub.UpdateWeights, belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(outside))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not inside the policy's checkpoint directory" in error.details()
     sneaky = f"{fresh_policy.config.run.checkpoint_dir}/../elsewhere/v000001"
-    error = rpc_error(fresh_policy.stub.UpdateWeights,
-                      belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=sneaky))
+    error = rpc_error(
+        fresh_policy.stub.UpdateWeights, belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=sneaky)
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fresh_policy.stub.Info(belay_pb2.InfoRequest(), timeout=RPC_TIMEOUT).policy_version == 0
     after = policy_logprobs(fresh_policy.stub, PROBE_PROMPTS, PROBE_RESPONSES)
@@ -239,8 +271,9 @@ def test_update_weights_refuses_a_path_outside_the_checkpoint_dir(fresh_policy, 
 
 def test_update_weights_refuses_a_directory_of_another_version(fresh_policy, tiny_lm_dir):
     path = commit(fresh_policy.config.run.checkpoint_dir, 1, tiny_model(load_tokenizer(str(tiny_lm_dir)), seed=99))
-    error = rpc_error(fresh_policy.stub.UpdateWeights,
-                      belay_pb2.UpdateWeightsRequest(version=2, checkpoint_path=str(path)))
+    error = rpc_error(
+        fresh_policy.stub.UpdateWeights, belay_pb2.UpdateWeightsRequest(version=2, checkpoint_path=str(path))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "version 2" in error.details()
     assert fresh_policy.stub.Info(belay_pb2.InfoRequest(), timeout=RPC_TIMEOUT).policy_version == 0
@@ -251,14 +284,16 @@ def test_a_checkpoint_of_the_wrong_shape_is_refused_and_the_old_weights_keep_ser
     good = tiny_model(tokenizer, seed=99)
     root = fresh_policy.config.run.checkpoint_dir
     v1 = commit(root, 1, good)
-    fresh_policy.stub.UpdateWeights(belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(v1)),
-                                    timeout=RPC_TIMEOUT)
+    fresh_policy.stub.UpdateWeights(
+        belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(v1)), timeout=RPC_TIMEOUT
+    )
     serving = policy_logprobs(fresh_policy.stub, PROBE_PROMPTS, PROBE_RESPONSES)
     revision = fresh_policy.stub.Info(belay_pb2.InfoRequest(), timeout=RPC_TIMEOUT).model_revision
 
     v2 = commit(root, 2, tiny_model(tokenizer, seed=7, hidden_size=64, intermediate_size=128))
-    error = rpc_error(fresh_policy.stub.UpdateWeights,
-                      belay_pb2.UpdateWeightsRequest(version=2, checkpoint_path=str(v2)))
+    error = rpc_error(
+        fresh_policy.stub.UpdateWeights, belay_pb2.UpdateWeightsRequest(version=2, checkpoint_path=str(v2))
+    )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "v000002" in error.details()
     assert "embed_tokens.weight has shape" in error.details() and "the model expects" in error.details()
@@ -282,14 +317,21 @@ def test_a_swap_during_generation_never_mixes_weights_within_a_batch(tiny_lm_dir
         path = commit(running.config.run.checkpoint_dir, 1, new_model)
 
         def one_batch(seed):
-            return generate(running.stub, prompts=["Hi", "Describe a walk in the park."], temperature=1.0,
-                            max_new_tokens=12, seed=seed)
+            return generate(
+                running.stub,
+                prompts=["Hi", "Describe a walk in the park."],
+                temperature=1.0,
+                max_new_tokens=12,
+                seed=seed,
+            )
 
         with ThreadPoolExecutor(4) as pool:
             batches = [pool.submit(one_batch, seed) for seed in range(3)]
-            swap = pool.submit(running.stub.UpdateWeights,
-                               belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(path)),
-                               timeout=RPC_TIMEOUT)
+            swap = pool.submit(
+                running.stub.UpdateWeights,
+                belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path=str(path)),
+                timeout=RPC_TIMEOUT,
+            )
             batches.append(pool.submit(one_batch, 3))
             replies = [b.result() for b in batches]
             assert swap.result().current_version == 1

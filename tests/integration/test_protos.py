@@ -1,4 +1,5 @@
 """The checked-in gRPC stubs in gen/ are exactly what scripts/gen_protos.py makes from protos/."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +11,11 @@ GEN = ROOT / "gen"
 
 
 def _files(tree: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(tree)): p.read_bytes() for p in sorted(tree.rglob("*"))
-            if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(tree)): p.read_bytes()
+        for p in sorted(tree.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def _load_generator(script: pathlib.Path):
@@ -25,8 +29,10 @@ def _stale_report(expected: dict[str, bytes], checked_in: dict[str, bytes]) -> s
     missing = sorted(set(expected) - set(checked_in))
     extra = sorted(set(checked_in) - set(expected))
     differ = sorted(name for name in set(expected) & set(checked_in) if expected[name] != checked_in[name])
-    return (f"gen/ is out of date with protos/: run `python scripts/gen_protos.py`. "
-            f"missing: {missing}, not generated: {extra}, different: {differ}")
+    return (
+        f"gen/ is out of date with protos/: run `python scripts/gen_protos.py`. "
+        f"missing: {missing}, not generated: {extra}, different: {differ}"
+    )
 
 
 def test_checked_in_stubs_are_byte_identical_to_freshly_generated_ones(tmp_path):
@@ -35,8 +41,13 @@ def test_checked_in_stubs_are_byte_identical_to_freshly_generated_ones(tmp_path)
     fresh = _files(tmp_path / "out")
     checked_in = _files(GEN)
     # the generator really produced the service stubs (an empty run would compare trivially)
-    assert {"belay/v1/belay_pb2.py", "belay/v1/belay_pb2.pyi", "belay/v1/belay_pb2_grpc.py",
-            "belay/__init__.py", "belay/v1/__init__.py"} <= set(fresh)
+    assert {
+        "belay/v1/belay_pb2.py",
+        "belay/v1/belay_pb2.pyi",
+        "belay/v1/belay_pb2_grpc.py",
+        "belay/__init__.py",
+        "belay/v1/__init__.py",
+    } <= set(fresh)
     assert fresh == checked_in, _stale_report(fresh, checked_in)
 
 

@@ -3,6 +3,7 @@
 Resume equality with checkpoint_every_steps > 1, the old checkpoint format, the published files
 the policy swaps to, pruning by what replicas serve, the actor's production bound, and the
 persisted checkpoint as a plain Hugging Face model directory."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 
-from services.common.checkpoints import (STATE_JSON, committed_versions, write_manifest)
+from services.common.checkpoints import STATE_JSON, committed_versions, write_manifest
 from services.common.models import load_causal_lm, load_tokenizer, weights_fingerprint
 from services.common.published import published_dir
 from services.common.rollout_queue import Rollout, RolloutQueue
@@ -33,17 +34,34 @@ def rollout(tokenizer, version: int, seed: int) -> Rollout:
     rng = np.random.default_rng(seed)
     prompt = tokenizer("Tell me about your weekend.")["input_ids"]
     response = rng.integers(3, len(tokenizer), size=6).tolist()
-    return Rollout(prompt_text="p", response_text="r", prompt_ids=np.array(prompt), response_ids=np.array(response),
-                   logprobs=rng.uniform(-6, -4, 6).astype(np.float32), ref_logprobs=np.full(6, -5.0, np.float32),
-                   reward=float(rng.normal()), policy_version=version, finish_reason="length", group_id=f"g{seed}",
-                   rollout_id=f"r{seed}")
+    return Rollout(
+        prompt_text="p",
+        response_text="r",
+        prompt_ids=np.array(prompt),
+        response_ids=np.array(response),
+        logprobs=rng.uniform(-6, -4, 6).astype(np.float32),
+        ref_logprobs=np.full(6, -5.0, np.float32),
+        reward=float(rng.normal()),
+        policy_version=version,
+        finish_reason="length",
+        group_id=f"g{seed}",
+        rollout_id=f"r{seed}",
+    )
 
 
 def make_trainer(model_dir, redis_url, tmp_path, run: str = "belay", **trainer) -> Trainer:
-    config = make_config(run={"name": run, "checkpoint_dir": str(tmp_path / run / "checkpoints")},
-                         redis={"url": redis_url, "block_ms": 50, "claim_idle_ms": 1},
-                         trainer={"model_dir": str(model_dir), "batch_size": 8, "minibatch_size": 4, "lr": 5e-3,
-                                  "ppo_epochs": 2, **trainer})
+    config = make_config(
+        run={"name": run, "checkpoint_dir": str(tmp_path / run / "checkpoints")},
+        redis={"url": redis_url, "block_ms": 50, "claim_idle_ms": 1},
+        trainer={
+            "model_dir": str(model_dir),
+            "batch_size": 8,
+            "minibatch_size": 4,
+            "lr": 5e-3,
+            "ppo_epochs": 2,
+            **trainer,
+        },
+    )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     queue.ensure_group()
     model = load_causal_lm(str(model_dir), torch.device("cpu"), "trainer")
@@ -59,8 +77,9 @@ def train_one(trainer: Trainer) -> dict:
     return trainer.step(trainer.collect(threading.Event()))
 
 
-def test_an_interrupted_run_resumed_from_its_last_persist_equals_the_uninterrupted_one(tiny_lm_dir, redis_url,
-                                                                                      tmp_path):
+def test_an_interrupted_run_resumed_from_its_last_persist_equals_the_uninterrupted_one(
+    tiny_lm_dir, redis_url, tmp_path
+):
     # Uninterrupted: four updates, a persist every two.
     whole = make_trainer(tiny_lm_dir, redis_url, tmp_path, run="whole", checkpoint_every_steps=2)
     whole.publish_at_start()
@@ -86,7 +105,7 @@ def test_an_interrupted_run_resumed_from_its_last_persist_equals_the_uninterrupt
     assert resumed.version == 4 and resumed.queue.latest_version()[0] == 4
     assert resumed.queue.awaiting_persist() == 0
     assert resumed.lineage.staleness(3) == 1  # orphan 3, one update down the dead branch: still trainable
-    train_one(resumed)          # batch 3 again (redelivered: it was never acknowledged), sampled by 2: fresh
+    train_one(resumed)  # batch 3 again (redelivered: it was never acknowledged), sampled by 2: fresh
     assert resumed.lineage.staleness(3) == 2  # now two updates away along the path through 2: stale
     feed(resumed, 3, version=5)  # batch 4, sampled by the resumed lineage's newest version
     summary = train_one(resumed)
@@ -127,8 +146,12 @@ def test_the_policy_swaps_to_published_weights_and_only_from_its_own_directories
     train_one(trainer)
     version, path = trainer.queue.latest_version()
     config = trainer.config
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
-                          load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    engine = PolicyEngine(
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
+        load_tokenizer(str(tiny_lm_dir)),
+        config.grpc,
+        4096,
+    )
     engine.swap_to(version, checked_weights_path(config.run, version, path))
     assert weights_fingerprint(engine.loaded.model) == weights_fingerprint(trainer.model)
     elsewhere = tmp_path / "elsewhere" / "v000001"
@@ -166,10 +189,19 @@ def test_the_actor_bound_leaves_out_rollouts_awaiting_their_persist(tiny_lm_dir,
     from services.policy.swaps import SwapRequests
 
     trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, max_staleness=1)
-    config = trainer.config.model_copy(update={"policy": trainer.config.policy.model_copy(
-        update={"canary_prompts_file": "", "prompts_per_batch": 4, "samples_per_prompt": 2})})
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
-                          load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    config = trainer.config.model_copy(
+        update={
+            "policy": trainer.config.policy.model_copy(
+                update={"canary_prompts_file": "", "prompts_per_batch": 4, "samples_per_prompt": 2}
+            )
+        }
+    )
+    engine = PolicyEngine(
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
+        load_tokenizer(str(tiny_lm_dir)),
+        config.grpc,
+        4096,
+    )
     actor = Actor(config, engine, trainer.queue, None, None, SwapRequests(), PolicyMetrics(CollectorRegistry()))
     for batch in range(3):  # three updates, none persisted: 24 rollouts pending, all awaiting
         feed(trainer, batch, version=batch)
@@ -178,7 +210,7 @@ def test_the_actor_bound_leaves_out_rollouts_awaiting_their_persist(tiny_lm_dir,
     assert engine.version == 3 and trainer.queue.pending_count() == 24
     assert actor.fresh_enough()  # counting pending ones as outstanding would say 3 batches ahead: wait forever
     feed(trainer, 3, version=3)
-    assert actor.fresh_enough()      # one batch unread: sampling the next now is trained one version late
+    assert actor.fresh_enough()  # one batch unread: sampling the next now is trained one version late
     feed(trainer, 4, version=3)
     assert not actor.fresh_enough()  # two unread: the next would be stale by 2
 
@@ -219,8 +251,13 @@ def test_lora_publishes_the_adapter_tensors_only_and_the_policy_takes_them(tiny_
 
     trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path)
     trainer.config.lora.enabled = True
-    trainer = Trainer(trainer.config, load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "t"), trainer.tokenizer,
-                      trainer.queue, TrainerMetrics(CollectorRegistry()))
+    trainer = Trainer(
+        trainer.config,
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "t"),
+        trainer.tokenizer,
+        trainer.queue,
+        TrainerMetrics(CollectorRegistry()),
+    )
     feed(trainer, 0, version=0)
     summary = train_one(trainer)
     version, path = trainer.queue.latest_version()
@@ -228,8 +265,9 @@ def test_lora_publishes_the_adapter_tensors_only_and_the_policy_takes_them(tiny_
     assert files == ["MANIFEST.json", "adapter_config.json", "adapter_model.safetensors"]
     adapters = adapter_tensors(trainer.model)
     assert summary["publish_bytes"] < sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
-    policy_model = wrap_with_lora(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
-                                  lora_settings(trainer.config.lora))
+    policy_model = wrap_with_lora(
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), lora_settings(trainer.config.lora)
+    )
     engine = PolicyEngine(policy_model, trainer.tokenizer, trainer.config.grpc, 4096)
     engine.swap_to(version, checked_weights_path(trainer.config.run, version, path))
     served = adapter_tensors(engine.loaded.model)
@@ -237,8 +275,7 @@ def test_lora_publishes_the_adapter_tensors_only_and_the_policy_takes_them(tiny_
     assert any(t.abs().sum() > 0 for name, t in served.items() if "lora_B" in name)  # the update reached it
 
 
-def test_a_new_trainer_never_serves_what_an_earlier_run_left_in_the_publish_directory(tiny_lm_dir, redis_url,
-                                                                                     tmp_path):
+def test_a_new_trainer_never_serves_what_an_earlier_run_left_in_the_publish_directory(tiny_lm_dir, redis_url, tmp_path):
     first = make_trainer(tiny_lm_dir, redis_url, tmp_path)
     feed(first, 0, version=0)
     train_one(first)  # leaves v000001 in the publish directory (killed: no finish)

@@ -1,5 +1,6 @@
 """The reference is the floor of PPO: a change to its weights after load is caught, and the
 service stops rather than serve a moved reference."""
+
 from __future__ import annotations
 
 import subprocess
@@ -28,12 +29,22 @@ def test_a_change_to_the_frozen_weights_is_detected(tiny_lm_dir):
 
 def test_the_reference_service_watches_its_weights_and_keeps_serving_while_they_hold(tiny_lm_dir, tmp_path):
     """The real process with a short watch interval: still alive after several checks."""
-    config = make_config(reference={"model_dir": str(tiny_lm_dir), "address": f"127.0.0.1:{free_port()}",
-                                    "fingerprint_check_seconds": 0.2})
+    config = make_config(
+        reference={
+            "model_dir": str(tiny_lm_dir),
+            "address": f"127.0.0.1:{free_port()}",
+            "fingerprint_check_seconds": 0.2,
+        }
+    )
     path = tmp_path / "belay.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    process = subprocess.Popen([sys.executable, "-m", "services.reference", "--config", str(path)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.reference", "--config", str(path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         time.sleep(8)  # load (a few seconds) and then a dozen or more checks
         assert process.poll() is None, process.stdout.read()

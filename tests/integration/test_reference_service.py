@@ -1,5 +1,6 @@
 """The reference service over real gRPC: teacher-forced log-probs, Info, health, reflection, and
 refusals of bad requests with the right status code while it keeps serving."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,9 @@ RESPONSES = [[8, 11], [60, 61, 62, 63, 64], [1]]
 
 
 def logprobs_request(prompts, responses, temperature: float = 0.0) -> belay_pb2.LogProbsRequest:
-    return belay_pb2.LogProbsRequest(prompt_ids=pack_int32(prompts), response_ids=pack_int32(responses),
-                                     temperature=temperature)
+    return belay_pb2.LogProbsRequest(
+        prompt_ids=pack_int32(prompts), response_ids=pack_int32(responses), temperature=temperature
+    )
 
 
 def good_call_succeeds(stub) -> None:
@@ -53,10 +55,12 @@ def test_logprobs_of_ragged_rows_equal_an_independent_forward_pass(reference, di
 
 
 def test_temperature_changes_the_logprobs(reference):
-    cold = unpack_float32(reference.stub.LogProbs(logprobs_request(PROMPTS, RESPONSES, 0.7),
-                                                  timeout=RPC_TIMEOUT).logprobs)
-    warm = unpack_float32(reference.stub.LogProbs(logprobs_request(PROMPTS, RESPONSES, 1.0),
-                                                  timeout=RPC_TIMEOUT).logprobs)
+    cold = unpack_float32(
+        reference.stub.LogProbs(logprobs_request(PROMPTS, RESPONSES, 0.7), timeout=RPC_TIMEOUT).logprobs
+    )
+    warm = unpack_float32(
+        reference.stub.LogProbs(logprobs_request(PROMPTS, RESPONSES, 1.0), timeout=RPC_TIMEOUT).logprobs
+    )
     assert any(np.abs(c - w).max() > 1e-3 for c, w in zip(cold, warm))
 
 
@@ -102,6 +106,7 @@ def test_reference_model_is_frozen_and_in_eval_mode(reference):
 
 
 # --- bad requests: the right code, a message naming the problem, and the server keeps serving ---
+
 
 def test_empty_batch_is_invalid_argument(reference):
     error = rpc_error(reference.stub.LogProbs, logprobs_request([], []))
@@ -167,14 +172,16 @@ def test_batch_over_max_batch_size_is_resource_exhausted(reference):
 
 def test_corrupt_packed_bytes_are_invalid_argument(reference):
     three_values = np.array([1, 2, 3], dtype="<i4").tobytes()
-    bad_lengths = belay_pb2.LogProbsRequest(prompt_ids=belay_pb2.PackedInt32(data=three_values, lengths=[2]),
-                                            response_ids=pack_int32([[4]]))
+    bad_lengths = belay_pb2.LogProbsRequest(
+        prompt_ids=belay_pb2.PackedInt32(data=three_values, lengths=[2]), response_ids=pack_int32([[4]])
+    )
     error = rpc_error(reference.stub.LogProbs, bad_lengths)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt_ids" in error.details() and "lengths add up to 2" in error.details()
 
-    ragged_bytes = belay_pb2.LogProbsRequest(prompt_ids=pack_int32([[1]]),
-                                             response_ids=belay_pb2.PackedInt32(data=b"\x01\x00\x00", lengths=[1]))
+    ragged_bytes = belay_pb2.LogProbsRequest(
+        prompt_ids=pack_int32([[1]]), response_ids=belay_pb2.PackedInt32(data=b"\x01\x00\x00", lengths=[1])
+    )
     error = rpc_error(reference.stub.LogProbs, ragged_bytes)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "response_ids" in error.details() and "3 bytes" in error.details()
@@ -204,8 +211,7 @@ def test_message_over_the_server_limit_is_resource_exhausted(tiny_lm_dir):
 
 def test_rows_split_across_several_forward_passes_give_the_same_logprobs(tiny_lm_dir, direct_model):
     """max_tokens_per_forward=16 forces these ragged rows into several chunks; the values must not move."""
-    config = make_config({"max_batch_size": 8},
-                         reference={"model_dir": str(tiny_lm_dir), "max_tokens_per_forward": 16})
+    config = make_config({"max_batch_size": 8}, reference={"model_dir": str(tiny_lm_dir), "max_tokens_per_forward": 16})
     prompts = PROMPTS + [[9] * 20, [4, 4]]
     responses = RESPONSES + [[10, 11, 12], [13]]
     assert sum(len(p) + len(r) for p, r in zip(prompts, responses)) > 16
@@ -219,10 +225,18 @@ def test_rows_split_across_several_forward_passes_give_the_same_logprobs(tiny_lm
 
 def test_concurrent_logprobs_calls_each_get_their_own_answer(reference):
     requests = [([[5, 6 + i]], [[7, 8, 9 + i]]) for i in range(6)]
-    alone = [unpack_float32(reference.stub.LogProbs(logprobs_request(p, r), timeout=RPC_TIMEOUT).logprobs)[0]
-             for p, r in requests]
+    alone = [
+        unpack_float32(reference.stub.LogProbs(logprobs_request(p, r), timeout=RPC_TIMEOUT).logprobs)[0]
+        for p, r in requests
+    ]
     with ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(lambda pr: unpack_float32(reference.stub.LogProbs(
-            logprobs_request(*pr), timeout=RPC_TIMEOUT).logprobs)[0], requests))
+        together = list(
+            pool.map(
+                lambda pr: unpack_float32(reference.stub.LogProbs(logprobs_request(*pr), timeout=RPC_TIMEOUT).logprobs)[
+                    0
+                ],
+                requests,
+            )
+        )
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)

@@ -1,4 +1,5 @@
 """The review page's HTTP API against a real Redis, served by uvicorn on a loopback port."""
+
 from __future__ import annotations
 
 import math
@@ -13,10 +14,24 @@ from services.trainer.review import ReviewMetrics, canary_columns, create_app, s
 from tests.conftest import free_port
 
 SAMPLES = [
-    {"rollout_id": "r-1", "prompt": "Say hi.", "response": "Hi there!", "reward": 0.5, "kl": 0.25, "version": 1,
-     "time": 1.0},
-    {"rollout_id": "r-2", "prompt": "Be nasty.", "response": "<script>alert('x')</script> & done", "reward": -1.0,
-     "kl": 1.5, "version": 2, "time": 2.0},
+    {
+        "rollout_id": "r-1",
+        "prompt": "Say hi.",
+        "response": "Hi there!",
+        "reward": 0.5,
+        "kl": 0.25,
+        "version": 1,
+        "time": 1.0,
+    },
+    {
+        "rollout_id": "r-2",
+        "prompt": "Be nasty.",
+        "response": "<script>alert('x')</script> & done",
+        "reward": -1.0,
+        "kl": 1.5,
+        "version": 2,
+        "time": 2.0,
+    },
 ]
 
 
@@ -75,11 +90,14 @@ def test_the_mean_is_recomputed_from_redis_at_start(redis_url):
     assert metric(registry, "belay_review_rating_mean") == pytest.approx(3.5)
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"rollout_id": "r-1", "rating": 6}, 422, "rating must be an integer from 1 to 5"),
-    ({"rollout_id": "r-1", "rating": "4"}, 422, "rating"),
-    ({"rollout_id": "nope", "rating": 3}, 404, "no recent sample has rollout_id 'nope'"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"rollout_id": "r-1", "rating": 6}, 422, "rating must be an integer from 1 to 5"),
+        ({"rollout_id": "r-1", "rating": "4"}, 422, "rating"),
+        ({"rollout_id": "nope", "rating": 3}, 404, "no recent sample has rollout_id 'nope'"),
+    ],
+)
 def test_a_bad_rating_or_unknown_sample_is_refused_with_what_was_wrong(page, body, status, words):
     url, store, registry = page
     reply = httpx.post(url + "api/ratings", json=body)
@@ -100,8 +118,15 @@ def test_canaries_are_shown_side_by_side_with_their_drift(page):
     url, store, _ = page
     prompts = ["Name a colour.", "Count to <3>."]
     for version in range(9):
-        store.record_canaries(version, {"time": float(version), "prompts": prompts, "drift": version / 10,
-                                        "outputs": [f"blue {version}", f"one two {version}"]})
+        store.record_canaries(
+            version,
+            {
+                "time": float(version),
+                "prompts": prompts,
+                "drift": version / 10,
+                "outputs": [f"blue {version}", f"one two {version}"],
+            },
+        )
     listed = httpx.get(url + "api/canaries").json()
     assert [c["version"] for c in listed] == list(range(9))
     text = httpx.get(url).text
@@ -145,4 +170,3 @@ def test_port_zero_and_a_taken_port_are_refused_with_the_reason(redis_url):
             serve(app, "127.0.0.1", port)
     finally:
         first.stop()
-

@@ -1,13 +1,20 @@
 """ReviewStore on a real Redis: samples newest first and capped, canaries per version, ratings
 validated and kept."""
+
 import pytest
 
 from services.common.review_store import MAX_SAMPLES, ReviewStore
 
 
 def sample(i: int) -> dict:
-    return {"rollout_id": f"r{i}", "prompt": f"p{i}", "response": f"answer {i}", "reward": i / 10, "kl": 0.1,
-            "version": i // 8}
+    return {
+        "rollout_id": f"r{i}",
+        "prompt": f"p{i}",
+        "response": f"answer {i}",
+        "reward": i / 10,
+        "kl": 0.1,
+        "version": i // 8,
+    }
 
 
 def test_samples_are_newest_first_and_capped(redis_url):

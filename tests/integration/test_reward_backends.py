@@ -1,6 +1,7 @@
 """Every reward backend through the real gRPC reward server: hf_classifier chunked and truncated,
 embedding_similarity on the packaged all-MiniLM-L6-v2, a Python function, an HTTP reward server
 (a real one on loopback, misbehaving on purpose), and their weighted combination."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,16 +26,32 @@ from services.reward.server import RewardServicer
 
 from .conftest import RPC_TIMEOUT, make_config, rpc_error, running_reward
 
-PROMPTS = ["Tell me about your weekend.", "How are you feeling today?", "Describe a walk in the park.",
-           "Say something.", "What is two plus two?", "Write a poem about the sea, please, with rhymes.",
-           "Hi"]
-RESPONSES = ["I love this, it is wonderful and I am so happy!", "This is terrible, awful and sad. I hate it.",
-             "The park was a park.", "", "Four.", ("The sea is wide, the sea is deep, its waves at night put "
-             "me to sleep; the gulls above, the fish below, and on the shore the tides come and go."), "Hello!"]
+PROMPTS = [
+    "Tell me about your weekend.",
+    "How are you feeling today?",
+    "Describe a walk in the park.",
+    "Say something.",
+    "What is two plus two?",
+    "Write a poem about the sea, please, with rhymes.",
+    "Hi",
+]
+RESPONSES = [
+    "I love this, it is wonderful and I am so happy!",
+    "This is terrible, awful and sad. I hate it.",
+    "The park was a park.",
+    "",
+    "Four.",
+    (
+        "The sea is wide, the sea is deep, its waves at night put "
+        "me to sleep; the gulls above, the fish below, and on the shore the tides come and go."
+    ),
+    "Hello!",
+]
 THIS_MODULE = __name__  # tests.integration.test_reward_backends: the "user module" of the python backend
 
 
 # --- reward functions for the python backend (a user's module: this one) ---
+
 
 def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """A user's reward: response length in characters, divided by 10."""
@@ -71,6 +88,7 @@ def word_count(text: str) -> float:
 
 # --- a real HTTP reward server on loopback: POST {prompts, responses} -> {scores} ---
 
+
 class RewardHTTPServer:
     """ThreadingHTTPServer on 127.0.0.1:0. Paths choose a behaviour: /ok scores word counts,
     /wrong-count, /nan, /text (not JSON), /word (a non-numeric score), /flaky (500 once, then ok),
@@ -96,7 +114,7 @@ class RewardHTTPServer:
                 if self.path == "/wrong-count":
                     return self.reply(200, {"scores": scores + [1.0]})
                 if self.path == "/nan":
-                    return self.reply(200, "{\"scores\": [" + ", ".join(["NaN"] * count) + "]}")
+                    return self.reply(200, '{"scores": [' + ", ".join(["NaN"] * count) + "]}")
                 if self.path == "/text":
                     return self.reply(200, "all good!", "text/plain")
                 if self.path == "/word":
@@ -155,9 +173,12 @@ def http_server():
 
 # --- hf_classifier ---
 
+
 def test_classifier_scores_the_same_in_chunks_of_two_as_in_one_batch(tiny_reward_dir):
-    with served(backend="hf_classifier", model_dir=str(tiny_reward_dir), batch_size=2) as chunked, \
-            served(backend="hf_classifier", model_dir=str(tiny_reward_dir), batch_size=64) as whole:
+    with (
+        served(backend="hf_classifier", model_dir=str(tiny_reward_dir), batch_size=2) as chunked,
+        served(backend="hf_classifier", model_dir=str(tiny_reward_dir), batch_size=64) as whole,
+    ):
         small, large = score(chunked.stub, PROMPTS, RESPONSES), score(whole.stub, PROMPTS, RESPONSES)
         alone = [score(whole.stub, [p], [r]).scores[0] for p, r in zip(PROMPTS, RESPONSES)]  # no padding at all
     assert chunked.servicer.backend.batch_size == 2 and whole.servicer.backend.batch_size == 64
@@ -168,11 +189,13 @@ def test_classifier_scores_the_same_in_chunks_of_two_as_in_one_batch(tiny_reward
 
 def test_classifier_truncates_to_max_length_keeping_the_end_of_the_templated_conversation(tiny_reward_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_reward_dir, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir, local_files_only=True,
-                                                               dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_reward_dir, local_files_only=True, dtype=torch.float32
+    ).eval()
     prompt, response = PROMPTS[5], RESPONSES[5]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": response}], tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+    )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 24
     with torch.no_grad():
@@ -196,8 +219,13 @@ def embedding():
 
 
 def test_a_response_equal_to_a_target_scores_one_and_beats_an_unrelated_one(embedding):
-    responses = [TARGETS[0], TARGETS[1], "It is a bright, sunny and beautiful day.",
-                 "Quantum chromodynamics describes the strong interaction between quarks.", ""]
+    responses = [
+        TARGETS[0],
+        TARGETS[1],
+        "It is a bright, sunny and beautiful day.",
+        "Quantum chromodynamics describes the strong interaction between quarks.",
+        "",
+    ]
     reply = score(embedding.stub, ["Any prompt."] * len(responses), responses)
     equal_first, equal_second, paraphrase, unrelated, empty = reply.scores
     assert equal_first == pytest.approx(1.0, abs=1e-4) and equal_second == pytest.approx(1.0, abs=1e-4)
@@ -221,9 +249,9 @@ def test_embedding_scores_are_the_cosine_of_mean_pooled_embeddings_to_the_closes
     def embed(texts):
         batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
         with torch.no_grad():
-            hidden = model(**batch).last_hidden_state                      # (B, T, H)
-        mask = batch["attention_mask"].unsqueeze(-1).float()                 # (B, T, 1)
-        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)          # (B, H)
+            hidden = model(**batch).last_hidden_state  # (B, T, H)
+        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, H)
         return torch.nn.functional.normalize(mean, dim=-1).numpy()
 
     responses = RESPONSES[:5]
@@ -239,6 +267,7 @@ def test_embedding_similarity_without_targets_is_a_config_error():
 
 # --- python ---
 
+
 def test_python_function_scores_through_the_server():
     with served(backend="python", function=f"{THIS_MODULE}:length_reward") as running:
         reply = score(running.stub, PROMPTS, RESPONSES)
@@ -252,20 +281,24 @@ def test_python_function_from_a_users_own_file_on_the_path(tmp_path, monkeypatch
     (tmp_path / "my_rewards.py").write_text(
         "def polite(prompts, responses):\n"
         "    return [1.0 if 'please' in p.lower() and 'thank' in r.lower() else 0.0\n"
-        "            for p, r in zip(prompts, responses)]\n")
+        "            for p, r in zip(prompts, responses)]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with served(backend="python", function="my_rewards:polite") as running:
         reply = score(running.stub, ["Please help.", "Help.", "Please?"], ["Thank you!", "Thanks", "No."])
     assert list(reply.scores) == [1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("function, words", [
-    ("too_few", "returned 1 scores for 2 (prompt, response) pairs"),
-    ("a_string", "returned str '0.5': expected a list of 2 floats"),
-    ("a_nan", "non-finite score at index 0: nan"),
-    ("a_word", "non-numeric score at index 0: 'high'"),
-    ("explodes", "raised KeyError: 'no such user'"),
-])
+@pytest.mark.parametrize(
+    "function, words",
+    [
+        ("too_few", "returned 1 scores for 2 (prompt, response) pairs"),
+        ("a_string", "returned str '0.5': expected a list of 2 floats"),
+        ("a_nan", "non-finite score at index 0: nan"),
+        ("a_word", "non-numeric score at index 0: 'high'"),
+        ("explodes", "raised KeyError: 'no such user'"),
+    ],
+)
 def test_python_function_bad_return_values_fail_the_call_with_a_clear_error(function, words):
     with served(backend="python", function=f"{THIS_MODULE}:{function}") as running:
         error = rpc_error(running.stub.Score, belay_pb2.ScoreRequest(prompts=["a", "b"], responses=["c", "d"]))
@@ -275,11 +308,14 @@ def test_python_function_bad_return_values_fail_the_call_with_a_clear_error(func
         assert error.details().count("\n") == 0
 
 
-@pytest.mark.parametrize("function, error_type, words", [
-    ("no_such_module_here:score", ImportError, "cannot import module 'no_such_module_here'"),
-    (f"{THIS_MODULE}:missing", AttributeError, "has no attribute 'missing'"),
-    (f"{THIS_MODULE}:NOT_A_FUNCTION", TypeError, "is a int, not a function"),
-])
+@pytest.mark.parametrize(
+    "function, error_type, words",
+    [
+        ("no_such_module_here:score", ImportError, "cannot import module 'no_such_module_here'"),
+        (f"{THIS_MODULE}:missing", AttributeError, "has no attribute 'missing'"),
+        (f"{THIS_MODULE}:NOT_A_FUNCTION", TypeError, "is a int, not a function"),
+    ],
+)
 def test_python_function_that_cannot_be_loaded_fails_at_load_naming_it(function, error_type, words):
     servicer = RewardServicer(make_config(reward={"backend": "python", "function": function}), CollectorRegistry())
     with pytest.raises(error_type, match="reward.function") as caught:
@@ -287,17 +323,27 @@ def test_python_function_that_cannot_be_loaded_fails_at_load_naming_it(function,
     assert words in str(caught.value) and function in str(caught.value)
 
 
-@pytest.mark.parametrize("reward, words", [
-    ({"backend": "python"}, "function is required when backend is 'python'"),
-    ({"backend": "python", "function": "just_a_module"}, "function must read 'module:function'"),
-    ({"backend": "http"}, "url is required when backend is 'http'"),
-    ({"backend": "http", "url": "127.0.0.1:80/score"}, "url must start with http://"),
-    ({"backend": "combined"}, "components is required when backend is 'combined'"),
-    ({"backend": "combined", "components": [{"name": "a", "backend": "python"}]},
-     "function is required when backend is 'python'"),
-    ({"backend": "combined", "components": [{"name": "a", "backend": "vader"}, {"name": "a", "backend": "vader"}]},
-     "names must be unique"),
-])
+@pytest.mark.parametrize(
+    "reward, words",
+    [
+        ({"backend": "python"}, "function is required when backend is 'python'"),
+        ({"backend": "python", "function": "just_a_module"}, "function must read 'module:function'"),
+        ({"backend": "http"}, "url is required when backend is 'http'"),
+        ({"backend": "http", "url": "127.0.0.1:80/score"}, "url must start with http://"),
+        ({"backend": "combined"}, "components is required when backend is 'combined'"),
+        (
+            {"backend": "combined", "components": [{"name": "a", "backend": "python"}]},
+            "function is required when backend is 'python'",
+        ),
+        (
+            {
+                "backend": "combined",
+                "components": [{"name": "a", "backend": "vader"}, {"name": "a", "backend": "vader"}],
+            },
+            "names must be unique",
+        ),
+    ],
+)
 def test_backend_settings_are_validated_naming_the_field(reward, words):
     with pytest.raises(ValueError, match=words):
         make_config(reward=reward)
@@ -305,9 +351,9 @@ def test_backend_settings_are_validated_naming_the_field(reward, words):
 
 # --- http ---
 
+
 def http_section(url: str, **extra) -> dict:
-    return {"backend": "http", "url": url, "timeout_seconds": 5.0, "retries": 2, "retry_backoff_seconds": 0.05,
-            **extra}
+    return {"backend": "http", "url": url, "timeout_seconds": 5.0, "retries": 2, "retry_backoff_seconds": 0.05, **extra}
 
 
 def test_http_backend_posts_the_batch_and_returns_the_servers_scores(http_server):
@@ -325,14 +371,17 @@ def test_http_backend_retries_a_500_then_answers(http_server):
     assert http_server.requests["/flaky"] == 2
 
 
-@pytest.mark.parametrize("path, words", [
-    ("/wrong-count", "returned 3 scores for 2 (prompt, response) pairs"),
-    ("/nan", "non-finite score at index 0: nan"),
-    ("/text", "the reply is not JSON: b'all good!'"),
-    ("/word", "non-numeric score at index 0: 'great'"),
-    ("/down", "failed after 3 attempts: HTTP 503 Service Unavailable: overloaded"),
-    ("/bad-request", "refused the request: HTTP 400 Bad Request: prompts must be short"),
-])
+@pytest.mark.parametrize(
+    "path, words",
+    [
+        ("/wrong-count", "returned 3 scores for 2 (prompt, response) pairs"),
+        ("/nan", "non-finite score at index 0: nan"),
+        ("/text", "the reply is not JSON: b'all good!'"),
+        ("/word", "non-numeric score at index 0: 'great'"),
+        ("/down", "failed after 3 attempts: HTTP 503 Service Unavailable: overloaded"),
+        ("/bad-request", "refused the request: HTTP 400 Bad Request: prompts must be short"),
+    ],
+)
 def test_http_backend_bad_replies_fail_naming_the_url(http_server, path, words):
     with served(**http_section(http_server.url + path)) as running:
         error = rpc_error(running.stub.Score, belay_pb2.ScoreRequest(prompts=["a", "b"], responses=["c", "d e"]))
@@ -365,6 +414,7 @@ def test_http_backend_retries_connection_errors_then_names_the_url():
 
 # --- combined ---
 
+
 def test_combined_equals_the_weighted_sum_of_its_components_scored_separately(http_server):
     vader = {"name": "vader", "backend": "vader"}
     length = {"name": "length", "backend": "python", "function": f"{THIS_MODULE}:length_reward"}
@@ -388,20 +438,24 @@ def test_combined_equals_the_weighted_sum_of_its_components_scored_separately(ht
     for component in reply.components:
         np.testing.assert_allclose(component.scores, separately[component.name], rtol=1e-5, atol=1e-5)
     analyzer = SentimentIntensityAnalyzer()
-    np.testing.assert_allclose(separately["vader"], [analyzer.polarity_scores(r)["compound"] for r in RESPONSES],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        separately["vader"], [analyzer.polarity_scores(r)["compound"] for r in RESPONSES], atol=1e-6
+    )
     for name, scores in separately.items():  # each component's own scores, exported labelled by name
         labels = {"component": name}
         assert registry.get_sample_value("belay_reward_component_score_count", labels) == len(RESPONSES)
         at_most_zero = registry.get_sample_value("belay_reward_component_score_bucket", {**labels, "le": "0.0"})
         assert at_most_zero == sum(scores <= 0)
         assert registry.get_sample_value("belay_reward_component_score_mean", labels) == pytest.approx(
-            scores.mean(), rel=1e-5, abs=1e-5)
+            scores.mean(), rel=1e-5, abs=1e-5
+        )
 
 
 def test_combined_component_failure_names_the_component(http_server):
-    components = [{"name": "vader", "backend": "vader"},
-                  {"name": "remote", "weight": 2.0, **http_section(http_server.url + "/nan")}]
+    components = [
+        {"name": "vader", "backend": "vader"},
+        {"name": "remote", "weight": 2.0, **http_section(http_server.url + "/nan")},
+    ]
     with served(backend="combined", components=components) as running:
         error = rpc_error(running.stub.Score, belay_pb2.ScoreRequest(prompts=["a"], responses=["b"]))
     assert "component remote" in error.details() and "non-finite" in error.details()

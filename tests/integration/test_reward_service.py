@@ -1,5 +1,6 @@
 """The reward service over real gRPC: the VADER and Hugging Face classifier backends score what
 they should, bad requests are refused while it keeps serving, and bad reward models fail at load."""
+
 from __future__ import annotations
 
 import grpc
@@ -16,10 +17,18 @@ from tests.tiny_models import build_tokenizer, llama_config
 
 from .conftest import RPC_TIMEOUT, make_config, rpc_error, running_reward
 
-PROMPTS = ["Tell me about your weekend.", "How are you feeling today?", "Describe a walk in the park.",
-           "Say something."]
-RESPONSES = ["I love this, it is wonderful and I am so happy!", "This is terrible, awful and sad. I hate it.",
-             "The park was a park.", ""]
+PROMPTS = [
+    "Tell me about your weekend.",
+    "How are you feeling today?",
+    "Describe a walk in the park.",
+    "Say something.",
+]
+RESPONSES = [
+    "I love this, it is wonderful and I am so happy!",
+    "This is terrible, awful and sad. I hate it.",
+    "The park was a park.",
+    "",
+]
 
 
 def score(stub, prompts, responses) -> belay_pb2.ScoreResponse:
@@ -62,12 +71,14 @@ def test_vader_scores_the_response_not_the_prompt(vader):
 def test_classifier_scores_equal_an_independent_forward_of_the_chat_templated_text(classifier, tiny_reward_dir):
     reply = score(classifier.stub, PROMPTS, RESPONSES)
     tokenizer = AutoTokenizer.from_pretrained(tiny_reward_dir, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir, local_files_only=True,
-                                                               dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_reward_dir, local_files_only=True, dtype=torch.float32
+    ).eval()
     expected = []
     for prompt, response in zip(PROMPTS, RESPONSES):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": response}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
         assert text.startswith("<|im_start|>user\n" + prompt)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
@@ -87,12 +98,16 @@ def test_classifier_info_names_the_reward_model(classifier, tiny_reward_dir):
     assert info.model_revision == score(classifier.stub, ["a"], ["b"]).reward_model_revision != ""
 
 
-@pytest.mark.parametrize("prompts, responses, code, words", [
-    ([], [], grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
-    (["a", "b"], ["c"], grpc.StatusCode.INVALID_ARGUMENT, "prompts has 2 rows but responses has 1"),
-    (["a"], ["b", "c"], grpc.StatusCode.INVALID_ARGUMENT, "prompts has 1 rows but responses has 2"),
-    (["a"] * 5, ["b"] * 5, grpc.StatusCode.RESOURCE_EXHAUSTED, "max_batch_size=4"),
-], ids=["empty", "more-prompts", "more-responses", "over-batch-limit"])
+@pytest.mark.parametrize(
+    "prompts, responses, code, words",
+    [
+        ([], [], grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
+        (["a", "b"], ["c"], grpc.StatusCode.INVALID_ARGUMENT, "prompts has 2 rows but responses has 1"),
+        (["a"], ["b", "c"], grpc.StatusCode.INVALID_ARGUMENT, "prompts has 1 rows but responses has 2"),
+        (["a"] * 5, ["b"] * 5, grpc.StatusCode.RESOURCE_EXHAUSTED, "max_batch_size=4"),
+    ],
+    ids=["empty", "more-prompts", "more-responses", "over-batch-limit"],
+)
 def test_bad_score_requests_are_refused_and_the_server_keeps_serving(vader, prompts, responses, code, words):
     error = rpc_error(vader.stub.Score, belay_pb2.ScoreRequest(prompts=prompts, responses=responses))
     assert error.code() == code
@@ -112,7 +127,8 @@ def test_classifier_with_two_labels_is_refused(tmp_path):
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     LlamaForSequenceClassification(llama_config(tokenizer, num_labels=2)).save_pretrained(
-        tmp_path, safe_serialization=True)
+        tmp_path, safe_serialization=True
+    )
     tokenizer.save_pretrained(tmp_path)
     config = make_config(reward={"backend": "hf_classifier", "model_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="num_labels=2"):

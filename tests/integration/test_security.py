@@ -3,6 +3,7 @@ of the checkpoint directory (traversal, absolute, symlinks) and pickle-only chec
 listening beyond loopback without a token refuses weight updates; the bearer token is enforced
 (health and reflection stay open); TLS servers talk to clients that trust their CA only; metrics
 listen on loopback."""
+
 from __future__ import annotations
 
 import datetime
@@ -43,10 +44,13 @@ SHORT = 10.0  # seconds: the deadline of calls expected to fail fast
 
 # --- helpers ---
 
+
 def policy_config(model_dir, checkpoint_dir, address="127.0.0.1:0", **grpc_fields):
-    return make_config({"max_batch_size": 8, **grpc_fields},
-                       policy={"model_dir": str(model_dir), "run_actor": False, "address": address},
-                       run={"checkpoint_dir": str(checkpoint_dir)})
+    return make_config(
+        {"max_batch_size": 8, **grpc_fields},
+        policy={"model_dir": str(model_dir), "run_actor": False, "address": address},
+        run={"checkpoint_dir": str(checkpoint_dir)},
+    )
 
 
 def new_model(model_dir, seed: int = 99) -> LlamaForCausalLM:
@@ -64,14 +68,16 @@ def logprobs(stub, **call):
 
 
 def generates(stub, **call) -> None:
-    request = belay_pb2.GenerateRequest(prompts=["Hi"], sampling=belay_pb2.SamplingParams(
-        temperature=1.0, max_new_tokens=2, seed=0))
+    request = belay_pb2.GenerateRequest(
+        prompts=["Hi"], sampling=belay_pb2.SamplingParams(temperature=1.0, max_new_tokens=2, seed=0)
+    )
     assert len(stub.Generate(request, timeout=RPC_TIMEOUT, **call).response_texts) == 1
 
 
 def update(stub, version: int, path, **call):
-    return stub.UpdateWeights(belay_pb2.UpdateWeightsRequest(version=version, checkpoint_path=str(path)),
-                              timeout=RPC_TIMEOUT, **call)
+    return stub.UpdateWeights(
+        belay_pb2.UpdateWeightsRequest(version=version, checkpoint_path=str(path)), timeout=RPC_TIMEOUT, **call
+    )
 
 
 def update_error(stub, version: int, path) -> grpc.RpcError:
@@ -83,6 +89,7 @@ def version_of(stub, **call) -> int:
 
 
 # --- UpdateWeights: only committed safetensors directories inside the checkpoint directory ---
+
 
 @pytest.fixture(scope="module")
 def policy(tiny_lm_dir, tmp_path_factory):
@@ -103,11 +110,33 @@ def assert_unchanged(policy) -> None:
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("path", ["{root}/../elsewhere/v000001", "{root}/v000001/../../elsewhere/v000001",
-                                  "{root}/../../../../../../../..{outside}", "{outside}", "/etc", "/",
-                                  "{root}", "{root}/..", "v000001", ""],
-                         ids=["dotdot", "dotdot-deeper", "dotdot-to-root", "absolute-outside", "etc", "slash",
-                              "the-root-itself", "root-parent", "relative", "empty"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "{root}/../elsewhere/v000001",
+        "{root}/v000001/../../elsewhere/v000001",
+        "{root}/../../../../../../../..{outside}",
+        "{outside}",
+        "/etc",
+        "/",
+        "{root}",
+        "{root}/..",
+        "v000001",
+        "",
+    ],
+    ids=[
+        "dotdot",
+        "dotdot-deeper",
+        "dotdot-to-root",
+        "absolute-outside",
+        "etc",
+        "slash",
+        "the-root-itself",
+        "root-parent",
+        "relative",
+        "empty",
+    ],
+)
 def test_paths_out_of_the_checkpoint_directory_are_refused(policy, path):
     path = path.format(root=policy.root, outside=policy.outside)
     error = update_error(policy.stub, 1, path)
@@ -118,8 +147,9 @@ def test_paths_out_of_the_checkpoint_directory_are_refused(policy, path):
 
 def test_a_symlink_inside_the_directory_pointing_out_is_refused(policy):
     link = policy.root / "v000002"
-    link.symlink_to(commit(policy.base / "elsewhere", 2, new_model(policy.config.policy.model_dir)),
-                    target_is_directory=True)
+    link.symlink_to(
+        commit(policy.base / "elsewhere", 2, new_model(policy.config.policy.model_dir)), target_is_directory=True
+    )
     error = update_error(policy.stub, 2, link)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert str(link) in error.details() and "symlink" in error.details()
@@ -165,20 +195,36 @@ def test_a_corrupt_safetensors_file_is_refused_and_the_old_weights_keep_serving(
 def test_after_the_refusals_a_committed_checkpoint_still_swaps(tiny_lm_dir, tmp_path):
     with running_policy(policy_config(tiny_lm_dir, tmp_path / "ckpt")) as running:
         path = commit(running.config.run.checkpoint_dir, 1, new_model(tiny_lm_dir))
-        assert update_error(running.stub, 1, f"{path}/../../ckpt/../../{tmp_path.name}/x").code() == \
-            grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            update_error(running.stub, 1, f"{path}/../../ckpt/../../{tmp_path.name}/x").code()
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
         # `..` that stays inside the directory is harmless: the resolved path is what counts
         assert update(running.stub, 1, f"{path}/../{path.name}").current_version == 1
 
 
 # --- a policy beyond loopback ---
 
-@pytest.mark.parametrize("address, loopback", [
-    ("127.0.0.1:50051", True), ("127.8.9.10:1", True), ("localhost:50051", True), ("LocalHost:1", True),
-    ("[::1]:50051", True), ("[::ffff:127.0.0.1]:5", True), ("0.0.0.0:50051", False), ("[::]:50051", False),
-    (":50051", False), ("10.1.2.3:50051", False), ("192.168.0.7:1", False), ("example.com:50051", False),
-    ("localhost.example.com:1", False), ("128.0.0.1:1", False),
-])
+
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        ("127.0.0.1:50051", True),
+        ("127.8.9.10:1", True),
+        ("localhost:50051", True),
+        ("LocalHost:1", True),
+        ("[::1]:50051", True),
+        ("[::ffff:127.0.0.1]:5", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        (":50051", False),
+        ("10.1.2.3:50051", False),
+        ("192.168.0.7:1", False),
+        ("example.com:50051", False),
+        ("localhost.example.com:1", False),
+        ("128.0.0.1:1", False),
+    ],
+)
 def test_is_loopback_address(address, loopback):
     assert is_loopback_address(address) is loopback
 
@@ -212,6 +258,7 @@ def test_beyond_loopback_with_a_token_update_weights_works_for_its_holder(tiny_l
 
 # --- the bearer token ---
 
+
 def write_token(path: pathlib.Path, token: str) -> pathlib.Path:
     path.write_text(token + "\n")
     path.chmod(0o600)
@@ -234,10 +281,12 @@ def bare_stub(running, stub_class=belay_pb2_grpc.PolicyStub):
 def test_a_call_without_the_token_is_unauthenticated(token_policy):
     chan, stub = bare_stub(token_policy)
     with chan:
-        for method, request in [(stub.Info, belay_pb2.InfoRequest()), (stub.UpdateWeights,
-                                belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path="/etc")),
-                                (stub.Generate, belay_pb2.GenerateRequest(prompts=["Hi"])),
-                                (stub.LogProbs, belay_pb2.LogProbsRequest())]:
+        for method, request in [
+            (stub.Info, belay_pb2.InfoRequest()),
+            (stub.UpdateWeights, belay_pb2.UpdateWeightsRequest(version=1, checkpoint_path="/etc")),
+            (stub.Generate, belay_pb2.GenerateRequest(prompts=["Hi"])),
+            (stub.LogProbs, belay_pb2.LogProbsRequest()),
+        ]:
             error = rpc_error(method, request)
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "bearer token" in error.details()
@@ -248,8 +297,18 @@ def test_a_call_without_the_token_is_unauthenticated(token_policy):
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.parametrize("value", ["Bearer wrong-token", "Bearer right-toke", "Bearer right-token2", "right-token",
-                                   "bearer right-token", "Bearer ", "Basic cmlnaHQtdG9rZW4="])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bearer wrong-token",
+        "Bearer right-toke",
+        "Bearer right-token2",
+        "right-token",
+        "bearer right-token",
+        "Bearer ",
+        "Basic cmlnaHQtdG9rZW4=",
+    ],
+)
 def test_a_wrong_token_is_permission_denied(token_policy, value):
     chan, stub = bare_stub(token_policy)
     with chan:
@@ -258,8 +317,9 @@ def test_a_wrong_token_is_permission_denied(token_policy, value):
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # the other methods too
         with pytest.raises(grpc.RpcError) as caught:
-            stub.UpdateWeights(belay_pb2.UpdateWeightsRequest(version=1), timeout=SHORT,
-                               metadata=[("authorization", value)])
+            stub.UpdateWeights(
+                belay_pb2.UpdateWeightsRequest(version=1), timeout=SHORT, metadata=[("authorization", value)]
+            )
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -267,8 +327,11 @@ def test_two_authorization_headers_are_refused(token_policy):
     chan, stub = bare_stub(token_policy)
     with chan:
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Info(belay_pb2.InfoRequest(), timeout=SHORT,
-                      metadata=[("authorization", "Bearer right-token"), ("authorization", "Bearer other")])
+            stub.Info(
+                belay_pb2.InfoRequest(),
+                timeout=SHORT,
+                metadata=[("authorization", "Bearer right-token"), ("authorization", "Bearer other")],
+            )
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -298,7 +361,8 @@ def test_health_and_reflection_stay_open_without_the_token(token_policy):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=SHORT)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stream = reflection_pb2_grpc.ServerReflectionStub(chan).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=SHORT)
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=SHORT
+        )
         names = {s.name for s in next(stream).list_services_response.service}
         assert "belay.v1.Policy" in names
 
@@ -335,33 +399,53 @@ def test_the_token_file_is_read_once_at_start(tiny_lm_dir, tmp_path):
         chan = grpc.insecure_channel(running.address)
         with chan:
             with pytest.raises(grpc.RpcError) as caught:
-                belay_pb2_grpc.RewardStub(chan).Info(belay_pb2.InfoRequest(), timeout=SHORT,
-                                                     metadata=[("authorization", "Bearer second")])
+                belay_pb2_grpc.RewardStub(chan).Info(
+                    belay_pb2.InfoRequest(), timeout=SHORT, metadata=[("authorization", "Bearer second")]
+                )
             assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 # --- TLS ---
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_ca(directory: pathlib.Path, name: str):
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
     path = directory / f"{name}.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key, cert, path
@@ -370,15 +454,22 @@ def make_ca(directory: pathlib.Path, name: str):
 def make_server_cert(directory: pathlib.Path, ca_key, ca_cert) -> tuple[pathlib.Path, pathlib.Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     cert_path, key_path = directory / "server.pem", directory / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(_pem_key(key))
@@ -392,8 +483,13 @@ def pki(tmp_path_factory):
     ca_key, ca_cert, ca_path = make_ca(directory, "belay-test-ca")
     cert, key = make_server_cert(directory, ca_key, ca_cert)
     _, _, other_ca = make_ca(directory, "another-ca")
-    return {"tls_cert_file": str(cert), "tls_key_file": str(key), "tls_ca_file": str(ca_path),
-            "other_ca": str(other_ca), "dir": directory}
+    return {
+        "tls_cert_file": str(cert),
+        "tls_key_file": str(key),
+        "tls_ca_file": str(ca_path),
+        "other_ca": str(other_ca),
+        "dir": directory,
+    }
 
 
 def tls_fields(pki) -> dict:
@@ -401,8 +497,9 @@ def tls_fields(pki) -> dict:
 
 
 def score(stub, **call):
-    reply = stub.Score(belay_pb2.ScoreRequest(prompts=["Hi"], responses=["I love it, wonderful!"]),
-                       timeout=SHORT, **call)
+    reply = stub.Score(
+        belay_pb2.ScoreRequest(prompts=["Hi"], responses=["I love it, wonderful!"]), timeout=SHORT, **call
+    )
     assert len(reply.scores) == 1 and reply.scores[0] > 0
 
 
@@ -435,8 +532,10 @@ def test_tls_and_token_together(pki, tmp_path):
                 score(belay_pb2_grpc.RewardStub(chan))
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
             health = health_pb2_grpc.HealthStub(chan)  # open over TLS without the token
-            assert health.Check(health_pb2.HealthCheckRequest(service="belay.v1.Reward"),
-                                timeout=SHORT).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service="belay.v1.Reward"), timeout=SHORT).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
 
 
 def test_tls_config_mistakes_are_named(pki, tmp_path):
@@ -445,11 +544,16 @@ def test_tls_config_mistakes_are_named(pki, tmp_path):
     with pytest.raises(ValueError, match="tls_ca_file is set but"):
         GrpcConfig(tls_ca_file=pki["tls_ca_file"])
     with pytest.raises(ConfigError, match=r"grpc\.tls_key_file: .*nokey does not exist"):
-        load_config(environ={"BELAY_GRPC__TLS_CERT_FILE": pki["tls_cert_file"],
-                             "BELAY_GRPC__TLS_KEY_FILE": str(tmp_path / "nokey")})
+        load_config(
+            environ={
+                "BELAY_GRPC__TLS_CERT_FILE": pki["tls_cert_file"],
+                "BELAY_GRPC__TLS_KEY_FILE": str(tmp_path / "nokey"),
+            }
+        )
 
 
 # --- metrics ---
+
 
 def _listening_hosts(port: int) -> set[str]:
     """Local addresses listening on `port`, from /proc/net/tcp (IPv4, hex little-endian)."""

@@ -1,5 +1,6 @@
 """The policy's start-up check that it and the reference mean the same text by each token id,
 asked of a real reference server."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """The trainer's update with each toolbox option, on rollouts sampled by a real tiny policy and
 scored against a real (differently initialised) reference; no Redis needed for update()."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def reference_dir(tmp_path_factory):
 def sample_rollouts(policy_dir, reference_dir, top_k: int = 0, seed: int = 0) -> list[Rollout]:
     """8 fresh rollouts (4 prompts x 2 samples) at version 0 with behaviour and reference logprobs."""
     tokenizer = load_tokenizer(str(policy_dir))
-    engine = PolicyEngine(load_causal_lm(str(policy_dir), torch.device("cpu"), "policy"), tokenizer,
-                          make_config().grpc, 4096)
+    engine = PolicyEngine(
+        load_causal_lm(str(policy_dir), torch.device("cpu"), "policy"), tokenizer, make_config().grpc, 4096
+    )
     batch = engine.generate(PROMPTS, 2, Sampling(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=seed))
     reference = freeze(load_causal_lm(str(reference_dir), torch.device("cpu"), "reference"))
     ref = response_logprobs(reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id, top_k=top_k)
@@ -41,30 +43,50 @@ def sample_rollouts(policy_dir, reference_dir, top_k: int = 0, seed: int = 0) ->
     for row in range(len(batch.response_ids)):
         extra = {}
         if top_k:
-            extra = {"ref_top_ids": top_rows[row][0].numpy().reshape(-1).astype(np.int32),
-                     "ref_top_logprobs": top_rows[row][1].numpy().reshape(-1)}
-        rollouts.append(Rollout(
-            prompt_text=PROMPTS[batch.prompt_index[row]], response_text=batch.texts[row],
-            prompt_ids=np.array(batch.prompt_ids[row]), response_ids=np.array(batch.response_ids[row]),
-            logprobs=np.array(batch.logprobs[row], np.float32), ref_logprobs=ref_rows[row].numpy(),
-            reward=float(row % 3) - 1.0 + 0.1 * row, policy_version=0, finish_reason=batch.finish_reasons[row],
-            group_id=f"prompt-{batch.prompt_index[row]}", group_size=2, **extra))
+            extra = {
+                "ref_top_ids": top_rows[row][0].numpy().reshape(-1).astype(np.int32),
+                "ref_top_logprobs": top_rows[row][1].numpy().reshape(-1),
+            }
+        rollouts.append(
+            Rollout(
+                prompt_text=PROMPTS[batch.prompt_index[row]],
+                response_text=batch.texts[row],
+                prompt_ids=np.array(batch.prompt_ids[row]),
+                response_ids=np.array(batch.response_ids[row]),
+                logprobs=np.array(batch.logprobs[row], np.float32),
+                ref_logprobs=ref_rows[row].numpy(),
+                reward=float(row % 3) - 1.0 + 0.1 * row,
+                policy_version=0,
+                finish_reason=batch.finish_reasons[row],
+                group_id=f"prompt-{batch.prompt_index[row]}",
+                group_size=2,
+                **extra,
+            )
+        )
     return rollouts
 
 
 def make_trainer(model_dir, tmp_path, lora: dict | None = None, **trainer) -> Trainer:
     settings = {"model_dir": str(model_dir), "batch_size": 8, "minibatch_size": 4, "lr": 1e-3, **trainer}
-    config = make_config(run={"checkpoint_dir": str(tmp_path / "checkpoints")}, trainer=settings,
-                         policy={"samples_per_prompt": 2}, lora=lora or {})
+    config = make_config(
+        run={"checkpoint_dir": str(tmp_path / "checkpoints")},
+        trainer=settings,
+        policy={"samples_per_prompt": 2},
+        lora=lora or {},
+    )
     model = load_causal_lm(str(model_dir), torch.device("cpu"), "trainer")
     return Trainer(config, model, load_tokenizer(str(model_dir)), None, TrainerMetrics(CollectorRegistry()))
 
 
 OPTIONS = [
     {},  # the seed's recipe
-    {"advantage": "group"}, {"advantage": "group", "group_scale_by_std": True}, {"advantage": "rloo"},
-    {"advantage": "gae", "lam": 0.9, "gamma": 0.99}, {"whiten_advantages": True},
-    {"kl_estimator": "k2"}, {"kl_estimator": "k3", "kl_placement": "loss"},
+    {"advantage": "group"},
+    {"advantage": "group", "group_scale_by_std": True},
+    {"advantage": "rloo"},
+    {"advantage": "gae", "lam": 0.9, "gamma": 0.99},
+    {"whiten_advantages": True},
+    {"kl_estimator": "k2"},
+    {"kl_estimator": "k3", "kl_placement": "loss"},
     {"kl_controller": "adaptive", "kl_target": 1.0, "kl_horizon": 100},
     {"loss_aggregation": "sequence_mean", "reward_normalize": True, "reward_clip": 1.0},
 ]
@@ -72,7 +94,8 @@ OPTIONS = [
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "seed")
 def test_first_minibatch_ratio_is_one_on_fresh_rollouts_and_the_update_moves_the_policy(
-        options, tiny_lm_dir, reference_dir, tmp_path):
+    options, tiny_lm_dir, reference_dir, tmp_path
+):
     trainer = make_trainer(tiny_lm_dir, tmp_path, **options)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     summary = trainer.update(sample_rollouts(tiny_lm_dir, reference_dir))
@@ -95,8 +118,8 @@ def test_exact_kl_from_full_rows_equals_the_sum_over_the_vocabulary(tiny_lm_dir,
     with torch.no_grad():
         for r in rollouts:
             ids = torch.tensor([list(r.prompt_ids) + list(r.response_ids)])
-            p = torch.log_softmax(policy(ids).logits[0, :-1].float(), -1)[len(r.prompt_ids) - 1:]
-            q = torch.log_softmax(reference(ids).logits[0, :-1].float(), -1)[len(r.prompt_ids) - 1:]
+            p = torch.log_softmax(policy(ids).logits[0, :-1].float(), -1)[len(r.prompt_ids) - 1 :]
+            q = torch.log_softmax(reference(ids).logits[0, :-1].float(), -1)[len(r.prompt_ids) - 1 :]
             expected.append(float((p.exp() * (p - q)).sum()))
     summary = trainer.update(rollouts)
     assert summary["kl_per_sequence"] == pytest.approx(float(np.mean(expected)), rel=1e-4)
@@ -106,9 +129,11 @@ def test_exact_kl_from_full_rows_equals_the_sum_over_the_vocabulary(tiny_lm_dir,
 def test_top_k_rows_give_a_kl_close_to_but_not_the_exact_one(tiny_lm_dir, reference_dir, tmp_path):
     vocabulary = len(load_tokenizer(str(tiny_lm_dir)))
     exact = make_trainer(tiny_lm_dir, tmp_path / "a", kl_estimator="full").update(
-        sample_rollouts(tiny_lm_dir, reference_dir, top_k=vocabulary))["kl_per_sequence"]
+        sample_rollouts(tiny_lm_dir, reference_dir, top_k=vocabulary)
+    )["kl_per_sequence"]
     truncated = make_trainer(tiny_lm_dir, tmp_path / "b", kl_estimator="full").update(
-        sample_rollouts(tiny_lm_dir, reference_dir, top_k=16))["kl_per_sequence"]
+        sample_rollouts(tiny_lm_dir, reference_dir, top_k=16)
+    )["kl_per_sequence"]
     assert truncated != pytest.approx(exact, rel=1e-6)
     assert truncated > 0
 
@@ -121,8 +146,9 @@ def test_early_stop_ends_the_update_once_approx_kl_passes_the_target(tiny_lm_dir
 
 
 def test_adaptive_beta_follows_ziegler_and_warm_up_sets_the_learning_rate(tiny_lm_dir, reference_dir, tmp_path):
-    trainer = make_trainer(tiny_lm_dir, tmp_path, kl_controller="adaptive", kl_coef=0.1, kl_target=0.5,
-                           kl_horizon=64, warmup_steps=4)
+    trainer = make_trainer(
+        tiny_lm_dir, tmp_path, kl_controller="adaptive", kl_coef=0.1, kl_target=0.5, kl_horizon=64, warmup_steps=4
+    )
     summary = trainer.update(sample_rollouts(tiny_lm_dir, reference_dir))
     error = min(max(summary["kl_per_sequence"] / 0.5 - 1, -0.2), 0.2)
     assert summary["kl_coef_next"] == pytest.approx(0.1 * (1 + error * 8 / 64))
@@ -131,8 +157,9 @@ def test_adaptive_beta_follows_ziegler_and_warm_up_sets_the_learning_rate(tiny_l
 
 def test_shaped_reward_is_normalised_clipped_length_normalised_then_penalised(tiny_lm_dir, reference_dir, tmp_path):
     rollouts = sample_rollouts(tiny_lm_dir, reference_dir)
-    trainer = make_trainer(tiny_lm_dir, tmp_path, reward_normalize=True, reward_clip=0.8, length_normalize=True,
-                           truncation_penalty=0.3)
+    trainer = make_trainer(
+        tiny_lm_dir, tmp_path, reward_normalize=True, reward_clip=0.8, length_normalize=True, truncation_penalty=0.3
+    )
     raw = np.array([r.reward for r in rollouts])
     shaped = np.clip((raw - raw.mean()) / raw.std(), -0.8, 0.8) / np.array([len(r.response_ids) for r in rollouts])
     shaped -= 0.3 * np.array([r.finish_reason == "length" for r in rollouts])
@@ -172,19 +199,38 @@ def test_lora_trainer_trains_adapters_only_and_checkpoints_carry_only_them(tiny_
 
 
 def test_group_baselines_train_on_whole_groups_only(tiny_lm_dir, redis_url, tmp_path):
-    config = make_config(run={"checkpoint_dir": str(tmp_path / "c")}, redis={"url": redis_url, "block_ms": 50},
-                         policy={"samples_per_prompt": 2},
-                         trainer={"model_dir": str(tiny_lm_dir), "batch_size": 4, "minibatch_size": 4,
-                                  "advantage": "rloo"})
+    config = make_config(
+        run={"checkpoint_dir": str(tmp_path / "c")},
+        redis={"url": redis_url, "block_ms": 50},
+        policy={"samples_per_prompt": 2},
+        trainer={"model_dir": str(tiny_lm_dir), "batch_size": 4, "minibatch_size": 4, "advantage": "rloo"},
+    )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
-    trainer = Trainer(config, load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "t"),
-                      load_tokenizer(str(tiny_lm_dir)), queue, TrainerMetrics(CollectorRegistry()))
+    trainer = Trainer(
+        config,
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "t"),
+        load_tokenizer(str(tiny_lm_dir)),
+        queue,
+        TrainerMetrics(CollectorRegistry()),
+    )
     queue.ensure_group()
 
     def add(group: str) -> None:
-        queue.add(Rollout(prompt_text="p", response_text="r", prompt_ids=np.array([5, 6]), response_ids=np.array([7]),
-                          logprobs=np.array([-1.0], np.float32), ref_logprobs=np.array([-1.0], np.float32),
-                          reward=0.0, policy_version=0, finish_reason="eos", group_id=group, group_size=2))
+        queue.add(
+            Rollout(
+                prompt_text="p",
+                response_text="r",
+                prompt_ids=np.array([5, 6]),
+                response_ids=np.array([7]),
+                logprobs=np.array([-1.0], np.float32),
+                ref_logprobs=np.array([-1.0], np.float32),
+                reward=0.0,
+                policy_version=0,
+                finish_reason="eos",
+                group_id=group,
+                group_size=2,
+            )
+        )
 
     for group in ["A", "B", "A", "C", "C", "B"]:
         add(group)
@@ -205,8 +251,14 @@ def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(tiny_lm_di
     """CPU, same seed: 2 updates, checkpoint, a new trainer process state resumed, 2 more updates ==
     4 updates in one go, bit for bit (optimizer, scheduler, KL controller, normaliser, critic, RNG)."""
     batches = [sample_rollouts(tiny_lm_dir, reference_dir, seed=s) for s in range(4)]
-    options = dict(advantage="gae", kl_controller="adaptive", reward_normalize=True, warmup_steps=3,
-                   lr_schedule="cosine", ppo_epochs=2)
+    options = dict(
+        advantage="gae",
+        kl_controller="adaptive",
+        reward_normalize=True,
+        warmup_steps=3,
+        lr_schedule="cosine",
+        ppo_epochs=2,
+    )
     straight = make_trainer(tiny_lm_dir, tmp_path / "straight", **options)
     for batch in batches:
         straight.update(batch)
@@ -229,6 +281,7 @@ def test_the_run_manifest_records_config_packages_fingerprints_seeds_and_revisio
     import json
 
     from services.common.models import weights_fingerprint
+
     trainer = make_trainer(tiny_lm_dir, tmp_path, seed=7)
     manifest = json.loads(trainer.write_run_manifest().read_text())
     assert manifest["config"]["trainer"]["seed"] == 7 and manifest["seeds"] == {"trainer": 7, "policy": 0}

@@ -1,4 +1,5 @@
 """The trainer against a real redis-server: what it reads, drops, trains on and acknowledges."""
+
 from __future__ import annotations
 
 import json
@@ -27,27 +28,42 @@ def rollout(tokenizer, version: int, reward: float, seed: int) -> Rollout:
     rng = np.random.default_rng(seed)
     prompt = tokenizer("Tell me about your weekend.")["input_ids"]
     response = rng.integers(3, len(tokenizer), size=5).tolist()
-    return Rollout(prompt_text="p", response_text="r", prompt_ids=np.array(prompt), response_ids=np.array(response),
-                   logprobs=np.full(5, -5.0, np.float32), ref_logprobs=np.full(5, -5.2, np.float32), reward=reward,
-                   policy_version=version, finish_reason="length", group_id=f"g{seed}")
+    return Rollout(
+        prompt_text="p",
+        response_text="r",
+        prompt_ids=np.array(prompt),
+        response_ids=np.array(response),
+        logprobs=np.full(5, -5.0, np.float32),
+        ref_logprobs=np.full(5, -5.2, np.float32),
+        reward=reward,
+        policy_version=version,
+        finish_reason="length",
+        group_id=f"g{seed}",
+    )
 
 
 def make_trainer(tiny_lm_dir, redis_url, tmp_path, **trainer):
-    config = make_config(run={"checkpoint_dir": str(tmp_path / "checkpoints")}, redis={"url": redis_url, "block_ms": 50},
-                         trainer={"model_dir": str(tiny_lm_dir), "batch_size": 8, "minibatch_size": 4, **trainer})
+    config = make_config(
+        run={"checkpoint_dir": str(tmp_path / "checkpoints")},
+        redis={"url": redis_url, "block_ms": 50},
+        trainer={"model_dir": str(tiny_lm_dir), "batch_size": 8, "minibatch_size": 4, **trainer},
+    )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     model = load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "trainer")
     return Trainer(config, model, load_tokenizer(str(tiny_lm_dir)), queue, TrainerMetrics(CollectorRegistry()))
 
 
 def test_restarted_trainer_walks_its_pending_entries_drops_stale_ones_and_trains_on_the_rest(
-        tiny_lm_dir, redis_url, tmp_path):
+    tiny_lm_dir, redis_url, tmp_path
+):
     trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, max_staleness=1)
     trainer.version, trainer.lineage = 5, Lineage.from_state(None, 5)  # as resumed from a version-5 checkpoint
     queue = trainer.queue
     queue.ensure_group()
-    ids = [queue.add(rollout(trainer.tokenizer, version=1 if i % 5 == 0 else 5, reward=float(i), seed=i))
-           for i in range(20)]
+    ids = [
+        queue.add(rollout(trainer.tokenizer, version=1 if i % 5 == 0 else 5, reward=float(i), seed=i))
+        for i in range(20)
+    ]
     queue.read(trainer.consumer, 100, 10)  # a previous life of this consumer read them all, then died
     assert queue.pending_count() == 20
 
@@ -168,8 +184,9 @@ def test_a_non_finite_update_publishes_nothing_and_training_continues(tiny_lm_di
 def test_a_batch_past_the_kl_hard_limit_rolls_the_policy_back_and_training_continues(tiny_lm_dir, redis_url, tmp_path):
     from services.common.models import load_causal_lm as load
 
-    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, kl_hard_limit=3.0, kl_coef=0.1, lr=1e-2,
-                           checkpoint_every_steps=1)
+    trainer = make_trainer(
+        tiny_lm_dir, redis_url, tmp_path, kl_hard_limit=3.0, kl_coef=0.1, lr=1e-2, checkpoint_every_steps=1
+    )
     queue = trainer.queue
     queue.ensure_group()
 
@@ -199,8 +216,9 @@ def test_a_batch_past_the_kl_hard_limit_rolls_the_policy_back_and_training_conti
 
 
 def test_the_kl_rail_can_lower_the_learning_rate_instead(tiny_lm_dir, redis_url, tmp_path):
-    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, kl_hard_limit=3.0, kl_limit_action="lower_lr",
-                           kl_limit_factor=4.0, lr=1e-3)
+    trainer = make_trainer(
+        tiny_lm_dir, redis_url, tmp_path, kl_hard_limit=3.0, kl_limit_action="lower_lr", kl_limit_factor=4.0, lr=1e-3
+    )
     trainer.queue.ensure_group()
     for i in range(8):
         item = rollout(trainer.tokenizer, version=0, reward=float(i), seed=i)
@@ -219,18 +237,21 @@ def test_each_step_reports_the_length_bias_and_diversity_of_its_responses(tiny_l
     for i, text in enumerate(texts):
         item = rollout(trainer.tokenizer, version=0, reward=float(i), seed=i)
         keep = 2 + i % 4  # responses of 2 to 5 tokens, so length and reward can correlate
-        item.response_ids, item.logprobs, item.ref_logprobs = (item.response_ids[:keep], item.logprobs[:keep],
-                                                               item.ref_logprobs[:keep])
+        item.response_ids, item.logprobs, item.ref_logprobs = (
+            item.response_ids[:keep],
+            item.logprobs[:keep],
+            item.ref_logprobs[:keep],
+        )
         item.response_text = text
         lengths.append(len(item.response_ids))
         rewards.append(item.reward)
         trainer.queue.add(item)
     summary = trainer.step(trainer.collect(threading.Event()))
-    bigrams = [tuple(t.split()[j:j + 2]) for t in texts for j in range(len(t.split()) - 1)]
+    bigrams = [tuple(t.split()[j : j + 2]) for t in texts for j in range(len(t.split()) - 1)]
     assert summary["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
     per_text = []
     for t in texts:
-        grams = [tuple(t.split()[j:j + 3]) for j in range(len(t.split()) - 2)]
+        grams = [tuple(t.split()[j : j + 3]) for j in range(len(t.split()) - 2)]
         per_text.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
     assert summary["repetition_3"] == pytest.approx(sum(per_text) / len(per_text))
     assert summary["reward_length_correlation"] == pytest.approx(float(np.corrcoef(rewards, lengths)[0, 1]))

@@ -1,6 +1,7 @@
 """The broadcast transport end to end: a real trainer-side Publisher, real policy gRPC servers on
 loopback, a real redis-server for the announcement and the replica registry, real gloo groups.
 Replicas swap at once (run_actor False), so what they serve can be checked right after a publish."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,10 +44,18 @@ TIMEOUT = 3.0  # seconds: broadcast_timeout_seconds in these tests
 
 
 def settings(tiny_lm_dir, redis_url, tmp_path, **trainer):
-    return dict(run={"checkpoint_dir": str(tmp_path / "ckpt")}, redis={"url": redis_url},
-                trainer={"weight_transport": "broadcast", "broadcast_address": "127.0.0.1:0",
-                         "broadcast_bucket_mb": 0.02, "broadcast_timeout_seconds": TIMEOUT, **trainer},
-                policy={"model_dir": str(tiny_lm_dir)})
+    return dict(
+        run={"checkpoint_dir": str(tmp_path / "ckpt")},
+        redis={"url": redis_url},
+        trainer={
+            "weight_transport": "broadcast",
+            "broadcast_address": "127.0.0.1:0",
+            "broadcast_bucket_mb": 0.02,
+            "broadcast_timeout_seconds": TIMEOUT,
+            **trainer,
+        },
+        policy={"model_dir": str(tiny_lm_dir)},
+    )
 
 
 @contextlib.contextmanager
@@ -88,24 +97,30 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def test_two_replicas_receive_the_same_broadcast_and_serve_the_trainers_weights(
-        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    trainer_side, tiny_lm_dir, redis_url, tmp_path
+):
     publisher, queue, model = trainer_side
-    with replica(tiny_lm_dir, redis_url, tmp_path, queue, "a") as first, \
-            replica(tiny_lm_dir, redis_url, tmp_path, queue, "b") as second:
+    with (
+        replica(tiny_lm_dir, redis_url, tmp_path, queue, "a") as first,
+        replica(tiny_lm_dir, redis_url, tmp_path, queue, "b") as second,
+    ):
         for version in (1, 2):  # the second reuses both groups
             if version == 2:
                 perturb(model, seed=7)
             publication = publisher.publish(version, model, 0, immediately)
             assert publication.transport == "broadcast" and publication.location == ""
-            assert publication.bytes == sum(t.numel() * 4 for t in model.state_dict().values()) - \
-                model.lm_head.weight.numel() * 4  # tied to the embeddings: sent once
+            assert (
+                publication.bytes
+                == sum(t.numel() * 4 for t in model.state_dict().values()) - model.lm_head.weight.numel() * 4
+            )  # tied to the embeddings: sent once
             assert served(first) == served(second) == (version, weights_fingerprint(model))
             assert queue.latest_publication() == {"version": version, "path": "", "transport": "broadcast"}
         assert len(publisher.transport.groups) == 2
 
 
 def test_a_replica_that_registers_late_catches_up_without_waiting_for_an_update(
-        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    trainer_side, tiny_lm_dir, redis_url, tmp_path
+):
     publisher, queue, model = trainer_side
     with replica(tiny_lm_dir, redis_url, tmp_path, queue, "early") as early:
         publisher.publish(1, model, 0, immediately)
@@ -132,10 +147,13 @@ class StuckReceiver(BroadcastReceiver):
 
 
 def test_a_replica_stuck_mid_receive_costs_the_others_no_more_than_the_timeout(
-        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    trainer_side, tiny_lm_dir, redis_url, tmp_path
+):
     publisher, queue, model = trainer_side
-    with replica(tiny_lm_dir, redis_url, tmp_path, queue, "healthy") as healthy, \
-            replica(tiny_lm_dir, redis_url, tmp_path, queue, "stuck") as stuck:
+    with (
+        replica(tiny_lm_dir, redis_url, tmp_path, queue, "healthy") as healthy,
+        replica(tiny_lm_dir, redis_url, tmp_path, queue, "stuck") as stuck,
+    ):
         stuck.servicer.receiver = StuckReceiver(torch.device("cpu"), TIMEOUT)
         started = time.monotonic()
         publisher.publish(1, model, 0, immediately)
@@ -151,7 +169,8 @@ def test_a_replica_stuck_mid_receive_costs_the_others_no_more_than_the_timeout(
 
 
 def test_a_dead_replica_is_dropped_at_once_and_the_trainer_keeps_publishing(
-        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    trainer_side, tiny_lm_dir, redis_url, tmp_path
+):
     publisher, queue, model = trainer_side
     with replica(tiny_lm_dir, redis_url, tmp_path, queue, "alive") as alive:
         queue.report_serving("gone", 0, f"127.0.0.1:{free_port()}", "broadcast")  # registered, then died
@@ -165,15 +184,23 @@ def test_a_dead_replica_is_dropped_at_once_and_the_trainer_keeps_publishing(
 
 
 def test_a_manifest_that_misfits_is_refused_and_the_old_weights_keep_serving(
-        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    trainer_side, tiny_lm_dir, redis_url, tmp_path
+):
     publisher, queue, _ = trainer_side
     with replica(tiny_lm_dir, redis_url, tmp_path, queue, "a") as running:
         before = served(running)
         wrong = tiny_model(load_tokenizer(str(tiny_lm_dir)), seed=3, hidden_size=64, intermediate_size=128)
         request = belay_pb2.UpdateWeightsRequest(
-            version=1, transport="broadcast", rendezvous=publisher.transport.rendezvous, group_key="k" * 32,
-            new_group=True, rank=1, world_size=2, bucket_bytes=1 << 20,
-            manifest=specs_to_messages(manifest_of(dict(wrong.state_dict())), belay_pb2.TensorSpec))
+            version=1,
+            transport="broadcast",
+            rendezvous=publisher.transport.rendezvous,
+            group_key="k" * 32,
+            new_group=True,
+            rank=1,
+            world_size=2,
+            bucket_bytes=1 << 20,
+            manifest=specs_to_messages(manifest_of(dict(wrong.state_dict())), belay_pb2.TensorSpec),
+        )
         with pytest.raises(grpc.RpcError) as caught:
             running.stub.UpdateWeights(request, timeout=RPC_TIMEOUT)
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -189,14 +216,29 @@ def test_malformed_broadcast_requests_are_invalid(tiny_lm_dir, redis_url, tmp_pa
     config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path))
     with running_policy(config) as running:
         own = running.servicer.engine.swappable_tensors()
-        good = specs_to_messages(manifest_of({k: v for k, v in own.items() if k != "lm_head.weight"}),
-                                 belay_pb2.TensorSpec)
-        base = dict(version=1, transport="broadcast", rendezvous="127.0.0.1:1", group_key="k", new_group=True,
-                    rank=1, world_size=2, bucket_bytes=1024, manifest=good)
-        for change, says in [({"rank": 0}, "rank 0 of 2"), ({"group_key": ""}, "group_key"),
-                             ({"rendezvous": "nowhere"}, "host:port"), ({"bucket_bytes": 0}, "bucket_bytes"),
-                             ({"transport": "pigeon"}, "none of file"), ({"backend": "mpi"}, "neither gloo"),
-                             ({"manifest": good + good[:1]}, "twice")]:
+        good = specs_to_messages(
+            manifest_of({k: v for k, v in own.items() if k != "lm_head.weight"}), belay_pb2.TensorSpec
+        )
+        base = dict(
+            version=1,
+            transport="broadcast",
+            rendezvous="127.0.0.1:1",
+            group_key="k",
+            new_group=True,
+            rank=1,
+            world_size=2,
+            bucket_bytes=1024,
+            manifest=good,
+        )
+        for change, says in [
+            ({"rank": 0}, "rank 0 of 2"),
+            ({"group_key": ""}, "group_key"),
+            ({"rendezvous": "nowhere"}, "host:port"),
+            ({"bucket_bytes": 0}, "bucket_bytes"),
+            ({"transport": "pigeon"}, "none of file"),
+            ({"backend": "mpi"}, "neither gloo"),
+            ({"manifest": good + good[:1]}, "twice"),
+        ]:
             with pytest.raises(grpc.RpcError) as caught:
                 running.stub.UpdateWeights(belay_pb2.UpdateWeightsRequest(**{**base, **change}), timeout=RPC_TIMEOUT)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
@@ -205,7 +247,8 @@ def test_malformed_broadcast_requests_are_invalid(tiny_lm_dir, redis_url, tmp_pa
 
 
 def test_under_lora_only_adapter_tensors_travel_and_the_replica_serves_the_trainers_adapters(
-        tiny_lm_dir, redis_url, tmp_path):
+    tiny_lm_dir, redis_url, tmp_path
+):
     lora = {"enabled": True, "r": 4, "alpha": 8}
     config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path), lora=lora)
     config.policy.address = f"127.0.0.1:{free_port()}"
@@ -239,8 +282,12 @@ def test_under_lora_only_adapter_tensors_travel_and_the_replica_serves_the_train
 def test_the_actor_swaps_to_staged_weights_and_never_loads_a_path_for_a_broadcast(tiny_lm_dir, redis_url, tmp_path):
     config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path))
     config.policy.prompts_file = str(REPO / "prompts/default.txt")
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
-                          load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    engine = PolicyEngine(
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
+        load_tokenizer(str(tiny_lm_dir)),
+        config.grpc,
+        4096,
+    )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     swaps, metrics = SwapRequests(), PolicyMetrics(CollectorRegistry())
     actor = Actor(config, engine, queue, None, None, swaps, metrics)
@@ -256,11 +303,16 @@ def test_the_actor_swaps_to_staged_weights_and_never_loads_a_path_for_a_broadcas
 
 
 def test_a_replica_killed_mid_receive_does_not_stall_the_other_and_publishing_goes_on(
-        trainer_side, tiny_lm_dir, redis_url, tmp_path):
+    trainer_side, tiny_lm_dir, redis_url, tmp_path
+):
     publisher, queue, model = trainer_side
     address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen([sys.executable, "-m", "tests.integration.broadcast_replica", str(tiny_lm_dir),
-                                address, "1"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.broadcast_replica", str(tiny_lm_dir), address, "1"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().strip() == "serving"
         with replica(tiny_lm_dir, redis_url, tmp_path, queue, "healthy") as healthy:
@@ -280,8 +332,14 @@ def test_a_replica_killed_mid_receive_does_not_stall_the_other_and_publishing_go
 
 
 def test_the_trainer_catches_a_late_replica_up_while_it_waits_for_rollouts(tiny_lm_dir, redis_url, tmp_path):
-    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path, weight_transport="broadcast",
-                           broadcast_address="127.0.0.1:0", broadcast_timeout_seconds=TIMEOUT)
+    trainer = make_trainer(
+        tiny_lm_dir,
+        redis_url,
+        tmp_path,
+        weight_transport="broadcast",
+        broadcast_address="127.0.0.1:0",
+        broadcast_timeout_seconds=TIMEOUT,
+    )
     queue = trainer.queue
     queue.ensure_group()
     perturb(trainer.model, seed=11)
@@ -303,12 +361,23 @@ def test_beyond_loopback_only_a_token_holder_can_make_a_replica_join(trainer_sid
     token.chmod(0o600)
     manifest = specs_to_messages(manifest_of(serving_tensors(model, False)), belay_pb2.TensorSpec)
     request = belay_pb2.UpdateWeightsRequest(
-        version=1, transport="broadcast", rendezvous=publisher.transport.rendezvous, group_key="intruder-key",
-        new_group=True, rank=1, world_size=2, bucket_bytes=1 << 20, manifest=manifest)
-    for auth_token_file, refused in [("", grpc.StatusCode.PERMISSION_DENIED),
-                                     (str(token), grpc.StatusCode.UNAUTHENTICATED)]:
-        config = make_config(grpc_limits={"auth_token_file": auth_token_file},
-                             **settings(tiny_lm_dir, redis_url, tmp_path))
+        version=1,
+        transport="broadcast",
+        rendezvous=publisher.transport.rendezvous,
+        group_key="intruder-key",
+        new_group=True,
+        rank=1,
+        world_size=2,
+        bucket_bytes=1 << 20,
+        manifest=manifest,
+    )
+    for auth_token_file, refused in [
+        ("", grpc.StatusCode.PERMISSION_DENIED),
+        (str(token), grpc.StatusCode.UNAUTHENTICATED),
+    ]:
+        config = make_config(
+            grpc_limits={"auth_token_file": auth_token_file}, **settings(tiny_lm_dir, redis_url, tmp_path)
+        )
         config.policy.address = "0.0.0.0:0"
         with running_policy(config) as running:
             with grpc.insecure_channel(f"127.0.0.1:{running.server.port}") as bare:  # no token
@@ -323,8 +392,9 @@ def test_beyond_loopback_only_a_token_holder_can_make_a_replica_join(trainer_sid
                 assert served(running) == (1, weights_fingerprint(model))
 
 
-def test_a_taken_store_port_stops_the_trainer_at_start_naming_the_setting(trainer_side, tiny_lm_dir, redis_url,
-                                                                          tmp_path):
+def test_a_taken_store_port_stops_the_trainer_at_start_naming_the_setting(
+    trainer_side, tiny_lm_dir, redis_url, tmp_path
+):
     publisher, _, model = trainer_side
     taken = publisher.transport.rendezvous
     config = make_config(**settings(tiny_lm_dir, redis_url, tmp_path, broadcast_address=taken))

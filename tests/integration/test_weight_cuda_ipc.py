@@ -1,6 +1,7 @@
 """The cuda_ipc transport. Its CUDA part needs a GPU (the last test, skipped without one); all
 around it runs here: the handle fields' round trip through the request without pickle, the
 refusals when there is no CUDA device or the devices differ, and the bucket checks."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,23 @@ from .conftest import RPC_TIMEOUT, make_config, running_policy
 from .test_actor_swaps import REPO
 from .test_policy_service import tiny_model
 
-ARGS = (torch.Tensor, torch.Size([12]), (1,), 0, torch.storage.TypedStorage, torch.bfloat16, 0, b"\x01handle\x00",
-        48, 16, False, b"ref-counter", 8, b"event", True)  # as reduce_tensor gives them for a flat buffer
+ARGS = (
+    torch.Tensor,
+    torch.Size([12]),
+    (1,),
+    0,
+    torch.storage.TypedStorage,
+    torch.bfloat16,
+    0,
+    b"\x01handle\x00",
+    48,
+    16,
+    False,
+    b"ref-counter",
+    8,
+    b"event",
+    True,
+)  # as reduce_tensor gives them for a flat buffer
 
 
 def test_handle_fields_round_trip_through_the_request_and_the_classes_never_come_from_the_wire():
@@ -36,8 +52,23 @@ def test_handle_fields_round_trip_through_the_request_and_the_classes_never_come
     parsed = belay_pb2.UpdateWeightsRequest.FromString(request.SerializeToString()).ipc_buffers[0]
     assert parsed.device_uuid == "GPU-1234" and parsed.numel == 12 and parsed.dtype == "bfloat16"
     rebuilt = cuda_ipc.rebuild_args(parsed, device_index=3)
-    assert rebuilt == (torch.Tensor, torch.Size([12]), (1,), 0, torch.storage.TypedStorage, torch.bfloat16, 3,
-                       b"\x01handle\x00", 48, 16, False, b"ref-counter", 8, b"event", True)
+    assert rebuilt == (
+        torch.Tensor,
+        torch.Size([12]),
+        (1,),
+        0,
+        torch.storage.TypedStorage,
+        torch.bfloat16,
+        3,
+        b"\x01handle\x00",
+        48,
+        16,
+        False,
+        b"ref-counter",
+        8,
+        b"event",
+        True,
+    )
     with pytest.raises(ValueError, match="flat contiguous"):
         cuda_ipc.ipc_fields((ARGS[0], torch.Size([3, 4]), (4, 1), *ARGS[3:]), "GPU-1234")
     with pytest.raises(ValueError, match="not one a weight manifest may carry"):
@@ -53,9 +84,13 @@ def ipc_request(tensors, buffers: int | None = None, bucket_bytes: int = 4096) -
     specs = manifest_of(tensors)
     layout = bucket_layout(specs, bucket_bytes)
     messages = [belay_pb2.CudaIpcBuffer(device_uuid="GPU-1234", numel=b.numel, dtype=b.dtype) for b in layout]
-    return belay_pb2.UpdateWeightsRequest(version=1, transport="cuda_ipc", bucket_bytes=bucket_bytes,
-                                          manifest=specs_to_messages(specs, belay_pb2.TensorSpec),
-                                          ipc_buffers=messages[:buffers])
+    return belay_pb2.UpdateWeightsRequest(
+        version=1,
+        transport="cuda_ipc",
+        bucket_bytes=bucket_bytes,
+        manifest=specs_to_messages(specs, belay_pb2.TensorSpec),
+        ipc_buffers=messages[:buffers],
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -101,10 +136,18 @@ def test_a_trainer_without_cuda_refuses_the_cuda_ipc_transport_at_start(tiny_lm_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (a trainer and a policy on it)")
 def test_a_policy_on_the_trainers_gpu_serves_the_trainers_weights(tiny_lm_dir, redis_url, tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen([sys.executable, "-m", "tests.integration.ipc_replica", str(tiny_lm_dir), address],
-                               cwd=REPO, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
-    config = make_config(redis={"url": redis_url}, run={"checkpoint_dir": str(tmp_path)},
-                         trainer={"weight_transport": "cuda_ipc", "broadcast_bucket_mb": 0.02})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.ipc_replica", str(tiny_lm_dir), address],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    config = make_config(
+        redis={"url": redis_url},
+        run={"checkpoint_dir": str(tmp_path)},
+        trainer={"weight_transport": "cuda_ipc", "broadcast_bucket_mb": 0.02},
+    )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     model = tiny_model(load_tokenizer(str(tiny_lm_dir)), seed=4).cuda()
     publisher = Publisher(config, queue, None, make_transport(config, model))
@@ -114,6 +157,7 @@ def test_a_policy_on_the_trainers_gpu_serves_the_trainers_weights(tiny_lm_dir, r
         publisher.publish(1, model, 0, lambda action, what: action())
         from belay.v1.belay_pb2_grpc import PolicyStub
         from services.common.rpc import channel
+
         info = PolicyStub(channel(address, config.grpc)).Info(belay_pb2.InfoRequest(), timeout=RPC_TIMEOUT)
         assert (info.policy_version, info.model_revision) == (1, weights_fingerprint(model))
     finally:

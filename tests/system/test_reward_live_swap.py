@@ -1,6 +1,7 @@
 """Swapping the reward service while a run goes on: stop it, start a different one on the same
 address. Rollout production pauses, resumes with the new reward, and the reward model id changes
 at that point in the stream and in the trainer's metrics; no rollout is lost."""
+
 from __future__ import annotations
 
 import sys
@@ -31,13 +32,17 @@ def test_reward_service_swapped_mid_run(stack_config: BelayConfig, tmp_path):
         swapped_at = queue.redis.xlen(queue.stream)
         time.sleep(2.0)  # ... rollout production pauses meanwhile ...
         paused = queue.redis.xlen(queue.stream)
-        stack._spawn("reward", [sys.executable, str(REPO / "examples/reward_server/server.py"),
-                                "--address", config.reward.address])  # ... and starts another on the address
+        stack._spawn(
+            "reward",
+            [sys.executable, str(REPO / "examples/reward_server/server.py"), "--address", config.reward.address],
+        )  # ... and starts another on the address
         after = max(s["version"] for _, s in queue.read_steps("0-0")) + 3
         wait_for_version(stack, queue, after, 240)
 
-        ids = [fields[b"reward_model_id"].decode() for _, fields in redis.Redis.from_url(config.redis.url)
-               .xrange(queue.stream)]
+        ids = [
+            fields[b"reward_model_id"].decode()
+            for _, fields in redis.Redis.from_url(config.redis.url).xrange(queue.stream)
+        ]
         assert paused - swapped_at <= 8 * 1  # at most the batch that was already scored when it stopped
         switch = ids.index(EXAMPLE_ID)
         assert set(ids[:switch]) == {"vader-sentiment"} and set(ids[switch:]) == {EXAMPLE_ID}
@@ -49,7 +54,8 @@ def test_reward_service_swapped_mid_run(stack_config: BelayConfig, tmp_path):
             stack.processes[name].popen.terminate()
             stack.processes[name].popen.wait(120)
         accounts = account_for_rollouts(config)
-        assert accounts["written"] == (accounts["trained"] + sum(accounts["dropped"].values())
-                                       + accounts["pending"] + accounts["unread"])
+        assert accounts["written"] == (
+            accounts["trained"] + sum(accounts["dropped"].values()) + accounts["pending"] + accounts["unread"]
+        )
     finally:
         stack.stop(grace=30)

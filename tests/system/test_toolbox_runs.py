@@ -1,5 +1,6 @@
 """Whole-stack runs with the toolbox's heavier options: GAE with a critic, the group baseline with
 several samples per prompt, and LoRA adapters hot-swapped into the policy."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,10 @@ from tests.system.test_ppo_loop import fixed_sequence, rpc_logprobs
 
 RUNS = {
     "gae": {"trainer": {"advantage": "gae", "lam": 0.95, "value_coef": 0.1}},
-    "group": {"trainer": {"advantage": "group", "group_scale_by_std": True}, "policy": {"samples_per_prompt": 4,
-                                                                                         "prompts_per_batch": 2}},
+    "group": {
+        "trainer": {"advantage": "group", "group_scale_by_std": True},
+        "policy": {"samples_per_prompt": 4, "prompts_per_batch": 2},
+    },
     "lora": {"lora": {"enabled": True, "r": 4, "alpha": 8}},
 }
 
@@ -56,8 +59,9 @@ def check_lora_hot_swap(config: BelayConfig, base_dir) -> None:
     served, version = rpc_logprobs(policy, prompt, response)
     frozen, _ = rpc_logprobs(reference, prompt, response)
     pad = load_tokenizer(str(base_dir)).pad_token_id
-    trained = wrap_with_lora(load_causal_lm(str(base_dir), torch.device("cpu"), "base"),
-                             LoraSettings(r=4, alpha=8)).eval()
+    trained = wrap_with_lora(
+        load_causal_lm(str(base_dir), torch.device("cpu"), "base"), LoraSettings(r=4, alpha=8)
+    ).eval()
     load_adapter_into(trained, v3)
     np.testing.assert_allclose(served, response_logprobs(trained, [prompt], [response], pad)[0].numpy(), atol=1e-4)
     base = load_causal_lm(str(base_dir), torch.device("cpu"), "base")

@@ -1,5 +1,6 @@
 """The trainer's data-parallel path: two processes under torchrun with gloo on CPU finish PPO
 updates on rollouts from the real stream, with identical weights on both ranks."""
+
 from __future__ import annotations
 
 import re
@@ -28,12 +29,23 @@ def fill_stream(config: BelayConfig, model_dir, batches: int) -> None:
     for index in range(batches):
         prompts = ["Tell me about your weekend.", "Hi", "How are you feeling today?", "Describe a walk."]
         batch = engine.generate(prompts, 2, Sampling(max_new_tokens=8, seed=index))
-        queue.add_all([Rollout(prompt_text=prompts[batch.prompt_index[r]], response_text=batch.texts[r],
-                               prompt_ids=np.array(batch.prompt_ids[r]), response_ids=np.array(batch.response_ids[r]),
-                               logprobs=np.array(batch.logprobs[r], np.float32),
-                               ref_logprobs=np.array(batch.logprobs[r], np.float32) - 0.1,
-                               reward=float(r % 3), policy_version=0, finish_reason=batch.finish_reasons[r],
-                               group_id=f"{index}-{batch.prompt_index[r]}") for r in range(8)])
+        queue.add_all(
+            [
+                Rollout(
+                    prompt_text=prompts[batch.prompt_index[r]],
+                    response_text=batch.texts[r],
+                    prompt_ids=np.array(batch.prompt_ids[r]),
+                    response_ids=np.array(batch.response_ids[r]),
+                    logprobs=np.array(batch.logprobs[r], np.float32),
+                    ref_logprobs=np.array(batch.logprobs[r], np.float32) - 0.1,
+                    reward=float(r % 3),
+                    policy_version=0,
+                    finish_reason=batch.finish_reasons[r],
+                    group_id=f"{index}-{batch.prompt_index[r]}",
+                )
+                for r in range(8)
+            ]
+        )
 
 
 def test_two_gloo_ranks_finish_updates_with_identical_weights(stack_config, redis_url, tiny_lm_dir, tmp_path):
@@ -46,9 +58,22 @@ def test_two_gloo_ranks_finish_updates_with_identical_weights(stack_config, redi
     config_file = tmp_path / "belay.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "services.trainer", "--config", str(config_file)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "services.trainer",
+            "--config",
+            str(config_file),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     fingerprints = {}

@@ -1,5 +1,6 @@
 """The TRL PPOTrainer baseline of `belay bench`, run as `belay bench` runs it: a subprocess on tiny
 real models, one warm-up and one measured step, its figures read back from --json."""
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,38 @@ BATCH, MINIBATCH, NEW_TOKENS = 4, 2, 8
 
 
 def run_baseline(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.bench.trl_baseline", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "services.bench.trl_baseline", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def figures(tiny_lm_dir, tiny_reward_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("trl") / "trl.json"
-    done = run_baseline("--json", str(out), "--model-dir", str(tiny_lm_dir), "--reward-dir", str(tiny_reward_dir),
-                        "--iterations", "1", "--warmup", "1", "--batch", str(BATCH),
-                        "--minibatch-size", str(MINIBATCH), "--max-new-tokens", str(NEW_TOKENS),
-                        "--torch-threads", "1")
+    done = run_baseline(
+        "--json",
+        str(out),
+        "--model-dir",
+        str(tiny_lm_dir),
+        "--reward-dir",
+        str(tiny_reward_dir),
+        "--iterations",
+        "1",
+        "--warmup",
+        "1",
+        "--batch",
+        str(BATCH),
+        "--minibatch-size",
+        str(MINIBATCH),
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--torch-threads",
+        "1",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "", "the JSON goes to --json and logs to stderr: stdout stays empty for `belay bench`"
     return json.loads(out.read_text()) | {"_stderr": done.stderr}
@@ -69,8 +91,18 @@ def test_trl_actually_trained_the_policy(figures):
 
 
 def test_a_batch_that_minibatches_do_not_divide_is_refused(tiny_lm_dir, tiny_reward_dir, tmp_path):
-    done = run_baseline("--json", str(tmp_path / "x.json"), "--model-dir", str(tiny_lm_dir),
-                        "--reward-dir", str(tiny_reward_dir), "--batch", "4", "--minibatch-size", "3")
+    done = run_baseline(
+        "--json",
+        str(tmp_path / "x.json"),
+        "--model-dir",
+        str(tiny_lm_dir),
+        "--reward-dir",
+        str(tiny_reward_dir),
+        "--batch",
+        "4",
+        "--minibatch-size",
+        "3",
+    )
     assert done.returncode != 0
     assert "batch size 4 is not a multiple of minibatch size 3" in done.stderr
     assert not (tmp_path / "x.json").exists()

@@ -4,6 +4,7 @@ formulas written out by hand.
 Every expected value here is computed with plain Python loops over the definition, never by
 calling the function under test a second time.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,17 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from services.trainer.advantages import (ADVANTAGE_ESTIMATORS, batch_mean_advantage, clipped_value_loss,
-                                         gae_advantages, group_advantage, rloo_advantage,
-                                         sequence_advantage_to_tokens, token_rewards, whiten)
+from services.trainer.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    batch_mean_advantage,
+    clipped_value_loss,
+    gae_advantages,
+    group_advantage,
+    rloo_advantage,
+    sequence_advantage_to_tokens,
+    token_rewards,
+    whiten,
+)
 from services.trainer.value_head import ValueHead
 
 FINITE = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)
@@ -72,6 +81,7 @@ def test_estimator_names():
 
 # --- batch mean -----------------------------------------------------------------------------
 
+
 def test_batch_mean_advantage_matches_hand_and_sums_to_zero():
     rewards = [3.0, -1.0, 0.5, 2.5, 7.0]
     mean = sum(rewards) / len(rewards)
@@ -88,6 +98,7 @@ def test_batch_mean_advantage_always_sums_to_zero(rewards):
 
 
 # --- group / GRPO / RLOO --------------------------------------------------------------------
+
 
 def hand_group(rewards, groups, scale_by_std=False, eps=1e-6):
     out = []
@@ -131,8 +142,10 @@ def test_group_advantage_scaled_by_population_std_matches_hand_loop():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.floats(-100, 100, allow_nan=False), st.integers(0, 3)), min_size=1, max_size=12),
-       st.booleans())
+@given(
+    st.lists(st.tuples(st.floats(-100, 100, allow_nan=False), st.integers(0, 3)), min_size=1, max_size=12),
+    st.booleans(),
+)
 def test_group_advantage_property(pairs, scale):
     rewards = [p[0] for p in pairs]
     groups = [p[1] for p in pairs]
@@ -171,14 +184,19 @@ def test_rloo_property_and_identity_with_group_advantage(pairs):
 
 # --- whiten ---------------------------------------------------------------------------------
 
+
 def hand_whiten(values, mask, shift_mean=True, eps=1e-8):
     picked = [v for row, mrow in zip(values, mask) for v, m in zip(row, mrow) if m]
     mean = sum(picked) / len(picked)
     var = sum((v - mean) ** 2 for v in picked) / len(picked)
     out = []
     for row, mrow in zip(values, mask):
-        out.append([((v - mean) / math.sqrt(var + eps) + (0.0 if shift_mean else mean)) if m else 0.0
-                    for v, m in zip(row, mrow)])
+        out.append(
+            [
+                ((v - mean) / math.sqrt(var + eps) + (0.0 if shift_mean else mean)) if m else 0.0
+                for v, m in zip(row, mrow)
+            ]
+        )
     return out, mean
 
 
@@ -237,6 +255,7 @@ def test_whiten_property(batch):
 
 # --- token rewards --------------------------------------------------------------------------
 
+
 def hand_token_rewards(score, kl, kl_coef, mask):
     out = []
     for b, mrow in enumerate(mask):
@@ -251,10 +270,12 @@ def hand_token_rewards(score, kl, kl_coef, mask):
 # row 0: prompt 2, response 3, padding 1; row 1: prompt 1, response 5; row 2: response of 1 then padding;
 # row 3: no response at all
 TMASK = rows_mask([(2, 3), (1, 5), (0, 1), (3, 0)], 6)
-KL = [[0.3, -0.2, 0.1, 0.4, -0.05, 2.0],
-      [1.0, 0.2, 0.3, -0.1, 0.0, 0.25],
-      [0.6, 0.7, 0.8, 0.9, 1.0, 1.1],
-      [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]
+KL = [
+    [0.3, -0.2, 0.1, 0.4, -0.05, 2.0],
+    [1.0, 0.2, 0.3, -0.1, 0.0, 0.25],
+    [0.6, 0.7, 0.8, 0.9, 1.0, 1.1],
+    [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+]
 SCORE = [1.5, -2.0, 0.25, 9.0]
 
 
@@ -285,6 +306,7 @@ def test_token_rewards_property(batch, kl_coef):
 
 
 # --- GAE ------------------------------------------------------------------------------------
+
 
 def hand_gae(rewards, values, mask, gamma, lam):
     """Backwards loop over each row's response span [start, end) with V_end = 0 and A_end = 0."""
@@ -433,8 +455,9 @@ def test_clipped_value_loss_gradient_is_zero_where_clip_binds_and_on_masked_posi
 
 def test_clipped_value_loss_ignores_masked_positions():
     before = clipped_value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), t(VMASK), CLIP)
-    after = clipped_value_loss(t(with_junk(VALUES, VMASK)), t(with_junk(OLD_VALUES, VMASK)),
-                               t(with_junk(RETURNS, VMASK)), t(VMASK), CLIP)
+    after = clipped_value_loss(
+        t(with_junk(VALUES, VMASK)), t(with_junk(OLD_VALUES, VMASK)), t(with_junk(RETURNS, VMASK)), t(VMASK), CLIP
+    )
     assert after[0].item() == before[0].item() and after[1].item() == before[1].item()
 
 
@@ -450,6 +473,7 @@ def test_clipped_value_loss_property(batch, clip):
 
 
 # --- value head -----------------------------------------------------------------------------
+
 
 def test_value_head_starts_at_zero_with_right_shapes_and_float32():
     head = ValueHead.from_model_config(SimpleNamespace(hidden_size=8))

@@ -1,4 +1,5 @@
 """The bench's reward model: the causal LM's trunk with a one-output score head, saved once."""
+
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

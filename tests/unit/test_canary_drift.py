@@ -1,5 +1,6 @@
 """The canary drift number against its definition: 1 - 2M/T, M tokens matched in order, T tokens in
 both answers together, averaged over the canary prompts."""
+
 import pytest
 
 from services.policy.canaries import canary_drift, token_drift

@@ -1,5 +1,6 @@
 """Checkpoint writing and reading (services/common/checkpoints.py): atomic commits, pruning,
 weights loaded in place with refusal of misfits, optimizer and trainer state round trips."""
+
 from __future__ import annotations
 
 import ast
@@ -14,9 +15,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.common import checkpoints
 from tests.pickle_trap import trap_bytes
-from services.common.checkpoints import (committed_versions, latest_checkpoint, load_trainer_state, load_weights_into,
-                                         optimizer_state_from_flat, optimizer_state_to_flat, prune_checkpoints,
-                                         save_trainer_state, version_dir_name, write_checkpoint)
+from services.common.checkpoints import (
+    committed_versions,
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights_into,
+    optimizer_state_from_flat,
+    optimizer_state_to_flat,
+    prune_checkpoints,
+    save_trainer_state,
+    version_dir_name,
+    write_checkpoint,
+)
 
 SERVICES = pathlib.Path(__file__).resolve().parents[2] / "services"
 
@@ -26,6 +36,7 @@ def write_marker(text: str):
         (directory / "weights.txt").write_text(text)
         (directory / "sub").mkdir()
         (directory / "sub" / "nested.txt").write_text(text * 2)
+
     return write_files
 
 
@@ -34,6 +45,7 @@ def entries(root: pathlib.Path) -> list[str]:
 
 
 # --- atomic commit ----------------------------------------------------------------------------
+
 
 def test_version_dir_name_is_zero_padded_to_six_digits():
     assert version_dir_name(7) == "v000007"
@@ -104,9 +116,9 @@ def test_existing_version_is_never_overwritten(tmp_path):
 def test_committed_versions_ignores_temp_dirs_files_and_other_names(tmp_path):
     write_checkpoint(tmp_path, 10, write_marker("ten"))
     write_checkpoint(tmp_path, 2, write_marker("two"))
-    (tmp_path / ".tmp-v000011-999").mkdir()       # a writer died mid-write
+    (tmp_path / ".tmp-v000011-999").mkdir()  # a writer died mid-write
     (tmp_path / "v000012").write_text("not a dir")  # a file with a version-like name
-    (tmp_path / "v12").mkdir()                     # wrong width
+    (tmp_path / "v12").mkdir()  # wrong width
     (tmp_path / "latest").mkdir()
     assert committed_versions(tmp_path) == [(2, tmp_path / "v000002"), (10, tmp_path / "v000010")]
     assert latest_checkpoint(tmp_path) == (10, tmp_path / "v000010")
@@ -135,6 +147,7 @@ def test_prune_with_fewer_versions_than_keep_removes_nothing(tmp_path):
 
 
 # --- weights ----------------------------------------------------------------------------------
+
 
 def tiny_config(tiny_lm_dir) -> LlamaConfig:
     return LlamaConfig.from_pretrained(tiny_lm_dir)
@@ -264,10 +277,12 @@ def test_no_service_calls_torch_load_or_unpickles():
                 assert "pickle" not in {n.split(".")[0] for n in names}, source
             if isinstance(node, ast.Attribute) and node.attr in {"load", "loads"}:
                 assert not (isinstance(node.value, ast.Name) and node.value.id in {"torch", "pickle"}), (
-                    f"{source}: {ast.unparse(node)}")
+                    f"{source}: {ast.unparse(node)}"
+                )
 
 
 # --- optimizer and trainer state ----------------------------------------------------------------
+
 
 def make_model_and_optimizer(seed: int = 0):
     torch.manual_seed(seed)
@@ -298,9 +313,12 @@ def test_adamw_state_round_trips_and_training_continues_bit_for_bit(tmp_path):
     assert meta["step"] == 2
 
     restored_model, restored_optimizer = make_model_and_optimizer(seed=99)  # different init
-    restored_model.load_state_dict({k[len("model/"):]: v for k, v in loaded_tensors.items() if k.startswith("model/")})
-    restored_optimizer.load_state_dict(optimizer_state_from_flat(
-        {k: v for k, v in loaded_tensors.items() if k.startswith("state/")}, meta["optimizer"]))
+    restored_model.load_state_dict({k[len("model/") :]: v for k, v in loaded_tensors.items() if k.startswith("model/")})
+    restored_optimizer.load_state_dict(
+        optimizer_state_from_flat(
+            {k: v for k, v in loaded_tensors.items() if k.startswith("state/")}, meta["optimizer"]
+        )
+    )
 
     original_state, restored_state = optimizer.state_dict(), restored_optimizer.state_dict()
     assert original_state["state"].keys() == restored_state["state"].keys()
@@ -328,8 +346,10 @@ def test_restarting_the_optimizer_from_scratch_would_diverge(tmp_path):
 
 
 def test_optimizer_flat_state_keeps_non_tensor_values_as_json():
-    state_dict = {"state": {0: {"exp_avg": torch.ones(2), "step": 3}, 1: {"count": 7}},
-                  "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    state_dict = {
+        "state": {0: {"exp_avg": torch.ones(2), "step": 3}, 1: {"count": 7}},
+        "param_groups": [{"lr": 0.1, "params": [0, 1]}],
+    }
     tensors, rest = optimizer_state_to_flat(state_dict)
     assert set(tensors) == {"state/0/exp_avg"}
     rest = json.loads(json.dumps(rest))  # must survive JSON
@@ -342,8 +362,11 @@ def test_optimizer_flat_state_keeps_non_tensor_values_as_json():
 
 
 def test_trainer_state_round_trip(tmp_path):
-    tensors = {"rng/torch": torch.arange(10, dtype=torch.uint8), "scale": torch.tensor(2.5),
-               "moments": torch.randn(3, 4)}
+    tensors = {
+        "rng/torch": torch.arange(10, dtype=torch.uint8),
+        "scale": torch.tensor(2.5),
+        "moments": torch.randn(3, 4),
+    }
     meta = {"step": 17, "version": 4, "consumed": ["1-0", "2-0"], "kl_coef": 0.05, "nested": {"a": [1, 2]}}
     save_trainer_state(tmp_path, tensors, meta)
     assert (tmp_path / checkpoints.STATE_TENSORS).is_file()
@@ -366,6 +389,7 @@ def test_trainer_state_inside_an_atomic_checkpoint(tmp_path):
 
 def test_remove_unfinished_deletes_only_temp_dirs_of_killed_writers(tmp_path):
     from services.common.checkpoints import remove_unfinished
+
     write_checkpoint(tmp_path, 1, lambda d: (d / "f").write_text("x"))
     (tmp_path / ".tmp-v000002-999").mkdir()
     (tmp_path / ".tmp-v000002-999" / "model.safetensors").write_text("half")
@@ -415,8 +439,14 @@ def test_manifest_checksums_are_xxh3_and_older_sha256_manifests_still_verify(tmp
     entry = json.loads((path / MANIFEST).read_text())["files"]["model.safetensors"]
     assert entry == {"size": len(payload), "xxh3_128": xxhash.xxh3_128(payload).hexdigest()}
     # a manifest from before the switch: sha256 per file
-    (path / MANIFEST).write_text(json.dumps({"version": 1, "files": {"model.safetensors": {
-        "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}}))
+    (path / MANIFEST).write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "files": {"model.safetensors": {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}},
+            }
+        )
+    )
     assert checkpoint_problem(path) is None
     (path / "model.safetensors").write_bytes(payload[:-1] + b"?")
     assert "sha256 checksum (corrupt)" in checkpoint_problem(path)

@@ -1,4 +1,5 @@
 """load_config (services/common/config.py): seed defaults, env overrides, errors that name the field."""
+
 from __future__ import annotations
 
 import pathlib
@@ -26,8 +27,9 @@ def test_defaults_are_the_seeds():
 
 
 def test_yaml_values_are_read(tmp_path):
-    config = load_config(write(tmp_path, "policy:\n  top_p: 0.8\n  max_new_tokens: 48\ntrainer:\n  ppo_epochs: 2\n"),
-                         environ={})
+    config = load_config(
+        write(tmp_path, "policy:\n  top_p: 0.8\n  max_new_tokens: 48\ntrainer:\n  ppo_epochs: 2\n"), environ={}
+    )
     assert config.policy.top_p == 0.8
     assert config.policy.max_new_tokens == 48
     assert config.trainer.ppo_epochs == 2

@@ -1,5 +1,6 @@
 """The failure detectors' values against their formulas, computed here independently; NaN until the
 window fills; each detector firing, and not, on windows built for it."""
+
 from __future__ import annotations
 
 import math
@@ -10,17 +11,34 @@ import pytest
 import yaml
 
 from services.common.config import ConfigError, TrainerConfig, load_config
-from services.trainer.detectors import (DETECTORS, RUNBOOK, Detectors, cross_prompt_similarity, detector_values,
-                                        detectors_firing, least_squares_slope)
+from services.trainer.detectors import (
+    DETECTORS,
+    RUNBOOK,
+    Detectors,
+    cross_prompt_similarity,
+    detector_values,
+    detectors_firing,
+    least_squares_slope,
+)
 
 RULES = pathlib.Path(__file__).resolve().parents[2] / "deploy/prometheus/rules/belay.yml"
-BOUNDS = {"detector_kl_bound": 6.0, "detector_length_ratio": 0.5, "detector_similarity_bound": 0.5,
-          "detector_still_kl": 0.05, "detector_flat_reward": 2.0}
+BOUNDS = {
+    "detector_kl_bound": 6.0,
+    "detector_length_ratio": 0.5,
+    "detector_similarity_bound": 0.5,
+    "detector_still_kl": 0.05,
+    "detector_flat_reward": 2.0,
+}
 
 
 def record(reward=0.0, std=1.0, kl=1.0, length=20.0, similarity=0.1) -> dict:
-    return {"reward_mean": reward, "reward_std": std, "kl_per_sequence": kl, "response_length_mean": length,
-            "similarity": similarity}
+    return {
+        "reward_mean": reward,
+        "reward_std": std,
+        "kl_per_sequence": kl,
+        "response_length_mean": length,
+        "similarity": similarity,
+    }
 
 
 def test_slope_is_numpys_least_squares_fit():
@@ -49,8 +67,10 @@ def test_values_are_nan_until_the_window_is_full():
 
 
 def test_values_against_their_formulas():
-    window = [record(reward=r, std=s, kl=k, length=n, similarity=m) for r, s, k, n, m in
-              [(0.0, 0.5, 0.2, 20, 0.1), (0.5, 0.3, 0.4, 16, math.nan), (0.7, 0.4, 0.1, 12, 0.3)]]
+    window = [
+        record(reward=r, std=s, kl=k, length=n, similarity=m)
+        for r, s, k, n, m in [(0.0, 0.5, 0.2, 20, 0.1), (0.5, 0.3, 0.4, 16, math.nan), (0.7, 0.4, 0.1, 12, 0.3)]
+    ]
     values = detector_values(window, baseline_length=24.0, size=3)
     slope = np.polyfit([0, 1, 2], [0.0, 0.5, 0.7], 1)[0]
     assert values["reward_slope"] == pytest.approx(slope)
@@ -68,12 +88,20 @@ def test_reward_rise_over_no_spread_is_infinite_or_zero():
 
 
 CASES = {  # detector -> (window that provokes it, its last KL, healthy window, its last KL)
-    "reward_hacking": ([record(reward=r, kl=8.0) for r in (0.1, 0.2, 0.4)], 8.0,
-                       [record(reward=r, kl=8.0) for r in (0.4, 0.2, 0.1)], 8.0),  # KL high but reward falling
+    "reward_hacking": (
+        [record(reward=r, kl=8.0) for r in (0.1, 0.2, 0.4)],
+        8.0,
+        [record(reward=r, kl=8.0) for r in (0.4, 0.2, 0.1)],
+        8.0,
+    ),  # KL high but reward falling
     "shorter_responses": ([record(length=n) for n in (8, 6, 4)], 1.0, [record(length=n) for n in (18, 16, 14)], 1.0),
     "template_collapse": ([record(similarity=0.8)] * 3, 1.0, [record(similarity=0.2)] * 3, 1.0),
-    "not_moving": ([record(reward=r, kl=0.01) for r in (0.5, 0.4, 0.5)], 0.01,
-                   [record(reward=r, std=0.1, kl=0.01) for r in (0.1, 0.5, 0.9)], 0.01),  # still KL, rising reward
+    "not_moving": (
+        [record(reward=r, kl=0.01) for r in (0.5, 0.4, 0.5)],
+        0.01,
+        [record(reward=r, std=0.1, kl=0.01) for r in (0.1, 0.5, 0.9)],
+        0.01,
+    ),  # still KL, rising reward
 }
 
 
@@ -102,8 +130,12 @@ def test_detectors_keep_the_first_window_as_baseline_and_report_when_one_starts_
 
 def test_the_alert_rules_carry_the_detectors_runbook_lines():
     rules = {rule["alert"]: rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
-    alerts = {"reward_hacking": "BelayRewardHacking", "shorter_responses": "BelayResponsesShrinking",
-              "template_collapse": "BelayTemplateCollapse", "not_moving": "BelayPolicyNotMoving"}
+    alerts = {
+        "reward_hacking": "BelayRewardHacking",
+        "shorter_responses": "BelayResponsesShrinking",
+        "template_collapse": "BelayTemplateCollapse",
+        "not_moving": "BelayPolicyNotMoving",
+    }
     for detector, alert in alerts.items():
         assert rules[alert]["annotations"]["runbook"] == RUNBOOK[detector]
         assert "belay_trainer_detector_firing" not in rules[alert]["expr"]  # the rules read the values

@@ -3,6 +3,7 @@
 Every expected value here is computed with plain Python loops over the definition, never by
 calling the function under test a second time.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,17 +14,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.trainer.kl import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, exact_kl_from_rows, kl_k1,
-                                 kl_k2, kl_k3, per_token_kl)
+from services.trainer.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    exact_kl_from_rows,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    per_token_kl,
+)
 
 # Two rollouts over 6 positions: row 0 has a 2-position prompt then 3 response tokens then padding;
 # row 1 has a 1-position prompt then 5 response tokens.
-MASK = [[0, 0, 1, 1, 1, 0],
-        [0, 1, 1, 1, 1, 1]]
-LOGPROBS = [[-0.5, -1.0, -0.2, -2.0, -0.7, -3.0],
-            [-1.5, -0.1, -0.9, -0.3, -1.2, -0.05]]
-REF_LOGPROBS = [[-0.4, -3.0, -0.6, -1.0, -0.9, -0.1],
-                [-0.2, -0.5, -0.4, -0.8, -1.0, -0.30]]
+MASK = [[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+LOGPROBS = [[-0.5, -1.0, -0.2, -2.0, -0.7, -3.0], [-1.5, -0.1, -0.9, -0.3, -1.2, -0.05]]
+REF_LOGPROBS = [[-0.4, -3.0, -0.6, -1.0, -0.9, -0.1], [-0.2, -0.5, -0.4, -0.8, -1.0, -0.30]]
 
 
 def t(rows, dtype=torch.float64) -> torch.Tensor:
@@ -44,8 +50,10 @@ def hand_k3(lp, rp):
 
 
 def hand_per_token(formula, logprobs, ref, mask):
-    return [[formula(lp, rp) if m else 0.0 for lp, rp, m in zip(lrow, rrow, mrow)]
-            for lrow, rrow, mrow in zip(logprobs, ref, mask)]
+    return [
+        [formula(lp, rp) if m else 0.0 for lp, rp, m in zip(lrow, rrow, mrow)]
+        for lrow, rrow, mrow in zip(logprobs, ref, mask)
+    ]
 
 
 ESTIMATOR_FUNCTIONS = {"k1": (kl_k1, hand_k1), "k2": (kl_k2, hand_k2), "k3": (kl_k3, hand_k3)}
@@ -53,12 +61,15 @@ ESTIMATOR_FUNCTIONS = {"k1": (kl_k1, hand_k1), "k2": (kl_k2, hand_k2), "k3": (kl
 
 # --- per-token estimators ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["k1", "k2", "k3"])
 def test_estimator_matches_hand_formula_on_response_tokens_and_is_zero_elsewhere(name):
     function, formula = ESTIMATOR_FUNCTIONS[name]
     expected = hand_per_token(formula, LOGPROBS, REF_LOGPROBS, MASK)
-    for got in (function(t(LOGPROBS), t(REF_LOGPROBS), t(MASK)),
-                per_token_kl(name, t(LOGPROBS), t(REF_LOGPROBS), t(MASK))):
+    for got in (
+        function(t(LOGPROBS), t(REF_LOGPROBS), t(MASK)),
+        per_token_kl(name, t(LOGPROBS), t(REF_LOGPROBS), t(MASK)),
+    ):
         assert got.shape == (2, 6)
         for b in range(2):
             for i in range(6):
@@ -156,7 +167,9 @@ def test_k3_is_never_negative_in_float32(tokens):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.floats(-8, 0, width=32), st.floats(-2.0 ** -8, 2.0 ** -8, width=32)), min_size=1, max_size=32))
+@given(
+    st.lists(st.tuples(st.floats(-8, 0, width=32), st.floats(-(2.0**-8), 2.0**-8, width=32)), min_size=1, max_size=32)
+)
 def test_k3_in_float32_near_ratio_one_is_never_negative_and_accurate(tokens):
     # First epoch: policy and reference differ by rounding noise. exp(x) - 1 - x in float32 would be
     # all rounding error here (errors ~1e-7 against true values ~x^2/2); expm1 keeps it accurate.
@@ -170,7 +183,7 @@ def test_k3_in_float32_near_ratio_one_is_never_negative_and_accurate(tokens):
         want = math.expm1(log_r) - log_r
         # expm1 in float32 is good to about one ulp of log_r, and the subtraction is then exact;
         # exp(log_r) - 1 would be off by up to an ulp of 1 (2^-24), far more than this allows.
-        assert value == pytest.approx(want, rel=1e-4, abs=2 * 2.0 ** -23 * abs(log_r))
+        assert value == pytest.approx(want, rel=1e-4, abs=2 * 2.0**-23 * abs(log_r))
 
 
 # --- unbiasedness: sample tokens from pi ------------------------------------------------------
@@ -188,8 +201,9 @@ def sampled_estimates(name):
     """Per-token estimates for N_SAMPLES tokens a ~ PI, laid out as (B, T) = (400, 500)."""
     generator = torch.Generator().manual_seed(1234)
     # torch.distributions.Categorical.sample takes no generator; this is the same draw, seeded.
-    samples = torch.multinomial(torch.tensor(PI, dtype=torch.float64), N_SAMPLES, replacement=True,
-                                generator=generator).view(400, 500)
+    samples = torch.multinomial(
+        torch.tensor(PI, dtype=torch.float64), N_SAMPLES, replacement=True, generator=generator
+    ).view(400, 500)
     log_pi = torch.log(torch.tensor(PI, dtype=torch.float64))
     log_ref = torch.log(torch.tensor(PI_REF, dtype=torch.float64))
     mask = torch.ones(400, 500, dtype=torch.float64)
@@ -219,6 +233,7 @@ def test_k1_has_negative_tokens_and_k3_never_does():
 
 
 # --- exact KL over rows -----------------------------------------------------------------------
+
 
 def log_softmax_list(logits):
     top = max(logits)
@@ -338,7 +353,13 @@ def top_k_case(peak, noise, seed, vocab=1000, k=10):
     ref = torch.log_softmax(ref_logits, -1)
     top = ref.topk(k).indices
     mass_in_top_k = policy[top].exp().sum().item()
-    return policy.view(1, 1, vocab), ref.view(1, 1, vocab), policy[top].view(1, 1, k), ref[top].view(1, 1, k), mass_in_top_k
+    return (
+        policy.view(1, 1, vocab),
+        ref.view(1, 1, vocab),
+        policy[top].view(1, 1, k),
+        ref[top].view(1, 1, k),
+        mass_in_top_k,
+    )
 
 
 def test_top_k_kl_is_close_to_the_full_kl_when_pi_is_peaked():
@@ -365,6 +386,7 @@ def test_top_k_kl_is_measurably_off_when_pi_is_flat():
 
 
 # --- controllers ------------------------------------------------------------------------------
+
 
 def hand_ziegler(beta, target, horizon, updates):
     values = []
@@ -423,8 +445,9 @@ def test_adaptive_controller_state_dict_round_trip_continues_identically():
     assert restored.state_dict() == original.state_dict()
 
 
-@pytest.mark.parametrize("target, horizon, field", [(0.0, 100, "target"), (-1.0, 100, "target"),
-                                                     (6.0, 0, "horizon"), (6.0, -5, "horizon")])
+@pytest.mark.parametrize(
+    "target, horizon, field", [(0.0, 100, "target"), (-1.0, 100, "target"), (6.0, 0, "horizon"), (6.0, -5, "horizon")]
+)
 def test_adaptive_controller_validates_target_and_horizon(target, horizon, field):
     with pytest.raises(ValueError, match=field):
         AdaptiveKLController(init_kl_coef=0.1, target=target, horizon=horizon)

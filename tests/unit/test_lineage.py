@@ -1,4 +1,5 @@
 """Staleness counted in updates along the trainer's lineage (services/trainer/lineage.py)."""
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ def test_after_a_resume_past_orphans_the_path_through_the_persisted_version_coun
     lineage.orphans_after(3, 5)
     lineage.republish(3, 6)
     assert lineage.staleness(6) == 0 and lineage.staleness(3) == 0  # the same weights
-    assert lineage.staleness(4) == 1 and lineage.staleness(5) == 2   # one and two updates down the dead branch
+    assert lineage.staleness(4) == 1 and lineage.staleness(5) == 2  # one and two updates down the dead branch
     lineage.advance(7)
     # independently: path length = (orphan - persisted) + updates since the resume
     for orphan in (4, 5):

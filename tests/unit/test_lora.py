@@ -1,6 +1,7 @@
 """LoRA adapters (services/common/lora.py) on a real tiny Llama: only adapters train, the wrapped
 model starts equal to the base, an adapter saved as safetensors hot-swaps into a fresh wrapped
 copy of the base exactly, and misfit adapters are refused before anything is copied."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,16 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from services.common.checkpoints import load_weights_into, write_checkpoint
-from services.common.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, adapter_tensors,
-                                  is_adapter_checkpoint, load_adapter_into, save_adapter, wrap_with_lora)
+from services.common.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraSettings,
+    adapter_tensors,
+    is_adapter_checkpoint,
+    load_adapter_into,
+    save_adapter,
+    wrap_with_lora,
+)
 from services.common.models import load_causal_lm, token_logprobs
 from tests.pickle_trap import trap_bytes
 
@@ -38,8 +47,11 @@ def logits(model, batch) -> torch.Tensor:
 
 def base_weights(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     """The base model's own weights inside a wrapped model, under the plain model's key names."""
-    return {name.replace(".base_layer", ""): tensor for name, tensor in peft_model.get_base_model().state_dict().items()
-            if "lora_" not in name}
+    return {
+        name.replace(".base_layer", ""): tensor
+        for name, tensor in peft_model.get_base_model().state_dict().items()
+        if "lora_" not in name
+    }
 
 
 def snapshot(peft_model: PeftModel) -> dict[str, torch.Tensor]:
@@ -180,13 +192,17 @@ def test_peft_itself_loads_the_saved_adapter(tiny_lm_dir, batch, trained):
     torch.testing.assert_close(logits(other, batch), logits(model, batch), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (LoraSettings(r=16), "adapter r is 16, the model's adapter has 8"),
-    (LoraSettings(alpha=32), "adapter lora_alpha is 32, the model's adapter has 16"),
-    (LoraSettings(target_modules=("q_proj", "v_proj")), "adapter target_modules is ['q_proj', 'v_proj']"),
-])
-def test_an_adapter_with_other_settings_is_refused_and_nothing_changes(tiny_lm_dir, batch, loaded, tmp_path,
-                                                                        settings, message):
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (LoraSettings(r=16), "adapter r is 16, the model's adapter has 8"),
+        (LoraSettings(alpha=32), "adapter lora_alpha is 32, the model's adapter has 16"),
+        (LoraSettings(target_modules=("q_proj", "v_proj")), "adapter target_modules is ['q_proj', 'v_proj']"),
+    ],
+)
+def test_an_adapter_with_other_settings_is_refused_and_nothing_changes(
+    tiny_lm_dir, batch, loaded, tmp_path, settings, message
+):
     other = wrapped(tiny_lm_dir, settings)
     randomise_lora_b(other, seed=7)
     save_adapter(other, tmp_path)
@@ -217,7 +233,9 @@ def test_other_target_modules_whose_config_claims_a_fit_are_refused_by_key(tiny_
     randomise_lora_b(other, seed=9)
     save_adapter(other, tmp_path)
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
-    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**config, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    (tmp_path / ADAPTER_CONFIG).write_text(
+        json.dumps({**config, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    )
     before = logits(loaded, batch)
 
     with pytest.raises(ValueError, match=r"unexpected keys \[.*up_proj.*missing keys \[.*k_proj"):
@@ -264,8 +282,7 @@ def test_a_pickled_adapter_is_never_loaded(tiny_lm_dir, trained, tmp_path):
     assert not marker.exists()
 
 
-def test_adapter_checkpoints_commit_atomically_and_are_told_apart_from_full_ones(tiny_lm_dir, batch, trained,
-                                                                                 tmp_path):
+def test_adapter_checkpoints_commit_atomically_and_are_told_apart_from_full_ones(tiny_lm_dir, batch, trained, tmp_path):
     model, _ = trained
     committed = write_checkpoint(tmp_path, 3, lambda directory: save_adapter(model, directory))
     assert committed.name == "v000003"

@@ -1,4 +1,5 @@
 """Packed ragged arrays of belay.v1 (services/common/packing.py)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,12 @@ def test_int32_round_trip_with_empty_rows():
 def test_float32_round_trip_with_empty_rows():
     rows = [[], [0.5, -1.25, 3.0e-7], [float("inf")], []]
     back = unpack_float32(belay_pb2.PackedFloat32.FromString(pack_float32(rows).SerializeToString()))
-    assert [row.tolist() for row in back] == [[], [np.float32(0.5), np.float32(-1.25), np.float32(3.0e-7)],
-                                              [float("inf")], []]
+    assert [row.tolist() for row in back] == [
+        [],
+        [np.float32(0.5), np.float32(-1.25), np.float32(3.0e-7)],
+        [float("inf")],
+        [],
+    ]
     assert all(row.dtype == np.dtype("<f4") for row in back)
 
 

@@ -1,4 +1,5 @@
 """The trap the no-unpickling tests rely on does fire when something unpickles it."""
+
 import pickle
 
 from tests.pickle_trap import trap_bytes

@@ -3,6 +3,7 @@
 Every expected value here is computed with plain Python loops over the definition, never by
 calling the function under test a second time.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,12 +19,9 @@ from services.trainer.ppo import clipped_policy_loss, kl_penalised_reward, maske
 
 # Two rollouts over 6 positions: row 0 has a 2-position prompt then 3 response tokens then padding;
 # row 1 has a 1-position prompt then 5 response tokens.
-MASK = [[0, 0, 1, 1, 1, 0],
-        [0, 1, 1, 1, 1, 1]]
-LOGPROBS = [[-0.5, -1.0, -0.2, -2.0, -0.7, -3.0],
-            [-1.5, -0.1, -0.9, -0.3, -1.2, -0.05]]
-REF_LOGPROBS = [[-0.4, -3.0, -0.6, -1.0, -0.9, -0.1],
-                [-0.2, -0.5, -0.4, -0.8, -1.0, -0.30]]
+MASK = [[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+LOGPROBS = [[-0.5, -1.0, -0.2, -2.0, -0.7, -3.0], [-1.5, -0.1, -0.9, -0.3, -1.2, -0.05]]
+REF_LOGPROBS = [[-0.4, -3.0, -0.6, -1.0, -0.9, -0.1], [-0.2, -0.5, -0.4, -0.8, -1.0, -0.30]]
 
 
 def t(rows) -> torch.Tensor:
@@ -31,8 +29,10 @@ def t(rows) -> torch.Tensor:
 
 
 def hand_token_kl(logprobs, ref, mask):
-    return [[(lp - rp) if m else 0.0 for lp, rp, m in zip(lrow, rrow, mrow)]
-            for lrow, rrow, mrow in zip(logprobs, ref, mask)]
+    return [
+        [(lp - rp) if m else 0.0 for lp, rp, m in zip(lrow, rrow, mrow)]
+        for lrow, rrow, mrow in zip(logprobs, ref, mask)
+    ]
 
 
 def hand_sequence_kl(logprobs, ref, mask):
@@ -47,6 +47,7 @@ def hand_sequence_kl(logprobs, ref, mask):
 
 
 # --- KL -------------------------------------------------------------------------------------
+
 
 def test_per_token_kl_is_logprob_difference_on_response_tokens_and_zero_elsewhere():
     got = per_token_kl(t(LOGPROBS), t(REF_LOGPROBS), t(MASK))
@@ -119,6 +120,7 @@ def test_batch_mean_advantage_always_sums_to_zero(rewards):
 
 # --- clipped surrogate ----------------------------------------------------------------------
 
+
 def hand_clipped_loss(new, old, advantages, mask, eps):
     """mean over response tokens of max(-A r, -A clip(r, 1-eps, 1+eps)), plus clip fraction and k3."""
     total, n, clipped_count, k3 = 0.0, 0, 0, 0.0
@@ -139,13 +141,11 @@ def hand_clipped_loss(new, old, advantages, mask, eps):
 
 EPS = 0.2
 # log ratios chosen to sit clearly inside or clearly outside [log 0.8, log 1.2]
-OLD = [[-1.0, -1.0, -1.0, -1.0, -1.0, -1.0],
-       [-2.0, -2.0, -2.0, -2.0, -2.0, -2.0]]
+OLD = [[-1.0, -1.0, -1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, -2.0, -2.0, -2.0, -2.0]]
 # row 0 (A>0) response ratios: e^.5 (clipped), e^-.05 (inside), e^-.6 (below range: A>0 lets it flow)
 # row 1 (A<0) response ratios: e^-.9 (clipped), e^.05 (inside), e^1 (above range: A<0 lets it flow),
 #                              e^-.1 (inside), e^-.6 (clipped)
-NEW = [[-0.3, -1.5, -0.5, -1.05, -1.6, -0.7],
-       [-2.4, -2.9, -1.95, -1.0, -2.1, -2.6]]
+NEW = [[-0.3, -1.5, -0.5, -1.05, -1.6, -0.7], [-2.4, -2.9, -1.95, -1.0, -2.1, -2.6]]
 ADV = [1.5, -0.8]
 
 
@@ -226,8 +226,11 @@ def test_loss_at_ratio_one_is_minus_mean_token_advantage_and_nothing_is_clipped(
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5), st.booleans()), min_size=1, max_size=24),
-       st.floats(-3, 3), st.floats(0.01, 0.9))
+@given(
+    st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5), st.booleans()), min_size=1, max_size=24),
+    st.floats(-3, 3),
+    st.floats(0.01, 0.9),
+)
 def test_approx_kl_is_never_negative(tokens, advantage, eps):
     new = [[x for x, _, _ in tokens]]
     old = [[y for _, y, _ in tokens]]
@@ -242,7 +245,9 @@ def test_approx_kl_is_never_negative(tokens, advantage, eps):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.floats(-8, 0, width=32), st.floats(-2.0 ** -10, 2.0 ** -10, width=32)), min_size=1, max_size=32))
+@given(
+    st.lists(st.tuples(st.floats(-8, 0, width=32), st.floats(-(2.0**-10), 2.0**-10, width=32)), min_size=1, max_size=32)
+)
 def test_approx_kl_is_never_negative_in_float32_near_ratio_one(tokens):
     # The trainer works in float32 and, on its first epoch, new and old log-probs differ only by
     # rounding noise: the k3 estimate must still never report a negative KL.
@@ -261,6 +266,7 @@ def test_stats_carry_no_gradient():
 
 
 # --- masked_mean ----------------------------------------------------------------------------
+
 
 def test_masked_mean_ignores_masked_entries():
     values = t([[1.0, 2.0, 100.0], [4.0, -1000.0, 6.0]])

@@ -1,5 +1,6 @@
 """Loss aggregation, per-token advantages in the clipped loss, and the learning-rate schedule,
 against their formulas written out here."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """Reward shaping (services/trainer/reward_shaping.py) checked against the formulas written out by hand
 and, for the running moments, against numpy over the concatenated batches."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.trainer.reward_shaping import (RunningMoments, clip_reward, length_normalised_reward,
-                                             truncation_penalty)
+from services.trainer.reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
 
 
 def t(values, dtype=torch.float64) -> torch.Tensor:
@@ -20,6 +20,7 @@ def t(values, dtype=torch.float64) -> torch.Tensor:
 
 
 # --- clip_reward ------------------------------------------------------------------------------
+
 
 def test_clip_reward_clamps_to_plus_minus_limit_and_leaves_the_rest():
     rewards = [-10.0, -2.0, -1.999, 0.0, 1.5, 2.0, 3.0, 1e9]
@@ -36,6 +37,7 @@ def test_clip_reward_refuses_a_non_positive_limit(limit):
 
 
 # --- RunningMoments ---------------------------------------------------------------------------
+
 
 def test_running_moments_batch_by_batch_equals_numpy_over_the_concatenation():
     batches = [[1.0, 2.0, 3.0], [10.0], [-4.0, 0.5, 7.25, 7.25, 100.0], [3.0, 3.0]]
@@ -135,6 +137,7 @@ def test_normalise_before_any_update_is_refused():
 
 # --- length normalisation ---------------------------------------------------------------------
 
+
 def test_length_normalised_reward_divides_each_reward_by_its_length():
     rewards = [3.0, -2.0, 0.5, 10.0]
     lengths = [3, 4, 1, 32]
@@ -156,6 +159,7 @@ def test_length_normalised_reward_refuses_mismatched_shapes():
 
 
 # --- truncation penalty -----------------------------------------------------------------------
+
 
 def test_truncation_penalty_subtracts_penalty_only_from_truncated_responses():
     rewards = [1.0, 0.5, -0.25, 2.0]

@@ -1,5 +1,6 @@
 """Rollout serialisation and the Redis Streams rollout queue (services/common/rollout_queue.py),
 against a real redis-server."""
+
 from __future__ import annotations
 
 import math
@@ -15,21 +16,36 @@ from services.common.rollout_queue import GROUP, MalformedRollout, Rollout, Roll
 
 def make_rollout(**overrides) -> Rollout:
     values = dict(
-        prompt_text="<|im_start|>user\nHow are you?<|im_end|>\n", response_text="Great, thank you ✓",
+        prompt_text="<|im_start|>user\nHow are you?<|im_end|>\n",
+        response_text="Great, thank you ✓",
         prompt_ids=np.array([1, 40, 41, 42, 2], dtype=np.int32),
         response_ids=np.array([77, 78, 2], dtype=np.int32),
         logprobs=np.array([-0.5, -1.25, -0.125], dtype=np.float32),
         ref_logprobs=np.array([-0.75, -1.0, -0.25], dtype=np.float32),
-        reward=0.8125, policy_version=3, finish_reason="eos", group_id="group-7",
-        reward_model_id="vader", timings={"generate": 0.5, "reference": 0.25},
+        reward=0.8125,
+        policy_version=3,
+        finish_reason="eos",
+        group_id="group-7",
+        reward_model_id="vader",
+        timings={"generate": 0.5, "reference": 0.25},
     )
     values.update(overrides)
     return Rollout(**values)
 
 
 def assert_same_rollout(a: Rollout, b: Rollout) -> None:
-    for name in ["prompt_text", "response_text", "reward", "policy_version", "finish_reason", "group_id",
-                 "reward_model_id", "timings", "rollout_id", "created_at"]:
+    for name in [
+        "prompt_text",
+        "response_text",
+        "reward",
+        "policy_version",
+        "finish_reason",
+        "group_id",
+        "reward_model_id",
+        "timings",
+        "rollout_id",
+        "created_at",
+    ]:
         assert getattr(a, name) == getattr(b, name), name
     for name in ["prompt_ids", "response_ids", "logprobs", "ref_logprobs"]:
         assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
@@ -54,6 +70,7 @@ def queue(client) -> RolloutQueue:
 
 # --- Rollout ----------------------------------------------------------------------------------
 
+
 def test_rollout_round_trips_through_fields():
     rollout = make_rollout(reward=-1.0 / 3.0, created_at=1234.5678901234)
     back = Rollout.from_fields(as_redis_fields(rollout.to_fields()))
@@ -66,19 +83,27 @@ def test_rollout_ids_are_unique_by_default():
     assert make_rollout().rollout_id != make_rollout().rollout_id
 
 
-@pytest.mark.parametrize("field, value", [("logprobs", np.array([-0.5, -1.0], np.float32)),
-                                          ("ref_logprobs", np.array([-0.5, -1.0, -1.0, -2.0], np.float32))])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logprobs", np.array([-0.5, -1.0], np.float32)),
+        ("ref_logprobs", np.array([-0.5, -1.0, -1.0, -2.0], np.float32)),
+    ],
+)
 def test_validate_refuses_mismatched_lengths(field, value):
     with pytest.raises(MalformedRollout, match="3 response tokens but"):
         make_rollout(**{field: value}).validate()
 
 
-@pytest.mark.parametrize("overrides", [
-    {"logprobs": np.array([-0.5, np.nan, -1.0], np.float32)},
-    {"ref_logprobs": np.array([-0.5, -np.inf, -1.0], np.float32)},
-    {"reward": math.inf},
-    {"reward": math.nan},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"logprobs": np.array([-0.5, np.nan, -1.0], np.float32)},
+        {"ref_logprobs": np.array([-0.5, -np.inf, -1.0], np.float32)},
+        {"reward": math.inf},
+        {"reward": math.nan},
+    ],
+)
 def test_validate_refuses_non_finite_values(overrides):
     with pytest.raises(MalformedRollout, match="non-finite"):
         make_rollout(**overrides).validate()
@@ -89,9 +114,17 @@ def test_validate_refuses_bad_finish_reason():
         make_rollout(finish_reason="stop").validate()
 
 
-@pytest.mark.parametrize("overrides", [{"prompt_ids": np.array([], np.int32)},
-                                       {"response_ids": np.array([], np.int32), "logprobs": np.array([], np.float32),
-                                        "ref_logprobs": np.array([], np.float32)}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"prompt_ids": np.array([], np.int32)},
+        {
+            "response_ids": np.array([], np.int32),
+            "logprobs": np.array([], np.float32),
+            "ref_logprobs": np.array([], np.float32),
+        },
+    ],
+)
 def test_validate_refuses_empty_prompt_or_response(overrides):
     with pytest.raises(MalformedRollout, match="empty"):
         make_rollout(**overrides).validate()
@@ -115,9 +148,16 @@ def test_from_fields_refuses_a_missing_field():
         Rollout.from_fields(fields)
 
 
-@pytest.mark.parametrize("field, raw", [(b"reward", b"high"), (b"policy_version", b"3.5"),
-                                        (b"logprobs", b"\x00\x00\x00"), (b"timings", b"{not json"),
-                                        (b"group_id", b"\xff\xfe")])
+@pytest.mark.parametrize(
+    "field, raw",
+    [
+        (b"reward", b"high"),
+        (b"policy_version", b"3.5"),
+        (b"logprobs", b"\x00\x00\x00"),
+        (b"timings", b"{not json"),
+        (b"group_id", b"\xff\xfe"),
+    ],
+)
 def test_from_fields_refuses_garbage(field, raw):
     fields = as_redis_fields(make_rollout().to_fields())
     fields[field] = raw
@@ -137,6 +177,7 @@ def test_consumer_name_carries_the_pid():
 
 
 # --- RolloutQueue on a real redis-server ---------------------------------------------------------
+
 
 def test_added_rollout_is_read_back_by_the_consumer_group(queue):
     queue.ensure_group()

@@ -1,5 +1,6 @@
 """The end-of-run report: the PNG holds the four panels' data, report.md the first and last figures
 and the canary answers side by side."""
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,17 +10,32 @@ from services.evaluation.run_report import canary_table, write_run_report  # noq
 
 
 def step(version: int, reward: float, kl: float, length: float, entropy: float) -> dict:
-    return {"version": version, "reward_mean": reward, "reward_std": 0.1, "kl_per_sequence": kl,
-            "response_length_mean": length, "entropy": entropy}
+    return {
+        "version": version,
+        "reward_mean": reward,
+        "reward_std": 0.1,
+        "kl_per_sequence": kl,
+        "response_length_mean": length,
+        "entropy": entropy,
+    }
 
 
 def test_report_has_plots_figures_and_canaries(tmp_path):
-    steps = [step(1, 0.1, 0.0, 20, 2.5), {**step(2, 0.3, 1.5, 18, 2.4), "detectors_firing": ["shorter"]},
-             {"event": "rollback", "version": 3, "rolled_back_to": 1, "batch_kl": 40.0},
-             step(4, 0.35, 0.7, 19, 2.45)]
-    canaries = {0: {"version": 0, "prompts": ["Hi?", "Sky | colour?"], "outputs": ["Hello.", "Blue."], "drift": 0.0},
-                4: {"version": 4, "prompts": ["Hi?", "Sky | colour?"], "outputs": ["Hello there!", "Blue\nsky."],
-                    "drift": 0.42}}
+    steps = [
+        step(1, 0.1, 0.0, 20, 2.5),
+        {**step(2, 0.3, 1.5, 18, 2.4), "detectors_firing": ["shorter"]},
+        {"event": "rollback", "version": 3, "rolled_back_to": 1, "batch_kl": 40.0},
+        step(4, 0.35, 0.7, 19, 2.45),
+    ]
+    canaries = {
+        0: {"version": 0, "prompts": ["Hi?", "Sky | colour?"], "outputs": ["Hello.", "Blue."], "drift": 0.0},
+        4: {
+            "version": 4,
+            "prompts": ["Hi?", "Sky | colour?"],
+            "outputs": ["Hello there!", "Blue\nsky."],
+            "drift": 0.42,
+        },
+    }
     path = write_run_report(steps, canaries, tmp_path / "report")
     image = imread(tmp_path / "report" / "training.png")
     assert image.shape[0] > 400 and image.shape[1] > 600

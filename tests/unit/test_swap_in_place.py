@@ -1,5 +1,6 @@
 """A hot-swap copies the new weights into the parameters the policy already holds: same storage,
 no second copy of the model left behind, and the new weights are the ones served."""
+
 from __future__ import annotations
 
 import gc
@@ -27,7 +28,9 @@ def tensors_alive_of_size(sizes: set[int], exclude: set[int]) -> list[torch.Tens
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gc walks past deprecated torch objects
 def test_swap_copies_into_the_same_parameters_and_keeps_no_second_copy(tiny_lm_dir, tmp_path):
     tokenizer = load_tokenizer(str(tiny_lm_dir))
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, GrpcConfig(), 4096)
+    engine = PolicyEngine(
+        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, GrpcConfig(), 4096
+    )
     model = engine.loaded.model
     pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
 
@@ -37,8 +40,9 @@ def test_swap_copies_into_the_same_parameters_and_keeps_no_second_copy(tiny_lm_d
     expected = {name: p.detach() for name, p in new.named_parameters()}  # the saved model's own tensors
 
     gc.collect()
-    alive_before = {t.untyped_storage().data_ptr() for t in tensors_alive_of_size(
-        {p.numel() for p in model.parameters()}, set())}  # other tests' models live on in this process
+    alive_before = {
+        t.untyped_storage().data_ptr() for t in tensors_alive_of_size({p.numel() for p in model.parameters()}, set())
+    }  # other tests' models live on in this process
 
     engine.swap_to(1, path)
 

@@ -1,4 +1,5 @@
 """build_teacher_forced_batch and response_logprobs (services/common/models.py) on a tiny real Llama."""
+
 from __future__ import annotations
 
 import math
@@ -107,13 +108,15 @@ def test_token_logprobs_entropy_matches_hand_formula(tiny_lm):
         assert chosen[0, position].item() == pytest.approx(torch.log(probs[next_token]).item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("max_tokens, expected_batches", [(16, [2, 2]), (30, [3, 1]), (12, [1, 1, 1, 1]), (1, [1, 1, 1, 1]),
-                                                       (16384, [4])])
+@pytest.mark.parametrize(
+    "max_tokens, expected_batches", [(16, [2, 2]), (30, [3, 1]), (12, [1, 1, 1, 1]), (1, [1, 1, 1, 1]), (16384, [4])]
+)
 def test_forwards_stay_under_the_token_budget(tiny_lm, max_tokens, expected_batches):
     # rows are 6, 7, 8 and 5 tokens long; a row longer than the budget still goes alone
     shapes = []
-    handle = tiny_lm.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
-                                               with_kwargs=True)
+    handle = tiny_lm.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     try:
         response_logprobs(tiny_lm, PROMPTS, RESPONSES, PAD, max_tokens_per_forward=max_tokens)
     finally:

@@ -1,5 +1,6 @@
 """Bucket layout: both ends compute it from the manifest alone, so it is checked against an
 independent computation, a worked example, and a flatten/unflatten round trip."""
+
 from __future__ import annotations
 
 import random
@@ -8,8 +9,16 @@ import pytest
 import torch
 
 from belay.v1 import belay_pb2
-from services.common.weight_buckets import (TensorSpec, bucket_layout, checked_manifest, flatten_bucket,
-                                            manifest_of, specs_from_messages, specs_to_messages, unflatten_bucket)
+from services.common.weight_buckets import (
+    TensorSpec,
+    bucket_layout,
+    checked_manifest,
+    flatten_bucket,
+    manifest_of,
+    specs_from_messages,
+    specs_to_messages,
+    unflatten_bucket,
+)
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}
 
@@ -36,8 +45,13 @@ def independent_layout(specs, bucket_bytes):
 
 
 def test_worked_example():
-    specs = [TensorSpec("a", (10,), "float32"), TensorSpec("b", (4, 4), "bfloat16"),
-             TensorSpec("c", (5,), "float32"), TensorSpec("d", (100,), "float32"), TensorSpec("e", (1,), "float32")]
+    specs = [
+        TensorSpec("a", (10,), "float32"),
+        TensorSpec("b", (4, 4), "bfloat16"),
+        TensorSpec("c", (5,), "float32"),
+        TensorSpec("d", (100,), "float32"),
+        TensorSpec("e", (1,), "float32"),
+    ]
     buckets = bucket_layout(specs, bucket_bytes=64)  # 16 float32 per bucket
     assert [[s.name for s in b.specs] for b in buckets] == [["a", "c"], ["d"], ["e"], ["b"]]
     assert [b.offsets for b in buckets] == [(0, 10), (0,), (0,), (0,)]
@@ -48,9 +62,11 @@ def test_worked_example():
 @pytest.mark.parametrize("seed", range(20))
 def test_layout_matches_an_independent_computation(seed):
     rng = random.Random(seed)
-    specs = [TensorSpec(f"t{i}", tuple(rng.randint(1, 9) for _ in range(rng.randint(0, 3))),
-                        rng.choice(list(ITEMSIZE))) for i in range(rng.randint(1, 30))]
-    bucket_bytes = rng.choice([1, 16, 100, 1000, 10 ** 6])
+    specs = [
+        TensorSpec(f"t{i}", tuple(rng.randint(1, 9) for _ in range(rng.randint(0, 3))), rng.choice(list(ITEMSIZE)))
+        for i in range(rng.randint(1, 30))
+    ]
+    bucket_bytes = rng.choice([1, 16, 100, 1000, 10**6])
     buckets = bucket_layout(specs, bucket_bytes)
     assert [[s.name for s in b.specs] for b in buckets] == independent_layout(specs, bucket_bytes)
     for bucket in buckets:  # contiguous offsets; over the size only when alone
@@ -61,8 +77,12 @@ def test_layout_matches_an_independent_computation(seed):
 
 def test_flatten_then_unflatten_gives_the_tensors_back():
     torch.manual_seed(0)
-    tensors = {"w": torch.randn(3, 4), "h": torch.randn(5).to(torch.bfloat16), "b": torch.randn(2, 2, 2),
-               "s": torch.tensor(1.5)}
+    tensors = {
+        "w": torch.randn(3, 4),
+        "h": torch.randn(5).to(torch.bfloat16),
+        "b": torch.randn(2, 2, 2),
+        "s": torch.tensor(1.5),
+    }
     specs = manifest_of(tensors)
     assert [s.shape for s in specs] == [(3, 4), (5,), (2, 2, 2), ()]
     received = {}
