@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_ARGS ?= --fresh --iterations 16
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps venv demo test test-compose protos clean
+.PHONY: setup system-deps venv demo test lint test-compose protos clean
 
 system-deps:  ## from Debian: redis-server (the rollout queue); prometheus and prometheus-alertmanager (promtool, amtool, and the real servers the monitoring tests start on their own ports); chromium and chromium-driver (the review page's browser test)
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
@@ -37,8 +37,12 @@ setup: system-deps venv
 demo: setup  ## belay up on SmolLM2-135M-Instruct with the offline sentiment reward
 	$(VENV)/bin/belay up --config configs/demo.yaml $(DEMO_ARGS)
 
-test: setup  ## the whole suite: unit, integration (real gRPC), system (real processes, real redis)
+test: setup lint  ## lint, then the whole suite: unit, integration (real gRPC), system (real processes, real redis)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+lint: venv  ## ruff (pinned in requirements.txt, configured in pyproject.toml): the linter, then the formatter's check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-compose: venv  ## docker-compose.yml run by a real engine (podman + podman-compose): builds the images here from Debian packages and PyPI, brings the stack up, checks it as a user would (tests/compose/)
 	VENV=$(VENV) tests/compose/build_images.sh

@@ -14,7 +14,7 @@ from .common.config import ConfigError, load_config
 
 
 def _prompts(path: str, count: int) -> list[str]:
-    lines = [l.strip() for l in pathlib.Path(path).read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [s.strip() for s in pathlib.Path(path).read_text().splitlines() if s.strip() and not s.startswith("#")]
     return lines[:count]
 
 

@@ -320,7 +320,8 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
     steps, cursor = [], "0-0"
     while iterations is None or len(steps) < iterations:
         stack.check_alive()
-        for cursor, step in queue.read_steps(cursor, block_ms=1000):
+        for entry_id, step in queue.read_steps(cursor, block_ms=1000):
+            cursor = entry_id
             steps.append(step)
             say(format_step(step, iterations, [x["reward_mean"] for x in steps if "reward_mean" in x]))
             if iterations is not None and len(steps) >= iterations:
@@ -377,12 +378,12 @@ def up(
     summary = summarise(steps)
     summary.update(samples_before=before, samples_after=after)
     if summary.get("iterations"):
-        f, l, t = summary["first"], summary["last"], summary["mean_seconds"]
+        first, last, t = summary["first"], summary["last"], summary["mean_seconds"]
         q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
         say(
-            f"\nreward mean {f['reward_mean']:+.3f} -> {l['reward_mean']:+.3f} (first quarter of the run "
-            f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {f['kl_per_sequence']:.3f}"
-            f" -> {l['kl_per_sequence']:.3f} (per token {l['kl_per_token']:.4f}) over {summary['iterations']} "
+            f"\nreward mean {first['reward_mean']:+.3f} -> {last['reward_mean']:+.3f} (first quarter of the run "
+            f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {first['kl_per_sequence']:.3f}"
+            f" -> {last['kl_per_sequence']:.3f} (per token {last['kl_per_token']:.4f}) over {summary['iterations']} "
             "iterations"
         )
         say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))

@@ -169,8 +169,9 @@ def run_gpu_bench(
     iterations: int = 3,
     warmup: int = 1,
     prompt_tokens: int = 64,
-    workload: Workload = Workload(),
+    workload: Workload | None = None,
 ) -> dict:
+    workload = workload or Workload()
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
     if dtype not in DTYPES:
@@ -219,7 +220,7 @@ def run_gpu_bench(
             sampling = Sampling(
                 temperature=workload.temperature, max_new_tokens=workload.max_new_tokens, seed=workload.seed + call
             )
-            batch, seconds = timed(torch_device, lambda: engine.generate(prompts, 1, sampling))
+            batch, seconds = timed(torch_device, lambda sampling=sampling: engine.generate(prompts, 1, sampling))
             if call >= warmup:
                 generate_seconds.append(seconds)
                 response_tokens.append(sum(len(r) for r in batch.response_ids))

@@ -8,9 +8,9 @@ Prints the median and range of PolicyEngine.swap_to for each kind, and the check
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
 import tempfile
-import pathlib
 
 import torch
 
@@ -42,12 +42,15 @@ def main() -> None:
         root = pathlib.Path(scratch)
         trained = load_causal_lm(base_dir, torch.device("cpu"), "bench")
         full = [
-            write_checkpoint(root / "full", v, lambda d: trained.save_pretrained(d, safe_serialization=True))
+            write_checkpoint(
+                root / "full", v, lambda d, model=trained: model.save_pretrained(d, safe_serialization=True)
+            )
             for v in range(1, args.repeats + 1)
         ]
         adapted = wrap_with_lora(load_causal_lm(base_dir, torch.device("cpu"), "bench"), settings)
         adapters = [
-            write_checkpoint(root / "lora", v, lambda d: save_adapter(adapted, d)) for v in range(1, args.repeats + 1)
+            write_checkpoint(root / "lora", v, lambda d, model=adapted: save_adapter(model, d))
+            for v in range(1, args.repeats + 1)
         ]
         del trained, adapted
         results = {}

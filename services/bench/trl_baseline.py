@@ -135,8 +135,8 @@ def check_workload(workload: Workload, iterations: int, warmup: int) -> None:
 def run_trl_baseline(workload: Workload, iterations: int, warmup: int) -> dict:
     """Run TRL's PPO for warmup + iterations steps; return the figures of the last `iterations`."""
     check_workload(workload, iterations, warmup)
-    from datasets import Dataset  # TRL and its stack take seconds to import: only when the baseline runs
     import trl
+    from datasets import Dataset  # TRL and its stack take seconds to import: only when the baseline runs
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     workload = dataclasses.replace(workload, iterations=iterations, warmup=warmup)  # the JSON echoes what ran

@@ -15,7 +15,8 @@ import os
 import pathlib
 import re
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import xxhash

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -104,7 +105,7 @@ class GrpcConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _tls_files_together(self) -> "GrpcConfig":
+    def _tls_files_together(self) -> GrpcConfig:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both (TLS) or neither (plaintext)")
         if self.tls_ca_file and not self.tls_cert_file:
@@ -180,7 +181,7 @@ class RewardConfig(Section):
     weight: float = Field(1.0, description="a combined component's multiplier")
 
     @model_validator(mode="after")
-    def _backend_needs_model(self) -> "RewardConfig":
+    def _backend_needs_model(self) -> RewardConfig:
         import math
 
         if self.backend == "hf_classifier" and not self.model_dir:
@@ -426,7 +427,7 @@ class TrainerConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _epochs_and_minibatches(self) -> "TrainerConfig":
+    def _epochs_and_minibatches(self) -> TrainerConfig:
         if self.ppo_epochs > 4 and not self.force_ppo_epochs:
             raise ValueError(
                 f"ppo_epochs={self.ppo_epochs} is above 4, which the seed calls aggressive; "
@@ -458,7 +459,7 @@ class BelayConfig(Section):
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
-    def _policy_and_trainer_agree(self) -> "BelayConfig":
+    def _policy_and_trainer_agree(self) -> BelayConfig:
         if abs(self.policy.temperature - self.trainer.temperature) > 1e-9:
             raise ValueError(
                 f"trainer.temperature={self.trainer.temperature} differs from policy.temperature="

@@ -29,7 +29,7 @@ class ReviewStore:
         self.ratings_key = f"belay:{run_name}:ratings"
 
     @classmethod
-    def from_url(cls, url: str, run_name: str) -> "ReviewStore":
+    def from_url(cls, url: str, run_name: str) -> ReviewStore:
         return cls(redis.Redis.from_url(url), run_name)
 
     # --- samples -------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -62,7 +62,7 @@ class Rollout:
         """K of the reference's top-k rows (0 when the rollout carries none)."""
         return len(self.ref_top_ids) // len(self.response_ids) if len(self.response_ids) else 0
 
-    def validate(self) -> "Rollout":
+    def validate(self) -> Rollout:
         n = len(self.response_ids)
         if len(self.prompt_ids) == 0 or n == 0:
             raise MalformedRollout(f"rollout {self.rollout_id}: empty prompt_ids or response_ids")
@@ -112,7 +112,7 @@ class Rollout:
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> "Rollout":
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Rollout:
         try:
             get = {k.decode(): v for k, v in fields.items()}
             text = lambda name: get[name].decode()  # noqa: E731
@@ -158,7 +158,7 @@ class RolloutQueue:
         self.replicas_key = f"belay:{run_name}:replicas"
 
     @classmethod
-    def from_url(cls, url: str, run_name: str) -> "RolloutQueue":
+    def from_url(cls, url: str, run_name: str) -> RolloutQueue:
         return cls(redis.Redis.from_url(url), run_name)
 
     # --- producer side -------------------------------------------------------------------

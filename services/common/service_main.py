@@ -17,7 +17,7 @@ def start(description: str, torch_threads: str | None = None) -> BelayConfig:
         config = load_config(args.config)
     except ConfigError as error:
         print(error, file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     logging.basicConfig(level=config.run.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if torch_threads is not None:
         threads = getattr(config, torch_threads).torch_threads

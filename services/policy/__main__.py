@@ -19,8 +19,8 @@ from .actor import Actor
 from .engine import PolicyEngine
 from .policy_metrics import PolicyMetrics
 from .server import PolicyServicer, build_server
-from .swaps import SwapRequests
 from .startup import check_same_tokenizer, wait_for_dependencies
+from .swaps import SwapRequests
 
 log = logging.getLogger("services.policy")
 config = start("Belay policy service (the actor)", torch_threads="policy")

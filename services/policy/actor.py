@@ -63,7 +63,7 @@ class DependencyError(RuntimeError):
         self.dependency = dependency
 
     @classmethod
-    def from_rpc(cls, dependency: str, error: grpc.RpcError) -> "DependencyError":
+    def from_rpc(cls, dependency: str, error: grpc.RpcError) -> DependencyError:
         return cls(dependency, f"{error.code().name}: {error.details()}")
 
 

@@ -9,16 +9,16 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..common.checkpoints import checkpoint_problem, load_tensors_into, load_weights_into
 from ..common.config import GrpcConfig
-from ..common.lora import adapter_tensors, is_adapter_checkpoint, load_adapter_into
 from ..common.logprob_service import LoadedModel, context_limit
+from ..common.lora import adapter_tensors, is_adapter_checkpoint, load_adapter_into
 from ..common.models import own_weights
 from ..common.rpc import invalid, too_big
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import threading
-from typing import Mapping, Union
+from collections.abc import Mapping
 
 import grpc
 import torch
@@ -20,7 +20,7 @@ from ..common.published import published_dir
 from ..common.rpc import RequestError, invalid
 
 # A path to a committed version directory, or tensors a transport staged in memory (name -> tensor)
-WeightSource = Union[pathlib.Path, Mapping[str, torch.Tensor]]
+WeightSource = pathlib.Path | Mapping[str, torch.Tensor]
 
 
 def checked_weights_path(run: RunConfig, version: int, path: str) -> pathlib.Path:

@@ -11,13 +11,13 @@ from prometheus_client import CollectorRegistry
 from belay.v1 import belay_pb2_grpc
 
 from ..common.metrics import run_info, serve_metrics
-from ..common.review_store import ReviewStore
 from ..common.models import load_causal_lm, load_tokenizer, resolve_device
+from ..common.review_store import ReviewStore
 from ..common.rollout_queue import RolloutQueue
 from ..common.rpc import channel
 from ..common.service_main import start
-from .distributed import Distributed
 from . import review
+from .distributed import Distributed
 from .trainer import Trainer
 from .trainer_metrics import TrainerMetrics
 

@@ -24,7 +24,7 @@ class PPOBatch:
     ref_top_ids: torch.Tensor  # (B, T-1, K) reference's top-k token ids (K = 0 without the exact KL)
     ref_top_logprobs: torch.Tensor  # (B, T-1, K)
 
-    def select(self, rows: torch.Tensor) -> "PPOBatch":
+    def select(self, rows: torch.Tensor) -> PPOBatch:
         return PPOBatch(**{name: getattr(self, name)[rows] for name in self.__dataclass_fields__})
 
 

@@ -140,7 +140,7 @@ class Detectors:
         self.firing = dict.fromkeys(DETECTORS, False)
 
     @classmethod
-    def from_config(cls, section) -> "Detectors":
+    def from_config(cls, section) -> Detectors:
         return cls(section.detector_window, {field: getattr(section, field) for field in BOUND_FIELDS})
 
     def observe(

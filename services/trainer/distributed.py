@@ -22,7 +22,7 @@ class Distributed:
     world_size: int
 
     @classmethod
-    def from_environment(cls, device: torch.device) -> "Distributed | None":
+    def from_environment(cls, device: torch.device) -> Distributed | None:
         """Join the process group torchrun describes (WORLD_SIZE > 1); None for a single process."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return None

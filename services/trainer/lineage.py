@@ -63,7 +63,7 @@ class Lineage:
         }
 
     @classmethod
-    def from_state(cls, state: dict | None, version: int) -> "Lineage":
+    def from_state(cls, state: dict | None, version: int) -> Lineage:
         """From a checkpoint's meta; checkpoints written before lineages (format 1) numbered every
         version consecutively, one per update, so their numbers are their indexes."""
         if state is None:

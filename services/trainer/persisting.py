@@ -16,8 +16,8 @@ import logging
 import pathlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

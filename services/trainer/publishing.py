@@ -19,8 +19,9 @@ import logging
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import grpc
 import torch

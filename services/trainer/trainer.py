@@ -47,13 +47,13 @@ from .advantages import (
 from .batch import PPOBatch, collate
 from .detectors import RUNBOOK, Detectors
 from .distributed import Distributed, decode_rollouts, encode_rollouts
+from .kl import AdaptiveKLController, FixedKLController, exact_kl_from_rows, per_token_kl
 from .lineage import Lineage
 from .persisting import Persister, Snapshot
 from .publishing import Publication, Publisher, make_transport, serving_tensors
-from .kl import AdaptiveKLController, FixedKLController, exact_kl_from_rows, per_token_kl
 from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
-from .value_head import ValueHead
 from .trainer_metrics import TrainerMetrics
+from .value_head import ValueHead
 
 log = logging.getLogger(__name__)
 REMEMBERED_ROLLOUT_IDS = 50_000  # for de-duplication across at-least-once redelivery
@@ -376,7 +376,7 @@ class Trainer:
         stats = collections.defaultdict(list)
         targets = {"advantages": advantages, "returns": returns, "old_values": old_values}
         stopped_early = False
-        for epoch in range(section.ppo_epochs):
+        for _epoch in range(section.ppo_epochs):
             order = torch.randperm(len(rollouts), generator=self.shuffle)
             for start in range(0, len(rollouts), section.minibatch_size):
                 rows = order[start : start + section.minibatch_size]

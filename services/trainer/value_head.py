@@ -31,7 +31,7 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.linear.bias)
 
     @classmethod
-    def from_model_config(cls, config: Any) -> "ValueHead":
+    def from_model_config(cls, config: Any) -> ValueHead:
         """A head sized for a model: config.hidden_size (a Hugging Face config or any object with it)."""
         return cls(int(config.hidden_size))
 

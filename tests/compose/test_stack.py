@@ -224,9 +224,7 @@ def test_down_then_up_resumes_from_the_last_version_with_nothing_lost(stack):
     stack.bring_up()
     stack.timings["up_again"] = time.monotonic() - started
     log(f"down {stack.timings['down']:.0f}s, up again {stack.timings['up_again']:.0f}s, at version {published}")
-    resumed = wait_for(
-        "trainer: a new version after up", lambda: [s for s in steps(stack)[len(kept) :]], TRAINING_TIMEOUT
-    )
+    resumed = wait_for("trainer: a new version after up", lambda: steps(stack)[len(kept) :], TRAINING_TIMEOUT)
     # every version was persisted (checkpoint_every_steps 1): the trainer resumed from the last one
     # published and numbers the next above it, never reusing one
     assert resumed[0]["version"] == published + 1, (resumed[0]["version"], published)
@@ -238,6 +236,5 @@ def test_down_then_up_resumes_from_the_last_version_with_nothing_lost(stack):
         300,
     )
     pending = stack.redis("XPENDING", f"belay:{stack.env['RUN_NAME']}:rollouts", "trainers")
-    log(
-        f"timings: {json.dumps({k: round(v) for k, v in stack.timings.items()})}; pending after up: {pending.splitlines()[:1]}"
-    )
+    timings = json.dumps({k: round(v) for k, v in stack.timings.items()})
+    log(f"timings: {timings}; pending after up: {pending.splitlines()[:1]}")

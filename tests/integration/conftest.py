@@ -20,8 +20,8 @@ from services.common.rpc import ServiceServer, channel
 from services.policy.engine import PolicyEngine
 from services.policy.policy_metrics import PolicyMetrics
 from services.policy.server import PolicyServicer
-from services.policy.swaps import SwapRequests
 from services.policy.server import build_server as build_policy_server
+from services.policy.swaps import SwapRequests
 from services.reference.server import build_server as build_reference_server
 from services.reward.server import build_server as build_reward_server
 

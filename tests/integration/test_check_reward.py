@@ -20,7 +20,6 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
-
 from services import cli
 from services.common.config import GrpcConfig
 from services.common.rpc import channel, wait_until_serving

@@ -1126,7 +1126,8 @@ def test_base_selectors_services_and_ports_match_pod_labels():
             for workload in selected:
                 ports = [p for c in containers(workload, init=False) for p in c.get("ports", [])]
                 assert any(p.get("name") == target or p["containerPort"] == target for p in ports), (
-                    f"Service {service['metadata']['name']} port {target} is no containerPort of {workload['metadata']['name']}"
+                    f"Service {service['metadata']['name']} port {target} is no containerPort of "
+                    f"{workload['metadata']['name']}"
                 )
     for statefulset in (doc for doc in documents if doc["kind"] == "StatefulSet"):
         governing = find(documents, "Service", statefulset["spec"]["serviceName"])
@@ -1205,7 +1206,8 @@ def test_k8s_volumes_probes_and_config_resolve():
 
 def test_k8s_config_is_configs_compose_yaml():
     assert (BASE / "belay.yaml").read_bytes() == CONFIG.read_bytes(), (
-        "deploy/k8s/base/belay.yaml must be a copy of configs/compose.yaml: cp configs/compose.yaml deploy/k8s/base/belay.yaml"
+        "deploy/k8s/base/belay.yaml must be a copy of configs/compose.yaml: "
+        "cp configs/compose.yaml deploy/k8s/base/belay.yaml"
     )
 
 

@@ -3,7 +3,6 @@ Kubernetes Service in front of several reward or reference pods."""
 
 from __future__ import annotations
 
-
 from belay.v1 import belay_pb2, belay_pb2_grpc
 from services.common.rpc import ServiceServer, channel
 

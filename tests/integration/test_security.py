@@ -14,8 +14,6 @@ import pathlib
 import grpc
 import numpy as np
 import pytest
-
-from services.common.config import BelayConfig
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,7 +26,7 @@ from transformers import LlamaForCausalLM
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 from services.common.checkpoints import write_checkpoint
-from services.common.config import ConfigError, GrpcConfig, load_config
+from services.common.config import BelayConfig, ConfigError, GrpcConfig, load_config
 from services.common.metrics import serve_metrics
 from services.common.models import load_tokenizer
 from services.common.packing import pack_int32, unpack_float32

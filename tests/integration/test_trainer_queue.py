@@ -14,8 +14,8 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from services.common.checkpoints import committed_versions, load_trainer_state
-from services.common.published import published_dir
 from services.common.models import load_causal_lm, load_tokenizer
+from services.common.published import published_dir
 from services.common.rollout_queue import GROUP, Rollout, RolloutQueue
 from services.trainer.lineage import Lineage
 from services.trainer.trainer import Trainer

@@ -19,9 +19,9 @@ from services.common.review_store import ReviewStore
 from services.common.rollout_queue import RolloutQueue
 from services.common.rpc import channel
 from services.launcher import LocalStack, follow, wait_for_policy_version
-from tests.system.conftest import account_for_rollouts
 from services.policy.actor import read_prompts
 from services.policy.engine import apply_chat_template
+from tests.system.conftest import account_for_rollouts
 
 
 def fixed_sequence(model_dir: pathlib.Path) -> tuple[list[int], list[int]]:

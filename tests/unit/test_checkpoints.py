@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.common import checkpoints
-from tests.pickle_trap import trap_bytes
 from services.common.checkpoints import (
     committed_versions,
     latest_checkpoint,
@@ -27,6 +26,7 @@ from services.common.checkpoints import (
     version_dir_name,
     write_checkpoint,
 )
+from tests.pickle_trap import trap_bytes
 
 SERVICES = pathlib.Path(__file__).resolve().parents[2] / "services"
 

@@ -35,8 +35,8 @@ def load_base(model_dir: pathlib.Path):
     return load_causal_lm(str(model_dir), CPU, "base").eval()
 
 
-def wrapped(model_dir: pathlib.Path, settings: LoraSettings = LoraSettings()) -> PeftModel:
-    return wrap_with_lora(load_base(model_dir), settings).eval()
+def wrapped(model_dir: pathlib.Path, settings: LoraSettings | None = None) -> PeftModel:
+    return wrap_with_lora(load_base(model_dir), settings or LoraSettings()).eval()
 
 
 def logits(model, batch) -> torch.Tensor:
