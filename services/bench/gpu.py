@@ -10,9 +10,9 @@ in bf16. It measures
   matmul) and tokens_processed = ppo_epochs * rows * padded width (the tokens the forward passes see);
 - the hot swap: PolicyEngine.swap_to from the checkpoint Trainer.save wrote after the update.
 
-    python -m services.bench.gpu --json OUT [--size 1b|tiny] [--device cuda] [--dtype bf16]
+    python -m services.bench.gpu --json OUT [--size SHAPE] [--device cuda] [--dtype bf16]   (SHAPE: shapes.py)
 
-The 1b size is TinyLlama's shape (~1.1B parameters). The model is built in memory, saved as
+The shapes are in shapes.py (1b is TinyLlama-1.1B's, qwen2.5-* Qwen2.5's). The model is built, saved as
 safetensors in a temporary directory with a word-level tokenizer ("w4" .. "wN", one token a word,
 so every prompt has exactly --prompt-tokens tokens), and loaded back the way the services load it.
 Peak FLOP/s are dense bf16 figures from the vendors' data sheets; on another card, another dtype or
@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import pathlib
-import random
 import resource
 import sys
 import tempfile
@@ -34,8 +33,7 @@ import time
 import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from ..common.config import BelayConfig, GrpcConfig
 from ..common.models import load_causal_lm, weights_fingerprint
@@ -43,33 +41,13 @@ from ..common.rollout_queue import Rollout
 from ..policy.engine import PolicyEngine, Sampling
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
+from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
 from .workload import Workload
 
 log = logging.getLogger(__name__)
-SIZES = {  # LlamaConfig fields; 1b is TinyLlama-1.1B's shape
-    "1b": dict(
-        hidden_size=2048,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        intermediate_size=5632,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=512,
-        max_position_embeddings=256,
-    ),
-}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 # (name contains, and also contains, dense bf16 FLOP/s): the first match wins, so PCIe comes before SXM.
 PEAK_BF16_FLOPS = [("H100", "PCIe", 756e12), ("H100", "", 989e12), ("H200", "", 989e12), ("A100", "", 312e12)]
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3; words "w4".. take the remaining ids
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
@@ -87,43 +65,9 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[str, float | N
     return name, peak_bf16_flops(name) if dtype == torch.bfloat16 else None
 
 
-def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """One token per whitespace-separated word: "w{i}" is id i, for 4 <= i < vocab_size."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def build_random_model(size: str, directory: pathlib.Path, seed: int) -> pathlib.Path:
-    """A randomly initialised Llama of `size`, saved as safetensors with its tokenizer."""
-    tokenizer = word_tokenizer(SIZES[size]["vocab_size"])
-    config = LlamaConfig(
-        **SIZES[size],
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def matmul_parameters(model: torch.nn.Module) -> int:
     """Weights of every nn.Linear: the parameters each token multiplies through (2 FLOPs each forward)."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def random_prompts(count: int, tokens: int, vocab_size: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(len(SPECIAL_TOKENS), vocab_size)}" for _ in range(tokens)) for _ in range(count)]
 
 
 def synchronize(device: torch.device) -> None:
@@ -172,8 +116,7 @@ def run_gpu_bench(
     workload: Workload | None = None,
 ) -> dict:
     workload = workload or Workload()
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
+    fields = shape_fields(size)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -188,10 +131,10 @@ def run_gpu_bench(
         torch.set_num_threads(workload.torch_threads)
     batch_size, minibatch_size = workload.batch_size, min(workload.minibatch_size, workload.batch_size)
     with tempfile.TemporaryDirectory(prefix="belay-gpu-bench-") as temp:
-        base = build_random_model(size, pathlib.Path(temp) / "base", workload.seed)
+        base = build_random_model(size, pathlib.Path(temp) / "base", workload.seed, DTYPES[dtype], device)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base, local_files_only=True)
-        policy_model = load_causal_lm(str(base), torch_device, "bench policy").to(torch_dtype)
-        trainer_model = load_causal_lm(str(base), torch_device, "bench trainer").to(torch_dtype)
+        policy_model = load_causal_lm(str(base), torch_device, "bench policy", torch_dtype)
+        trainer_model = load_causal_lm(str(base), torch_device, "bench trainer")  # float32 master weights
         engine = PolicyEngine(
             policy_model, tokenizer, GrpcConfig(max_batch_size=max(256, batch_size)), max_tokens_per_forward=16384
         )
@@ -207,14 +150,15 @@ def run_gpu_bench(
                     "kl_coef": workload.kl_coef,
                     "temperature": workload.temperature,
                     "seed": workload.seed,
+                    "dtype": str(torch_dtype).removeprefix("torch."),  # the autocast dtype
                 },
-                "policy": {"temperature": workload.temperature},
+                "policy": {"temperature": workload.temperature, "dtype": str(torch_dtype).removeprefix("torch.")},
             }
         )
         trainer = Trainer(config, trainer_model, tokenizer, queue=None, metrics=TrainerMetrics(CollectorRegistry()))
 
         # 1. Generation: warm-up calls first (CUDA context, kernels), then the measured ones.
-        prompts = random_prompts(batch_size, prompt_tokens, SIZES[size]["vocab_size"], workload.seed)
+        prompts = random_prompts(batch_size, prompt_tokens, fields["vocab_size"], workload.seed)
         generate_seconds, response_tokens = [], []
         for call in range(warmup + iterations):
             sampling = Sampling(
@@ -259,8 +203,7 @@ def run_gpu_bench(
         "device_name": device_name,
         "dtype": str(torch_dtype),
         "model": {
-            **SIZES[size],
-            "tie_word_embeddings": False,
+            **fields,
             "parameters": sum(p.numel() for p in trainer.model.parameters()),
             "matmul_parameters": n_params,
         },
@@ -305,7 +248,7 @@ def run_gpu_bench(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.bench.gpu", description=__doc__.split("\n")[0])
     parser.add_argument("--json", required=True, help="where the figures are written")
-    parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--size", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--iterations", type=int, default=3)

@@ -113,7 +113,21 @@ class GrpcConfig(Section):
         return self
 
 
-class ModelServiceConfig(Section):
+class ModelRuntime(Section):
+    """How a section's model runs: the dtype of its weights and compute, and its attention kernel."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weights and compute: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or "
+        "'float16'. The trainer keeps float32 master weights and AdamW state whatever this says and runs its "
+        "forward passes under autocast in this dtype",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="'auto': flash_attention_2 on CUDA where the flash-attn package is installed, else sdpa"
+    )
+
+
+class ModelServiceConfig(ModelRuntime):
     model_dir: str = Field("", description="local Hugging Face model directory (safetensors)")
     address: str = Field("127.0.0.1:50051", description="host:port this service listens on / is reached at")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus /metrics port (0: none)")
@@ -134,7 +148,7 @@ class ReferenceConfig(ModelServiceConfig):
     )
 
 
-class RewardConfig(Section):
+class RewardConfig(ModelRuntime):
     """The reward service's scorer; with backend 'combined', each of `components` is one of these
     (only the backend fields below, plus its `name` and `weight`)."""
 
@@ -261,8 +275,11 @@ class PolicyConfig(ModelServiceConfig):
     )
 
 
-class TrainerConfig(Section):
+class TrainerConfig(ModelRuntime):
     model_dir: str = Field("", description="initial policy weights (the SFT model), used when no checkpoint exists")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in backward: activation memory / layers, ~+33% compute"
+    )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     metrics_port: int = Field(9104, ge=0, le=65535, description="Prometheus /metrics port (0: none)")

@@ -4,6 +4,7 @@ that the policy, the reference and the trainer all share (so their numbers agree
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import pathlib
@@ -36,13 +37,54 @@ def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(model_dir: str, device: torch.device, what: str) -> PreTrainedModel:
-    """fp32 weights from safetensors only; offline."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A section's `dtype` setting: 'auto' is bfloat16 on CUDA (every card Belay targets computes in
+    it at full rate, and it needs no loss scaling) and float32 on CPU (unchanged numerics there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """A section's `attn_implementation`: 'auto' is flash_attention_2 on CUDA when the flash-attn
+    package is installed, else torch's sdpa (which picks its own flash or memory-efficient kernel)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(
+    model_dir: str,
+    device: torch.device,
+    what: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """Weights in `dtype` from safetensors only; offline."""
     check_model_dir(model_dir, what)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
+        model_dir, local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation=attn_implementation
     )
     return model.to(device)
+
+
+def load_section_model(section, what: str) -> PreTrainedModel:
+    """A service's causal LM as its config section asks: device, dtype, attention kernel."""
+    device = resolve_device(section.device)
+    return load_causal_lm(
+        section.model_dir,
+        device,
+        what,
+        resolve_dtype(section.dtype, device),
+        resolve_attention(section.attn_implementation, device),
+    )
 
 
 def own_weights(model: torch.nn.Module) -> torch.nn.Module:

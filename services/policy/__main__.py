@@ -11,7 +11,7 @@ from belay.v1 import belay_pb2_grpc
 from ..common.checkpoints import latest_valid_checkpoint
 from ..common.lora import lora_settings, wrap_with_lora
 from ..common.metrics import run_info, serve_metrics
-from ..common.models import load_causal_lm, load_tokenizer, resolve_device
+from ..common.models import load_section_model, load_tokenizer
 from ..common.rollout_queue import RolloutQueue
 from ..common.rpc import channel
 from ..common.service_main import start
@@ -31,7 +31,7 @@ run_info(registry, "policy", config.run.name, section.model_dir)
 serve_metrics(registry, section.metrics_port, config.run.metrics_address)
 
 tokenizer = load_tokenizer(section.model_dir)
-model = load_causal_lm(section.model_dir, resolve_device(section.device), "policy.model_dir")
+model = load_section_model(section, "policy.model_dir")
 if config.lora.enabled:  # the same adapters as the trainer's, zero at start: the SFT model's behaviour
     model = wrap_with_lora(model, lora_settings(config.lora))
 engine = PolicyEngine(model, tokenizer, config.grpc, section.max_tokens_per_forward)

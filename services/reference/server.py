@@ -15,9 +15,8 @@ from ..common.logprob_service import LoadedModel, LogProbsHandler
 from ..common.metrics import LLM_SECONDS_BUCKETS, run_info
 from ..common.models import (
     freeze,
-    load_causal_lm,
+    load_section_model,
     load_tokenizer,
-    resolve_device,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
@@ -43,7 +42,7 @@ class ReferenceServicer(belay_pb2_grpc.ReferenceServicer):
     def load(self) -> None:
         section = self.config.reference
         self.tokenizer = load_tokenizer(section.model_dir)
-        model = freeze(load_causal_lm(section.model_dir, resolve_device(section.device), "reference.model_dir"))
+        model = freeze(load_section_model(section, "reference.model_dir"))
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.logprobs = LogProbsHandler(
             lambda: self.loaded, self.tokenizer, self.config.grpc, section.max_tokens_per_forward

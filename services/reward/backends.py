@@ -117,7 +117,15 @@ class HFClassifierBackend:
     classifier reads its score, is always kept.
     """
 
-    def __init__(self, model_dir: str, device: torch.device, max_length: int, batch_size: int = 32):
+    def __init__(
+        self,
+        model_dir: str,
+        device: torch.device,
+        max_length: int,
+        batch_size: int = 32,
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from ..common.models import check_model_dir, weights_fingerprint
@@ -126,7 +134,11 @@ class HFClassifierBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = (
             AutoModelForSequenceClassification.from_pretrained(
-                model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
+                model_dir,
+                local_files_only=True,
+                use_safetensors=True,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
             )
             .to(device)
             .eval()
@@ -416,13 +428,20 @@ class CombinedBackend:
 
 def build_backend(section: RewardConfig, device: torch.device) -> RewardBackend:
     """The backend a reward config section names: build_backend(config.reward, device)."""
-    from ..common.models import resolve_device
+    from ..common.models import resolve_attention, resolve_device, resolve_dtype
 
     kind = section.backend
     if kind == "vader":
         return VaderSentimentBackend()
     if kind == "hf_classifier":
-        return HFClassifierBackend(section.model_dir, device, section.max_length, section.batch_size)
+        return HFClassifierBackend(
+            section.model_dir,
+            device,
+            section.max_length,
+            section.batch_size,
+            resolve_dtype(section.dtype, device),
+            resolve_attention(section.attn_implementation, device),
+        )
     if kind == "embedding_similarity":
         return EmbeddingSimilarityBackend(
             section.targets, device, section.model_dir, section.max_length, section.batch_size

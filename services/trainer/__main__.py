@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from belay.v1 import belay_pb2_grpc
 
 from ..common.metrics import run_info, serve_metrics
-from ..common.models import load_causal_lm, load_tokenizer, resolve_device
+from ..common.models import load_causal_lm, load_tokenizer, resolve_attention, resolve_device
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import RolloutQueue
 from ..common.rpc import channel
@@ -47,7 +47,13 @@ stop = threading.Event()
 for signum in (signal.SIGTERM, signal.SIGINT):  # finish the step in hand (its checkpoint), then exit
     signal.signal(signum, lambda *_: stop.set())
 
-model = load_causal_lm(section.model_dir, resolve_device(section.device), "trainer.model_dir")
+device = resolve_device(section.device)  # float32 master weights; trainer.dtype is the autocast dtype
+model = load_causal_lm(
+    section.model_dir,
+    device,
+    "trainer.model_dir",
+    attn_implementation=resolve_attention(section.attn_implementation, device),
+)
 policy = belay_pb2_grpc.PolicyStub(channel(section.policy_address, config.grpc)) if main_rank else None
 trainer = Trainer(
     config,

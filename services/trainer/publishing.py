@@ -31,6 +31,7 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 from ..common.checkpoints import committed_versions, prune_below, remove_unfinished, write_checkpoint, write_weights
 from ..common.config import BelayConfig
 from ..common.lora import adapter_config, adapter_tensors, write_adapter_files
+from ..common.models import resolve_device, resolve_dtype
 from ..common.published import published_dir
 from ..common.rollout_queue import RolloutQueue
 
@@ -38,19 +39,24 @@ log = logging.getLogger(__name__)
 REPLICA_REPORT_MAX_AGE = 120.0  # seconds: a replica silent for longer no longer holds back pruning
 
 
-def serving_tensors(model: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
-    """The live tensors the policy serves (no copies): under LoRA the adapter's; otherwise the state
-    dict with tied duplicates dropped (the first name of each storage kept, as save_pretrained does
-    for an lm_head tied to the embeddings)."""
+def serving_tensors(model: torch.nn.Module, lora: bool, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors the policy serves: under LoRA the adapter's; otherwise the state dict with tied
+    duplicates dropped (the first name of each storage kept, as save_pretrained does for an lm_head
+    tied to the embeddings). The live tensors (no copies) where dtype is None or theirs; else
+    floating tensors cast to `dtype`, the policy's serving dtype (bfloat16 serving from float32
+    master weights moves half the bytes)."""
     if lora:
-        return adapter_tensors(model)
-    seen, tensors = set(), {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            tensors[name] = tensor.detach()
-    return tensors
+        tensors = adapter_tensors(model)
+    else:
+        seen, tensors = set(), {}
+        for name, tensor in model.state_dict().items():
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if key not in seen:
+                seen.add(key)
+                tensors[name] = tensor.detach()
+    if dtype is None:
+        return tensors
+    return {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
 
 
 @dataclass
@@ -144,12 +150,15 @@ class Publisher:
         self, config: BelayConfig, queue: RolloutQueue, policy: belay_pb2_grpc.PolicyStub | None, transport: Transport
     ):
         self.config, self.queue, self.policy, self.transport = config, queue, policy, transport
+        self.serving_dtype = resolve_dtype(config.policy.dtype, resolve_device(config.policy.device))
 
     def publish(
         self, version: int, model: torch.nn.Module, awaiting: int, until_redis_answers: Callable
     ) -> Publication:
         started = time.perf_counter()
-        location, moved = self.transport.send(version, serving_tensors(model, self.config.lora.enabled))
+        location, moved = self.transport.send(
+            version, serving_tensors(model, self.config.lora.enabled, self.serving_dtype)
+        )
         until_redis_answers(
             lambda: self.queue.publish_version(version, location, self.transport.name, awaiting),
             f"announcing version {version}",
@@ -163,7 +172,9 @@ class Publisher:
         """Call between updates, when `model` holds the latest published `version`: a replica that
         registered late or restarted gets it now, not at the next update (which, with
         max_staleness, could wait forever on rollouts only that replica would make)."""
-        return self.transport.catch_up(version, lambda: serving_tensors(model, self.config.lora.enabled))
+        return self.transport.catch_up(
+            version, lambda: serving_tensors(model, self.config.lora.enabled, self.serving_dtype)
+        )
 
     def push(self, version: int, location: str) -> None:
         """Tell the policy at once (file transport); the Redis key stays the truth if this fails."""

@@ -29,7 +29,13 @@ from ..common.checkpoints import (
 from ..common.config import BelayConfig
 from ..common.lora import adapter_config, load_adapter_into, lora_settings, wrap_with_lora
 from ..common.manifest import run_manifest, write_manifest
-from ..common.models import chosen_and_entropy, next_token_log_probs, own_weights, weights_fingerprint
+from ..common.models import (
+    chosen_and_entropy,
+    next_token_log_probs,
+    own_weights,
+    resolve_dtype,
+    weights_fingerprint,
+)
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
 from ..evaluation.metrics import distinct_n, pearson, repetition
@@ -111,7 +117,15 @@ class Trainer:
         if self.value_head is not None:
             parameters += list(self.value_head.parameters())
         self.parameters = parameters
-        self.optimizer = torch.optim.AdamW(parameters, lr=section.lr, weight_decay=section.weight_decay)
+        # float32 master weights and AdamW moments whatever trainer.dtype says; the forward passes run
+        # under autocast in it (self.forward). Why: AdamW's update lr*m/sqrt(v) is ~1e-5 of a weight,
+        # below bfloat16's 8-bit mantissa, so updates applied to bf16 weights would mostly round away.
+        self.compute_dtype = resolve_dtype(section.dtype, self.device)
+        if section.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = torch.optim.AdamW(
+            parameters, lr=section.lr, weight_decay=section.weight_decay, fused=self.device.type == "cuda"
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: ppo.lr_factor(step, section.warmup_steps, section.lr_decay_steps, section.lr_schedule),
@@ -327,12 +341,17 @@ class Trainer:
     def forward(self, data: PPOBatch):
         """The policy (and critic) on a batch: (logprobs, entropy, full log-probs, values or None)."""
         want_values = self.value_head is not None
-        out = next_token_log_probs(
-            self.model, data.input_ids, data.attention_mask, self.section.temperature, output_hidden_states=want_values
-        )
+        with torch.autocast(self.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            out = next_token_log_probs(
+                self.model,
+                data.input_ids,
+                data.attention_mask,
+                self.section.temperature,
+                output_hidden_states=want_values,
+            )
         log_probs, hidden = out if want_values else (out, None)
         logprobs, entropy = chosen_and_entropy(log_probs, data.input_ids)
-        values = self.value_head(hidden) if want_values else None
+        values = self.value_head(hidden.float()) if want_values else None
         return logprobs, entropy, log_probs, values
 
     def update(self, rollouts: list[Rollout]) -> dict:
