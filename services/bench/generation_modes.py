@@ -30,11 +30,16 @@ from .shapes import build_random_model, random_prompts, shape_fields
 MODES = ("generate", "static", "continuous")
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(action) -> tuple[object, float]:
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     result = action()
-    torch.cuda.synchronize()
+    synchronize()
     return result, time.perf_counter() - start
 
 
@@ -53,7 +58,7 @@ def sampling_config(tokenizer, max_new_tokens: int, **extra) -> GenerationConfig
 def padded_generate(model, tokenizer, prompts: list[str], config: GenerationConfig) -> list[list[int]]:
     """generate() on left-padded prompts; the new tokens of each row."""
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False).to(model.device)
     output = model.generate(**batch, generation_config=config)
     return output[:, batch["input_ids"].shape[1] :].tolist()
 
@@ -68,7 +73,7 @@ def run_mode(mode: str, model_dir: pathlib.Path, prompts: list[str], max_new_tok
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     attention = "sdpa_paged" if mode == "continuous" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attention)
-    model = model.to("cuda").eval()
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     if mode == "static":
         config = sampling_config(tokenizer, max_new_tokens, cache_implementation="static")
     else:
@@ -91,7 +96,7 @@ def run_mode(mode: str, model_dir: pathlib.Path, prompts: list[str], max_new_tok
         "response_tokens": tokens,
         "tokens_per_second": sum(tokens) / sum(seconds),
         "teacher_forced_seconds": teacher_forced,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
 
 
