@@ -22,6 +22,7 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from .common.checkpoints import latest_checkpoint
 from .common.config import BelayConfig
+from .common.memory_check import memory_check
 from .common.review_store import ReviewStore
 from .common.rollout_queue import RolloutQueue
 from .common.rpc import channel, wait_until_serving
@@ -341,6 +342,10 @@ def up(
     evaluate_after: bool = True,
     say=print,
 ) -> dict:
+    report, refused = memory_check(config)  # before anything starts: a plan that cannot fit is refused
+    say(report)
+    if refused:
+        raise StackError(refused)
     stack = LocalStack(config, run_dir, say)
     steps: list[dict] = []
     canaries: dict[int, dict] = {}

@@ -10,6 +10,7 @@ from belay.v1 import belay_pb2_grpc
 
 from ..common.checkpoints import latest_valid_checkpoint
 from ..common.lora import lora_settings, wrap_with_lora
+from ..common.memory_check import cap_process_memory, log_memory_plan
 from ..common.metrics import run_info, serve_metrics
 from ..common.models import load_section_model, load_tokenizer
 from ..common.rollout_queue import RolloutQueue
@@ -25,6 +26,7 @@ from .swaps import SwapRequests
 log = logging.getLogger("services.policy")
 config = start("Belay policy service (the actor)", torch_threads="policy")
 section = config.policy
+cap_process_memory(*log_memory_plan(config, "policy"))  # logs the plan; caps this process to its share
 registry = CollectorRegistry()
 metrics = PolicyMetrics(registry)
 run_info(registry, "policy", config.run.name, section.model_dir)

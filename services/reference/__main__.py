@@ -5,11 +5,13 @@ import logging
 import os
 import threading
 
+from ..common.memory_check import cap_process_memory, log_memory_plan
 from ..common.service_main import serve, start
 from .server import build_server
 
 log = logging.getLogger("services.reference")
 config = start("Belay reference service (frozen SFT model)", torch_threads="reference")
+cap_process_memory(*log_memory_plan(config, "reference"))  # logs the plan; caps this process to its share
 
 
 def watch_frozen_weights(servicer) -> None:

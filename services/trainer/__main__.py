@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from belay.v1 import belay_pb2_grpc
 
+from ..common.memory_check import cap_process_memory, log_memory_plan
 from ..common.metrics import run_info, serve_metrics
 from ..common.models import load_causal_lm, load_tokenizer, resolve_attention, resolve_device
 from ..common.review_store import ReviewStore
@@ -24,6 +25,7 @@ from .trainer_metrics import TrainerMetrics
 log = logging.getLogger("services.trainer")
 config = start("Belay trainer service (PPO)", torch_threads="trainer")
 section = config.trainer
+cap_process_memory(*log_memory_plan(config, "trainer"))  # logs the plan; caps this process to its share
 torch.manual_seed(section.seed)
 distributed = Distributed.from_environment(resolve_device(section.device))  # under torchrun
 main_rank = distributed is None or distributed.is_main
