@@ -265,3 +265,36 @@ def test_misshapen_inputs_are_refused():
         response_token_stats(hidden, model.lm_head, input_ids, response_mask[:, :-1], 1.0, 4)
     with pytest.raises(ValueError, match="chunk_positions"):
         response_token_stats(hidden, model.lm_head, input_ids, response_mask, 1.0, 0)
+
+
+def test_under_bfloat16_autocast_values_and_gradients_follow_the_full_path():
+    """The trainer runs its forward under autocast; the checkpointed chunks recompute under it too."""
+    model = build_model("llama-untied")
+    input_ids, attention_mask, response_mask, top_ids = batch()
+    weights = [response_mask, response_mask, response_mask[..., None] * torch.ones(top_ids.shape)]
+    parameters = list(model.parameters())
+    with torch.autocast("cpu", torch.bfloat16):
+        chosen, entropy, top, _ = full_reference(model, input_ids, attention_mask, top_ids, 1.0)
+        full_grads = torch.autograd.grad(loss_of(chosen, entropy, top, weights), parameters)
+        stats = chunked(model, input_ids, attention_mask, response_mask, top_ids, 1.0, 7)
+        chunked_grads = torch.autograd.grad(loss_of(*stats, weights), parameters)
+    assert stats.logprobs.dtype == torch.float32
+    keep = response_mask.bool()
+    assert torch.allclose(stats.logprobs[keep], chosen[keep], atol=2e-2)
+    assert torch.allclose(stats.entropy[keep], entropy[keep], atol=2e-2)
+    for full, mine in zip(full_grads, chunked_grads):
+        assert torch.allclose(mine, full, atol=2e-2, rtol=5e-2), (mine - full).abs().max()
+
+
+def test_with_the_models_gradient_checkpointing_gradients_equal_the_full_paths():
+    model = build_model("qwen2-tied").train()  # no dropout in these configs: train mode changes nothing else
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids, attention_mask, response_mask, top_ids = batch()
+    weights = [response_mask, response_mask, response_mask[..., None] * torch.ones(top_ids.shape)]
+    parameters = list(model.parameters())
+    chosen, entropy, top, _ = full_reference(model, input_ids, attention_mask, top_ids, 1.0)
+    full_grads = torch.autograd.grad(loss_of(chosen, entropy, top, weights), parameters)
+    stats = chunked(model, input_ids, attention_mask, response_mask, top_ids, 1.0, 7)
+    chunked_grads = torch.autograd.grad(loss_of(*stats, weights), parameters)
+    for full, mine in zip(full_grads, chunked_grads):
+        assert torch.allclose(mine, full, atol=1e-5, rtol=1e-4), (mine - full).abs().max()
