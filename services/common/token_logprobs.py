@@ -27,12 +27,13 @@ from torch.utils.checkpoint import checkpoint
 
 # Config fields that put something between the last hidden state and the logits besides the head's
 # matmul; a model with any of them set (and not the neutral value) gets the model's own logits instead.
+# A deny-list: a model that transforms its logits in code without a config field goes unnoticed here;
+# the tests check Llama, Qwen2 (accepted) and Gemma-2 (refused).
 LOGIT_TRANSFORMS = {
     "final_logit_softcapping": None,  # Gemma-2, Gemma-3: logits = cap * tanh(logits / cap)
     "logit_scale": 1.0,  # Cohere: logits * logit_scale
     "logits_scaling": 1.0,  # Granite: logits / logits_scaling
     "lm_head_multiplier": 1.0,  # Falcon-H1: logits * lm_head_multiplier
-    "output_logits_scaling": 1.0,
 }
 
 
