@@ -258,7 +258,7 @@ def test_each_provocation_crosses_its_bound_and_fires_its_alert(
     detector, tiny_lm_dir, tiny_reward_dir, redis_url, tmp_path, caplog
 ):
     updates, reward, trainer = PROVOCATIONS[detector]
-    with caplog.at_level(logging.WARNING, logger="services.trainer.trainer"):
+    with caplog.at_level(logging.WARNING, logger="services.trainer.monitoring"):
         scrapes, summaries, bounds = run_loop(
             tiny_lm_dir, tiny_reward_dir, redis_url, tmp_path, updates, reward, trainer
         )

@@ -237,8 +237,8 @@ def test_group_baselines_train_on_whole_groups_only(tiny_lm_dir, redis_url, tmp_
     batch = trainer.collect(threading.Event())
     groups = sorted(r.group_id for _, r in batch)
     assert len(groups) == 4 and groups[0] == groups[1] and groups[2] == groups[3] != groups[0]
-    (waiting,) = trainer.partial_groups  # the third whole group did not fit: it waits, still pending
-    assert {waiting, *groups} == {"A", "B", "C"} and len(trainer.partial_groups[waiting]) == 2
+    (waiting,) = trainer.intake.partial_groups  # the third whole group did not fit: it waits, still pending
+    assert {waiting, *groups} == {"A", "B", "C"} and len(trainer.intake.partial_groups[waiting]) == 2
     add("D")
     add("E")
     add("D")

@@ -64,7 +64,7 @@ def test_restarted_trainer_walks_its_pending_entries_drops_stale_ones_and_trains
         queue.add(rollout(trainer.tokenizer, version=1 if i % 5 == 0 else 5, reward=float(i), seed=i))
         for i in range(20)
     ]
-    queue.read(trainer.consumer, 100, 10)  # a previous life of this consumer read them all, then died
+    queue.read(trainer.intake.consumer, 100, 10)  # a previous life of this consumer read them all, then died
     assert queue.pending_count() == 20
 
     first = trainer.collect(stop=threading.Event())
@@ -100,7 +100,7 @@ def test_each_step_publishes_and_only_a_committed_persist_acknowledges_its_rollo
 
     # A redelivery of a rollout awaiting its persist (a Redis blip re-walks our pending entries) is
     # neither trained again nor acknowledged early.
-    trainer.pending_cursor = "0"
+    trainer.intake.pending_cursor = "0"
     for i in range(8):
         queue.add(rollout(trainer.tokenizer, version=1, reward=float(i), seed=100 + i))
     second = trainer.collect(stop)
@@ -143,7 +143,7 @@ def test_a_new_trainer_claims_rollouts_a_dead_one_left_unacknowledged(tiny_lm_di
     second = trainer.collect(stop)
     assert [e for e, _ in second] == ids[8:]
     pending = queue.redis.xpending_range(queue.stream, GROUP, "-", "+", count=100)
-    assert {p["consumer"].decode() for p in pending} == {trainer.consumer}
+    assert {p["consumer"].decode() for p in pending} == {trainer.intake.consumer}
 
 
 def test_a_combined_rewards_parts_are_averaged_in_the_step_and_exported(tiny_lm_dir, redis_url, tmp_path):

@@ -1,0 +1,112 @@
+"""The KL rail (trainer.kl_hard_limit): a batch whose KL per response passes the limit says the
+version that sampled it went too far from the reference. The trainer then restores the newest
+good version that was persisted, publishes it as a new version (the policy swaps back), raises β
+or lowers the learning rate, and drops the batch with its reason."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..common.checkpoints import committed_versions, load_weights_into
+from ..common.lora import load_adapter_into
+from ..common.rollout_queue import Rollout
+from .retry import until_redis_answers
+
+if TYPE_CHECKING:
+    from .intake import Entry
+    from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def batch_kl(rollouts: list[Rollout]) -> float:
+    """Mean k1 KL per response, Σ_t (logprob − ref_logprob), over the batch, in nats."""
+    return float(np.mean([float(r.logprobs.sum() - r.ref_logprobs.sum()) for r in rollouts]))
+
+
+def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> dict:
+    """Restore the newest good version that was persisted (published weights are not kept),
+    publish it as a new version, raise β or lower the learning rate, and drop the batch. With no
+    good version persisted yet, the target is the SFT model, and the log says so."""
+    section = trainer.section
+    trainer.persister.wait()  # a persist in flight may be the good version to return to
+    checkpoints = dict(committed_versions(trainer.config.run.checkpoint_dir))
+    target = rollback_target(trainer, min(r.policy_version for _, r in entries), checkpoints)
+    restore_weights(trainer, target, checkpoints)
+    trainer.optimizer.state.clear()  # the moments steered towards the bad version
+    tighten(trainer)
+    version = trainer.advance_version()
+    trainer.good_versions.add(version)
+    trainer.publish(version)
+    trainer.persist()  # at once: the restored weights and the raised β or lowered lr are the new base
+    for entry_id, _ in entries:
+        trainer.intake.drop(entry_id, "kl_limit", f"batch KL {kl:.2f} nats > kl_hard_limit {section.kl_hard_limit}")
+    trainer.metrics.rollbacks.inc()
+    summary = {
+        "event": "rollback",
+        "version": version,
+        "rolled_back_to": target,
+        "batch_kl": kl,
+        "kl_coef": trainer.kl_controller.value,
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        "time": time.time(),
+    }
+    until_redis_answers(lambda: trainer.queue.log_step(summary), "logging the rollback")
+    raise_beta = section.kl_limit_action == "raise_beta"
+    log.warning(
+        "KL %.2f nats per response > kl_hard_limit %.2f: rolled back to version %d, published as version %d; %s now %s",
+        kl,
+        section.kl_hard_limit,
+        target,
+        version,
+        "β" if raise_beta else "lr",
+        summary["kl_coef"] if raise_beta else summary["lr"],
+    )
+    return summary
+
+
+def rollback_target(trainer: Trainer, worst: int, checkpoints: dict[int, pathlib.Path]) -> int:
+    """The newest version below `worst` (the oldest that sampled the batch) whose samples stayed
+    under the limit and that a committed checkpoint holds; 0 (the SFT model) when there is none."""
+    persisted_good = [v for v in trainer.good_versions if v < worst and v in checkpoints]
+    target = max(persisted_good, default=0)
+    if target == 0:
+        log.warning(
+            "no good version below %d is persisted (checkpoint_every_steps=%d): rolling back to the SFT model",
+            worst,
+            trainer.section.checkpoint_every_steps,
+        )
+    return target
+
+
+def restore_weights(trainer: Trainer, target: int, checkpoints: dict[int, pathlib.Path]) -> None:
+    """The policy's weights (or adapters) of version `target`; of the SFT model for 0."""
+    lora = trainer.config.lora.enabled
+    if target == 0 and lora:
+        with torch.no_grad():  # zero adapters: exactly the base model
+            for name, parameter in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    parameter.zero_()
+    elif target == 0:
+        load_weights_into(trainer.model, trainer.section.model_dir)
+    elif lora:
+        load_adapter_into(trainer.model, checkpoints[target])
+    else:
+        load_weights_into(trainer.model, checkpoints[target])
+
+
+def tighten(trainer: Trainer) -> None:
+    """kl_limit_action: β × kl_limit_factor, or the learning rate (and its schedule's base) ÷ it."""
+    section = trainer.section
+    if section.kl_limit_action == "raise_beta":
+        trainer.kl_controller.value *= section.kl_limit_factor
+    else:
+        trainer.scheduler.base_lrs = [lr / section.kl_limit_factor for lr in trainer.scheduler.base_lrs]
+        for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr()):
+            group["lr"] = lr / section.kl_limit_factor

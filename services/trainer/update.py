@@ -1,0 +1,285 @@
+"""One PPO update on a batch of rollouts, in the seed's order: (1) the reward, shaped as
+configured; (2) the policy as it stands, where the critic or the exact KL needs it; (3) the KL
+between the policy that sampled and the frozen reference, response tokens only; (4) total reward
+= reward − β·KL and the advantage; (5) clipped PPO epochs over minibatches, gradient clipping
+always on, non-finite minibatches skipped; (6) β for the next update.
+
+The objects it changes (policy, critic, optimizer, schedule, KL controller, reward normaliser,
+shuffle generator) belong to the Trainer, which saves and restores them."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..common.config import TrainerConfig
+from ..common.models import chosen_and_entropy, next_token_log_probs
+from ..common.rollout_queue import Rollout
+from ..evaluation.metrics import distinct_n, pearson, repetition
+from . import ppo
+from .advantages import (
+    batch_mean_advantage,
+    clipped_value_loss,
+    gae_advantages,
+    group_advantage,
+    rloo_advantage,
+    sequence_advantage_to_tokens,
+    token_rewards,
+    whiten,
+)
+from .batch import PPOBatch, collate
+from .kl import exact_kl_from_rows, per_token_kl
+from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def shape_rewards(section: TrainerConfig, moments: RunningMoments, data: PPOBatch) -> torch.Tensor:
+    """Raw scores -> the reward PPO maximises, in this order: running normalisation, clipping,
+    length normalisation, truncation penalty (each off unless configured). (B,) -> (B,)"""
+    rewards = data.rewards
+    if section.reward_normalize:
+        moments.update(rewards)
+        rewards = moments.normalise(rewards)
+    if section.reward_clip is not None:
+        rewards = clip_reward(rewards, section.reward_clip)
+    if section.length_normalize:
+        rewards = length_normalised_reward(rewards, data.response_lengths)
+    if section.truncation_penalty:
+        rewards = truncation_penalty(rewards, data.truncated, section.truncation_penalty)
+    return rewards
+
+
+def token_kl(estimator: str, logprobs: torch.Tensor, data: PPOBatch, log_probs: torch.Tensor | None) -> torch.Tensor:
+    """KL(policy || reference) per response token with the configured estimator; `log_probs`, the
+    policy's full rows (B, T, V), only for 'full'. (B, T) -> (B, T)"""
+    if estimator != "full":
+        return per_token_kl(estimator, logprobs, data.ref_logprobs, data.response_mask)
+    if data.ref_top_ids.shape[-1] == 0:
+        raise ValueError("kl_estimator 'full' needs rollouts carrying the reference's top-k rows")
+    policy_rows = torch.gather(log_probs, -1, data.ref_top_ids)  # (B, T, K) the policy on the same ids
+    full_vocabulary = data.ref_top_ids.shape[-1] == log_probs.shape[-1]
+    return exact_kl_from_rows(policy_rows, data.ref_top_logprobs, data.response_mask, renormalise=not full_vocabulary)
+
+
+def advantages_and_returns(
+    section: TrainerConfig,
+    scores: torch.Tensor,
+    kl_per_token: torch.Tensor,
+    kl: torch.Tensor,
+    reward_beta: float,
+    old_values: torch.Tensor | None,
+    data: PPOBatch,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Total reward = reward − β·KL (β = 0 when the KL is paid in the loss) and the advantage with
+    the configured estimator. scores, kl (B,), kl_per_token (B, T) -> advantages (B, T), returns
+    (B, T) (GAE only, else None), total reward (B,)."""
+    mask = data.response_mask
+    if section.advantage == "gae":
+        rewards_t = token_rewards(scores, kl_per_token, reward_beta, mask)
+        advantages, returns = gae_advantages(rewards_t, old_values, mask, section.gamma, section.lam)
+        total_reward = scores - reward_beta * kl
+    else:
+        returns = None
+        total_reward = ppo.kl_penalised_reward(scores, kl, reward_beta)  # (B,)
+        if section.advantage == "batch_mean":
+            sequence_advantages = batch_mean_advantage(total_reward)
+        elif section.advantage == "group":
+            sequence_advantages = group_advantage(total_reward, data.group_index, section.group_scale_by_std)
+        else:
+            sequence_advantages = rloo_advantage(total_reward, data.group_index)
+        advantages = sequence_advantage_to_tokens(sequence_advantages, mask)  # (B, T)
+    if section.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return advantages, returns, total_reward
+
+
+def forward(trainer: Trainer, data: PPOBatch):
+    """The policy (and critic) on a batch: (logprobs (B, T), entropy (B, T), full log-probs (B, T, V),
+    values (B, T) or None)."""
+    want_values, dtype = trainer.value_head is not None, trainer.compute_dtype
+    with torch.autocast(trainer.device.type, dtype, enabled=dtype != torch.float32):
+        out = next_token_log_probs(
+            trainer.model,
+            data.input_ids,
+            data.attention_mask,
+            trainer.section.temperature,
+            output_hidden_states=want_values,
+        )
+    log_probs, hidden = out if want_values else (out, None)
+    logprobs, entropy = chosen_and_entropy(log_probs, data.input_ids)
+    values = trainer.value_head(hidden.float()) if want_values else None
+    return logprobs, entropy, log_probs, values
+
+
+def update(trainer: Trainer, rollouts: list[Rollout]) -> dict:
+    """One PPO update on a batch; returns its summary. Skips minibatches with a non-finite loss/grad."""
+    section = trainer.section
+    data = collate(rollouts, trainer.tokenizer.pad_token_id, trainer.device)
+    mask = data.response_mask
+    beta = trainer.kl_controller.value
+    # 1. The reward: raw scores, shaped as configured (the seed's default: unchanged).
+    scores = shape_rewards(section, trainer.reward_moments, data)
+    # 2. The policy as it stands (= the weights that sampled, for fresh rollouts): old values for
+    #    the critic and the policy's full distribution for the exact KL; skipped when neither is used.
+    log_probs, old_values = None, None
+    if trainer.value_head is not None or section.kl_estimator == "full":
+        with torch.no_grad():
+            _, _, log_probs, old_values = forward(trainer, data)
+    # 3. KL between the policy that sampled and the frozen reference, response tokens only.
+    kl_per_token = token_kl(section.kl_estimator, data.old_logprobs, data, log_probs)  # (B, T)
+    kl = ppo.sequence_kl(kl_per_token, mask)  # (B,)
+    # 4. Total reward = reward − β·KL (when the KL is paid in the reward), and the advantage.
+    reward_beta = beta if section.kl_placement == "reward" else 0.0
+    advantages, returns, total_reward = advantages_and_returns(
+        section, scores, kl_per_token, kl, reward_beta, old_values, data
+    )
+    # 5. Clipped PPO epochs over minibatches, gradient clipping always on.
+    targets = {"advantages": advantages, "returns": returns, "old_values": old_values}
+    stats, stopped_early = ppo_epochs(trainer, data, len(rollouts), targets, beta)
+    # 6. β for the next update (the adaptive controller moves it towards the target KL).
+    kl_coef_next = trainer.kl_controller.update(float(kl.mean()), len(rollouts))
+    for value in data.old_logprobs[mask.bool()].tolist():
+        trainer.metrics.logprobs.observe(value)
+    summary = batch_summary(data, rollouts, scores, total_reward, kl_per_token, kl)
+    summary.update(kl_coef=beta, kl_coef_next=kl_coef_next, lr=trainer.scheduler.get_last_lr()[0])
+    summary.update(update_summary(stats, stopped_early))
+    return summary
+
+
+def ppo_epochs(
+    trainer: Trainer, data: PPOBatch, size: int, targets: dict, beta: float
+) -> tuple[dict[str, list[float]], bool]:
+    """section.ppo_epochs passes over the batch in shuffled minibatches (under torchrun, each rank
+    its share), stopped early once approx_kl passes early_stop_kl. Returns the per-minibatch
+    figures and whether it stopped early."""
+    section, distributed = trainer.section, trainer.distributed
+    stats = collections.defaultdict(list)
+    for _epoch in range(section.ppo_epochs):
+        order = torch.randperm(size, generator=trainer.shuffle)
+        for start in range(0, size, section.minibatch_size):
+            rows = order[start : start + section.minibatch_size]
+            if distributed is not None:  # each rank its share; gradients averaged in the step
+                rows = rows[distributed.rank :: distributed.world_size]
+            rows = rows.to(trainer.device)
+            minibatch_step(
+                trainer, data.select(rows), {k: None if v is None else v[rows] for k, v in targets.items()}, beta, stats
+            )
+            if section.early_stop_kl is not None and stats["approx_kl"]:
+                approx_kl = stats["approx_kl"][-1]
+                if distributed is not None:  # every rank must take the same decision
+                    approx_kl = distributed.mean(approx_kl)
+                if approx_kl > section.early_stop_kl:
+                    return stats, True
+    return stats, False
+
+
+def minibatch_loss(
+    trainer: Trainer, data: PPOBatch, targets: dict, beta: float, stats: dict
+) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The clipped policy loss (+ β·KL under kl_placement 'loss', + the value loss under GAE) on
+    one minibatch. Returns (loss, the policy loss's info, entropy (B, T))."""
+    section, mask = trainer.section, data.response_mask
+    new_logprobs, entropy, log_probs, values = forward(trainer, data)
+    if not stats["first_minibatch_max_log_ratio"]:  # 1 for fresh rollouts: a check on the whole pipeline
+        stats["first_minibatch_max_log_ratio"].append(
+            float(((new_logprobs - data.old_logprobs).abs() * mask).max().detach())
+        )
+    loss, info = ppo.clipped_policy_loss(
+        new_logprobs, data.old_logprobs, targets["advantages"], mask, section.clip_eps, section.loss_aggregation
+    )
+    if section.kl_placement == "loss":  # GRPO style: the KL of the policy being trained, as a loss term
+        kl_loss = ppo.aggregate_loss(
+            token_kl(section.kl_estimator, new_logprobs, data, log_probs), mask, section.loss_aggregation
+        )
+        loss = loss + beta * kl_loss
+    if values is not None:
+        value_loss, _ = clipped_value_loss(values, targets["old_values"], targets["returns"], mask, section.value_clip)
+        loss = loss + section.value_coef * value_loss
+        stats["value_loss"].append(value_loss.item())
+    return loss, info, entropy
+
+
+def minibatch_step(trainer: Trainer, data: PPOBatch, targets: dict, beta: float, stats: dict) -> None:
+    """Loss, backward, gradient clipping and one optimizer step; skipped (and counted) when the
+    loss or the gradient norm is not finite, on every rank when on any."""
+    distributed, optimizer = trainer.distributed, trainer.optimizer
+    loss, info, entropy = minibatch_loss(trainer, data, targets, beta, stats)
+    optimizer.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(loss))
+    if distributed is not None:
+        finite = distributed.all_true(finite)  # one rank's NaN skips the step on all of them
+    if not finite:
+        return skip(trainer, stats, f"loss is {loss.item()}")
+    loss.backward()
+    if distributed is not None:
+        distributed.average_gradients(trainer.parameters)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.section.max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return skip(trainer, stats, f"gradient norm is {grad_norm.item()}")
+    optimizer.step()
+    trainer.scheduler.step()
+    stats["loss"].append(loss.item())
+    stats["grad_norm"].append(grad_norm.item())
+    stats["clip_fraction"].append(info["clip_fraction"].item())
+    stats["approx_kl"].append(info["approx_kl"].item())
+    stats["entropy"].append(ppo.masked_mean(entropy.detach(), data.response_mask).item())
+    stats["skipped"].append(0)
+
+
+def skip(trainer: Trainer, stats: dict, why: str) -> None:
+    log.error("non-finite update skipped: %s", why)
+    trainer.metrics.nonfinite_skips.inc()
+    stats["skipped"].append(1)
+
+
+def batch_summary(
+    data: PPOBatch,
+    rollouts: list[Rollout],
+    scores: torch.Tensor,
+    total_reward: torch.Tensor,
+    kl_per_token: torch.Tensor,
+    kl: torch.Tensor,
+) -> dict:
+    """What the batch was: its KL, rewards, lengths, and the seed's quiet failure modes (a reward
+    that favours length, responses collapsing onto templates)."""
+    return {
+        "kl_per_token": float(ppo.masked_mean(kl_per_token, data.response_mask)),
+        "kl_per_sequence": float(kl.mean()),
+        "reward_mean": float(data.rewards.mean()),
+        "reward_std": float(data.rewards.std(unbiased=False)),
+        "shaped_reward_mean": float(scores.mean()),
+        "total_reward_mean": float(total_reward.mean()),
+        "response_length_mean": float(data.response_lengths.mean()),
+        "eos_fraction": float((~data.truncated).float().mean()),
+        "reward_length_correlation": pearson(data.rewards.tolist(), data.response_lengths.tolist()),
+        "distinct_2": distinct_n([r.response_text for r in rollouts], 2),
+        "repetition_3": float(np.mean([repetition(r.response_text, 3) for r in rollouts])),
+    }
+
+
+def update_summary(stats: dict[str, list[float]], stopped_early: bool) -> dict:
+    """What the optimisation did: minibatch means (NaN when no minibatch stepped)."""
+    mean = lambda key: float(np.mean(stats[key])) if stats[key] else float("nan")  # noqa: E731
+    return {
+        "entropy": mean("entropy"),
+        "clip_fraction": mean("clip_fraction"),
+        "approx_kl": mean("approx_kl"),
+        "loss": mean("loss"),
+        "grad_norm": mean("grad_norm"),
+        "value_loss": mean("value_loss"),
+        "first_minibatch_max_log_ratio": stats["first_minibatch_max_log_ratio"][0]
+        if stats["first_minibatch_max_log_ratio"]
+        else float("nan"),
+        "early_stopped": stopped_early,
+        "optimizer_steps": len(stats["loss"]),
+        "skipped_minibatches": int(sum(stats["skipped"])),
+    }
