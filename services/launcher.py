@@ -26,6 +26,7 @@ from .common.memory_check import memory_check
 from .common.review_store import ReviewStore
 from .common.rollout_queue import RolloutQueue
 from .common.rpc import channel, wait_until_serving
+from .common.step_records import RollbackRecord, StepRecord, TrainerRecord
 from .evaluation.run_report import write_run_report
 
 SERVICES = ("reference", "reward", "policy", "trainer")
@@ -267,57 +268,54 @@ def final_canaries(config: BelayConfig, version: int | None, timeout: float = 12
     return store.canaries()
 
 
-def format_step(step: dict, iterations: int | None, recent_rewards: list[float]) -> str:
+def format_step(step: TrainerRecord, iterations: int | None, recent_rewards: list[float]) -> str:
     """One progress line; recent_rewards (this step's last) gives the trend through batch noise."""
     of = f"/{iterations}" if iterations else ""
-    if step.get("event") == "rollback":
+    if isinstance(step, RollbackRecord):
         return (
-            f"iteration {step['version']}{of}  ROLLBACK: batch KL {step['batch_kl']:.2f} nats passed "
-            f"kl_hard_limit; weights of version {step['rolled_back_to']} published again "
-            f"(β {step['kl_coef']:.3g}, lr {step['lr']:.3g})"
+            f"iteration {step.version}{of}  ROLLBACK: batch KL {step.batch_kl:.2f} nats passed "
+            f"kl_hard_limit; weights of version {step.rolled_back_to} published again "
+            f"(β {step.kl_coef:.3g}, lr {step.lr:.3g})"
         )
-    s = step["seconds"]
+    stats, s = step.stats, step.seconds
     trend = sum(recent_rewards[-5:]) / len(recent_rewards[-5:])
     return (
-        f"iteration {step['version']}{of}  reward {step['reward_mean']:+.3f} ± {step['reward_std']:.3f} "
+        f"iteration {step.version}{of}  reward {stats.reward_mean:+.3f} ± {stats.reward_std:.3f} "
         f"(last 5: {trend:+.3f})  "
-        f"KL/seq {step['kl_per_sequence']:.3f} (per token {step['kl_per_token']:.4f})  "
-        f"len {step['response_length_mean']:.1f}  clip {step['clip_fraction']:.2f}  "
-        f"| gen {s['generate']:.1f}s ref {s['reference']:.1f}s reward {s['reward']:.2f}s "
-        f"update {s['update']:.1f}s publish {s['publish']:.2f}s persist {s['persist']:.2f}s swap {s['swap']:.2f}s"
-        + (
-            f"  DETECTOR: {', '.join(step['detectors_firing'])} (docs/runbooks.md)"
-            if step.get("detectors_firing")
-            else ""
-        )
+        f"KL/seq {stats.kl_per_sequence:.3f} (per token {stats.kl_per_token:.4f})  "
+        f"len {stats.response_length_mean:.1f}  clip {stats.clip_fraction:.2f}  "
+        f"| gen {s.generate:.1f}s ref {s.reference:.1f}s reward {s.reward:.2f}s "
+        f"update {s.update:.1f}s publish {s.publish:.2f}s persist {s.persist:.2f}s swap {s.swap:.2f}s"
+        + (f"  DETECTOR: {', '.join(step.detectors_firing)} (docs/runbooks.md)" if step.detectors_firing else "")
     )
 
 
 SUMMARY_KEYS = ("reward_mean", "reward_std", "kl_per_sequence", "kl_per_token", "response_length_mean")
 
 
-def summarise(steps: list[dict]) -> dict:
+def summarise(steps: list[TrainerRecord]) -> dict:
     """Figures over the training steps (rollbacks are counted, not averaged in)."""
-    rollbacks = sum(1 for s in steps if s.get("event") == "rollback")
-    steps = [s for s in steps if "event" not in s]
+    rollbacks = sum(1 for s in steps if isinstance(s, RollbackRecord))
+    steps = [s for s in steps if isinstance(s, StepRecord)]
     if not steps:
         return {"rollbacks": rollbacks} if rollbacks else {}
     keys = ("generate", "reference", "reward", "update", "publish", "persist", "swap")
     quarter = max(1, len(steps) // 4)
-    wall = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
+    wall = [b.time - a.time for a, b in zip(steps, steps[1:])]
+    figure = lambda step, key: getattr(step.stats, key)  # noqa: E731
     return {
         "iterations": len(steps),
         "rollbacks": rollbacks,
-        "first": {k: steps[0][k] for k in SUMMARY_KEYS},
-        "last": {k: steps[-1][k] for k in SUMMARY_KEYS},
-        "first_quarter_mean": {k: sum(x[k] for x in steps[:quarter]) / quarter for k in SUMMARY_KEYS},
-        "last_quarter_mean": {k: sum(x[k] for x in steps[-quarter:]) / quarter for k in SUMMARY_KEYS},
-        "mean_seconds": {k: sum(x["seconds"][k] for x in steps) / len(steps) for k in keys},
+        "first": {k: figure(steps[0], k) for k in SUMMARY_KEYS},
+        "last": {k: figure(steps[-1], k) for k in SUMMARY_KEYS},
+        "first_quarter_mean": {k: sum(figure(x, k) for x in steps[:quarter]) / quarter for k in SUMMARY_KEYS},
+        "last_quarter_mean": {k: sum(figure(x, k) for x in steps[-quarter:]) / quarter for k in SUMMARY_KEYS},
+        "mean_seconds": {k: sum(getattr(x.seconds, k) for x in steps) / len(steps) for k in keys},
         "mean_wall_seconds_between_iterations": sum(wall) / len(wall) if wall else None,
     }
 
 
-def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=print) -> list[dict]:
+def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=print) -> list[TrainerRecord]:
     """Print each trainer step as it lands; return them all once `iterations` are done."""
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
     steps, cursor = [], "0-0"
@@ -326,7 +324,7 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
         for entry_id, step in queue.read_steps(cursor, block_ms=1000):
             cursor = entry_id
             steps.append(step)
-            say(format_step(step, iterations, [x["reward_mean"] for x in steps if "reward_mean" in x]))
+            say(format_step(step, iterations, [x.stats.reward_mean for x in steps if isinstance(x, StepRecord)]))
             if iterations is not None and len(steps) >= iterations:
                 break
     return steps
@@ -347,7 +345,7 @@ def up(
     if refused:
         raise StackError(refused)
     stack = LocalStack(config, run_dir, say)
-    steps: list[dict] = []
+    steps: list[TrainerRecord] = []
     canaries: dict[int, dict] = {}
     before: list[str] = []
     after: list[str] = []
@@ -373,12 +371,12 @@ def up(
             queue = RolloutQueue.from_url(config.redis.url, config.run.name)
             steps = [s for _, s in queue.read_steps("0-0")]
         if steps:
-            final = wait_for_policy_version(config, steps[-1]["version"], 300)
+            final = wait_for_policy_version(config, steps[-1].version, 300)
             version, after = sample_outputs(config, sample_prompts, sample_tokens)
-            say(f"after training, policy version {version} (expected {steps[-1]['version']}, serving {final}):")
+            say(f"after training, policy version {version} (expected {steps[-1].version}, serving {final}):")
             for prompt, old, new in zip(sample_prompts, before, after):
                 say(f"  > {prompt}\n    before: {old!r}\n    after:  {new!r}")
-        canaries = final_canaries(config, steps[-1]["version"] if steps else None)  # before Redis stops
+        canaries = final_canaries(config, steps[-1].version if steps else None)  # before Redis stops
     finally:
         say("stopping services ...")
         stack.stop()

@@ -131,7 +131,7 @@ def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
                 "rollouts": len(rollouts),
                 "response_tokens": sum(len(r) for r in batch.response_ids),
                 "rollout_versions": [batch.version],
-                "optimizer_steps": summary["optimizer_steps"],
+                "optimizer_steps": summary.optimizer_steps,
                 "publish_bytes": 0,
                 "persisted_version": trainer.persister.persisted_version,
                 "persist_background_seconds": trainer.persister.last_write_seconds,

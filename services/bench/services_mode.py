@@ -11,10 +11,11 @@ import redis
 
 from ..common.checkpoints import committed_versions
 from ..common.rollout_queue import Rollout, RolloutQueue
+from ..common.step_records import StepRecord
 from ..launcher import LocalStack, follow
 from .workload import Workload, belay_config, service_threads
 
-# The trainer's step summary "seconds" key of each bench stage. publish and persist are the trainer's
+# The trainer's step record's StageSeconds field of each bench stage. publish and persist are the trainer's
 # critical-path parts (persist: the snapshot copy plus any wait for the previous persist; 0 on steps
 # where none was due); the background write of a persist is off the critical path and not a stage.
 STAGE_KEYS = {
@@ -36,8 +37,8 @@ def directory_bytes(path: pathlib.Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file())
 
 
-def background_writes(steps: list[dict], trainer_log: pathlib.Path) -> dict[int, float]:
-    """Seconds of each background persist write, by version: from the step summaries (full precision:
+def background_writes(steps: list[StepRecord], trainer_log: pathlib.Path) -> dict[int, float]:
+    """Seconds of each background persist write, by version: from the step records (full precision:
     the last write committed before each step) and from the trainer's log (every write, the final one
     at shutdown included, to 10 ms)."""
     writes = {}
@@ -45,8 +46,8 @@ def background_writes(steps: list[dict], trainer_log: pathlib.Path) -> dict[int,
         for version, seconds in PERSIST_LOG.findall(trainer_log.read_text(errors="replace")):
             writes[int(version)] = float(seconds)
     for step in steps:
-        if step.get("persisted_version") and step["seconds"].get("persist_background"):
-            writes[int(step["persisted_version"])] = float(step["seconds"]["persist_background"])
+        if step.persisted_version and step.seconds.persist_background:
+            writes[step.persisted_version] = step.seconds.persist_background
     return writes
 
 
@@ -78,20 +79,20 @@ def run_services(
     finally:
         stack.stop()
     rollouts = [Rollout.from_fields(fields) for fields in entries]
-    if any("event" in step for step in steps):
+    if not all(isinstance(step, StepRecord) for step in steps):
         raise RuntimeError("a bench step was a KL rollback, not an update: the figures would mix the two")
     rows = workload.batch_size
     records = [
         {
-            "version": s["version"],
-            "end_time": s["time"],
-            "rollouts": s["rollouts"],
-            "response_tokens": round(s["response_length_mean"] * s["rollouts"]),
-            "rollout_versions": s["rollout_versions"],
-            "publish_bytes": int(s.get("publish_bytes", 0)),
-            "persisted_version": int(s.get("persisted_version", 0)),
-            "persist_background_seconds": float(s["seconds"].get("persist_background", 0.0)),
-            "seconds": {stage: float(s["seconds"].get(key, 0.0)) for stage, key in STAGE_KEYS.items()},
+            "version": s.version,
+            "end_time": s.time,
+            "rollouts": s.rollouts,
+            "response_tokens": round(s.stats.response_length_mean * s.rollouts),
+            "rollout_versions": s.rollout_versions,
+            "publish_bytes": s.publish_bytes,
+            "persisted_version": s.persisted_version,
+            "persist_background_seconds": s.seconds.persist_background,
+            "seconds": {stage: getattr(s.seconds, key) for stage, key in STAGE_KEYS.items()},
         }
         for s in steps
     ]

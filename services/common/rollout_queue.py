@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
+from .step_records import TrainerRecord, record_from_json
+
 GROUP = "trainers"
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # Redis restarting: wait and retry, never crash
 FINISH_REASONS = ("eos", "length")
@@ -303,13 +305,15 @@ class RolloutQueue:
                 found[replica.decode()] = record
         return found
 
-    def log_step(self, record: dict) -> None:
-        self.redis.xadd(self.steps_stream, {"json": json.dumps(record)}, maxlen=100_000, approximate=True)
+    def log_step(self, record: TrainerRecord) -> None:
+        """The trainer's record of a step (or a rollback), as strict JSON, on the steps stream."""
+        self.redis.xadd(self.steps_stream, {"json": record.to_json()}, maxlen=100_000, approximate=True)
 
-    def read_steps(self, after: str = "0-0", block_ms: int | None = None) -> list[tuple[str, dict]]:
+    def read_steps(self, after: str = "0-0", block_ms: int | None = None) -> list[tuple[str, TrainerRecord]]:
+        """The trainer's records after stream entry `after`, oldest first, with their entry ids."""
         reply = self.redis.xread({self.steps_stream: after}, block=block_ms)
         return [
-            (entry_id.decode(), json.loads(fields[b"json"]))
+            (entry_id.decode(), record_from_json(fields[b"json"]))
             for _, messages in reply or []
             for entry_id, fields in messages
         ]

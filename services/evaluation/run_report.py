@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pathlib
 
+from ..common.step_records import RollbackRecord, StepRecord, TrainerRecord
+
 PANELS = [
     ("reward_mean", "reward (mean ± std of the batch)"),
     ("kl_per_sequence", "KL(policy || reference), nats/response"),
@@ -14,21 +16,21 @@ PANELS = [
 ]
 
 
-def plot_training(steps: list[dict], path: pathlib.Path) -> pathlib.Path:
+def plot_training(steps: list[TrainerRecord], path: pathlib.Path) -> pathlib.Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trained = [s for s in steps if "event" not in s]
-    rollbacks = [s["version"] for s in steps if s.get("event") == "rollback"]
-    versions = [s["version"] for s in trained]
+    trained = [s for s in steps if isinstance(s, StepRecord)]
+    rollbacks = [s.version for s in steps if isinstance(s, RollbackRecord)]
+    versions = [s.version for s in trained]
     figure, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     for axis, (key, title) in zip(axes.flat, PANELS):
-        values = [s.get(key, float("nan")) for s in trained]
+        values = [getattr(s.stats, key) for s in trained]
         axis.plot(versions, values, "o-", markersize=3)
         if key == "reward_mean":
-            std = [s.get("reward_std", 0.0) for s in trained]
+            std = [s.stats.reward_std for s in trained]
             axis.fill_between(
                 versions, [v - d for v, d in zip(values, std)], [v + d for v, d in zip(values, std)], alpha=0.2
             )
@@ -64,10 +66,10 @@ def canary_table(canaries: dict[int, dict]) -> list[str]:
     return lines
 
 
-def write_run_report(steps: list[dict], canaries: dict[int, dict], out_dir: pathlib.Path) -> pathlib.Path:
+def write_run_report(steps: list[TrainerRecord], canaries: dict[int, dict], out_dir: pathlib.Path) -> pathlib.Path:
     """training.png and report.md in out_dir; returns report.md's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    trained = [s for s in steps if "event" not in s]
+    trained = [s for s in steps if isinstance(s, StepRecord)]
     lines = ["# Belay run report", ""]
     if trained:
         plot_training(steps, out_dir / "training.png")
@@ -79,11 +81,11 @@ def write_run_report(steps: list[dict], canaries: dict[int, dict], out_dir: path
             "|---|---|---|",
         ]
         for key, title in PANELS:
-            lines.append(f"| {title} | {first.get(key, float('nan')):.4g} | {last.get(key, float('nan')):.4g} |")
-        fired = sorted({name for s in trained for name in s.get("detectors_firing", [])})
+            lines.append(f"| {title} | {getattr(first.stats, key):.4g} | {getattr(last.stats, key):.4g} |")
+        fired = sorted({name for s in trained for name in s.detectors_firing})
         lines += [
             "",
-            f"Rollbacks: {sum(1 for s in steps if s.get('event') == 'rollback')}. "
+            f"Rollbacks: {sum(1 for s in steps if isinstance(s, RollbackRecord))}. "
             f"Detectors that fired: {', '.join(fired) if fired else 'none'}.",
             "",
         ]

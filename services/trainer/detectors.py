@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import math
 
+from ..common.step_records import DetectorValues, UpdateStats
 from ..evaluation.metrics import ngrams
 
 DETECTORS = ("reward_hacking", "shorter_responses", "template_collapse", "not_moving")
@@ -144,17 +145,22 @@ class Detectors:
         return cls(section.detector_window, {field: getattr(section, field) for field in BOUND_FIELDS})
 
     def observe(
-        self, summary: dict, prompts: list[str], responses: list[str]
-    ) -> tuple[dict[str, float], dict[str, bool], list[str]]:
-        """Add one update (its summary and its batch's prompt and response texts). Returns the
+        self, stats: UpdateStats, prompts: list[str], responses: list[str]
+    ) -> tuple[DetectorValues, dict[str, bool], list[str]]:
+        """Add one update (its figures and its batch's prompt and response texts). Returns the
         values, every detector's verdict, and the detectors that start firing with this update."""
-        record = {key: summary[key] for key in ("reward_mean", "reward_std", "kl_per_sequence", "response_length_mean")}
-        record["similarity"] = cross_prompt_similarity(prompts, responses)
+        record = {
+            "reward_mean": stats.reward_mean,
+            "reward_std": stats.reward_std,
+            "kl_per_sequence": stats.kl_per_sequence,
+            "response_length_mean": stats.response_length_mean,
+            "similarity": cross_prompt_similarity(prompts, responses),
+        }
         self.window.append(record)
         if self.baseline_length is None and len(self.window) == self.size:
             self.baseline_length = sum(r["response_length_mean"] for r in self.window) / self.size
         values = detector_values(list(self.window), self.baseline_length, self.size)
-        firing = detectors_firing(values, summary["kl_per_sequence"], self.bounds)
+        firing = detectors_firing(values, stats.kl_per_sequence, self.bounds)
         started = [name for name in DETECTORS if firing[name] and not self.firing[name]]
         self.firing = firing
-        return values, firing, started
+        return DetectorValues(**values), firing, started

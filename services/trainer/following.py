@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def follow(trainer: Trainer) -> None:
     """A rank other than 0: train on each batch rank 0 broadcasts, until it sends nothing."""
     while payload := trainer.distributed.broadcast_bytes(None):
-        if trainer.update(decode_rollouts(payload))["optimizer_steps"]:
+        if trainer.update(decode_rollouts(payload)).optimizer_steps:
             trainer.version += 1
         after_distributed_step(trainer)
 

@@ -1,5 +1,5 @@
 """What the trainer tells about each update: the failure detectors' verdicts (logged with their
-runbook line when one starts firing), the step summary on /metrics, in the Redis steps stream and
+runbook line when one starts firing), the step record on /metrics, in the Redis steps stream and
 the log, and the batch's samples on the review page."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..common.rollout_queue import Rollout
+from ..common.step_records import DetectorValues, StepRecord, UpdateStats
 from .detectors import RUNBOOK
 from .retry import until_redis_answers
 
@@ -38,34 +39,36 @@ def review_samples(rollouts: list[Rollout], version: int) -> list[dict]:
     ]
 
 
-def watch_for_failures(trainer: Trainer, summary: dict, rollouts: list[Rollout]) -> None:
+def watch_for_failures(
+    trainer: Trainer, stats: UpdateStats, rollouts: list[Rollout], version: int
+) -> tuple[DetectorValues, list[str]]:
     """The failure detectors (detectors.py) on this update: their values and the names of those
-    firing go into the summary and /metrics; one starting to fire is logged with its runbook line."""
+    firing, also set on /metrics; one starting to fire is logged with its runbook line."""
     values, firing, started = trainer.detectors.observe(
-        summary, [r.prompt_text for r in rollouts], [r.response_text for r in rollouts]
+        stats, [r.prompt_text for r in rollouts], [r.response_text for r in rollouts]
     )
-    summary.update(values, detectors_firing=[name for name, on in firing.items() if on])
     trainer.metrics.record_detectors(values, firing)
     for name in started:
-        log.warning("failure detector %s is firing at version %d: %s", name, summary["version"], RUNBOOK[name])
+        log.warning("failure detector %s is firing at version %d: %s", name, version, RUNBOOK[name])
+    return values, [name for name, on in firing.items() if on]
 
 
-def report(trainer: Trainer, summary: dict, rollouts: list[Rollout]) -> None:
+def report(trainer: Trainer, record: StepRecord, rollouts: list[Rollout]) -> None:
     """The step on /metrics, in the steps stream, on the review page and in the log."""
-    trainer.metrics.record_step(summary)
-    watch_for_failures(trainer, summary, rollouts)
-    until_redis_answers(lambda: trainer.queue.log_step(summary), "logging the step")
+    trainer.metrics.record_step(record)
+    until_redis_answers(lambda: trainer.queue.log_step(record), "logging the step")
     if trainer.review is not None:
-        samples = review_samples(rollouts, summary["version"])
+        samples = review_samples(rollouts, record.version)
         until_redis_answers(lambda: trainer.review.record_samples(samples), "recording samples for review")
+    stats = record.stats
     log.info(
         "version %d: reward %.3f±%.3f KL/seq %.3f len %.1f loss %.4f clip %.3f (%.1f s)",
-        summary["version"],
-        summary["reward_mean"],
-        summary["reward_std"],
-        summary["kl_per_sequence"],
-        summary["response_length_mean"],
-        summary["loss"],
-        summary["clip_fraction"],
-        summary["seconds"]["update"],
+        record.version,
+        stats.reward_mean,
+        stats.reward_std,
+        stats.kl_per_sequence,
+        stats.response_length_mean,
+        stats.loss,
+        stats.clip_fraction,
+        record.seconds.update,
     )

@@ -16,6 +16,7 @@ import torch
 from ..common.checkpoints import committed_versions, load_weights_into
 from ..common.lora import load_adapter_into
 from ..common.rollout_queue import Rollout
+from ..common.step_records import RollbackRecord
 from .retry import until_redis_answers
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ def batch_kl(rollouts: list[Rollout]) -> float:
     return float(np.mean([float(r.logprobs.sum() - r.ref_logprobs.sum()) for r in rollouts]))
 
 
-def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> dict:
+def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> RollbackRecord:
     """Restore the newest good version that was persisted (published weights are not kept),
     publish it as a new version, raise β or lower the learning rate, and drop the batch. With no
     good version persisted yet, the target is the SFT model, and the log says so."""
@@ -48,16 +49,15 @@ def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> dict:
     for entry_id, _ in entries:
         trainer.intake.drop(entry_id, "kl_limit", f"batch KL {kl:.2f} nats > kl_hard_limit {section.kl_hard_limit}")
     trainer.metrics.rollbacks.inc()
-    summary = {
-        "event": "rollback",
-        "version": version,
-        "rolled_back_to": target,
-        "batch_kl": kl,
-        "kl_coef": trainer.kl_controller.value,
-        "lr": trainer.optimizer.param_groups[0]["lr"],
-        "time": time.time(),
-    }
-    until_redis_answers(lambda: trainer.queue.log_step(summary), "logging the rollback")
+    record = RollbackRecord(
+        version=version,
+        rolled_back_to=target,
+        batch_kl=kl,
+        kl_coef=trainer.kl_controller.value,
+        lr=trainer.optimizer.param_groups[0]["lr"],
+        time=time.time(),
+    )
+    until_redis_answers(lambda: trainer.queue.log_step(record), "logging the rollback")
     raise_beta = section.kl_limit_action == "raise_beta"
     log.warning(
         "KL %.2f nats per response > kl_hard_limit %.2f: rolled back to version %d, published as version %d; %s now %s",
@@ -66,9 +66,9 @@ def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> dict:
         target,
         version,
         "β" if raise_beta else "lr",
-        summary["kl_coef"] if raise_beta else summary["lr"],
+        record.kl_coef if raise_beta else record.lr,
     )
-    return summary
+    return record
 
 
 def rollback_target(trainer: Trainer, worst: int, checkpoints: dict[int, pathlib.Path]) -> int:

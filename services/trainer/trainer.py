@@ -29,6 +29,7 @@ from ..common.manifest import run_manifest, write_manifest
 from ..common.models import own_weights, resolve_dtype, weights_fingerprint
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
+from ..common.step_records import RollbackRecord, Sample, StageSeconds, StepRecord, UpdateStats
 from . import following, monitoring, ppo, rails, resume
 from .detectors import Detectors
 from .distributed import Distributed, encode_rollouts
@@ -44,7 +45,7 @@ from .update import update
 from .value_head import ValueHead
 
 log = logging.getLogger(__name__)
-TIMING_KEYS = ("generate", "logprobs", "reference", "reward", "queue", "swap")  # the rollouts' own stages
+ROLLOUT_STAGES = ("generate", "logprobs", "reference", "reward", "queue", "swap")  # timed by the actor, per rollout
 
 
 class Trainer:
@@ -150,6 +151,10 @@ class Trainer:
         """Load the newest committed checkpoint, if any (resume.py). Returns its version (0: none)."""
         return resume.restore(self)
 
+    def publish_at_start(self) -> None:
+        """Publish at once after a (re)start, above every version published before (resume.py)."""
+        resume.publish_at_start(self)
+
     def collect(self, stop: threading.Event) -> list[Entry]:
         """batch_size fresh rollouts (intake.py); stale, malformed and already-trained ones dropped."""
 
@@ -159,13 +164,13 @@ class Trainer:
 
         return self.intake.collect(stop, self.lineage, self.version, self.consumed_ids, catch_up)
 
-    def update(self, rollouts: list[Rollout]) -> dict:
-        """One PPO update on a batch (update.py); returns its summary."""
+    def update(self, rollouts: list[Rollout]) -> UpdateStats:
+        """One PPO update on a batch (update.py); returns what it saw and did."""
         return update(self, rollouts)
 
-    def step(self, entries: list[Entry]) -> dict | None:
+    def step(self, entries: list[Entry]) -> StepRecord | RollbackRecord | None:
         """The seed's steps on one batch: the KL rail, the PPO update, publish, persist when due,
-        report. Returns the step's summary (a rollback's, when the rail tripped; None: skipped)."""
+        report. Returns the step's record (a rollback's, when the rail tripped; None: skipped)."""
         rollouts = [rollout for _, rollout in entries]
         if self.section.kl_hard_limit is not None:
             batch_kl = rails.batch_kl(rollouts)
@@ -173,9 +178,9 @@ class Trainer:
                 return rails.roll_back(self, entries, batch_kl)
             self.good_versions.update(r.policy_version for r in rollouts)
         started = time.perf_counter()
-        summary = self.update(rollouts)
+        stats = self.update(rollouts)
         update_seconds = time.perf_counter() - started
-        if summary["optimizer_steps"] == 0:  # nothing finite to publish: keep the rollouts, refused
+        if stats.optimizer_steps == 0:  # nothing finite to publish: keep the rollouts, refused
             for entry_id, _ in entries:
                 self.intake.drop(entry_id, "nonfinite", "every minibatch of its update was non-finite")
             return None
@@ -187,37 +192,40 @@ class Trainer:
         self.persister.trained_into_published([entry_id for entry_id, _ in entries])
         publication = self.publish(version)
         persist_seconds = self.persist() if self.persister.due() else 0.0
-        summary.update(self.step_facts(version, rollouts, publication))
-        summary["seconds"] = {
-            "update": update_seconds,
-            "publish": publication.seconds,
-            "persist": persist_seconds,
-            "persist_background": self.persister.last_write_seconds,
-            **{k: float(np.mean([r.timings.get(k, 0.0) for r in rollouts])) for k in TIMING_KEYS},
-        }
-        monitoring.report(self, summary, rollouts)
-        return summary
+        seconds = StageSeconds(
+            update=update_seconds,
+            publish=publication.seconds,
+            persist=persist_seconds,
+            persist_background=self.persister.last_write_seconds,
+            **{k: float(np.mean([r.timings.get(k, 0.0) for r in rollouts])) for k in ROLLOUT_STAGES},
+        )
+        record = self.step_record(version, rollouts, stats, seconds, publication)
+        monitoring.report(self, record, rollouts)
+        return record
 
-    def step_facts(self, version: int, rollouts: list[Rollout], publication: Publication) -> dict:
-        """What the step summary says beside the update's figures and the stages' seconds."""
-        return {
-            "version": version,
-            "rollouts": len(rollouts),
-            "time": time.time(),
-            "rollout_versions": sorted({r.policy_version for r in rollouts}),
-            "reward_model_ids": sorted({r.reward_model_id for r in rollouts}),
-            "reward_components": {
+    def step_record(
+        self, version: int, rollouts: list[Rollout], stats: UpdateStats, seconds: StageSeconds, publication: Publication
+    ) -> StepRecord:
+        """The record of a published update, with the failure detectors' view of it."""
+        detectors, firing = monitoring.watch_for_failures(self, stats, rollouts, version)
+        return StepRecord(
+            version=version,
+            time=time.time(),
+            rollouts=len(rollouts),
+            rollout_versions=sorted({r.policy_version for r in rollouts}),
+            reward_model_ids=sorted({r.reward_model_id for r in rollouts}),
+            reward_components={
                 name: float(np.mean([r.reward_components[name] for r in rollouts if name in r.reward_components]))
                 for name in sorted({n for r in rollouts for n in r.reward_components})
             },
-            "publish_bytes": publication.bytes,
-            "persisted_version": self.persister.persisted_version,
-            "sample": {
-                "prompt": rollouts[0].prompt_text,
-                "response": rollouts[0].response_text,
-                "reward": rollouts[0].reward,
-            },
-        }
+            publish_bytes=publication.bytes,
+            persisted_version=self.persister.persisted_version,
+            stats=stats,
+            seconds=seconds,
+            sample=Sample(rollouts[0].prompt_text, rollouts[0].response_text, rollouts[0].reward),
+            detectors=detectors,
+            detectors_firing=firing,
+        )
 
     def advance_version(self) -> int:
         """The next version number, one update further along the lineage."""
@@ -256,7 +264,7 @@ class Trainer:
         if not self.main_rank:
             return following.follow(self)
         until_redis_answers(self.queue.ensure_group, "creating the consumer group", stop)
-        resume.publish_at_start(self)
+        self.publish_at_start()
         steps = 0
         while not stop.is_set():
             try:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..common.metrics import LLM_SECONDS_BUCKETS
+from ..common.step_records import DetectorValues, StepRecord
 from .detectors import DETECTORS
 
-# Gauges set from each step's summary: key in the summary -> (metric name, help).
-STEP_GAUGES = {
+# Gauges set from each step's update figures: field of UpdateStats -> (metric name, help).
+STATS_GAUGES = {
     "kl_per_token": ("belay_trainer_kl_per_token", "Mean k1 KL(policy || reference) per response token, nats"),
     "kl_per_sequence": ("belay_trainer_kl_per_sequence", "Mean KL(policy || reference) per response, nats"),
     "kl_coef": ("belay_trainer_kl_coef", "KL coefficient beta in reward - beta * KL"),
@@ -21,7 +22,6 @@ STEP_GAUGES = {
     "approx_kl": ("belay_trainer_approx_kl", "k3 estimate of KL(old policy || new policy) during the update"),
     "loss": ("belay_trainer_loss", "Clipped PPO loss (do not read it like a supervised loss)"),
     "grad_norm": ("belay_trainer_grad_norm", "Gradient norm before clipping"),
-    "version": ("belay_trainer_policy_version", "Policy version last published"),
     "reward_length_correlation": (
         "belay_trainer_reward_length_correlation",
         "Pearson correlation of reward and response length in the batch (a length bias)",
@@ -29,6 +29,7 @@ STEP_GAUGES = {
     "distinct_2": ("belay_trainer_distinct_2", "Distinct word bigrams / all bigrams over the batch's responses"),
     "repetition_3": ("belay_trainer_repetition_3", "Mean share of repeated word trigrams within a response"),
 }
+VERSION_GAUGE = ("belay_trainer_policy_version", "Policy version last published")
 # The failure detectors' values (services/trainer/detectors.py), NaN until their first window is full.
 DETECTOR_GAUGES = {
     "reward_slope": (
@@ -56,12 +57,22 @@ DETECTOR_GAUGES = {
 
 class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.gauges = {key: Gauge(name, text, registry=registry) for key, (name, text) in STEP_GAUGES.items()}
+        self.define_update_metrics(registry)
+        self.define_reward_model_metrics(registry)
+        self.define_hand_off_metrics(registry)
+        self.define_detector_metrics(registry)
+
+    def define_update_metrics(self, registry: CollectorRegistry) -> None:
+        """Each update's figures, and what the trainer consumed, dropped, skipped and rolled back."""
+        self.gauges = {key: Gauge(name, text, registry=registry) for key, (name, text) in STATS_GAUGES.items()}
+        self.gauges["version"] = Gauge(*VERSION_GAUGE, registry=registry)
         self.steps = Counter("belay_trainer_steps_total", "PPO updates published", registry=registry)
         self.consumed = Counter("belay_trainer_rollouts_consumed_total", "Rollouts trained on", registry=registry)
         self.dropped = Counter(
             "belay_trainer_rollouts_dropped_total", "Rollouts refused, by reason", ["reason"], registry=registry
         )
+        for reason in ("stale", "malformed", "duplicate", "nonfinite", "orphaned"):
+            self.dropped.labels(reason=reason)
         self.nonfinite_skips = Counter(
             "belay_trainer_nonfinite_skips_total",
             "Minibatch updates skipped for a NaN/Inf loss or gradient",
@@ -89,6 +100,9 @@ class TrainerMetrics:
             registry=registry,
         )
         self.ready = Gauge("belay_trainer_ready", "1 once the trainer has loaded and resumed", registry=registry)
+
+    def define_reward_model_metrics(self, registry: CollectorRegistry) -> None:
+        """Which reward model(s) scored the last batch, and the parts of a combined reward."""
         self.reward_model = Gauge(
             "belay_trainer_reward_model_info",
             "1 for the reward model(s) that scored the last batch, 0 for earlier ones",
@@ -102,7 +116,9 @@ class TrainerMetrics:
             ["component"],
             registry=registry,
         )
-        # --- the weight hand-off: publish every update, persist in the background ---
+
+    def define_hand_off_metrics(self, registry: CollectorRegistry) -> None:
+        """The weight hand-off: publish every update, persist in the background."""
         self.publish_seconds = Histogram(
             "belay_trainer_publish_seconds",
             "Seconds on the critical path to publish a version's serving weights through the transport",
@@ -144,8 +160,9 @@ class TrainerMetrics:
             "Persists that failed (their rollouts stay pending for the next one)",
             registry=registry,
         )
-        for reason in ("stale", "malformed", "duplicate", "nonfinite", "orphaned"):
-            self.dropped.labels(reason=reason)
+
+    def define_detector_metrics(self, registry: CollectorRegistry) -> None:
+        """The failure detectors' values, verdicts and bounds (NaN and 0 until the first window is full)."""
         self.detector_values = {
             key: Gauge(name, text, registry=registry) for key, (name, text) in DETECTOR_GAUGES.items()
         }
@@ -170,26 +187,26 @@ class TrainerMetrics:
         for field, value in bounds.items():
             self.detector_bound.labels(bound=field).set(value)
 
-    def record_detectors(self, values: dict[str, float], firing: dict[str, bool]) -> None:
+    def record_detectors(self, values: DetectorValues, firing: dict[str, bool]) -> None:
         for key, gauge in self.detector_values.items():
-            gauge.set(values[key])
+            gauge.set(getattr(values, key))
         for name, on in firing.items():
             self.detector_firing.labels(detector=name).set(1 if on else 0)
 
-    def record_step(self, summary: dict) -> None:
-        for key, gauge in self.gauges.items():
-            if key in summary:
-                gauge.set(summary[key])
+    def record_step(self, record: StepRecord) -> None:
+        for key in STATS_GAUGES:
+            self.gauges[key].set(getattr(record.stats, key))
+        self.gauges["version"].set(record.version)
         self.steps.inc()
-        for name, mean in summary.get("reward_components", {}).items():
+        for name, mean in record.reward_components.items():
             self.reward_components.labels(component=name).set(mean)
-        current = set(summary.get("reward_model_ids", []))
+        current = set(record.reward_model_ids)
         self.reward_models_seen |= current
         for model_id in self.reward_models_seen:  # a swapped reward service shows as a change here
             self.reward_model.labels(reward_model_id=model_id).set(1 if model_id in current else 0)
-        self.consumed.inc(summary["rollouts"])
-        seconds = summary["seconds"]
-        self.step_seconds.observe(seconds["update"] + seconds["publish"] + seconds["persist"])
+        self.consumed.inc(record.rollouts)
+        seconds = record.seconds
+        self.step_seconds.observe(seconds.update + seconds.publish + seconds.persist)
         self.last_step.set_to_current_time()
 
     def record_publication(self, publication) -> None:

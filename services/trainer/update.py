@@ -19,6 +19,7 @@ import torch
 from ..common.config import TrainerConfig
 from ..common.models import chosen_and_entropy, next_token_log_probs
 from ..common.rollout_queue import Rollout
+from ..common.step_records import UpdateStats
 from ..evaluation.metrics import distinct_n, pearson, repetition
 from . import ppo
 from .advantages import (
@@ -119,8 +120,8 @@ def forward(trainer: Trainer, data: PPOBatch):
     return logprobs, entropy, log_probs, values
 
 
-def update(trainer: Trainer, rollouts: list[Rollout]) -> dict:
-    """One PPO update on a batch; returns its summary. Skips minibatches with a non-finite loss/grad."""
+def update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
+    """One PPO update on a batch; returns what it saw and did. Skips minibatches with a non-finite loss/grad."""
     section = trainer.section
     data = collate(rollouts, trainer.tokenizer.pad_token_id, trainer.device)
     mask = data.response_mask
@@ -143,15 +144,15 @@ def update(trainer: Trainer, rollouts: list[Rollout]) -> dict:
     )
     # 5. Clipped PPO epochs over minibatches, gradient clipping always on.
     targets = {"advantages": advantages, "returns": returns, "old_values": old_values}
-    stats, stopped_early = ppo_epochs(trainer, data, len(rollouts), targets, beta)
+    figures, stopped_early = ppo_epochs(trainer, data, len(rollouts), targets, beta)
     # 6. β for the next update (the adaptive controller moves it towards the target KL).
     kl_coef_next = trainer.kl_controller.update(float(kl.mean()), len(rollouts))
     for value in data.old_logprobs[mask.bool()].tolist():
         trainer.metrics.logprobs.observe(value)
-    summary = batch_summary(data, rollouts, scores, total_reward, kl_per_token, kl)
-    summary.update(kl_coef=beta, kl_coef_next=kl_coef_next, lr=trainer.scheduler.get_last_lr()[0])
-    summary.update(update_summary(stats, stopped_early))
-    return summary
+    lr = trainer.scheduler.get_last_lr()[0]
+    return update_stats(
+        data, rollouts, scores, total_reward, kl_per_token, kl, beta, kl_coef_next, lr, figures, stopped_early
+    )
 
 
 def ppo_epochs(
@@ -161,7 +162,7 @@ def ppo_epochs(
     its share), stopped early once approx_kl passes early_stop_kl. Returns the per-minibatch
     figures and whether it stopped early."""
     section, distributed = trainer.section, trainer.distributed
-    stats = collections.defaultdict(list)
+    figures = collections.defaultdict(list)
     for _epoch in range(section.ppo_epochs):
         order = torch.randperm(size, generator=trainer.shuffle)
         for start in range(0, size, section.minibatch_size):
@@ -170,26 +171,30 @@ def ppo_epochs(
                 rows = rows[distributed.rank :: distributed.world_size]
             rows = rows.to(trainer.device)
             minibatch_step(
-                trainer, data.select(rows), {k: None if v is None else v[rows] for k, v in targets.items()}, beta, stats
+                trainer,
+                data.select(rows),
+                {k: None if v is None else v[rows] for k, v in targets.items()},
+                beta,
+                figures,
             )
-            if section.early_stop_kl is not None and stats["approx_kl"]:
-                approx_kl = stats["approx_kl"][-1]
+            if section.early_stop_kl is not None and figures["approx_kl"]:
+                approx_kl = figures["approx_kl"][-1]
                 if distributed is not None:  # every rank must take the same decision
                     approx_kl = distributed.mean(approx_kl)
                 if approx_kl > section.early_stop_kl:
-                    return stats, True
-    return stats, False
+                    return figures, True
+    return figures, False
 
 
 def minibatch_loss(
-    trainer: Trainer, data: PPOBatch, targets: dict, beta: float, stats: dict
+    trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict
 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """The clipped policy loss (+ β·KL under kl_placement 'loss', + the value loss under GAE) on
     one minibatch. Returns (loss, the policy loss's info, entropy (B, T))."""
     section, mask = trainer.section, data.response_mask
     new_logprobs, entropy, log_probs, values = forward(trainer, data)
-    if not stats["first_minibatch_max_log_ratio"]:  # 1 for fresh rollouts: a check on the whole pipeline
-        stats["first_minibatch_max_log_ratio"].append(
+    if not figures["first_minibatch_max_log_ratio"]:  # 1 for fresh rollouts: a check on the whole pipeline
+        figures["first_minibatch_max_log_ratio"].append(
             float(((new_logprobs - data.old_logprobs).abs() * mask).max().detach())
         )
     loss, info = ppo.clipped_policy_loss(
@@ -203,83 +208,85 @@ def minibatch_loss(
     if values is not None:
         value_loss, _ = clipped_value_loss(values, targets["old_values"], targets["returns"], mask, section.value_clip)
         loss = loss + section.value_coef * value_loss
-        stats["value_loss"].append(value_loss.item())
+        figures["value_loss"].append(value_loss.item())
     return loss, info, entropy
 
 
-def minibatch_step(trainer: Trainer, data: PPOBatch, targets: dict, beta: float, stats: dict) -> None:
+def minibatch_step(trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict) -> None:
     """Loss, backward, gradient clipping and one optimizer step; skipped (and counted) when the
     loss or the gradient norm is not finite, on every rank when on any."""
     distributed, optimizer = trainer.distributed, trainer.optimizer
-    loss, info, entropy = minibatch_loss(trainer, data, targets, beta, stats)
+    loss, info, entropy = minibatch_loss(trainer, data, targets, beta, figures)
     optimizer.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(loss))
     if distributed is not None:
         finite = distributed.all_true(finite)  # one rank's NaN skips the step on all of them
     if not finite:
-        return skip(trainer, stats, f"loss is {loss.item()}")
+        return skip(trainer, figures, f"loss is {loss.item()}")
     loss.backward()
     if distributed is not None:
         distributed.average_gradients(trainer.parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.section.max_grad_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return skip(trainer, stats, f"gradient norm is {grad_norm.item()}")
+        return skip(trainer, figures, f"gradient norm is {grad_norm.item()}")
     optimizer.step()
     trainer.scheduler.step()
-    stats["loss"].append(loss.item())
-    stats["grad_norm"].append(grad_norm.item())
-    stats["clip_fraction"].append(info["clip_fraction"].item())
-    stats["approx_kl"].append(info["approx_kl"].item())
-    stats["entropy"].append(ppo.masked_mean(entropy.detach(), data.response_mask).item())
-    stats["skipped"].append(0)
+    figures["loss"].append(loss.item())
+    figures["grad_norm"].append(grad_norm.item())
+    figures["clip_fraction"].append(info["clip_fraction"].item())
+    figures["approx_kl"].append(info["approx_kl"].item())
+    figures["entropy"].append(ppo.masked_mean(entropy.detach(), data.response_mask).item())
+    figures["skipped"].append(0)
 
 
-def skip(trainer: Trainer, stats: dict, why: str) -> None:
+def skip(trainer: Trainer, figures: dict, why: str) -> None:
     log.error("non-finite update skipped: %s", why)
     trainer.metrics.nonfinite_skips.inc()
-    stats["skipped"].append(1)
+    figures["skipped"].append(1)
 
 
-def batch_summary(
+def update_stats(
     data: PPOBatch,
     rollouts: list[Rollout],
     scores: torch.Tensor,
     total_reward: torch.Tensor,
     kl_per_token: torch.Tensor,
     kl: torch.Tensor,
-) -> dict:
-    """What the batch was: its KL, rewards, lengths, and the seed's quiet failure modes (a reward
-    that favours length, responses collapsing onto templates)."""
-    return {
-        "kl_per_token": float(ppo.masked_mean(kl_per_token, data.response_mask)),
-        "kl_per_sequence": float(kl.mean()),
-        "reward_mean": float(data.rewards.mean()),
-        "reward_std": float(data.rewards.std(unbiased=False)),
-        "shaped_reward_mean": float(scores.mean()),
-        "total_reward_mean": float(total_reward.mean()),
-        "response_length_mean": float(data.response_lengths.mean()),
-        "eos_fraction": float((~data.truncated).float().mean()),
-        "reward_length_correlation": pearson(data.rewards.tolist(), data.response_lengths.tolist()),
-        "distinct_2": distinct_n([r.response_text for r in rollouts], 2),
-        "repetition_3": float(np.mean([repetition(r.response_text, 3) for r in rollouts])),
-    }
-
-
-def update_summary(stats: dict[str, list[float]], stopped_early: bool) -> dict:
-    """What the optimisation did: minibatch means (NaN when no minibatch stepped)."""
-    mean = lambda key: float(np.mean(stats[key])) if stats[key] else float("nan")  # noqa: E731
-    return {
-        "entropy": mean("entropy"),
-        "clip_fraction": mean("clip_fraction"),
-        "approx_kl": mean("approx_kl"),
-        "loss": mean("loss"),
-        "grad_norm": mean("grad_norm"),
-        "value_loss": mean("value_loss"),
-        "first_minibatch_max_log_ratio": stats["first_minibatch_max_log_ratio"][0]
-        if stats["first_minibatch_max_log_ratio"]
-        else float("nan"),
-        "early_stopped": stopped_early,
-        "optimizer_steps": len(stats["loss"]),
-        "skipped_minibatches": int(sum(stats["skipped"])),
-    }
+    beta: float,
+    kl_coef_next: float,
+    lr: float,
+    figures: dict[str, list[float]],
+    stopped_early: bool,
+) -> UpdateStats:
+    """What the batch was (its KL, rewards, lengths, and the seed's quiet failure modes: a reward
+    that favours length, responses collapsing onto templates) and what the optimisation did
+    (minibatch means; NaN when no minibatch stepped)."""
+    mean = lambda key: float(np.mean(figures[key])) if figures[key] else float("nan")  # noqa: E731
+    first_ratio = figures["first_minibatch_max_log_ratio"]
+    return UpdateStats(
+        kl_per_token=float(ppo.masked_mean(kl_per_token, data.response_mask)),
+        kl_per_sequence=float(kl.mean()),
+        kl_coef=beta,
+        kl_coef_next=kl_coef_next,
+        reward_mean=float(data.rewards.mean()),
+        reward_std=float(data.rewards.std(unbiased=False)),
+        shaped_reward_mean=float(scores.mean()),
+        total_reward_mean=float(total_reward.mean()),
+        response_length_mean=float(data.response_lengths.mean()),
+        eos_fraction=float((~data.truncated).float().mean()),
+        reward_length_correlation=pearson(data.rewards.tolist(), data.response_lengths.tolist()),
+        distinct_2=distinct_n([r.response_text for r in rollouts], 2),
+        repetition_3=float(np.mean([repetition(r.response_text, 3) for r in rollouts])),
+        entropy=mean("entropy"),
+        clip_fraction=mean("clip_fraction"),
+        approx_kl=mean("approx_kl"),
+        loss=mean("loss"),
+        grad_norm=mean("grad_norm"),
+        value_loss=mean("value_loss"),
+        lr=lr,
+        first_minibatch_max_log_ratio=first_ratio[0] if first_ratio else float("nan"),
+        early_stopped=stopped_early,
+        optimizer_steps=len(figures["loss"]),
+        skipped_minibatches=int(sum(figures["skipped"])),
+    )

@@ -145,7 +145,7 @@ def run_loop(
             actor.take_new_weights()
             actor.run_batch()
             summary = learner.step(learner.collect(stop))
-            assert summary is not None and summary["skipped_minibatches"] == 0
+            assert summary is not None and summary.stats.skipped_minibatches == 0
             summaries.append(summary)
             scrapes.append(scrape(metrics_url))
     return scrapes, summaries, learner.detectors.bounds
@@ -271,7 +271,7 @@ def test_each_provocation_crosses_its_bound_and_fires_its_alert(
         assert value(last, "belay_trainer_reward_slope_per_step") > 0
     elif detector == "shorter_responses":
         assert value(last, "belay_trainer_response_length_ratio") < bound("detector_length_ratio")
-        assert summaries[-1]["response_length_mean"] < summaries[0]["response_length_mean"] / 2
+        assert summaries[-1].stats.response_length_mean < summaries[0].stats.response_length_mean / 2
     elif detector == "template_collapse":
         assert value(last, "belay_trainer_cross_prompt_similarity") > bound("detector_similarity_bound")
     else:
@@ -279,7 +279,7 @@ def test_each_provocation_crosses_its_bound_and_fires_its_alert(
         assert abs(value(last, "belay_trainer_reward_rise_ratio")) < bound("detector_flat_reward")
     # the trainer concluded it, said so in the summary, and logged the runbook line when it started
     assert detector_verdicts(last)[detector] == 1
-    assert detector in summaries[-1]["detectors_firing"]
+    assert detector in summaries[-1].detectors_firing
     assert any(
         detector in record.getMessage() and RUNBOOK[detector] in record.getMessage() for record in caplog.records
     )
@@ -291,7 +291,7 @@ def test_a_healthy_run_raises_no_detector(tiny_lm_dir, tiny_reward_dir, redis_ur
     """stack_config's recipe (tiny reward model, β 0.05) at a learning rate of 1e-3: it learns (KL
     grows past detector_still_kl), and no detector fires at any update, nor any alert at any minute."""
     scrapes, summaries, bounds = run_loop(tiny_lm_dir, tiny_reward_dir, redis_url, tmp_path, 14, None, {"lr": 1e-3})
-    assert all(s["detectors_firing"] == [] for s in summaries)
+    assert all(s.detectors_firing == [] for s in summaries)
     assert all(detector_verdicts(scraped) == dict.fromkeys(DETECTORS, 0) for scraped in scrapes)
     # every value was computed (not NaN) once the window filled, and the policy did move
     assert all(math.isfinite(value(scrapes[-1], name)) for name, _ in SUMMARY_VALUE.values())

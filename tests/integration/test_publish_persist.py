@@ -109,7 +109,7 @@ def test_an_interrupted_run_resumed_from_its_last_persist_equals_the_uninterrupt
     assert resumed.lineage.staleness(3) == 2  # now two updates away along the path through 2: stale
     feed(resumed, 3, version=5)  # batch 4, sampled by the resumed lineage's newest version
     summary = train_one(resumed)
-    assert summary["rollout_versions"] == [5] and resumed.version == 6
+    assert summary.rollout_versions == [5] and resumed.version == 6
     resumed.finish()
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
@@ -234,7 +234,7 @@ def test_persist_cadence_by_steps_or_seconds_and_its_gauges(tiny_lm_dir, redis_u
         summary = train_one(trainer)
         trainer.persister.wait()
         persisted.append([v for v, _ in committed_versions(trainer.config.run.checkpoint_dir)])
-        assert summary["seconds"]["persist"] > 0 if batch == 2 else summary["seconds"]["persist"] == 0
+        assert summary.seconds.persist > 0 if batch == 2 else summary.seconds.persist == 0
     assert persisted == [[], [], [3], [3]]
     read = lambda gauge: gauge.collect()[0].samples[0].value  # noqa: E731 - what a scrape reads
     assert read(trainer.metrics.updates_since_persist) == 1 and read(trainer.metrics.persisted_version) == 3
@@ -264,7 +264,7 @@ def test_lora_publishes_the_adapter_tensors_only_and_the_policy_takes_them(tiny_
     files = sorted(p.name for p in pathlib.Path(path).iterdir())
     assert files == ["MANIFEST.json", "adapter_config.json", "adapter_model.safetensors"]
     adapters = adapter_tensors(trainer.model)
-    assert summary["publish_bytes"] < sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
+    assert summary.publish_bytes < sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
     policy_model = wrap_with_lora(
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), lora_settings(trainer.config.lora)
     )

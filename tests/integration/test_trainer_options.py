@@ -99,12 +99,12 @@ def test_first_minibatch_ratio_is_one_on_fresh_rollouts_and_the_update_moves_the
     trainer = make_trainer(tiny_lm_dir, tmp_path, **options)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     summary = trainer.update(sample_rollouts(tiny_lm_dir, reference_dir))
-    assert summary["first_minibatch_max_log_ratio"] < 1e-5
-    assert summary["optimizer_steps"] == 2 and summary["skipped_minibatches"] == 0
-    assert math.isfinite(summary["loss"]) and summary["kl_per_sequence"] != 0.0
+    assert summary.first_minibatch_max_log_ratio < 1e-5
+    assert summary.optimizer_steps == 2 and summary.skipped_minibatches == 0
+    assert math.isfinite(summary.loss) and summary.kl_per_sequence != 0.0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     if options.get("advantage") == "gae":
-        assert math.isfinite(summary["value_loss"])
+        assert math.isfinite(summary.value_loss)
 
 
 def test_exact_kl_from_full_rows_equals_the_sum_over_the_vocabulary(tiny_lm_dir, reference_dir, tmp_path):
@@ -122,18 +122,22 @@ def test_exact_kl_from_full_rows_equals_the_sum_over_the_vocabulary(tiny_lm_dir,
             q = torch.log_softmax(reference(ids).logits[0, :-1].float(), -1)[len(r.prompt_ids) - 1 :]
             expected.append(float((p.exp() * (p - q)).sum()))
     summary = trainer.update(rollouts)
-    assert summary["kl_per_sequence"] == pytest.approx(float(np.mean(expected)), rel=1e-4)
-    assert summary["first_minibatch_max_log_ratio"] < 1e-5
+    assert summary.kl_per_sequence == pytest.approx(float(np.mean(expected)), rel=1e-4)
+    assert summary.first_minibatch_max_log_ratio < 1e-5
 
 
 def test_top_k_rows_give_a_kl_close_to_but_not_the_exact_one(tiny_lm_dir, reference_dir, tmp_path):
     vocabulary = len(load_tokenizer(str(tiny_lm_dir)))
-    exact = make_trainer(tiny_lm_dir, tmp_path / "a", kl_estimator="full").update(
-        sample_rollouts(tiny_lm_dir, reference_dir, top_k=vocabulary)
-    )["kl_per_sequence"]
-    truncated = make_trainer(tiny_lm_dir, tmp_path / "b", kl_estimator="full").update(
-        sample_rollouts(tiny_lm_dir, reference_dir, top_k=16)
-    )["kl_per_sequence"]
+    exact = (
+        make_trainer(tiny_lm_dir, tmp_path / "a", kl_estimator="full")
+        .update(sample_rollouts(tiny_lm_dir, reference_dir, top_k=vocabulary))
+        .kl_per_sequence
+    )
+    truncated = (
+        make_trainer(tiny_lm_dir, tmp_path / "b", kl_estimator="full")
+        .update(sample_rollouts(tiny_lm_dir, reference_dir, top_k=16))
+        .kl_per_sequence
+    )
     assert truncated != pytest.approx(exact, rel=1e-6)
     assert truncated > 0
 
@@ -141,8 +145,8 @@ def test_top_k_rows_give_a_kl_close_to_but_not_the_exact_one(tiny_lm_dir, refere
 def test_early_stop_ends_the_update_once_approx_kl_passes_the_target(tiny_lm_dir, reference_dir, tmp_path):
     trainer = make_trainer(tiny_lm_dir, tmp_path, ppo_epochs=4, early_stop_kl=1e-9)
     summary = trainer.update(sample_rollouts(tiny_lm_dir, reference_dir))
-    assert summary["early_stopped"] is True
-    assert summary["optimizer_steps"] < 8  # 4 epochs x 2 minibatches without the stop
+    assert summary.early_stopped is True
+    assert summary.optimizer_steps < 8  # 4 epochs x 2 minibatches without the stop
 
 
 def test_adaptive_beta_follows_ziegler_and_warm_up_sets_the_learning_rate(tiny_lm_dir, reference_dir, tmp_path):
@@ -150,9 +154,9 @@ def test_adaptive_beta_follows_ziegler_and_warm_up_sets_the_learning_rate(tiny_l
         tiny_lm_dir, tmp_path, kl_controller="adaptive", kl_coef=0.1, kl_target=0.5, kl_horizon=64, warmup_steps=4
     )
     summary = trainer.update(sample_rollouts(tiny_lm_dir, reference_dir))
-    error = min(max(summary["kl_per_sequence"] / 0.5 - 1, -0.2), 0.2)
-    assert summary["kl_coef_next"] == pytest.approx(0.1 * (1 + error * 8 / 64))
-    assert summary["lr"] == pytest.approx(1e-3 * 3 / 4)  # after 2 optimizer steps of a 4-step warm-up
+    error = min(max(summary.kl_per_sequence / 0.5 - 1, -0.2), 0.2)
+    assert summary.kl_coef_next == pytest.approx(0.1 * (1 + error * 8 / 64))
+    assert summary.lr == pytest.approx(1e-3 * 3 / 4)  # after 2 optimizer steps of a 4-step warm-up
 
 
 def test_shaped_reward_is_normalised_clipped_length_normalised_then_penalised(tiny_lm_dir, reference_dir, tmp_path):
@@ -163,7 +167,7 @@ def test_shaped_reward_is_normalised_clipped_length_normalised_then_penalised(ti
     raw = np.array([r.reward for r in rollouts])
     shaped = np.clip((raw - raw.mean()) / raw.std(), -0.8, 0.8) / np.array([len(r.response_ids) for r in rollouts])
     shaped -= 0.3 * np.array([r.finish_reason == "length" for r in rollouts])
-    assert trainer.update(rollouts)["shaped_reward_mean"] == pytest.approx(shaped.mean(), rel=1e-5)
+    assert trainer.update(rollouts).shaped_reward_mean == pytest.approx(shaped.mean(), rel=1e-5)
 
 
 def test_resume_restores_critic_beta_reward_moments_schedule_and_weights(tiny_lm_dir, reference_dir, tmp_path):
@@ -185,7 +189,7 @@ def test_lora_trainer_trains_adapters_only_and_checkpoints_carry_only_them(tiny_
     trainer = make_trainer(tiny_lm_dir, tmp_path, lora={"enabled": True, "r": 4, "alpha": 8})
     base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     summary = trainer.update(sample_rollouts(tiny_lm_dir, reference_dir))
-    assert summary["optimizer_steps"] == 2
+    assert summary.optimizer_steps == 2
     for name, parameter in trainer.model.named_parameters():
         if name in base:
             assert torch.equal(parameter, base[name]), f"base weight {name} moved"

@@ -88,7 +88,7 @@ def test_each_step_publishes_and_only_a_committed_persist_acknowledges_its_rollo
     stop = threading.Event()
     first = trainer.collect(stop)
     summary = trainer.step(first)
-    assert summary["version"] == 1 and trainer.version == 1
+    assert summary.version == 1 and trainer.version == 1
     # Published (weights only, in the publish directory), announced, not persisted, not acknowledged.
     version, path = queue.latest_version()
     published = pathlib.Path(path)
@@ -96,7 +96,7 @@ def test_each_step_publishes_and_only_a_committed_persist_acknowledges_its_rollo
     assert sorted(p.name for p in published.iterdir()) == ["MANIFEST.json", "model.safetensors"]
     assert committed_versions(trainer.config.run.checkpoint_dir) == []
     assert queue.pending_count() == 8 and queue.awaiting_persist() == 8
-    assert summary["publish_bytes"] == (published / "model.safetensors").stat().st_size
+    assert summary.publish_bytes == (published / "model.safetensors").stat().st_size
 
     # A redelivery of a rollout awaiting its persist (a Redis blip re-walks our pending entries) is
     # neither trained again nor acknowledged early.
@@ -155,7 +155,7 @@ def test_a_combined_rewards_parts_are_averaged_in_the_step_and_exported(tiny_lm_
         item.reward_components = {"polite": 1.0, "short": float(i)}
         queue.add(item)
     summary = trainer.step(trainer.collect(threading.Event()))
-    assert summary["reward_components"] == {"polite": 1.0, "short": sum(range(8)) / 8}
+    assert summary.reward_components == {"polite": 1.0, "short": sum(range(8)) / 8}
     gauge = trainer.metrics.reward_components
     assert gauge.labels(component="short")._value.get() == 3.5
 
@@ -178,7 +178,7 @@ def test_a_non_finite_update_publishes_nothing_and_training_continues(tiny_lm_di
     assert trainer.metrics.nonfinite_skips._value.get() >= 1 and queue.pending_count() == 0
     for i in range(8):
         queue.add(rollout(trainer.tokenizer, version=0, reward=float(i % 3), seed=10 + i))
-    assert trainer.step(trainer.collect(threading.Event()))["version"] == 1
+    assert trainer.step(trainer.collect(threading.Event())).version == 1
 
 
 def test_a_batch_past_the_kl_hard_limit_rolls_the_policy_back_and_training_continues(tiny_lm_dir, redis_url, tmp_path):
@@ -197,9 +197,9 @@ def test_a_batch_past_the_kl_hard_limit_rolls_the_policy_back_and_training_conti
             queue.add(item)
         return trainer.step(trainer.collect(threading.Event()))
 
-    assert batch(0, -5.0, 0)["version"] == 1  # KL 1.0 per response: fine
+    assert batch(0, -5.0, 0).version == 1  # KL 1.0 per response: fine
     rollback = batch(1, -1.0, 100)  # KL 21 per response: version 1 went too far
-    assert rollback["event"] == "rollback" and rollback["rolled_back_to"] == 0 and rollback["version"] == 2
+    assert rollback.event == "rollback" and rollback.rolled_back_to == 0 and rollback.version == 2
     assert trainer.kl_controller.value == pytest.approx(0.2)  # raise_beta, factor 2
     assert trainer.metrics.rollbacks._value.get() == 1
     trainer.persister.wait()  # a rollback persists at once: the restored weights and the raised β
@@ -212,7 +212,7 @@ def test_a_batch_past_the_kl_hard_limit_rolls_the_policy_back_and_training_conti
     assert queue.latest_version()[0] == 2
     reasons = [f[b"drop_reason"] for _, f in queue.redis.xrange(queue.dropped_stream)]
     assert reasons == [b"kl_limit"] * 8
-    assert batch(2, -5.0, 200)["version"] == 3  # and training goes on from the restored weights
+    assert batch(2, -5.0, 200).version == 3  # and training goes on from the restored weights
 
 
 def test_the_kl_rail_can_lower_the_learning_rate_instead(tiny_lm_dir, redis_url, tmp_path):
@@ -225,7 +225,7 @@ def test_the_kl_rail_can_lower_the_learning_rate_instead(tiny_lm_dir, redis_url,
         item.logprobs = np.full(5, -1.0, np.float32)
         trainer.queue.add(item)
     summary = trainer.step(trainer.collect(threading.Event()))
-    assert summary["event"] == "rollback" and summary["lr"] == pytest.approx(1e-3 / 4)
+    assert summary.event == "rollback" and summary.lr == pytest.approx(1e-3 / 4)
     assert trainer.scheduler.base_lrs == [pytest.approx(1e-3 / 4)] * len(trainer.scheduler.base_lrs)
 
 
@@ -248,12 +248,12 @@ def test_each_step_reports_the_length_bias_and_diversity_of_its_responses(tiny_l
         trainer.queue.add(item)
     summary = trainer.step(trainer.collect(threading.Event()))
     bigrams = [tuple(t.split()[j : j + 2]) for t in texts for j in range(len(t.split()) - 1)]
-    assert summary["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+    assert summary.stats.distinct_2 == pytest.approx(len(set(bigrams)) / len(bigrams))
     per_text = []
     for t in texts:
         grams = [tuple(t.split()[j : j + 3]) for j in range(len(t.split()) - 2)]
         per_text.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
-    assert summary["repetition_3"] == pytest.approx(sum(per_text) / len(per_text))
-    assert summary["reward_length_correlation"] == pytest.approx(float(np.corrcoef(rewards, lengths)[0, 1]))
-    assert summary["reward_length_correlation"] != 0.0
-    assert trainer.metrics.gauges["distinct_2"]._value.get() == pytest.approx(summary["distinct_2"])
+    assert summary.stats.repetition_3 == pytest.approx(sum(per_text) / len(per_text))
+    assert summary.stats.reward_length_correlation == pytest.approx(float(np.corrcoef(rewards, lengths)[0, 1]))
+    assert summary.stats.reward_length_correlation != 0.0
+    assert trainer.metrics.gauges["distinct_2"]._value.get() == pytest.approx(summary.stats.distinct_2)

@@ -208,9 +208,9 @@ def test_overlap_off_trains_every_batch_on_the_version_that_sampled_it(stack_con
         accounted = account_for_rollouts(config)
     finally:
         stack.stop()
-    assert [s["version"] for s in steps] == [1, 2, 3]
+    assert [s.version for s in steps] == [1, 2, 3]
     for step in steps:  # trained at version - 1 on rollouts of exactly that version
-        assert step["rollout_versions"] == [step["version"] - 1]
+        assert step.rollout_versions == [step.version - 1]
     assert dropped == []
     # The trainer stops after 3 updates; the actor can sample one more batch (on version 3), no more.
     assert accounted["trained"] == 24 and accounted["written"] <= 32

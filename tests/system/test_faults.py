@@ -22,7 +22,7 @@ from tests.system.conftest import account_for_rollouts, variant
 
 def latest_version(queue: RolloutQueue) -> int:
     steps = queue.read_steps("0-0")
-    return steps[-1][1]["version"] if steps else 0
+    return steps[-1][1].version if steps else 0
 
 
 def wait_for_version(stack: LocalStack, queue: RolloutQueue, version: int, timeout: float) -> float:
@@ -73,7 +73,7 @@ def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, 
         stack.start()
         stack.wait_healthy(180)
         wait_for_version(stack, queue, 3, 120)
-        times = [step["time"] for _, step in queue.read_steps("0-0")]
+        times = [step.time for _, step in queue.read_steps("0-0")]
         normal_step = (times[-1] - times[0]) / max(1, len(times) - 1)  # seconds between versions, unharmed
         caught = ""
         if victim == "trainer-mid-publish":
@@ -98,7 +98,7 @@ def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, 
         assert accounts["written"] == (
             accounts["trained"] + sum(accounts["dropped"].values()) + accounts["pending"] + accounts["unread"]
         )
-        versions = [step["version"] for _, step in queue.read_steps("0-0")]
+        versions = [step.version for _, step in queue.read_steps("0-0")]
         assert versions == sorted(set(versions)), "a version number was used twice"
         print(
             "FAULT "

@@ -58,12 +58,12 @@ def test_three_ppo_iterations_hot_swap_and_no_rollout_lost(stack_config: BelayCo
 
         # The policy version advances one per update; at max_steps the trainer persists the last one.
         assert stack.processes["trainer"].popen.wait(120) == 0
-        assert [s["version"] for s in steps] == [1, 2, 3]
+        assert [s.version for s in steps] == [1, 2, 3]
         assert [v for v, _ in committed_versions(config.run.checkpoint_dir)][-1] == 3
         for step in steps:
-            assert np.isfinite([step["kl_per_token"], step["reward_mean"], step["loss"]]).all()
-            assert step["rollouts"] == 8
-            assert max(step["rollout_versions"]) <= step["version"] - 1  # trained on older samples only
+            assert np.isfinite([step.stats.kl_per_token, step.stats.reward_mean, step.stats.loss]).all()
+            assert step.rollouts == 8
+            assert max(step.rollout_versions) <= step.version - 1  # trained on older samples only
 
         # After the hot-swap, the policy's LogProbs are the trainer's own computation on v3's weights.
         assert wait_for_policy_version(config, 3, 60) == 3
@@ -93,7 +93,7 @@ def test_three_ppo_iterations_hot_swap_and_no_rollout_lost(stack_config: BelayCo
         assert len(samples) == 8 * 3 and [s["trained_into"] for s in samples[::8]] == [3, 2, 1]
         assert all(s["version"] <= s["trained_into"] - 1 and s["response"] is not None for s in samples)
         assert np.mean([s["kl"] for s in samples[:8]]) == pytest.approx(
-            steps[-1]["kl_per_sequence"], rel=1e-4, abs=1e-5
+            steps[-1].stats.kl_per_sequence, rel=1e-4, abs=1e-5
         )
         deadline = time.monotonic() + 60
         while not review.has_canaries(3):  # answered right after the swap to 3
@@ -118,11 +118,11 @@ def test_three_ppo_iterations_hot_swap_and_no_rollout_lost(stack_config: BelayCo
         stack.start(("trainer",))
         queue = RolloutQueue.from_url(config.redis.url, config.run.name)
         deadline = time.monotonic() + 180
-        while 4 not in [s["version"] for _, s in queue.read_steps("0-0")]:
+        while 4 not in [s.version for _, s in queue.read_steps("0-0")]:
             stack.check_alive()
             assert time.monotonic() < deadline, "the restarted trainer published no version 4"
             time.sleep(0.5)
-        versions = [s["version"] for _, s in queue.read_steps("0-0")]
+        versions = [s.version for _, s in queue.read_steps("0-0")]
         assert versions[:4] == [1, 2, 3, 4]
 
         # Stop the producers and the trainer, then account for every rollout ever written.

@@ -36,7 +36,7 @@ def test_reward_service_swapped_mid_run(stack_config: BelayConfig, tmp_path):
             "reward",
             [sys.executable, str(REPO / "examples/reward_server/server.py"), "--address", config.reward.address],
         )  # ... and starts another on the address
-        after = max(s["version"] for _, s in queue.read_steps("0-0")) + 3
+        after = max(s.version for _, s in queue.read_steps("0-0")) + 3
         wait_for_version(stack, queue, after, 240)
 
         ids = [

@@ -35,12 +35,12 @@ def test_run_completes_several_iterations(name, stack_config, tmp_path, tiny_lm_
         stack.start()
         stack.wait_healthy(180)
         steps = follow(config, stack, iterations=3, say=lambda *_: None)
-        assert [s["version"] for s in steps] == [1, 2, 3]
+        assert [s.version for s in steps] == [1, 2, 3]
         for step in steps:
-            assert np.isfinite([step["loss"], step["kl_per_sequence"], step["reward_mean"]]).all()
-            assert step["optimizer_steps"] > 0
+            assert np.isfinite([step.stats.loss, step.stats.kl_per_sequence, step.stats.reward_mean]).all()
+            assert step.stats.optimizer_steps > 0
         if name == "gae":
-            assert all(np.isfinite(s["value_loss"]) for s in steps)
+            assert all(np.isfinite(s.stats.value_loss) for s in steps)
         if name == "lora":
             assert stack.processes["trainer"].popen.wait(120) == 0  # max_steps: the last version persisted
             check_lora_hot_swap(config, tiny_lm_dir)

@@ -20,6 +20,7 @@ from services.trainer.detectors import (
     detectors_firing,
     least_squares_slope,
 )
+from tests.step_records import make_update_stats
 
 RULES = pathlib.Path(__file__).resolve().parents[2] / "deploy/prometheus/rules/belay.yml"
 BOUNDS = {
@@ -119,10 +120,10 @@ def test_detectors_keep_the_first_window_as_baseline_and_report_when_one_starts_
     started = []
     for length in (20, 20, 20, 12, 8, 4, 4):
         summary = {"reward_mean": 0.0, "reward_std": 1.0, "kl_per_sequence": 1.0, "response_length_mean": length}
-        values, firing, new = detectors.observe(summary, prompts, responses)
+        values, firing, new = detectors.observe(make_update_stats(**summary), prompts, responses)
         started.append(new)
     assert detectors.baseline_length == 20
-    assert values["response_length_ratio"] == pytest.approx(np.mean([8, 4, 4]) / 20)
+    assert values.response_length_ratio == pytest.approx(np.mean([8, 4, 4]) / 20)
     assert firing["shorter_responses"]
     # it started firing at the 6th update (mean 8 / 20 = 0.4) and is not reported again at the 7th
     assert started == [[], [], [], [], [], ["shorter_responses"], []]

@@ -1,22 +1,25 @@
 """What `belay up` prints and writes about a run: the trend through batch noise, and the timings."""
 
+from services.common.step_records import RollbackRecord
 from services.launcher import format_step, summarise
+from tests.step_records import make_step_record
 
 TIMINGS = ("generate", "reference", "reward", "update", "publish", "persist", "swap")
 
 
-def step(version: int, reward: float, kl: float, update_seconds: float) -> dict:
-    return {
-        "version": version,
-        "reward_mean": reward,
-        "reward_std": 0.5,
-        "kl_per_sequence": kl,
-        "kl_per_token": kl / 10,
-        "response_length_mean": 20.0,
-        "clip_fraction": 0.1,
-        "time": 100.0 + 3 * version,
-        "seconds": {k: (update_seconds if k == "update" else 1.0) for k in TIMINGS},
-    }
+def step(version: int, reward: float, kl: float, update_seconds: float, detectors_firing=()):
+    return make_step_record(
+        version,
+        time=100.0 + 3 * version,
+        seconds={k: (update_seconds if k == "update" else 1.0) for k in TIMINGS},
+        detectors_firing=list(detectors_firing),
+        reward_mean=reward,
+        reward_std=0.5,
+        kl_per_sequence=kl,
+        kl_per_token=kl / 10,
+        response_length_mean=20.0,
+        clip_fraction=0.1,
+    )
 
 
 def test_summary_gives_first_last_quarter_means_and_mean_timings():
@@ -45,15 +48,7 @@ def test_empty_run_summarises_to_nothing():
 
 
 def test_a_rollback_is_shown_as_such_and_counted_not_averaged():
-    rollback = {
-        "event": "rollback",
-        "version": 3,
-        "rolled_back_to": 1,
-        "batch_kl": 21.5,
-        "kl_coef": 0.4,
-        "lr": 1e-5,
-        "time": 109.0,
-    }
+    rollback = RollbackRecord(version=3, rolled_back_to=1, batch_kl=21.5, kl_coef=0.4, lr=1e-5, time=109.0)
     line = format_step(rollback, 5, [0.1, 0.2])
     assert "ROLLBACK" in line and "version 1" in line and "21.50" in line
     steps = [step(1, 0.1, 0.0, 1.0), step(2, 0.3, 1.0, 1.0), rollback, step(4, 0.5, 0.5, 1.0)]
@@ -65,7 +60,5 @@ def test_a_rollback_is_shown_as_such_and_counted_not_averaged():
 def test_a_firing_detector_is_named_on_the_progress_line():
     quiet = format_step(step(7, 1.0, 2.0, 4.0), 10, [1.0])
     assert "DETECTOR" not in quiet
-    loud = format_step(
-        {**step(7, 1.0, 2.0, 4.0), "detectors_firing": ["reward_hacking", "template_collapse"]}, 10, [1.0]
-    )
+    loud = format_step(step(7, 1.0, 2.0, 4.0, ["reward_hacking", "template_collapse"]), 10, [1.0])
     assert loud.endswith("DETECTOR: reward_hacking, template_collapse (docs/runbooks.md)")

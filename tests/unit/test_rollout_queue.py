@@ -12,6 +12,8 @@ import pytest
 import redis
 
 from services.common.rollout_queue import GROUP, MalformedRollout, Rollout, RolloutQueue, consumer_name
+from services.common.step_records import RollbackRecord, StepRecord
+from tests.step_records import make_step_record
 
 
 def make_rollout(**overrides) -> Rollout:
@@ -312,13 +314,15 @@ def test_publish_version_round_trips_and_announces_it(queue, client):
 
 def test_log_step_and_read_steps_round_trip(queue):
     assert queue.read_steps() == []
-    first = {"step": 1, "loss": -0.25, "clip_fraction": 0.0, "versions": [1, 2]}
-    second = {"step": 2, "loss": 0.125, "note": "ok"}
+    first = make_step_record(1, time=10.0, loss=-0.25, clip_fraction=0.0, seconds={"update": 1.5})
+    second = RollbackRecord(version=2, rolled_back_to=0, batch_kl=21.0, kl_coef=0.1, lr=1e-5, time=11.0)
     queue.log_step(first)
     queue.log_step(second)
     steps = queue.read_steps()
-    assert [record for _, record in steps] == [first, second]
-    assert queue.read_steps(after=steps[0][0]) == [steps[1]]
+    assert [type(record) for _, record in steps] == [StepRecord, RollbackRecord]
+    assert steps[0][1].stats.loss == -0.25 and steps[0][1].seconds.update == 1.5 and steps[1][1] == second
+    assert math.isnan(steps[0][1].stats.entropy)  # NaN goes out as null and comes back as NaN
+    assert queue.read_steps(after=steps[0][0])[0][1] == second
     assert queue.read_steps(after=steps[1][0]) == []
 
 

@@ -6,25 +6,28 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.image import imread  # noqa: E402
 
+from services.common.step_records import RollbackRecord  # noqa: E402
 from services.evaluation.run_report import canary_table, write_run_report  # noqa: E402
+from tests.step_records import make_step_record  # noqa: E402
 
 
-def step(version: int, reward: float, kl: float, length: float, entropy: float) -> dict:
-    return {
-        "version": version,
-        "reward_mean": reward,
-        "reward_std": 0.1,
-        "kl_per_sequence": kl,
-        "response_length_mean": length,
-        "entropy": entropy,
-    }
+def step(version: int, reward: float, kl: float, length: float, entropy: float, detectors_firing=()):
+    return make_step_record(
+        version,
+        detectors_firing=list(detectors_firing),
+        reward_mean=reward,
+        reward_std=0.1,
+        kl_per_sequence=kl,
+        response_length_mean=length,
+        entropy=entropy,
+    )
 
 
 def test_report_has_plots_figures_and_canaries(tmp_path):
     steps = [
         step(1, 0.1, 0.0, 20, 2.5),
-        {**step(2, 0.3, 1.5, 18, 2.4), "detectors_firing": ["shorter"]},
-        {"event": "rollback", "version": 3, "rolled_back_to": 1, "batch_kl": 40.0},
+        step(2, 0.3, 1.5, 18, 2.4, ["shorter"]),
+        RollbackRecord(version=3, rolled_back_to=1, batch_kl=40.0, kl_coef=0.1, lr=1e-5, time=0.0),
         step(4, 0.35, 0.7, 19, 2.45),
     ]
     canaries = {
