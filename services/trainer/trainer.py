@@ -30,7 +30,7 @@ from ..common.models import own_weights, resolve_dtype, weights_fingerprint
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from ..common.step_records import RollbackRecord, Sample, StageSeconds, StepRecord, UpdateStats
-from . import following, monitoring, ppo, rails, resume
+from . import following, monitoring, ppo, rails, resume, update
 from .detectors import Detectors
 from .distributed import Distributed, encode_rollouts
 from .intake import Entry, Intake
@@ -41,7 +41,6 @@ from .publishing import Publication, Publisher, make_transport
 from .retry import until_redis_answers
 from .reward_shaping import RunningMoments
 from .trainer_metrics import TrainerMetrics
-from .update import update
 from .value_head import ValueHead
 
 log = logging.getLogger(__name__)
@@ -166,7 +165,7 @@ class Trainer:
 
     def update(self, rollouts: list[Rollout]) -> UpdateStats:
         """One PPO update on a batch (update.py); returns what it saw and did."""
-        return update(self, rollouts)
+        return update.ppo_update(self, rollouts)
 
     def step(self, entries: list[Entry]) -> StepRecord | RollbackRecord | None:
         """The seed's steps on one batch: the KL rail, the PPO update, publish, persist when due,

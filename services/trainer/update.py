@@ -120,7 +120,7 @@ def forward(trainer: Trainer, data: PPOBatch):
     return logprobs, entropy, log_probs, values
 
 
-def update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
+def ppo_update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
     """One PPO update on a batch; returns what it saw and did. Skips minibatches with a non-finite loss/grad."""
     section = trainer.section
     data = collate(rollouts, trainer.tokenizer.pad_token_id, trainer.device)
