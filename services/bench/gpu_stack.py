@@ -28,6 +28,7 @@ import time
 import torch
 
 from ..common.config import BelayConfig
+from ..common.step_records import StepRecord
 from ..launcher import LocalStack, follow
 from .reward_model import ensure_reward_model
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
@@ -94,7 +95,7 @@ class GpuMemory:
 
 def run_stack(
     config: BelayConfig, run_dir: pathlib.Path, steps: int, say, started: float
-) -> tuple[list[dict], dict[str, int]]:
+) -> tuple[list[StepRecord], dict[str, int]]:
     """The raw step records of `steps` trainer steps, and peak GPU bytes per service."""
     stack = LocalStack(config, run_dir, say=lambda *_: None)
     with GpuMemory() as memory:
@@ -109,22 +110,24 @@ def run_stack(
     return records, {name: memory.peaks[pid] for name, pid in pids.items() if pid in memory.peaks}
 
 
-def figures(records: list[dict], warmup: int, workload: Workload, matmul_parameters: int, prompt_tokens: int) -> dict:
+def figures(
+    records: list[StepRecord], warmup: int, workload: Workload, matmul_parameters: int, prompt_tokens: int
+) -> dict:
     """The bench's figures from the trainer's step records (seconds per stage, end times)."""
     measured = records[warmup:]
 
     def mean(key: str) -> float:
-        return sum(float(r["seconds"].get(key, 0.0)) for r in measured) / len(measured)
+        return sum(getattr(r.seconds, key) for r in measured) / len(measured)
 
-    tokens = [r["response_length_mean"] * r["rollouts"] for r in measured]
-    trained_tokens = [r["rollouts"] * (prompt_tokens + r["response_length_mean"]) for r in measured]
-    window = measured[-1]["time"] - records[warmup - 1]["time"]
+    tokens = [r.stats.response_length_mean * r.rollouts for r in measured]
+    trained_tokens = [r.rollouts * (prompt_tokens + r.stats.response_length_mean) for r in measured]
+    window = measured[-1].time - records[warmup - 1].time
     update = mean("update")
     flops = 6 * matmul_parameters * workload.ppo_epochs * sum(trained_tokens) / len(measured)
     return {
         "steps_measured": len(measured),
-        "rollouts_per_step": sum(r["rollouts"] for r in measured) / len(measured),
-        "generation_tokens_per_second": sum(tokens) / sum(float(r["seconds"]["generate"]) for r in measured),
+        "rollouts_per_step": sum(r.rollouts for r in measured) / len(measured),
+        "generation_tokens_per_second": sum(tokens) / sum(r.seconds.generate for r in measured),
         "behaviour_logprob_seconds": mean("logprobs"),
         "generate_seconds": mean("generate"),
         "reference_seconds": mean("reference"),
@@ -136,7 +139,7 @@ def figures(records: list[dict], warmup: int, workload: Workload, matmul_paramet
         "publish_seconds": mean("publish"),
         "swap_seconds": mean("swap"),
         "publish_plus_swap_seconds": mean("publish") + mean("swap"),
-        "end_to_end_samples_per_second": sum(r["rollouts"] for r in measured) / window,
+        "end_to_end_samples_per_second": sum(r.rollouts for r in measured) / window,
         "end_to_end_tokens_per_second": sum(tokens) / window,
         "window_seconds": window,
     }
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_gpu_memory_bytes": peaks,
         "wall_seconds": time.perf_counter() - started,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
-        "steps": records,
+        "steps": [json.loads(record.to_json()) for record in records],  # as the trainer wrote them
     }
     result["targets"] = verdicts(result)
     pathlib.Path(args.json).write_text(json.dumps(result, indent=2))

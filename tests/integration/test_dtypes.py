@@ -46,8 +46,8 @@ def test_the_trainer_updates_float32_master_weights_under_autocast(tiny_lm_dir, 
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     summary = trainer.update(rollouts)
     assert trainer.compute_dtype == getattr(torch, dtype)
-    assert summary["optimizer_steps"] == 2 and summary["skipped_minibatches"] == 0
-    assert math.isfinite(summary["loss"])
+    assert summary.optimizer_steps == 2 and summary.skipped_minibatches == 0
+    assert math.isfinite(summary.loss)
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
     moments = [state["exp_avg"] for state in trainer.optimizer.state.values()]
     assert moments and {m.dtype for m in moments} == {torch.float32}
@@ -66,11 +66,12 @@ def test_the_trainer_under_autocast_computes_what_the_float32_one_does_to_its_pr
     full = make_trainer(tiny_lm_dir, tmp_path / "a", dtype="float32")
     half = make_trainer(tiny_lm_dir, tmp_path / "b", dtype="bfloat16")
     from services.trainer.batch import collate
+    from services.trainer.update import forward
 
     data = collate(rollouts, full.tokenizer.pad_token_id, full.device)
     with torch.no_grad():
-        exact, _, _, _ = full.forward(data)
-        autocast, _, _, _ = half.forward(data)
+        exact, _, _, _ = forward(full, data)
+        autocast, _, _, _ = forward(half, data)
     mask = data.response_mask.bool()
     gap = (exact - autocast)[mask].abs()
     assert 0 < gap.max() < 0.1, gap.max()
