@@ -56,7 +56,7 @@ def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
     torch.manual_seed(config.trainer.seed)
     tokenizer = load_tokenizer(workload.model_dir)
     model = load_causal_lm(workload.model_dir, device, "policy")
-    engine = PolicyEngine(model, tokenizer, config.grpc, policy.max_tokens_per_forward)
+    engine = PolicyEngine(model, tokenizer, config.grpc)
     trainer = Trainer(config, model, tokenizer, queue=None, metrics=TrainerMetrics(CollectorRegistry()))
     writes: dict[int, float] = {}  # seconds of each background write, by version
 

@@ -75,7 +75,7 @@ def exact_kl_tokens(
 def evaluate_model(
     model, reference, tokenizer, backend: RewardBackend, prompts: list[str], texts: list[str], settings: EvalSettings
 ) -> dict:
-    engine = PolicyEngine(model, tokenizer, GrpcConfig(), 16384)
+    engine = PolicyEngine(model, tokenizer, GrpcConfig())
     batch = engine.generate(
         prompts,
         settings.samples_per_prompt,

@@ -113,12 +113,10 @@ class PolicyEngine:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         limits: GrpcConfig,
-        max_tokens_per_forward: int,
         version: int = 0,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
-        self.max_tokens_per_forward = max_tokens_per_forward
         self.loaded = LoadedModel(model=own_weights(model).eval(), version=version)  # swapped into in place
         self.lock = threading.RLock()
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id

@@ -150,7 +150,6 @@ def test_the_policy_swaps_to_published_weights_and_only_from_its_own_directories
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        4096,
     )
     engine.swap_to(version, checked_weights_path(config.run, version, path))
     assert weights_fingerprint(engine.loaded.model) == weights_fingerprint(trainer.model)
@@ -200,7 +199,6 @@ def test_the_actor_bound_leaves_out_rollouts_awaiting_their_persist(tiny_lm_dir,
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        4096,
     )
     actor = Actor(config, engine, trainer.queue, None, None, SwapRequests(), PolicyMetrics(CollectorRegistry()))
     for batch in range(3):  # three updates, none persisted: 24 rollouts pending, all awaiting
@@ -268,7 +266,7 @@ def test_lora_publishes_the_adapter_tensors_only_and_the_policy_takes_them(tiny_
     policy_model = wrap_with_lora(
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), lora_settings(trainer.config.lora)
     )
-    engine = PolicyEngine(policy_model, trainer.tokenizer, trainer.config.grpc, 4096)
+    engine = PolicyEngine(policy_model, trainer.tokenizer, trainer.config.grpc)
     engine.swap_to(version, checked_weights_path(trainer.config.run, version, path))
     served = adapter_tensors(engine.loaded.model)
     assert set(served) == set(adapters) and all(torch.equal(served[k], adapters[k]) for k in adapters)

@@ -32,9 +32,7 @@ def reference_dir(tmp_path_factory):
 def sample_rollouts(policy_dir, reference_dir, top_k: int = 0, seed: int = 0) -> list[Rollout]:
     """8 fresh rollouts (4 prompts x 2 samples) at version 0 with behaviour and reference logprobs."""
     tokenizer = load_tokenizer(str(policy_dir))
-    engine = PolicyEngine(
-        load_causal_lm(str(policy_dir), torch.device("cpu"), "policy"), tokenizer, make_config().grpc, 4096
-    )
+    engine = PolicyEngine(load_causal_lm(str(policy_dir), torch.device("cpu"), "policy"), tokenizer, make_config().grpc)
     batch = engine.generate(PROMPTS, 2, Sampling(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=seed))
     reference = freeze(load_causal_lm(str(reference_dir), torch.device("cpu"), "reference"))
     ref = response_logprobs(reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id, top_k=top_k)
