@@ -17,7 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 
-from services.common.checkpoints import STATE_JSON, committed_versions, write_manifest
+from services.common.checkpoints import STATE_JSON, committed_versions, write_checksum_manifest
 from services.common.models import load_causal_lm, load_tokenizer, weights_fingerprint
 from services.common.published import published_dir
 from services.common.rollout_queue import Rollout, RolloutQueue
@@ -129,13 +129,13 @@ def test_a_checkpoint_of_the_earlier_format_resumes_and_a_newer_one_is_refused(t
     for key in ("format", "lineage"):  # what format 1 (a checkpoint per version) did not have
         del meta[key]
     (path / STATE_JSON).write_text(json.dumps(meta))
-    write_manifest(path, 1)
+    write_checksum_manifest(path, 1)
     old = make_trainer(tiny_lm_dir, redis_url, tmp_path)
     assert old.resume() == 1 and old.lineage.staleness(0) == 1 and old.lineage.staleness(1) == 0
 
     meta["format"] = 3
     (path / STATE_JSON).write_text(json.dumps(meta))
-    write_manifest(path, 1)
+    write_checksum_manifest(path, 1)
     with pytest.raises(ValueError, match="format 3 by a newer Belay"):
         make_trainer(tiny_lm_dir, redis_url, tmp_path).resume()
 
