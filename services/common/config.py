@@ -275,6 +275,9 @@ class PolicyConfig(ModelServiceConfig):
     )
 
 
+CLIPPING_ALWAYS_ON = "gradient clipping is always on: set a positive max_grad_norm (the seed's rule)"
+
+
 class TrainerConfig(ModelRuntime):
     model_dir: str = Field("", description="initial policy weights (the SFT model), used when no checkpoint exists")
     gradient_checkpointing: bool = Field(
@@ -292,7 +295,7 @@ class TrainerConfig(ModelRuntime):
     kl_coef: float = Field(0.05, ge=0, description="β in total reward = reward − β·KL")
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float | None = Field(1.0, description="gradient clipping norm; clipping is always on")
+    max_grad_norm: float = Field(1.0, description="gradient clipping norm; clipping is always on")
     max_staleness: int = Field(1, ge=0, description="drop rollouts more than this many versions behind")
     temperature: float = Field(1.0, gt=0, description="must equal the policy's sampling temperature")
     max_steps: int = Field(0, ge=0, description="stop after this many updates (0: run until stopped)")
@@ -436,11 +439,19 @@ class TrainerConfig(ModelRuntime):
         "canaries, ratings), bound on run.metrics_address; 0: off",
     )
 
+    @field_validator("max_grad_norm", mode="before")
+    @classmethod
+    def _clipping_cannot_be_switched_off(cls, value):
+        """null is refused before type checking, so it gets the rule's reason, not a type error."""
+        if value is None:
+            raise ValueError(CLIPPING_ALWAYS_ON)
+        return value
+
     @field_validator("max_grad_norm")
     @classmethod
-    def _clipping_always_on(cls, value: float | None) -> float:
-        if value is None or not value > 0:
-            raise ValueError("gradient clipping is always on: set a positive max_grad_norm (the seed's rule)")
+    def _clipping_always_on(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(CLIPPING_ALWAYS_ON)
         return value
 
     @model_validator(mode="after")
