@@ -201,8 +201,14 @@ class Actor:
         if self.canaries is not None:
             self.canaries.answer(self.engine)
 
-    def score(self, batch: GenerationBatch, prompts: list[str]) -> tuple[list, list[float], str, dict]:
-        """Reference logprobs and rewards for a batch, both calls in flight at once."""
+    def score(
+        self, batch: GenerationBatch, prompts: list[str]
+    ) -> tuple[list[tuple], list[float], list[dict[str, float]], str, dict[str, float]]:
+        """Reference logprobs and rewards for a batch, both calls in flight at once.
+
+        Returns (ref, rewards, components, reward_model_id, timings): ref holds a (logprobs, top_ids,
+        top_logprobs) triple per response, the top-k parts None without reference top-k; components
+        one {name: score} per response; timings each call's seconds and its message sizes in bytes."""
         section = self.config.policy
         ref_request = reference_request(batch, section.temperature, self.reference_top_k)
         reward_request = belay_pb2.ScoreRequest(prompts=[prompts[i] for i in batch.prompt_index], responses=batch.texts)
