@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from belay.v1 import belay_pb2
 
 from .config import GrpcConfig
-from .models import response_logprobs, weights_fingerprint
+from .models import response_logprobs, response_logprobs_with_top_k, weights_fingerprint
 from .packing import PackingError, pack_float32, pack_int32, unpack_int32
 from .rpc import invalid, too_big
 
@@ -103,19 +103,23 @@ class LogProbsHandler:
         prompts, responses, temperature = parse_logprobs_request(
             request, vocab_size, context_limit(loaded.model, self.limits), self.limits
         )
-        with self.lock:
-            rows = response_logprobs(
-                loaded.model,
-                prompts,
-                responses,
-                self.pad_id,
-                temperature,
-                self.max_tokens_per_forward,
-                top_k=request.top_k,
-            )
         reply = belay_pb2.LogProbsResponse(policy_version=loaded.version)
+        with self.lock:
+            if request.top_k:
+                rows, top_rows = response_logprobs_with_top_k(
+                    loaded.model,
+                    prompts,
+                    responses,
+                    self.pad_id,
+                    request.top_k,
+                    temperature,
+                    self.max_tokens_per_forward,
+                )
+            else:
+                rows = response_logprobs(
+                    loaded.model, prompts, responses, self.pad_id, temperature, self.max_tokens_per_forward
+                )
         if request.top_k:
-            rows, top_rows = rows
             reply.top_ids.CopyFrom(pack_int32([ids.numpy().reshape(-1) for ids, _ in top_rows]))
             reply.top_logprobs.CopyFrom(pack_float32([values.numpy().reshape(-1) for _, values in top_rows]))
         reply.logprobs.CopyFrom(pack_float32([r.numpy() for r in rows]))

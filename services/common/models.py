@@ -147,22 +147,31 @@ def build_teacher_forced_batch(
 
 
 def next_token_log_probs(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperature: float = 1.0,
-    output_hidden_states: bool = False,
-):
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log softmax(logits / temperature) over the vocabulary at every position but the last.
 
-    input_ids, attention_mask: (B, T) -> log_probs (B, T-1, V), float32; with output_hidden_states
-    also the last layer's hidden states (B, T-1, H). Differentiable.
+    input_ids, attention_mask: (B, T) -> log_probs (B, T-1, V), float32. Differentiable.
     """
-    output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
-    log_probs = torch.log_softmax(output.logits[:, :-1].float() / temperature, dim=-1)
-    if output_hidden_states:
-        return log_probs, output.hidden_states[-1][:, :-1]
-    return log_probs
+    output = model(input_ids=input_ids, attention_mask=attention_mask)
+    return _next_token_log_softmax(output.logits, temperature)
+
+
+def next_token_log_probs_and_hidden_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """next_token_log_probs and, from the same forward pass, the last layer's hidden states there
+    (what a value head on the policy's trunk reads).
+
+    input_ids, attention_mask: (B, T) -> (log_probs (B, T-1, V) float32, hidden (B, T-1, H)). Differentiable.
+    """
+    output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return _next_token_log_softmax(output.logits, temperature), output.hidden_states[-1][:, :-1]
+
+
+def _next_token_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, T, V) logits -> (B, T-1, V) float32 log-probabilities of the next token."""
+    return torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
 
 
 def token_logprobs(
@@ -199,6 +208,7 @@ def _chunks(prompts: list[list[int]], responses: list[list[int]], max_tokens: in
         start = stop
 
 
+@torch.no_grad()
 def response_logprobs(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -206,28 +216,54 @@ def response_logprobs(
     pad_id: int,
     temperature: float = 1.0,
     max_tokens_per_forward: int = 16384,
-    top_k: int = 0,
-):
+) -> list[torch.Tensor]:
     """Teacher-forced log-probabilities of each response's tokens, one 1-D tensor (R,) per row, no grad.
 
-    With top_k > 0, returns (rows, top_rows) where top_rows[i] = (ids (R, K) int, logprobs (R, K))
-    are the K likeliest tokens at each response position (K = min(top_k, vocabulary)).
     Rows are forwarded in chunks of at most max_tokens_per_forward padded tokens.
     """
-    device = next(model.parameters()).device
-    results: list[torch.Tensor] = []
+    return [
+        chosen.cpu()
+        for chosen, _ in _response_rows(model, prompts, responses, pad_id, temperature, max_tokens_per_forward)
+    ]
+
+
+@torch.no_grad()
+def response_logprobs_with_top_k(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    top_k: int,
+    temperature: float = 1.0,
+    max_tokens_per_forward: int = 16384,
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """response_logprobs, and the K likeliest tokens at each response position: (rows, top_rows)
+    where top_rows[i] = (ids (R, K) int, logprobs (R, K)), K = min(top_k, vocabulary). No grad."""
+    rows: list[torch.Tensor] = []
     top_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with torch.no_grad():
-        for start, stop in _chunks(prompts, responses, max_tokens_per_forward):
-            input_ids, attention_mask, response_mask = build_teacher_forced_batch(
-                prompts[start:stop], responses[start:stop], pad_id, device
-            )
-            log_probs = next_token_log_probs(model, input_ids, attention_mask, temperature)
-            chosen, _ = chosen_and_entropy(log_probs, input_ids)
-            for row in range(stop - start):
-                where = response_mask[row].bool()
-                results.append(chosen[row][where].cpu())
-                if top_k:
-                    values, ids = log_probs[row][where].topk(min(top_k, log_probs.shape[-1]), dim=-1)
-                    top_rows.append((ids.cpu(), values.cpu()))
-    return (results, top_rows) if top_k else results
+    for chosen, log_probs in _response_rows(model, prompts, responses, pad_id, temperature, max_tokens_per_forward):
+        rows.append(chosen.cpu())
+        values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+        top_rows.append((ids.cpu(), values.cpu()))
+    return rows, top_rows
+
+
+def _response_rows(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    temperature: float,
+    max_tokens_per_forward: int,
+):
+    """Per row, on the model's device: the response tokens' log-probs (R,) and the full rows (R, V)."""
+    device = next(model.parameters()).device
+    for start, stop in _chunks(prompts, responses, max_tokens_per_forward):
+        input_ids, attention_mask, response_mask = build_teacher_forced_batch(
+            prompts[start:stop], responses[start:stop], pad_id, device
+        )
+        log_probs = next_token_log_probs(model, input_ids, attention_mask, temperature)
+        chosen, _ = chosen_and_entropy(log_probs, input_ids)
+        for row in range(stop - start):
+            where = response_mask[row].bool()
+            yield chosen[row][where], log_probs[row][where]

@@ -32,6 +32,7 @@ from ..common.manifest import run_manifest, write_manifest
 from ..common.models import (
     chosen_and_entropy,
     next_token_log_probs,
+    next_token_log_probs_and_hidden_states,
     own_weights,
     resolve_dtype,
     weights_fingerprint,
@@ -340,18 +341,14 @@ class Trainer:
 
     def forward(self, data: PPOBatch):
         """The policy (and critic) on a batch: (logprobs, entropy, full log-probs, values or None)."""
-        want_values = self.value_head is not None
+        model, ids, attention, temperature = self.model, data.input_ids, data.attention_mask, self.section.temperature
         with torch.autocast(self.device.type, self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            out = next_token_log_probs(
-                self.model,
-                data.input_ids,
-                data.attention_mask,
-                self.section.temperature,
-                output_hidden_states=want_values,
-            )
-        log_probs, hidden = out if want_values else (out, None)
+            if self.value_head is None:
+                log_probs, hidden = next_token_log_probs(model, ids, attention, temperature), None
+            else:
+                log_probs, hidden = next_token_log_probs_and_hidden_states(model, ids, attention, temperature)
         logprobs, entropy = chosen_and_entropy(log_probs, data.input_ids)
-        values = self.value_head(hidden.float()) if want_values else None
+        values = self.value_head(hidden.float()) if hidden is not None else None
         return logprobs, entropy, log_probs, values
 
     def update(self, rollouts: list[Rollout]) -> dict:
