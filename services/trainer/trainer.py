@@ -43,7 +43,6 @@ from ..evaluation.metrics import distinct_n, pearson, repetition
 from . import ppo
 from .advantages import (
     batch_mean_advantage,
-    clipped_value_loss,
     gae_advantages,
     group_advantage,
     rloo_advantage,
@@ -57,6 +56,7 @@ from .distributed import Distributed, decode_rollouts, encode_rollouts
 from .kl import AdaptiveKLController, FixedKLController, exact_kl_from_rows, per_token_kl
 from .lineage import Lineage
 from .persisting import Persister, Snapshot
+from .ppo import clipped_value_loss
 from .publishing import Publication, Publisher, make_transport, serving_tensors
 from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
 from .trainer_metrics import TrainerMetrics
