@@ -11,11 +11,7 @@ import sys
 
 from .bench.workload import Workload
 from .common.config import ConfigError, load_config
-
-
-def _prompts(path: str, count: int) -> list[str]:
-    lines = [s.strip() for s in pathlib.Path(path).read_text().splitlines() if s.strip() and not s.startswith("#")]
-    return lines[:count]
+from .common.prompts import read_prompts
 
 
 def cmd_prepare_model(args) -> int:
@@ -46,7 +42,7 @@ def cmd_up(args) -> int:
             config,
             run_dir,
             args.iterations,
-            _prompts(config.policy.prompts_file, args.samples),
+            read_prompts(config.policy.prompts_file)[: args.samples],
             args.sample_tokens,
             args.startup_timeout,
             evaluate_after=not args.no_eval,

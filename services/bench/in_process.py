@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 from ..common.checkpoints import committed_versions
 from ..common.logprob_service import LoadedModel
 from ..common.models import freeze, load_causal_lm, load_tokenizer, resolve_device, response_logprobs
-from ..policy.actor import PromptCycle, build_rollouts, read_prompts
+from ..common.prompts import read_prompts
+from ..policy.actor import PromptCycle, build_rollouts
 from ..policy.engine import PolicyEngine, Sampling
 from ..reward.backends import build_backend, check_scores
 from ..trainer.publishing import serving_tensors

@@ -9,6 +9,7 @@ import pathlib
 import socket
 
 from ..common.config import BelayConfig
+from ..common.prompts import read_prompts
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CACHE = pathlib.Path("~/.cache/belay").expanduser()
@@ -37,8 +38,7 @@ class Workload:
         return self.prompts_per_batch
 
     def prompts(self) -> list[str]:
-        lines = pathlib.Path(self.prompts_file).read_text().splitlines()
-        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return read_prompts(self.prompts_file, "the bench's prompts file")
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import math
 
-from ..evaluation.metrics import ngrams
+from ..common.sample_statistics import ngrams
 
 DETECTORS = ("reward_hacking", "shorter_responses", "template_collapse", "not_moving")
 

@@ -39,7 +39,7 @@ from ..common.models import (
 )
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, MalformedRollout, Rollout, RolloutQueue, consumer_name
-from ..evaluation.metrics import distinct_n, pearson, repetition
+from ..common.sample_statistics import distinct_n, pearson, repetition
 from . import ppo
 from .advantages import (
     batch_mean_advantage,
