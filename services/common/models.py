@@ -146,6 +146,16 @@ def build_teacher_forced_batch(
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 
+MIN_TEMPERATURE = 1e-6
+
+
+def below_min_temperature(temperature: float) -> bool:
+    """Whether a (positive) temperature is under MIN_TEMPERATURE: far below 1e-6, logits / temperature
+    overflows float32 and every probability is NaN. 1e-6 as the float32 a request field holds is a
+    hair under 1e-6: hence the tolerance."""
+    return temperature < 0.9999e-6
+
+
 def next_token_log_probs(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:

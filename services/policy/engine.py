@@ -19,7 +19,7 @@ from ..common.checkpoints import checkpoint_problem, load_tensors_into, load_wei
 from ..common.config import GrpcConfig
 from ..common.logprob_service import LoadedModel, context_limit
 from ..common.lora import adapter_tensors, is_adapter_checkpoint, load_adapter_into
-from ..common.models import own_weights
+from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights
 from ..common.rpc import invalid, too_big
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,8 @@ class PolicyEngine:
     def check_sampling(self, sampling: Sampling, rows: int, prompt_ids: list[list[int]]) -> None:
         if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
             raise invalid(f"temperature must be >= 0 (0 is greedy), got {sampling.temperature}")
-        # Far below 1e-6 logits / temperature overflows float32 and sampling fails on NaN
-        # probabilities (1e-6 as a float32 is a hair under 1e-6: hence the tolerance).
-        if 0 < sampling.temperature < 0.9999e-6:
-            raise invalid(f"temperature must be 0 (greedy) or at least 1e-06, got {sampling.temperature}")
+        if sampling.temperature > 0 and below_min_temperature(sampling.temperature):
+            raise invalid(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {sampling.temperature}")
         if not (0 < sampling.top_p <= 1):
             raise invalid(f"top_p must be in (0, 1], got {sampling.top_p}")
         if sampling.max_new_tokens < 1:
