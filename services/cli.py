@@ -10,7 +10,7 @@ import shutil
 import sys
 
 from .bench.workload import Workload
-from .common.config import ConfigError, load_config
+from .common.config import ConfigError, load_config_or_exit
 from .common.prompts import read_prompts
 
 
@@ -24,12 +24,7 @@ def cmd_prepare_model(args) -> int:
 def cmd_up(args) -> int:
     from .launcher import StackError, up
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
-    config = resolve_default_model(config)
+    config = resolve_default_model(load_config_or_exit(args.config))
     run_dir = pathlib.Path(args.run_dir or f"runs/{config.run.name}")
     if args.fresh and run_dir.exists():
         print(f"--fresh: removing the previous run in {run_dir}")
@@ -63,11 +58,7 @@ def cmd_eval(args) -> int:
     from .evaluation.runner import EvalSettings, evaluate
     from .reward.backends import build_backend
 
-    try:
-        config = resolve_default_model(load_config(args.config))
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+    config = resolve_default_model(load_config_or_exit(args.config))
     checkpoints: list[pathlib.Path | None] = [None]  # the reference first: the floor to compare with
     if args.run_dir:
         checkpoints += [path for _, path in committed_versions(pathlib.Path(args.run_dir) / "checkpoints")]
@@ -90,13 +81,7 @@ def cmd_check_reward(args) -> int:
     from .common.config import GrpcConfig
     from .reward.conformance import check_reward_server, verdict
 
-    grpc_config = GrpcConfig()
-    if args.config:
-        try:
-            grpc_config = load_config(args.config).grpc
-        except ConfigError as error:
-            print(error, file=sys.stderr)
-            return 2
+    grpc_config = load_config_or_exit(args.config).grpc if args.config else GrpcConfig()
     print(f"checking the reward server at {args.address} (deadline {args.timeout:g} s per call)")
     try:
         results = check_reward_server(args.address, timeout=args.timeout, grpc_config=grpc_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from collections.abc import Mapping
 from typing import Literal
 
@@ -336,3 +337,13 @@ def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str
             field = ".".join(str(part) for part in item["loc"]) or "config"
             problems.append(f"  {field}: {item['msg']} (got {item.get('input')!r})")
         raise ConfigError("invalid Belay config:\n" + "\n".join(problems)) from None
+
+
+def load_config_or_exit(path: str | os.PathLike | None) -> BelayConfig:
+    """load_config for a command line: a ConfigError is printed to stderr (it names each bad field)
+    and the process exits with status 2, a usage error's, rather than with a traceback."""
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
