@@ -53,10 +53,7 @@ def cmd_up(args) -> int:
 
 def cmd_eval(args) -> int:
     from .common.checkpoints import committed_versions
-    from .common.models import resolve_device
-    from .evaluation import report
-    from .evaluation.runner import EvalSettings, evaluate
-    from .reward.backends import build_backend
+    from .evaluation.runner import EvalSettings, evaluate_and_write
 
     config = resolve_default_model(load_config_or_exit(args.config))
     checkpoints: list[pathlib.Path | None] = [None]  # the reference first: the floor to compare with
@@ -67,12 +64,10 @@ def cmd_eval(args) -> int:
         if not checkpoint.is_dir():
             print(f"checkpoint {checkpoint} is not a directory", file=sys.stderr)
             return 2
-    backend = build_backend(config.reward, resolve_device(config.reward.device))
     settings = EvalSettings(max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples, seed=args.seed)
-    results = evaluate(config, checkpoints, backend, args.prompts, args.texts, settings)
-    print(report.table(results))
     out = pathlib.Path(args.out or (pathlib.Path(args.run_dir) / "eval" if args.run_dir else "runs/eval"))
-    for path in report.write(results, out):
+    _, written = evaluate_and_write(config, checkpoints, args.prompts, args.texts, settings, out)
+    for path in written:
         print(f"wrote {path}")
     return 0
 

@@ -413,23 +413,11 @@ def up(
 
 def evaluate_first_and_last(config: BelayConfig, last: pathlib.Path, out_dir: pathlib.Path, say=print) -> dict:
     """`belay eval` of the starting model (the reference) and the last version, on held-out data."""
-    from .common.models import resolve_device
-    from .evaluation import report
-    from .evaluation.runner import EvalSettings, evaluate
-    from .reward.backends import build_backend
+    from .evaluation.runner import EvalSettings, evaluate_and_write
 
     say(f"evaluating the reference and {last.name} on held-out prompts and text ...")
-    backend = build_backend(config.reward, resolve_device(config.reward.device))
-    results = evaluate(
-        config,
-        [None, last],
-        backend,
-        HELDOUT_PROMPTS,
-        HELDOUT_TEXT,
-        EvalSettings(max_new_tokens=config.policy.max_new_tokens),
-    )
-    say(report.table(results))
-    report.write(results, out_dir)
+    settings = EvalSettings(max_new_tokens=config.policy.max_new_tokens)
+    results, _ = evaluate_and_write(config, [None, last], HELDOUT_PROMPTS, HELDOUT_TEXT, settings, out_dir, say)
     reference, trained = results["models"]["reference"], results["models"][last.name]
     say(
         f"held-out reward {reference['reward_mean']:+.3f} -> {trained['reward_mean']:+.3f}; held-out perplexity "

@@ -27,8 +27,8 @@ from ..common.models import (
 from ..common.prompts import read_prompts
 from ..common.sample_statistics import distinct_n, mean_and_std, repetition
 from ..policy.engine import PolicyEngine, Sampling
-from ..reward.backends import RewardBackend
-from . import metrics
+from ..reward.backends import RewardBackend, build_backend
+from . import metrics, report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,3 +135,21 @@ def evaluate(
         "text_file": text_file,
         "models": results,
     }
+
+
+def evaluate_and_write(
+    config: BelayConfig,
+    checkpoints: list[pathlib.Path | None],
+    prompts_file: str,
+    text_file: str,
+    settings: EvalSettings,
+    out_dir: pathlib.Path,
+    say=print,
+) -> tuple[dict, list[pathlib.Path]]:
+    """What `belay eval` and the end of `belay up` both do: evaluate the candidates with the configured
+    reward backend, say the table, write results.json and the plots into out_dir. Returns
+    (results, the files written)."""
+    backend = build_backend(config.reward, resolve_device(config.reward.device))
+    results = evaluate(config, checkpoints, backend, prompts_file, text_file, settings)
+    say(report.table(results))
+    return results, report.write(results, out_dir)
