@@ -93,7 +93,8 @@ def cmd_bench(args) -> int:
     import dataclasses
     import json
 
-    from .bench.bench import format_report, run_bench
+    from .bench.bench import run_bench
+    from .bench.report import format_report
     from .bench.reward_model import ensure_reward_model
     from .bench.workload import Workload
     from .common.smollm2 import DEFAULT_DIR, prepare_smollm2
