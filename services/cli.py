@@ -22,7 +22,8 @@ def cmd_prepare_model(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from .launcher import StackError, up
+    from .launcher import up
+    from .local_stack import StackError
 
     config = resolve_default_model(load_config_or_exit(args.config))
     run_dir = pathlib.Path(args.run_dir or f"runs/{config.run.name}")

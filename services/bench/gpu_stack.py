@@ -28,7 +28,8 @@ import time
 import torch
 
 from ..common.config import BelayConfig
-from ..launcher import LocalStack, follow
+from ..launcher import follow
+from ..local_stack import LocalStack
 from .reward_model import ensure_reward_model
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
 from .workload import Workload, belay_config

@@ -11,7 +11,8 @@ import redis
 
 from ..common.checkpoints import committed_versions
 from ..common.rollout_queue import Rollout, RolloutQueue
-from ..launcher import LocalStack, follow
+from ..launcher import follow
+from ..local_stack import LocalStack
 from .workload import Workload, belay_config, service_threads
 
 # The trainer's step summary "seconds" key of each bench stage. publish and persist are the trainer's

@@ -19,7 +19,8 @@ from services.common.prompts import read_prompts
 from services.common.review_store import ReviewStore
 from services.common.rollout_queue import RolloutQueue
 from services.common.rpc import channel
-from services.launcher import LocalStack, follow, wait_for_policy_version
+from services.launcher import follow, wait_for_policy_version
+from services.local_stack import LocalStack
 from services.policy.engine import apply_chat_template
 from tests.system.conftest import account_for_rollouts
 
