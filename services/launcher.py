@@ -143,17 +143,45 @@ def up(
     evaluate_after: bool = True,
     say=print,
 ) -> dict:
+    """Run the stack, follow training, stop it; then summarise, evaluate and report the run."""
     report, refused = memory_check(config)  # before anything starts: a plan that cannot fit is refused
     say(report)
     if refused:
         raise StackError(refused)
-    stack = LocalStack(config, run_dir, say)
+    steps, canaries, before, after = train(
+        config, LocalStack(config, run_dir, say), iterations, sample_prompts, sample_tokens, startup_timeout, say
+    )
+    summary = summarise(steps)
+    summary.update(samples_before=before, samples_after=after)
+    if summary.get("iterations"):
+        say_progress(summary, say)
+        latest = latest_checkpoint(config.run.checkpoint_dir)
+        if evaluate_after and latest is not None:
+            summary["eval"] = evaluate_first_and_last(config, latest[1], run_dir / "eval", say)
+    if steps:
+        summary["report"] = str(report_run(steps, canaries, run_dir, say))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    say(f"summary written to {run_dir / 'summary.json'}")
+    return summary
+
+
+def train(
+    config: BelayConfig,
+    stack: LocalStack,
+    iterations: int | None,
+    sample_prompts: list[str],
+    sample_tokens: int,
+    startup_timeout: float,
+    say=print,
+) -> tuple[list[dict], dict[int, dict], list[str], list[str]]:
+    """Start the stack, sample the fixed prompts, train until `iterations` (or Ctrl-C), sample them
+    again, stop the stack. Returns (steps, canaries, samples before, samples after)."""
     steps: list[dict] = []
     canaries: dict[int, dict] = {}
     before: list[str] = []
     after: list[str] = []
     try:
-        say(f"Belay: starting redis-server and {', '.join(SERVICES)} (logs in {run_dir / 'logs'})")
+        say(f"Belay: starting redis-server and {', '.join(SERVICES)} (logs in {stack.run_dir / 'logs'})")
         stack.start(("reference", "reward", "policy"))
         stack.wait_healthy(startup_timeout, trainer=False)
         # The "before" answers come from the policy before the trainer exists, so they are version 0
@@ -183,33 +211,32 @@ def up(
     finally:
         say("stopping services ...")
         stack.stop()
-    summary = summarise(steps)
-    summary.update(samples_before=before, samples_after=after)
-    if summary.get("iterations"):
-        first, last, t = summary["first"], summary["last"], summary["mean_seconds"]
-        q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
-        say(
-            f"\nreward mean {first['reward_mean']:+.3f} -> {last['reward_mean']:+.3f} (first quarter of the run "
-            f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {first['kl_per_sequence']:.3f}"
-            f" -> {last['kl_per_sequence']:.3f} (per token {last['kl_per_token']:.4f}) over {summary['iterations']} "
-            "iterations"
-        )
-        say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
-        latest = latest_checkpoint(config.run.checkpoint_dir)
-        if evaluate_after and latest is not None:
-            summary["eval"] = evaluate_first_and_last(config, latest[1], run_dir / "eval", say)
-    if steps:
-        report = write_run_report(steps, canaries, run_dir / "report")
-        summary["report"] = str(report)
-        if canaries:
-            first, last = canaries[min(canaries)], canaries[max(canaries)]
-            say(f"canary prompts, version {first['version']} -> {last['version']} (drift {last['drift']:.3f}):")
-            for prompt, old, new in zip(first["prompts"], first["outputs"], last["outputs"]):
-                say(f"  > {prompt}\n    v{first['version']}: {old!r}\n    v{last['version']}: {new!r}")
-        say(f"report: {report} (plots: {report.parent / 'training.png'})")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    say(f"summary written to {run_dir / 'summary.json'}")
-    return summary
+    return steps, canaries, before, after
+
+
+def say_progress(summary: dict, say=print) -> None:
+    """The run in two lines: reward and KL from the first step to the last, and seconds per iteration."""
+    first, last, t = summary["first"], summary["last"], summary["mean_seconds"]
+    q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
+    say(
+        f"\nreward mean {first['reward_mean']:+.3f} -> {last['reward_mean']:+.3f} (first quarter of the run "
+        f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {first['kl_per_sequence']:.3f}"
+        f" -> {last['kl_per_sequence']:.3f} (per token {last['kl_per_token']:.4f}) over {summary['iterations']} "
+        "iterations"
+    )
+    say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+
+
+def report_run(steps: list[dict], canaries: dict[int, dict], run_dir: pathlib.Path, say=print) -> pathlib.Path:
+    """Write the run report (with its plots) and say how the canary prompts' answers moved."""
+    report = write_run_report(steps, canaries, run_dir / "report")
+    if canaries:
+        first, last = canaries[min(canaries)], canaries[max(canaries)]
+        say(f"canary prompts, version {first['version']} -> {last['version']} (drift {last['drift']:.3f}):")
+        for prompt, old, new in zip(first["prompts"], first["outputs"], last["outputs"]):
+            say(f"  > {prompt}\n    v{first['version']}: {old!r}\n    v{last['version']}: {new!r}")
+    say(f"report: {report} (plots: {report.parent / 'training.png'})")
+    return report
 
 
 def evaluate_first_and_last(config: BelayConfig, last: pathlib.Path, out_dir: pathlib.Path, say=print) -> dict:
