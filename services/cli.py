@@ -150,9 +150,16 @@ def resolve_default_model(config):
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="belay", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (add_up, add_eval, add_check_reward, add_bench, add_prepare_model):
+        add(commands)
+    return parser
+
+
+def add_up(commands) -> None:
+    """`belay up` and its options."""
     run = commands.add_parser("up", help="run redis and the four services locally, follow training")
     run.add_argument("--config", default="configs/demo.yaml")
     run.add_argument("--iterations", type=int, default=None, help="stop after this many PPO updates")
@@ -163,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--startup-timeout", type=float, default=900.0)
     run.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     run.set_defaults(handler=cmd_up)
+
+
+def add_eval(commands) -> None:
+    """`belay eval` and its options."""
     evaluation = commands.add_parser(
         "eval", help="held-out reward, KL, length, diversity and perplexity of checkpoints"
     )
@@ -176,11 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--seed", type=int, default=1234)
     evaluation.add_argument("--out", default=None, help="where results.json and the PNG plots go")
     evaluation.set_defaults(handler=cmd_eval)
+
+
+def add_check_reward(commands) -> None:
+    """`belay check-reward` and its options."""
     check = commands.add_parser("check-reward", help="check any belay.v1.Reward server against the protocol")
     check.add_argument("address", help="host:port of the reward server")
     check.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
     check.add_argument("--config", default=None, help="Belay config whose grpc section (TLS, token) to use")
     check.set_defaults(handler=cmd_check_reward)
+
+
+def add_bench(commands) -> None:
+    """`belay bench` and its options."""
     bench = commands.add_parser("bench", help="per-stage figures of a fixed PPO workload: services, in-process, TRL")
     bench.add_argument("--json", default=None, help="also write every figure to this JSON file")
     bench.add_argument("--iterations", type=int, default=Workload.iterations, help="measured PPO steps per mode")
@@ -211,10 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--run-dir", default="runs/bench", help="where each mode's logs and checkpoints go")
     bench.set_defaults(handler=cmd_bench)
+
+
+def add_prepare_model(commands) -> None:
+    """`belay prepare-model` and its options."""
     prepare = commands.add_parser("prepare-model", help="convert the embedded SmolLM2 GGUF to safetensors once")
     prepare.add_argument("--out", default="~/.cache/belay/SmolLM2-135M-Instruct")
     prepare.set_defaults(handler=cmd_prepare_model)
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.handler(args)
 
