@@ -107,6 +107,20 @@ def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], str]:
     return tokens, "length"
 
 
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left, so that every row ends where generation starts.
+
+    -> (input_ids (B, W), attention_mask (B, W)), W the longest row's length.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 class PolicyEngine:
     def __init__(
         self,
@@ -160,21 +174,39 @@ class PolicyEngine:
                     f"{sampling.max_new_tokens} that passes the limit of {limit} tokens"
                 )
 
-    def generate(self, prompts: list[str], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
+    def check_prompts(self, prompts: list[str], samples_per_prompt: int) -> None:
+        """The request's size, before any prompt is templated or tokenized."""
         if not prompts:
             raise invalid("empty batch: no prompts")
         if samples_per_prompt < 1:
             raise invalid(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
-        if len(prompts) * samples_per_prompt > self.limits.max_batch_size:  # before templating every prompt
+        if len(prompts) * samples_per_prompt > self.limits.max_batch_size:
             raise too_big(
                 f"{len(prompts) * samples_per_prompt} rows (prompts x samples_per_prompt) exceed "
                 f"max_batch_size={self.limits.max_batch_size}; split the request"
             )
-        for index, prompt in enumerate(prompts):  # before tokenizing it
+        for index, prompt in enumerate(prompts):
             if len(prompt) > self.limits.max_text_chars:
                 raise too_big(
                     f"prompt {index} has {len(prompt)} characters, over max_text_chars={self.limits.max_text_chars}"
                 )
+
+    def generation_config(self, sampling: Sampling) -> GenerationConfig:
+        """Plain sampling at the temperature and top-p asked for (top-k off), or greedy at temperature 0."""
+        greedy = sampling.temperature == 0
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=0 if not greedy else None,
+            num_beams=1,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )
+
+    def generate(self, prompts: list[str], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
+        self.check_prompts(prompts, samples_per_prompt)
         templated = [apply_chat_template(self.tokenizer, p) for p in prompts]
         self.check_sampling(sampling, len(prompts) * samples_per_prompt, templated)
         index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
@@ -183,23 +215,9 @@ class PolicyEngine:
         with self.lock:
             loaded = self.loaded
             device = next(loaded.model.parameters()).device
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, ids in enumerate(rows):  # left padding: every row ends where generation starts
-                input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            greedy = sampling.temperature == 0
-            config = GenerationConfig(
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=0 if not greedy else None,
-                num_beams=1,
-                max_new_tokens=sampling.max_new_tokens,
-                eos_token_id=sorted(self.eos_ids),
-                pad_token_id=self.pad_id,
-            )
+            input_ids, attention_mask = left_padded(rows, self.pad_id)  # (B, W) each
+            width = input_ids.shape[1]
+            config = self.generation_config(sampling)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             recorder = BehaviourLogprobs(loaded.model, sampling.temperature or 1.0)
