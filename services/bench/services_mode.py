@@ -63,8 +63,6 @@ def run_services(
     """warmup + iterations trainer steps on a fresh stack. Returns the raw run: one record per step
     (end time, rollouts, response tokens, seconds per stage), the measured window's start, peak
     memory per process, and bytes per rollout on each path."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     config = belay_config(workload, run_dir, max_staleness, advantage)
     steps, peaks, entries, dropped = run_stack(
         config, run_dir, workload.warmup + workload.iterations, startup_timeout, say
@@ -119,8 +117,10 @@ def run_services(
 def run_stack(
     config: BelayConfig, run_dir: pathlib.Path, steps_wanted: int, startup_timeout: float, say=print
 ) -> tuple[list[dict], dict[str, int], list[dict], list[str]]:
-    """Start the stack, follow `steps_wanted` trainer steps, read what Redis holds, stop the stack.
+    """Start the stack afresh in run_dir, follow `steps_wanted` trainer steps, read what Redis holds, stop the stack.
     Returns (the trainer's steps, peak memory per process, the rollout stream's entries, drop reasons)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     stack = LocalStack(config, run_dir, say=lambda *_: None)
     try:
         stack.start()
