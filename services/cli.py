@@ -10,12 +10,8 @@ import shutil
 import sys
 
 from .bench.workload import Workload
-from .common.config import ConfigError, load_config
-
-
-def _prompts(path: str, count: int) -> list[str]:
-    lines = [s.strip() for s in pathlib.Path(path).read_text().splitlines() if s.strip() and not s.startswith("#")]
-    return lines[:count]
+from .common.config import ConfigError, load_config_or_exit
+from .common.prompts import read_prompts
 
 
 def cmd_prepare_model(args) -> int:
@@ -26,14 +22,10 @@ def cmd_prepare_model(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from .launcher import StackError, up
+    from .launcher import up
+    from .local_stack import StackError
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
-    config = resolve_default_model(config)
+    config = resolve_default_model(load_config_or_exit(args.config))
     run_dir = pathlib.Path(args.run_dir or f"runs/{config.run.name}")
     if args.fresh and run_dir.exists():
         print(f"--fresh: removing the previous run in {run_dir}")
@@ -46,7 +38,7 @@ def cmd_up(args) -> int:
             config,
             run_dir,
             args.iterations,
-            _prompts(config.policy.prompts_file, args.samples),
+            read_prompts(config.policy.prompts_file)[: args.samples],
             args.sample_tokens,
             args.startup_timeout,
             evaluate_after=not args.no_eval,
@@ -62,16 +54,9 @@ def cmd_up(args) -> int:
 
 def cmd_eval(args) -> int:
     from .common.checkpoints import committed_versions
-    from .common.models import resolve_device
-    from .evaluation import report
-    from .evaluation.runner import EvalSettings, evaluate
-    from .reward.backends import build_backend
+    from .evaluation.runner import EvalSettings, evaluate_and_write
 
-    try:
-        config = resolve_default_model(load_config(args.config))
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+    config = resolve_default_model(load_config_or_exit(args.config))
     checkpoints: list[pathlib.Path | None] = [None]  # the reference first: the floor to compare with
     if args.run_dir:
         checkpoints += [path for _, path in committed_versions(pathlib.Path(args.run_dir) / "checkpoints")]
@@ -80,12 +65,10 @@ def cmd_eval(args) -> int:
         if not checkpoint.is_dir():
             print(f"checkpoint {checkpoint} is not a directory", file=sys.stderr)
             return 2
-    backend = build_backend(config.reward, resolve_device(config.reward.device))
     settings = EvalSettings(max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples, seed=args.seed)
-    results = evaluate(config, checkpoints, backend, args.prompts, args.texts, settings)
-    print(report.table(results))
     out = pathlib.Path(args.out or (pathlib.Path(args.run_dir) / "eval" if args.run_dir else "runs/eval"))
-    for path in report.write(results, out):
+    _, written = evaluate_and_write(config, checkpoints, args.prompts, args.texts, settings, out)
+    for path in written:
         print(f"wrote {path}")
     return 0
 
@@ -94,13 +77,7 @@ def cmd_check_reward(args) -> int:
     from .common.config import GrpcConfig
     from .reward.conformance import check_reward_server, verdict
 
-    grpc_config = GrpcConfig()
-    if args.config:
-        try:
-            grpc_config = load_config(args.config).grpc
-        except ConfigError as error:
-            print(error, file=sys.stderr)
-            return 2
+    grpc_config = load_config_or_exit(args.config).grpc if args.config else GrpcConfig()
     print(f"checking the reward server at {args.address} (deadline {args.timeout:g} s per call)")
     try:
         results = check_reward_server(args.address, timeout=args.timeout, grpc_config=grpc_config)
@@ -117,7 +94,8 @@ def cmd_bench(args) -> int:
     import dataclasses
     import json
 
-    from .bench.bench import format_report, run_bench
+    from .bench.bench import run_bench
+    from .bench.report import format_report
     from .bench.reward_model import ensure_reward_model
     from .bench.workload import Workload
     from .common.smollm2 import DEFAULT_DIR, prepare_smollm2
@@ -172,9 +150,16 @@ def resolve_default_model(config):
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="belay", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (add_up, add_eval, add_check_reward, add_bench, add_prepare_model):
+        add(commands)
+    return parser
+
+
+def add_up(commands) -> None:
+    """`belay up` and its options."""
     run = commands.add_parser("up", help="run redis and the four services locally, follow training")
     run.add_argument("--config", default="configs/demo.yaml")
     run.add_argument("--iterations", type=int, default=None, help="stop after this many PPO updates")
@@ -185,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--startup-timeout", type=float, default=900.0)
     run.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     run.set_defaults(handler=cmd_up)
+
+
+def add_eval(commands) -> None:
+    """`belay eval` and its options."""
     evaluation = commands.add_parser(
         "eval", help="held-out reward, KL, length, diversity and perplexity of checkpoints"
     )
@@ -198,11 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--seed", type=int, default=1234)
     evaluation.add_argument("--out", default=None, help="where results.json and the PNG plots go")
     evaluation.set_defaults(handler=cmd_eval)
+
+
+def add_check_reward(commands) -> None:
+    """`belay check-reward` and its options."""
     check = commands.add_parser("check-reward", help="check any belay.v1.Reward server against the protocol")
     check.add_argument("address", help="host:port of the reward server")
     check.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
     check.add_argument("--config", default=None, help="Belay config whose grpc section (TLS, token) to use")
     check.set_defaults(handler=cmd_check_reward)
+
+
+def add_bench(commands) -> None:
+    """`belay bench` and its options."""
     bench = commands.add_parser("bench", help="per-stage figures of a fixed PPO workload: services, in-process, TRL")
     bench.add_argument("--json", default=None, help="also write every figure to this JSON file")
     bench.add_argument("--iterations", type=int, default=Workload.iterations, help="measured PPO steps per mode")
@@ -233,10 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--run-dir", default="runs/bench", help="where each mode's logs and checkpoints go")
     bench.set_defaults(handler=cmd_bench)
+
+
+def add_prepare_model(commands) -> None:
+    """`belay prepare-model` and its options."""
     prepare = commands.add_parser("prepare-model", help="convert the embedded SmolLM2 GGUF to safetensors once")
     prepare.add_argument("--out", default="~/.cache/belay/SmolLM2-135M-Instruct")
     prepare.set_defaults(handler=cmd_prepare_model)
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return args.handler(args)
 

@@ -1,22 +1,14 @@
 """`belay up`: the whole stack as local processes (a local redis-server included), the same
-commands the containers run. Starts, waits for health, follows training, stops in order."""
+commands the containers run. Starts, waits for health, follows training, stops in order (the
+processes themselves: local_stack.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import pathlib
-import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
-from urllib.parse import urlparse
 
 import grpc
-import yaml
 
 from belay.v1 import belay_pb2, belay_pb2_grpc
 
@@ -25,205 +17,14 @@ from .common.config import BelayConfig
 from .common.memory_check import memory_check
 from .common.review_store import ReviewStore
 from .common.rollout_queue import RolloutQueue
-from .common.rpc import channel, wait_until_serving
+from .common.rpc import channel
 from .common.step_records import RollbackRecord, StepRecord, TrainerRecord
 from .evaluation.run_report import write_run_report
+from .local_stack import SERVICES, LocalStack, StackError
 
-SERVICES = ("reference", "reward", "policy", "trainer")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 HELDOUT_PROMPTS = str(REPO / "prompts/heldout.txt")
 HELDOUT_TEXT = str(REPO / "data/heldout_text.txt")
-STOP_ORDER = ("policy", "trainer", "reward", "reference")  # producers first; redis last
-
-
-class StackError(RuntimeError):
-    """A service that failed to start or died; the message carries its log's tail."""
-
-
-def tail(path: pathlib.Path, lines: int = 25) -> str:
-    if not path.is_file():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-@dataclasses.dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen
-    log_path: pathlib.Path
-
-
-class LocalStack:
-    """Redis and the four services as child processes of this one, each in its own session so
-    Ctrl-C reaches only the launcher, which then stops them in order."""
-
-    def __init__(self, config: BelayConfig, run_dir: pathlib.Path, say=print):
-        self.config, self.run_dir, self.say = config, run_dir, say
-        self.processes: dict[str, Process] = {}
-        self.config_path = run_dir / "config.yaml"
-
-    def _spawn(self, name: str, command: list[str]) -> None:
-        log_path = self.run_dir / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(log_path, "ab")
-        popen = subprocess.Popen(
-            command,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=os.getcwd(),
-        )
-        handle.close()
-        self.processes[name] = Process(name, popen, log_path)
-
-    def start(self, names: tuple[str, ...] = SERVICES) -> None:
-        """Redis (on first call), then the named services."""
-        if "redis" not in self.processes:
-            self._start_redis()
-        for name in names:
-            self._spawn(name, [sys.executable, "-m", f"services.{name}", "--config", str(self.config_path)])
-
-    def kill(self, name: str) -> None:
-        """SIGKILL one process (a crash, for fault tests)."""
-        process = self.processes[name].popen
-        process.kill()
-        process.wait()
-
-    def restart(self, name: str) -> None:
-        """Start one stopped process again with the same command (what an orchestrator does)."""
-        if name == "redis":
-            self._start_redis()
-        else:
-            self.start((name,))
-
-    def _start_redis(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
-        url = urlparse(self.config.redis.url)
-        redis_dir = self.run_dir / "redis"
-        redis_dir.mkdir(exist_ok=True)
-        redis_server = shutil.which("redis-server")
-        if redis_server is None:
-            raise StackError(
-                "redis-server is not installed (Debian: apt-get install redis-server; `make setup` does it)"
-            )
-        self._spawn(
-            "redis",
-            [
-                redis_server,
-                "--port",
-                str(url.port or 6379),
-                "--bind",
-                url.hostname or "127.0.0.1",
-                "--dir",
-                str(redis_dir),
-                "--save",
-                "",
-                "--protected-mode",
-                "yes",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ],
-        )  # a kill -9 of Redis loses no write
-        self._wait_redis()
-
-    def _wait_redis(self, timeout: float = 20) -> None:
-        import redis
-
-        client = redis.Redis.from_url(self.config.redis.url)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        raise StackError(
-            f"redis-server did not answer at {self.config.redis.url}:\n{tail(self.processes['redis'].log_path)}"
-        )
-
-    def check_alive(self) -> None:
-        for process in self.processes.values():
-            code = process.popen.poll()
-            if code is not None and not (process.name == "trainer" and code == 0):  # 0: reached max_steps
-                raise StackError(
-                    f"{process.name} exited with code {code}; the end of {process.log_path}:\n{tail(process.log_path)}"
-                )
-
-    def wait_healthy(self, timeout: float, trainer: bool = True) -> None:
-        deadline = time.monotonic() + timeout
-        targets = [
-            ("reference", "belay.v1.Reference", self.config.reference.address),
-            ("reward", "belay.v1.Reward", self.config.reward.address),
-            ("policy", "belay.v1.Policy", self.config.policy.address),
-        ]
-        for name, service, address in targets:
-            self.say(f"  waiting for {name} at {address} ...")
-            chan = channel(address, self.config.grpc)
-            while True:
-                self.check_alive()
-                try:
-                    wait_until_serving(chan, service, 2.0)
-                    break
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise StackError(
-                            f"{name} not healthy after {timeout:.0f} s:\n{tail(self.processes[name].log_path)}"
-                        ) from None
-        if not trainer:
-            return
-        self.say(f"  waiting for trainer (metrics on :{self.config.trainer.metrics_port}) ...")
-        while not self.trainer_ready():
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise StackError(
-                    f"trainer not ready after {timeout:.0f} s:\n{tail(self.processes['trainer'].log_path)}"
-                )
-            time.sleep(0.5)
-
-    def trainer_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.config.trainer.metrics_port}/metrics", timeout=2) as r:
-                lines = r.read().decode().splitlines()
-        except OSError:  # not listening yet; or it already finished its max_steps and exited 0
-            return self.processes["trainer"].popen.poll() == 0
-        return any(line.split()[:2] == ["belay_trainer_ready", "1.0"] for line in lines)
-
-    def peak_memory_bytes(self) -> dict[str, int]:
-        """Each running process's peak resident set so far (VmHWM in /proc/<pid>/status, Linux);
-        read it before stop(). A process that has exited is left out."""
-        peaks = {}
-        for name, process in self.processes.items():
-            if process.popen.poll() is not None:
-                continue
-            try:
-                status = pathlib.Path(f"/proc/{process.popen.pid}/status").read_text()
-            except OSError:  # exited meanwhile
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks[name] = int(line.split()[1]) * 1024  # reported in kB
-        return peaks
-
-    def stop(self, grace: float = 60.0, trainer_grace: float = 900.0) -> None:
-        """SIGTERM in order (producers first, redis last), SIGKILL past the grace. The trainer gets
-        longer: on SIGTERM it persists every update since its last checkpoint (1.6 GB at 135M, about
-        18 GB at 1.5B, fsynced), and killing it there would throw those updates away."""
-        for name in (*STOP_ORDER, "redis"):
-            process = self.processes.get(name)
-            if process is None or process.popen.poll() is not None:
-                continue
-            process.popen.send_signal(signal.SIGTERM)
-            try:
-                process.popen.wait(timeout=trainer_grace if name == "trainer" else grace)
-            except subprocess.TimeoutExpired:
-                self.say(f"  {name} did not stop in time: killing it")
-                process.popen.kill()
-                process.popen.wait()
 
 
 def sample_outputs(config: BelayConfig, prompts: list[str], max_new_tokens: int) -> tuple[int, list[str]]:
@@ -340,17 +141,45 @@ def up(
     evaluate_after: bool = True,
     say=print,
 ) -> dict:
+    """Run the stack, follow training, stop it; then summarise, evaluate and report the run."""
     report, refused = memory_check(config)  # before anything starts: a plan that cannot fit is refused
     say(report)
     if refused:
         raise StackError(refused)
-    stack = LocalStack(config, run_dir, say)
+    steps, canaries, before, after = train(
+        config, LocalStack(config, run_dir, say), iterations, sample_prompts, sample_tokens, startup_timeout, say
+    )
+    summary = summarise(steps)
+    summary.update(samples_before=before, samples_after=after)
+    if summary.get("iterations"):
+        say_progress(summary, say)
+        latest = latest_checkpoint(config.run.checkpoint_dir)
+        if evaluate_after and latest is not None:
+            summary["eval"] = evaluate_first_and_last(config, latest[1], run_dir / "eval", say)
+    if steps:
+        summary["report"] = str(report_run(steps, canaries, run_dir, say))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    say(f"summary written to {run_dir / 'summary.json'}")
+    return summary
+
+
+def train(
+    config: BelayConfig,
+    stack: LocalStack,
+    iterations: int | None,
+    sample_prompts: list[str],
+    sample_tokens: int,
+    startup_timeout: float,
+    say=print,
+) -> tuple[list[TrainerRecord], dict[int, dict], list[str], list[str]]:
+    """Start the stack, sample the fixed prompts, train until `iterations` (or Ctrl-C), sample them
+    again, stop the stack. Returns (steps, canaries, samples before, samples after)."""
     steps: list[TrainerRecord] = []
     canaries: dict[int, dict] = {}
     before: list[str] = []
     after: list[str] = []
     try:
-        say(f"Belay: starting redis-server and {', '.join(SERVICES)} (logs in {run_dir / 'logs'})")
+        say(f"Belay: starting redis-server and {', '.join(SERVICES)} (logs in {stack.run_dir / 'logs'})")
         stack.start(("reference", "reward", "policy"))
         stack.wait_healthy(startup_timeout, trainer=False)
         # The "before" answers come from the policy before the trainer exists, so they are version 0
@@ -380,54 +209,41 @@ def up(
     finally:
         say("stopping services ...")
         stack.stop()
-    summary = summarise(steps)
-    summary.update(samples_before=before, samples_after=after)
-    if summary.get("iterations"):
-        first, last, t = summary["first"], summary["last"], summary["mean_seconds"]
-        q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
-        say(
-            f"\nreward mean {first['reward_mean']:+.3f} -> {last['reward_mean']:+.3f} (first quarter of the run "
-            f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {first['kl_per_sequence']:.3f}"
-            f" -> {last['kl_per_sequence']:.3f} (per token {last['kl_per_token']:.4f}) over {summary['iterations']} "
-            "iterations"
-        )
-        say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
-        latest = latest_checkpoint(config.run.checkpoint_dir)
-        if evaluate_after and latest is not None:
-            summary["eval"] = evaluate_first_and_last(config, latest[1], run_dir / "eval", say)
-    if steps:
-        report = write_run_report(steps, canaries, run_dir / "report")
-        summary["report"] = str(report)
-        if canaries:
-            first, last = canaries[min(canaries)], canaries[max(canaries)]
-            say(f"canary prompts, version {first['version']} -> {last['version']} (drift {last['drift']:.3f}):")
-            for prompt, old, new in zip(first["prompts"], first["outputs"], last["outputs"]):
-                say(f"  > {prompt}\n    v{first['version']}: {old!r}\n    v{last['version']}: {new!r}")
-        say(f"report: {report} (plots: {report.parent / 'training.png'})")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    say(f"summary written to {run_dir / 'summary.json'}")
-    return summary
+    return steps, canaries, before, after
+
+
+def say_progress(summary: dict, say=print) -> None:
+    """The run in two lines: reward and KL from the first step to the last, and seconds per iteration."""
+    first, last, t = summary["first"], summary["last"], summary["mean_seconds"]
+    q1, q4 = summary["first_quarter_mean"], summary["last_quarter_mean"]
+    say(
+        f"\nreward mean {first['reward_mean']:+.3f} -> {last['reward_mean']:+.3f} (first quarter of the run "
+        f"{q1['reward_mean']:+.3f}, last quarter {q4['reward_mean']:+.3f}); KL/seq {first['kl_per_sequence']:.3f}"
+        f" -> {last['kl_per_sequence']:.3f} (per token {last['kl_per_token']:.4f}) over {summary['iterations']} "
+        "iterations"
+    )
+    say("mean seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+
+
+def report_run(steps: list[TrainerRecord], canaries: dict[int, dict], run_dir: pathlib.Path, say=print) -> pathlib.Path:
+    """Write the run report (with its plots) and say how the canary prompts' answers moved."""
+    report = write_run_report(steps, canaries, run_dir / "report")
+    if canaries:
+        first, last = canaries[min(canaries)], canaries[max(canaries)]
+        say(f"canary prompts, version {first['version']} -> {last['version']} (drift {last['drift']:.3f}):")
+        for prompt, old, new in zip(first["prompts"], first["outputs"], last["outputs"]):
+            say(f"  > {prompt}\n    v{first['version']}: {old!r}\n    v{last['version']}: {new!r}")
+    say(f"report: {report} (plots: {report.parent / 'training.png'})")
+    return report
 
 
 def evaluate_first_and_last(config: BelayConfig, last: pathlib.Path, out_dir: pathlib.Path, say=print) -> dict:
     """`belay eval` of the starting model (the reference) and the last version, on held-out data."""
-    from .common.models import resolve_device
-    from .evaluation import report
-    from .evaluation.runner import EvalSettings, evaluate
-    from .reward.backends import build_backend
+    from .evaluation.runner import EvalSettings, evaluate_and_write
 
     say(f"evaluating the reference and {last.name} on held-out prompts and text ...")
-    backend = build_backend(config.reward, resolve_device(config.reward.device))
-    results = evaluate(
-        config,
-        [None, last],
-        backend,
-        HELDOUT_PROMPTS,
-        HELDOUT_TEXT,
-        EvalSettings(max_new_tokens=config.policy.max_new_tokens),
-    )
-    say(report.table(results))
-    report.write(results, out_dir)
+    settings = EvalSettings(max_new_tokens=config.policy.max_new_tokens)
+    results, _ = evaluate_and_write(config, [None, last], HELDOUT_PROMPTS, HELDOUT_TEXT, settings, out_dir, say)
     reference, trained = results["models"]["reference"], results["models"][last.name]
     say(
         f"held-out reward {reference['reward_mean']:+.3f} -> {trained['reward_mean']:+.3f}; held-out perplexity "

@@ -135,9 +135,7 @@ def run_gpu_bench(
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base, local_files_only=True)
         policy_model = load_causal_lm(str(base), torch_device, "bench policy", torch_dtype)
         trainer_model = load_causal_lm(str(base), torch_device, "bench trainer")  # float32 master weights
-        engine = PolicyEngine(
-            policy_model, tokenizer, GrpcConfig(max_batch_size=max(256, batch_size)), max_tokens_per_forward=16384
-        )
+        engine = PolicyEngine(policy_model, tokenizer, GrpcConfig(max_batch_size=max(256, batch_size)))
         config = BelayConfig.model_validate(
             {
                 "run": {"checkpoint_dir": str(pathlib.Path(temp) / "checkpoints")},

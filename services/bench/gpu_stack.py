@@ -29,7 +29,8 @@ import torch
 
 from ..common.config import BelayConfig
 from ..common.step_records import StepRecord
-from ..launcher import LocalStack, follow
+from ..launcher import follow
+from ..local_stack import LocalStack
 from .reward_model import ensure_reward_model
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
 from .workload import Workload, belay_config

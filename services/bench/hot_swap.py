@@ -54,14 +54,13 @@ def main() -> None:
         ]
         del trained, adapted
         results = {}
-        engine = PolicyEngine(load_causal_lm(base_dir, torch.device("cpu"), "policy"), tokenizer, GrpcConfig(), 4096)
+        engine = PolicyEngine(load_causal_lm(base_dir, torch.device("cpu"), "policy"), tokenizer, GrpcConfig())
         results["full weights"] = (time_swaps(engine, full), size_mb(full[0]))
         del engine
         engine = PolicyEngine(
             wrap_with_lora(load_causal_lm(base_dir, torch.device("cpu"), "policy"), settings),
             tokenizer,
             GrpcConfig(),
-            4096,
         )
         results[f"LoRA r={args.rank} adapter"] = (time_swaps(engine, adapters), size_mb(adapters[0]))
     print(f"hot-swap on SmolLM2-135M-Instruct, CPU, torch threads {torch.get_num_threads()}, {args.repeats} swaps each")

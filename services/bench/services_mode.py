@@ -10,9 +10,11 @@ import shutil
 import redis
 
 from ..common.checkpoints import committed_versions
+from ..common.config import BelayConfig
 from ..common.rollout_queue import Rollout, RolloutQueue
 from ..common.step_records import StepRecord
-from ..launcher import LocalStack, follow
+from ..launcher import follow
+from ..local_stack import LocalStack
 from .workload import Workload, belay_config, service_threads
 
 # The trainer's step record's StageSeconds field of each bench stage. publish and persist are the trainer's
@@ -62,26 +64,13 @@ def run_services(
     """warmup + iterations trainer steps on a fresh stack. Returns the raw run: one record per step
     (end time, rollouts, response tokens, seconds per stage), the measured window's start, peak
     memory per process, and bytes per rollout on each path."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     config = belay_config(workload, run_dir, max_staleness, advantage)
-    stack = LocalStack(config, run_dir, say=lambda *_: None)
-    steps_wanted = workload.warmup + workload.iterations
-    try:
-        stack.start()
-        stack.wait_healthy(startup_timeout)
-        steps = follow(config, stack, steps_wanted, say=lambda line: say("    " + line))
-        peaks = stack.peak_memory_bytes()  # before stop(): the processes must still be there
-        client = redis.Redis.from_url(config.redis.url)
-        queue = RolloutQueue(client, config.run.name)
-        entries = [fields for _, fields in client.xrange(queue.stream)]  # the actor may still be adding some
-        dropped = [fields[b"drop_reason"].decode() for _, fields in client.xrange(queue.dropped_stream)]
-    finally:
-        stack.stop()
+    steps, peaks, entries, dropped = run_stack(
+        config, run_dir, workload.warmup + workload.iterations, startup_timeout, say
+    )
     rollouts = [Rollout.from_fields(fields) for fields in entries]
     if not all(isinstance(step, StepRecord) for step in steps):
         raise RuntimeError("a bench step was a KL rollback, not an update: the figures would mix the two")
-    rows = workload.batch_size
     records = [
         {
             "version": s.version,
@@ -100,12 +89,6 @@ def run_services(
     start = (
         records[workload.warmup - 1]["end_time"] if workload.warmup else min(r.timings["started_at"] for r in rollouts)
     )
-    latest = committed_versions(config.run.checkpoint_dir)[-1][1]  # the final persist, at shutdown
-    checkpoint_bytes = directory_bytes(latest)
-    measured = records[workload.warmup :]
-    publish_bytes = sum(r["publish_bytes"] for r in measured) / len(measured)  # what the policy maps, per update
-    wire = {f"{key}_per_rollout": sum(r.timings[key] for r in rollouts) / rows / len(rollouts) for key in WIRE_KEYS}
-    entry_bytes = [sum(len(name) + len(value) for name, value in fields.items()) for fields in entries]
     every = workload.checkpoint_every_steps
     return {
         "steps": records,
@@ -114,16 +97,7 @@ def run_services(
         "peak_memory_bytes": {
             name: peaks[name] for name in ("policy", "reference", "reward", "trainer", "redis") if name in peaks
         },
-        "bytes": {
-            **wire,
-            "stream_entry_bytes_per_rollout": sum(entry_bytes) / len(entry_bytes),
-            "publish_bytes_per_update": publish_bytes,
-            "publish_bytes_per_rollout": publish_bytes / rows,
-            "checkpoint_bytes_per_persist": checkpoint_bytes,
-            "persist_bytes_per_update": checkpoint_bytes / every,
-            "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
-            "hot_swap_read_bytes_per_update": publish_bytes,
-        },
+        "bytes": bytes_moved(workload, config, records[workload.warmup :], rollouts, entries),
         "persist_writes_seconds": {
             str(v): sec for v, sec in sorted(background_writes(steps, run_dir / "logs" / "trainer.log").items())
         },
@@ -138,4 +112,48 @@ def run_services(
             "processes": "redis + 4 services",
             "torch_threads": service_threads(workload.torch_threads, max_staleness),
         },
+    }
+
+
+def run_stack(
+    config: BelayConfig, run_dir: pathlib.Path, steps_wanted: int, startup_timeout: float, say=print
+) -> tuple[list[dict], dict[str, int], list[dict], list[str]]:
+    """Start the stack afresh in run_dir, follow `steps_wanted` trainer steps, read what Redis holds, stop the stack.
+    Returns (the trainer's steps, peak memory per process, the rollout stream's entries, drop reasons)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    stack = LocalStack(config, run_dir, say=lambda *_: None)
+    try:
+        stack.start()
+        stack.wait_healthy(startup_timeout)
+        steps = follow(config, stack, steps_wanted, say=lambda line: say("    " + line))
+        peaks = stack.peak_memory_bytes()  # before stop(): the processes must still be there
+        client = redis.Redis.from_url(config.redis.url)
+        queue = RolloutQueue(client, config.run.name)
+        entries = [fields for _, fields in client.xrange(queue.stream)]  # the actor may still be adding some
+        dropped = [fields[b"drop_reason"].decode() for _, fields in client.xrange(queue.dropped_stream)]
+    finally:
+        stack.stop()
+    return steps, peaks, entries, dropped
+
+
+def bytes_moved(
+    workload: Workload, config: BelayConfig, measured: list[dict], rollouts: list[Rollout], entries: list[dict]
+) -> dict[str, float]:
+    """Bytes on each path: per rollout on the wire and in the stream, per update published (what the
+    policy maps), per persist and per update persisted (the final persist's checkpoint, at shutdown)."""
+    rows, every = workload.batch_size, workload.checkpoint_every_steps
+    checkpoint_bytes = directory_bytes(committed_versions(config.run.checkpoint_dir)[-1][1])
+    publish_bytes = sum(r["publish_bytes"] for r in measured) / len(measured)
+    wire = {f"{key}_per_rollout": sum(r.timings[key] for r in rollouts) / rows / len(rollouts) for key in WIRE_KEYS}
+    entry_bytes = [sum(len(name) + len(value) for name, value in fields.items()) for fields in entries]
+    return {
+        **wire,
+        "stream_entry_bytes_per_rollout": sum(entry_bytes) / len(entry_bytes),
+        "publish_bytes_per_update": publish_bytes,
+        "publish_bytes_per_rollout": publish_bytes / rows,
+        "checkpoint_bytes_per_persist": checkpoint_bytes,
+        "persist_bytes_per_update": checkpoint_bytes / every,
+        "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
+        "hot_swap_read_bytes_per_update": publish_bytes,
     }

@@ -9,6 +9,7 @@ import pathlib
 import socket
 
 from ..common.config import BelayConfig
+from ..common.prompts import read_prompts
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CACHE = pathlib.Path("~/.cache/belay").expanduser()
@@ -37,8 +38,7 @@ class Workload:
         return self.prompts_per_batch
 
     def prompts(self) -> list[str]:
-        lines = pathlib.Path(self.prompts_file).read_text().splitlines()
-        return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return read_prompts(self.prompts_file, "the bench's prompts file")
 
 
 def free_port() -> int:
@@ -78,23 +78,9 @@ def belay_config(
                 "max_queue_lag": 8 * workload.batch_size,
                 "block_ms": 100,
             },
-            "grpc": {
-                "shutdown_grace_seconds": 0.5
-            },  # nothing in flight is worth waiting for once the bench has its steps
-            "policy": {
-                "model_dir": workload.model_dir,
-                "prompts_file": workload.prompts_file,
-                "address": f"127.0.0.1:{ports[1]}",
-                "metrics_port": ports[2],
-                "prompts_per_batch": workload.prompts_per_batch,
-                "samples_per_prompt": 1,
-                "max_new_tokens": workload.max_new_tokens,
-                "temperature": workload.temperature,
-                "seed": workload.seed,
-                "torch_threads": threads["policy"],
-                "canary_prompts_file": "",
-                "version_poll_seconds": 0.05,
-            },
+            # nothing in flight is worth waiting for once the bench has its steps
+            "grpc": {"shutdown_grace_seconds": 0.5},
+            "policy": policy_section(workload, ports[1], ports[2], threads["policy"]),
             "reference": {
                 "model_dir": workload.model_dir,
                 "address": f"127.0.0.1:{ports[3]}",
@@ -109,23 +95,48 @@ def belay_config(
                 "batch_size": workload.batch_size,
                 "torch_threads": threads["reward"],
             },
-            "trainer": {
-                "model_dir": workload.model_dir,
-                "metrics_port": ports[7],
-                "policy_address": f"127.0.0.1:{ports[1]}",
-                "batch_size": workload.batch_size,
-                "minibatch_size": workload.minibatch_size,
-                "ppo_epochs": workload.ppo_epochs,
-                "lr": workload.lr,
-                "kl_coef": workload.kl_coef,
-                "temperature": workload.temperature,
-                "max_staleness": max_staleness,
-                "advantage": advantage,
-                "keep_checkpoints": 2,
-                "checkpoint_every_steps": workload.checkpoint_every_steps,
-                "seed": workload.seed,
-                "torch_threads": threads["trainer"],
-                "review_port": 0,
-            },
+            "trainer": trainer_section(workload, ports[7], ports[1], threads["trainer"], max_staleness, advantage),
         }
     )
+
+
+def policy_section(workload: Workload, port: int, metrics_port: int, threads: int) -> dict:
+    """The policy's config section: one batch of prompts_per_batch prompts, one sample each."""
+    return {
+        "model_dir": workload.model_dir,
+        "prompts_file": workload.prompts_file,
+        "address": f"127.0.0.1:{port}",
+        "metrics_port": metrics_port,
+        "prompts_per_batch": workload.prompts_per_batch,
+        "samples_per_prompt": 1,
+        "max_new_tokens": workload.max_new_tokens,
+        "temperature": workload.temperature,
+        "seed": workload.seed,
+        "torch_threads": threads,
+        "canary_prompts_file": "",
+        "version_poll_seconds": 0.05,
+    }
+
+
+def trainer_section(
+    workload: Workload, metrics_port: int, policy_port: int, threads: int, max_staleness: int, advantage: str
+) -> dict:
+    """The trainer's config section: the workload's PPO settings, the seed's recipe otherwise."""
+    return {
+        "model_dir": workload.model_dir,
+        "metrics_port": metrics_port,
+        "policy_address": f"127.0.0.1:{policy_port}",
+        "batch_size": workload.batch_size,
+        "minibatch_size": workload.minibatch_size,
+        "ppo_epochs": workload.ppo_epochs,
+        "lr": workload.lr,
+        "kl_coef": workload.kl_coef,
+        "temperature": workload.temperature,
+        "max_staleness": max_staleness,
+        "advantage": advantage,
+        "keep_checkpoints": 2,
+        "checkpoint_every_steps": workload.checkpoint_every_steps,
+        "seed": workload.seed,
+        "torch_threads": threads,
+        "review_port": 0,
+    }

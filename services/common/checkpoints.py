@@ -66,7 +66,7 @@ def write_checkpoint(
     temp.mkdir()
     try:
         write_files(temp)
-        write_manifest(temp, version)
+        write_checksum_manifest(temp, version)
         if durable:
             _fsync_tree(temp)
         os.rename(temp, final)
@@ -97,7 +97,7 @@ def file_checksum(path: pathlib.Path, algorithm: str = CHECKSUM) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: pathlib.Path, version: int) -> None:
+def write_checksum_manifest(directory: pathlib.Path, version: int) -> None:
     """MANIFEST lists every file with its size and checksum, so corruption is caught on load."""
     files = {
         str(p.relative_to(directory)): {"size": p.stat().st_size, CHECKSUM: file_checksum(p)}

@@ -13,7 +13,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from belay.v1 import belay_pb2
 
 from .config import GrpcConfig
-from .models import response_logprobs, weights_fingerprint
+from .models import (
+    MIN_TEMPERATURE,
+    below_min_temperature,
+    response_logprobs,
+    response_logprobs_with_top_k,
+    weights_fingerprint,
+)
 from .packing import PackingError, pack_float32, pack_int32, unpack_int32
 from .rpc import invalid, too_big
 
@@ -72,10 +78,8 @@ def parse_logprobs_request(
     temperature = request.temperature or 1.0
     if not math.isfinite(temperature) or temperature <= 0:
         raise invalid(f"temperature must be a positive number, got {request.temperature}")
-    # Far below 1e-6 logits / temperature overflows float32 and every log-prob is NaN (1e-6, as the
-    # float32 the field holds, is a hair under 1e-6: hence the tolerance).
-    if temperature < 0.9999e-6:
-        raise invalid(f"temperature must be at least 1e-06 (0 means 1.0), got {request.temperature}")
+    if below_min_temperature(temperature):
+        raise invalid(f"temperature must be at least {MIN_TEMPERATURE:g} (0 means 1.0), got {request.temperature}")
     if request.top_k > vocab_size:
         raise invalid(f"top_k={request.top_k} exceeds the vocabulary size {vocab_size}")
     reply_bytes = 8 * request.top_k * sum(len(r) for r in responses)
@@ -103,19 +107,23 @@ class LogProbsHandler:
         prompts, responses, temperature = parse_logprobs_request(
             request, vocab_size, context_limit(loaded.model, self.limits), self.limits
         )
-        with self.lock:
-            rows = response_logprobs(
-                loaded.model,
-                prompts,
-                responses,
-                self.pad_id,
-                temperature,
-                self.max_tokens_per_forward,
-                top_k=request.top_k,
-            )
         reply = belay_pb2.LogProbsResponse(policy_version=loaded.version)
+        with self.lock:
+            if request.top_k:
+                rows, top_rows = response_logprobs_with_top_k(
+                    loaded.model,
+                    prompts,
+                    responses,
+                    self.pad_id,
+                    request.top_k,
+                    temperature,
+                    self.max_tokens_per_forward,
+                )
+            else:
+                rows = response_logprobs(
+                    loaded.model, prompts, responses, self.pad_id, temperature, self.max_tokens_per_forward
+                )
         if request.top_k:
-            rows, top_rows = rows
             reply.top_ids.CopyFrom(pack_int32([ids.numpy().reshape(-1) for ids, _ in top_rows]))
             reply.top_logprobs.CopyFrom(pack_float32([values.numpy().reshape(-1) for _, values in top_rows]))
         reply.logprobs.CopyFrom(pack_float32([r.numpy() for r in rows]))

@@ -5,8 +5,8 @@ summed against its memory, the plan logged by each service at start and each pro
 Settings not in the config yet are read with getattr and a default, so this works before and after
 they land: `<section>.dtype` ('auto': bfloat16 on CUDA, float32 on CPU), `trainer.gradient_checkpointing`
 (False), `policy.max_prompt_tokens` (prompts are bounded today only by the RPC limit: the
-max_prompt_tokens argument, 1024 by default, stands in), `trainer.logprob_chunk_tokens` (0: log-probs
-over the whole minibatch at once, as today).
+max_prompt_tokens argument, 1024 by default, stands in), and the log-prob chunks: `trainer.logprob_chunk_positions`
+in the trainer, models.LOGPROB_CHUNK_POSITIONS in the reference.
 
 CPU devices are not checked: the plan is logged for them, but RAM is shared with everything else on
 the machine and the kernel's overcommit makes a sum against it say little.
@@ -36,6 +36,7 @@ from .memory_plan import (
     service_plan,
     trainer_plan,
 )
+from .token_logprobs import LOGPROB_CHUNK_POSITIONS
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_PROMPT_TOKENS = 1024
@@ -92,7 +93,8 @@ def _reference(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:
     section = config.reference
     device = plan_device(section.device, cuda)
     tokens = min(section.max_tokens_per_forward, lengths.rows * lengths.width)
-    return [reference_plan(read_shape(section.model_dir), dtype_bytes(section, device), tokens, device)]
+    shape = read_shape(section.model_dir)
+    return [reference_plan(shape, dtype_bytes(section, device), tokens, device, min(LOGPROB_CHUNK_POSITIONS, tokens))]
 
 
 def _reward(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:
@@ -114,15 +116,14 @@ def _trainer(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:
     section = config.trainer
     device = plan_device(section.device, cuda)
     minibatch_tokens = section.minibatch_size * lengths.width
-    full_batch = section.advantage == "gae" or section.kl_estimator == "full"
     return [
         trainer_plan(
             read_shape(section.model_dir),
             dtype_bytes(section, device),
             minibatch_tokens,
             bool(getattr(section, "gradient_checkpointing", False)),
-            min(getattr(section, "logprob_chunk_tokens", 0) or minibatch_tokens, minibatch_tokens),
-            section.batch_size * lengths.width if full_batch else 0,
+            min(section.logprob_chunk_positions, minibatch_tokens),
+            0,  # the full-batch pass (GAE, full KL) is chunked too: one chunk at a time
             device,
         )
     ]

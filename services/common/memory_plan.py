@@ -16,8 +16,11 @@ Factors chosen, and why:
   SwiGLU MLP with I > 4h keeps somewhat more, dropout masks (absent in Llama/Qwen) somewhat less.
   Scaled by e / 2 for other dtypes. In a no-grad forward a layer's tensors are freed before the
   next layer runs, so one layer's 34 bytes bound its working set (reference, reward, prefill).
-- LOGPROB_COPIES = 2: a float32 log-softmax over the vocabulary plus its exp for the entropy, both
-  alive at once (issue #14's own account of what the trainer holds; the reference runs the same code).
+- LOGPROB_COPIES = 4: the log-probs run the output head on chunks of response positions
+  (services/common/token_logprobs.py): one chunk's float32 logits, their log-softmax, the softmax
+  for the entropy and, in backward, the recomputed logits' gradient are alive at once (~4 copies of
+  positions x V x 4 bytes). A chunk is trainer.logprob_chunk_positions positions in the trainer and
+  LOGPROB_CHUNK_POSITIONS in the reference and policy.
 - CUDA_CONTEXT_BYTES = 512 MiB per process: the CUDA context and kernels, outside torch's allocator
   (an assumption: 300-600 MiB is what torch processes usually show on recent GPUs).
 - HEADROOM = 0.10: a device's memory is counted as 90 % usable, leaving room for the caching
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ACTIVATION_BYTES_16BIT = 34
-LOGPROB_COPIES = 2
+LOGPROB_COPIES = 4
 CUDA_CONTEXT_BYTES = 512 * 1024**2
 HEADROOM = 0.10
 QKV_BIAS_MODELS = ("qwen2",)  # Qwen2Attention: bias on q, k, v; none on o
@@ -181,7 +184,9 @@ def policy_plan(
     )
 
 
-def reference_plan(shape: ModelShape, dtype_bytes: int, tokens_per_forward: int, device: str) -> ServicePlan:
+def reference_plan(
+    shape: ModelShape, dtype_bytes: int, tokens_per_forward: int, device: str, logprob_positions: int | None = None
+) -> ServicePlan:
     """The reference's teacher-forced forward over tokens_per_forward (= min(max_tokens_per_forward,
     rows * (prompt_tokens + new_tokens))) tokens: weights P * e; activations, one layer's
     (tokens * h * 34 * e / 2); the log-prob chunk tokens * V * 4 * LOGPROB_COPIES."""
@@ -194,7 +199,11 @@ def reference_plan(shape: ModelShape, dtype_bytes: int, tokens_per_forward: int,
             MemoryItem(
                 "reference activations", activation_bytes_per_layer(shape, tokens_per_forward, dtype_bytes), hint
             ),
-            MemoryItem("reference log-prob chunk", logprob_chunk_bytes(shape, tokens_per_forward), hint),
+            MemoryItem(
+                "reference log-prob chunk",
+                logprob_chunk_bytes(shape, tokens_per_forward if logprob_positions is None else logprob_positions),
+                hint,
+            ),
         ],
     )
 

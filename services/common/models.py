@@ -12,6 +12,8 @@ import pathlib
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .token_logprobs import LOGPROB_CHUNK_POSITIONS, model_response_stats, model_response_top_k
+
 log = logging.getLogger(__name__)
 
 
@@ -146,42 +148,30 @@ def build_teacher_forced_batch(
     return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 
+MIN_TEMPERATURE = 1e-6
+
+
+def below_min_temperature(temperature: float) -> bool:
+    """Whether a (positive) temperature is under MIN_TEMPERATURE: far below 1e-6, logits / temperature
+    overflows float32 and every probability is NaN. 1e-6 as the float32 a request field holds is a
+    hair under 1e-6: hence the tolerance."""
+    return temperature < 0.9999e-6
+
+
 def next_token_log_probs(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperature: float = 1.0,
-    output_hidden_states: bool = False,
-):
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log softmax(logits / temperature) over the vocabulary at every position but the last.
 
-    input_ids, attention_mask: (B, T) -> log_probs (B, T-1, V), float32; with output_hidden_states
-    also the last layer's hidden states (B, T-1, H). Differentiable.
+    input_ids, attention_mask: (B, T) -> log_probs (B, T-1, V), float32. Differentiable.
     """
-    output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
-    log_probs = torch.log_softmax(output.logits[:, :-1].float() / temperature, dim=-1)
-    if output_hidden_states:
-        return log_probs, output.hidden_states[-1][:, :-1]
-    return log_probs
+    output = model(input_ids=input_ids, attention_mask=attention_mask)
+    return _next_token_log_softmax(output.logits, temperature)
 
 
-def token_logprobs(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each next token under softmax(logits / temperature).
-
-    input_ids, attention_mask: (B, T). Returns (logprobs (B, T-1), entropy (B, T-1)), where
-    logprobs[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]). Differentiable.
-    """
-    log_probs = next_token_log_probs(model, input_ids, attention_mask, temperature)  # (B, T-1, V)
-    return chosen_and_entropy(log_probs, input_ids)
-
-
-def chosen_and_entropy(log_probs: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From log_probs (B, T-1, V): the next tokens' log-probs (B, T-1) and the entropy (B, T-1)."""
-    chosen = torch.gather(log_probs, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return chosen, entropy
+def _next_token_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, T, V) logits -> (B, T-1, V) float32 log-probabilities of the next token."""
+    return torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
 
 
 def _chunks(prompts: list[list[int]], responses: list[list[int]], max_tokens: int):
@@ -199,6 +189,7 @@ def _chunks(prompts: list[list[int]], responses: list[list[int]], max_tokens: in
         start = stop
 
 
+@torch.no_grad()
 def response_logprobs(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -206,28 +197,58 @@ def response_logprobs(
     pad_id: int,
     temperature: float = 1.0,
     max_tokens_per_forward: int = 16384,
-    top_k: int = 0,
-):
+) -> list[torch.Tensor]:
     """Teacher-forced log-probabilities of each response's tokens, one 1-D tensor (R,) per row, no grad.
 
-    With top_k > 0, returns (rows, top_rows) where top_rows[i] = (ids (R, K) int, logprobs (R, K))
-    are the K likeliest tokens at each response position (K = min(top_k, vocabulary)).
-    Rows are forwarded in chunks of at most max_tokens_per_forward padded tokens.
+    Rows are forwarded in chunks of at most max_tokens_per_forward padded tokens; the output head
+    runs on response positions only, LOGPROB_CHUNK_POSITIONS at a time (token_logprobs.py).
     """
-    device = next(model.parameters()).device
-    results: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+    for input_ids, attention_mask, response_mask in _teacher_forced_chunks(
+        model, prompts, responses, pad_id, max_tokens_per_forward
+    ):
+        stats, _ = model_response_stats(
+            model, input_ids, attention_mask, response_mask, temperature, LOGPROB_CHUNK_POSITIONS, want_entropy=False
+        )
+        rows.extend(stats.logprobs[row][response_mask[row].bool()].cpu() for row in range(len(input_ids)))
+    return rows
+
+
+@torch.no_grad()
+def response_logprobs_with_top_k(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    top_k: int,
+    temperature: float = 1.0,
+    max_tokens_per_forward: int = 16384,
+) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """response_logprobs, and the K likeliest tokens at each response position: (rows, top_rows)
+    where top_rows[i] = (ids (R, K) int, logprobs (R, K)), K = min(top_k, vocabulary). No grad."""
+    rows: list[torch.Tensor] = []
     top_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with torch.no_grad():
-        for start, stop in _chunks(prompts, responses, max_tokens_per_forward):
-            input_ids, attention_mask, response_mask = build_teacher_forced_batch(
-                prompts[start:stop], responses[start:stop], pad_id, device
-            )
-            log_probs = next_token_log_probs(model, input_ids, attention_mask, temperature)
-            chosen, _ = chosen_and_entropy(log_probs, input_ids)
-            for row in range(stop - start):
-                where = response_mask[row].bool()
-                results.append(chosen[row][where].cpu())
-                if top_k:
-                    values, ids = log_probs[row][where].topk(min(top_k, log_probs.shape[-1]), dim=-1)
-                    top_rows.append((ids.cpu(), values.cpu()))
-    return (results, top_rows) if top_k else results
+    for input_ids, attention_mask, response_mask in _teacher_forced_chunks(
+        model, prompts, responses, pad_id, max_tokens_per_forward
+    ):
+        top = model_response_top_k(
+            model, input_ids, attention_mask, response_mask, temperature, LOGPROB_CHUNK_POSITIONS, top_k
+        )
+        for row in range(len(input_ids)):
+            where = response_mask[row].bool()
+            rows.append(top.logprobs[row][where].cpu())
+            top_rows.append((top.top_ids[row][where].cpu(), top.top_logprobs[row][where].cpu()))
+    return rows, top_rows
+
+
+def _teacher_forced_chunks(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    max_tokens_per_forward: int,
+):
+    """(input_ids, attention_mask, response_mask) per chunk of rows, on the model's device."""
+    device = next(model.parameters()).device
+    for start, stop in _chunks(prompts, responses, max_tokens_per_forward):
+        yield build_teacher_forced_batch(prompts[start:stop], responses[start:stop], pad_id, device)

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from .config import BelayConfig, ConfigError, load_config
+from .config import BelayConfig, load_config_or_exit
 
 
 def start(description: str, torch_threads: str | None = None) -> BelayConfig:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="Belay YAML config (BELAY_SECTION__FIELD env vars override it)")
     args = parser.parse_args()
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        raise SystemExit(2) from None
+    config = load_config_or_exit(args.config)
     logging.basicConfig(level=config.run.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if torch_threads is not None:
         threads = getattr(config, torch_threads).torch_threads

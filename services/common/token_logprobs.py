@@ -29,6 +29,9 @@ from torch.utils.checkpoint import checkpoint
 # matmul; a model with any of them set (and not the neutral value) gets the model's own logits instead.
 # A deny-list: a model that transforms its logits in code without a config field goes unnoticed here;
 # the tests check Llama, Qwen2 (accepted) and Gemma-2 (refused).
+# Response positions the head runs on at a time in the no-grad teacher-forced passes (reference,
+# policy LogProbs): 512 x 151,936 x 4 bytes = 0.3 GB of float32 logits at Qwen's vocabulary.
+LOGPROB_CHUNK_POSITIONS = 512
 LOGIT_TRANSFORMS = {
     "final_logit_softcapping": None,  # Gemma-2, Gemma-3: logits = cap * tanh(logits / cap)
     "logit_scale": 1.0,  # Cohere: logits * logit_scale

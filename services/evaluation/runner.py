@@ -24,10 +24,11 @@ from ..common.models import (
     resolve_device,
     response_logprobs,
 )
-from ..policy.actor import read_prompts
+from ..common.prompts import read_prompts
+from ..common.sample_statistics import distinct_n, mean_and_std, repetition
 from ..policy.engine import PolicyEngine, Sampling
-from ..reward.backends import RewardBackend
-from . import metrics
+from ..reward.backends import RewardBackend, build_backend
+from . import metrics, report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +40,6 @@ class EvalSettings:
     max_new_tokens: int = 32
     samples_per_prompt: int = 2
     seed: int = 1234
-
-
-def read_texts(path: str) -> list[str]:
-    return read_prompts(path)  # one passage per line, '#' comments skipped
 
 
 def load_candidate(config: BelayConfig, checkpoint: pathlib.Path | None, device: torch.device):
@@ -75,7 +72,7 @@ def exact_kl_tokens(
 def evaluate_model(
     model, reference, tokenizer, backend: RewardBackend, prompts: list[str], texts: list[str], settings: EvalSettings
 ) -> dict:
-    engine = PolicyEngine(model, tokenizer, GrpcConfig(), 16384)
+    engine = PolicyEngine(model, tokenizer, GrpcConfig())
     batch = engine.generate(
         prompts,
         settings.samples_per_prompt,
@@ -95,17 +92,17 @@ def evaluate_model(
         model, reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id, settings.temperature
     )
     nll, count = metrics.text_nll(model, tokenizer, texts)
-    reward_mean, reward_std = metrics.mean_and_std(rewards)
+    reward_mean, reward_std = mean_and_std(rewards)
     return {
         "reward_mean": reward_mean,
         "reward_std": reward_std,
-        "kl_per_sequence": metrics.mean_and_std(kl_k1)[0],
-        "kl_exact_per_token": metrics.mean_and_std(kl_tokens)[0],
-        "response_length": metrics.mean_and_std([float(len(r)) for r in batch.response_ids])[0],
+        "kl_per_sequence": mean_and_std(kl_k1)[0],
+        "kl_exact_per_token": mean_and_std(kl_tokens)[0],
+        "response_length": mean_and_std([float(len(r)) for r in batch.response_ids])[0],
         "eos_fraction": sum(r == "eos" for r in batch.finish_reasons) / len(batch.finish_reasons),
-        "distinct_1": metrics.distinct_n(batch.texts, 1),
-        "distinct_2": metrics.distinct_n(batch.texts, 2),
-        "repetition_3": metrics.mean_and_std([metrics.repetition(t, 3) for t in batch.texts])[0],
+        "distinct_1": distinct_n(batch.texts, 1),
+        "distinct_2": distinct_n(batch.texts, 2),
+        "repetition_3": mean_and_std([repetition(t, 3) for t in batch.texts])[0],
         "perplexity": metrics.perplexity(nll, count),
         "samples": [
             {"prompt": prompts[i], "response": t, "reward": r}
@@ -126,7 +123,7 @@ def evaluate(
     device = resolve_device(config.reference.device)
     tokenizer = load_tokenizer(config.reference.model_dir)
     reference = freeze(load_causal_lm(config.reference.model_dir, device, "reference.model_dir"))
-    prompts, texts = read_prompts(prompts_file), read_texts(text_file)
+    prompts, texts = read_prompts(prompts_file, "held-out prompts file"), read_prompts(text_file, "held-out text file")
     results = {}
     for checkpoint in checkpoints:
         name = "reference" if checkpoint is None else checkpoint.name
@@ -138,3 +135,21 @@ def evaluate(
         "text_file": text_file,
         "models": results,
     }
+
+
+def evaluate_and_write(
+    config: BelayConfig,
+    checkpoints: list[pathlib.Path | None],
+    prompts_file: str,
+    text_file: str,
+    settings: EvalSettings,
+    out_dir: pathlib.Path,
+    say=print,
+) -> tuple[dict, list[pathlib.Path]]:
+    """What `belay eval` and the end of `belay up` both do: evaluate the candidates with the configured
+    reward backend, say the table, write results.json and the plots into out_dir. Returns
+    (results, the files written)."""
+    backend = build_backend(config.reward, resolve_device(config.reward.device))
+    results = evaluate(config, checkpoints, backend, prompts_file, text_file, settings)
+    say(report.table(results))
+    return results, report.write(results, out_dir)

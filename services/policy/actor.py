@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pathlib
 import random
 import threading
 import time
@@ -18,6 +17,7 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from ..common.config import BelayConfig
 from ..common.packing import PackingError, pack_int32, unpack_float32, unpack_int32
+from ..common.prompts import read_prompts
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue, consumer_name
 from .canaries import Canaries
@@ -26,16 +26,6 @@ from .policy_metrics import PolicyMetrics
 from .swaps import SwapRequests, checked_weights_path
 
 log = logging.getLogger(__name__)
-
-
-def read_prompts(path: str, what: str = "policy.prompts_file") -> list[str]:
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"{what} {path} holds no prompts")
-    return prompts
 
 
 class PromptCycle:
@@ -201,8 +191,14 @@ class Actor:
         if self.canaries is not None:
             self.canaries.answer(self.engine)
 
-    def score(self, batch: GenerationBatch, prompts: list[str]) -> tuple[list, list[float], str, dict]:
-        """Reference logprobs and rewards for a batch, both calls in flight at once."""
+    def score(
+        self, batch: GenerationBatch, prompts: list[str]
+    ) -> tuple[list[tuple], list[float], list[dict[str, float]], str, dict[str, float]]:
+        """Reference logprobs and rewards for a batch, both calls in flight at once.
+
+        Returns (ref, rewards, components, reward_model_id, timings): ref holds a (logprobs, top_ids,
+        top_logprobs) triple per response, the top-k parts None without reference top-k; components
+        one {name: score} per response; timings each call's seconds and its message sizes in bytes."""
         section = self.config.policy
         ref_request = reference_request(batch, section.temperature, self.reference_top_k)
         reward_request = belay_pb2.ScoreRequest(prompts=[prompts[i] for i in batch.prompt_index], responses=batch.texts)

@@ -19,7 +19,7 @@ from ..common.checkpoints import checkpoint_problem, load_tensors_into, load_wei
 from ..common.config import GrpcConfig
 from ..common.logprob_service import LoadedModel, context_limit
 from ..common.lora import adapter_tensors, is_adapter_checkpoint, load_adapter_into
-from ..common.models import own_weights
+from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights
 from ..common.rpc import invalid, too_big
 
 log = logging.getLogger(__name__)
@@ -107,18 +107,30 @@ def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], str]:
     return tokens, "length"
 
 
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left, so that every row ends where generation starts.
+
+    -> (input_ids (B, W), attention_mask (B, W)), W the longest row's length.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 class PolicyEngine:
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         limits: GrpcConfig,
-        max_tokens_per_forward: int,
         version: int = 0,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
-        self.max_tokens_per_forward = max_tokens_per_forward
         self.loaded = LoadedModel(model=own_weights(model).eval(), version=version)  # swapped into in place
         self.lock = threading.RLock()
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
@@ -143,10 +155,8 @@ class PolicyEngine:
     def check_sampling(self, sampling: Sampling, rows: int, prompt_ids: list[list[int]]) -> None:
         if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
             raise invalid(f"temperature must be >= 0 (0 is greedy), got {sampling.temperature}")
-        # Far below 1e-6 logits / temperature overflows float32 and sampling fails on NaN
-        # probabilities (1e-6 as a float32 is a hair under 1e-6: hence the tolerance).
-        if 0 < sampling.temperature < 0.9999e-6:
-            raise invalid(f"temperature must be 0 (greedy) or at least 1e-06, got {sampling.temperature}")
+        if sampling.temperature > 0 and below_min_temperature(sampling.temperature):
+            raise invalid(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {sampling.temperature}")
         if not (0 < sampling.top_p <= 1):
             raise invalid(f"top_p must be in (0, 1], got {sampling.top_p}")
         if sampling.max_new_tokens < 1:
@@ -164,21 +174,39 @@ class PolicyEngine:
                     f"{sampling.max_new_tokens} that passes the limit of {limit} tokens"
                 )
 
-    def generate(self, prompts: list[str], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
+    def check_prompts(self, prompts: list[str], samples_per_prompt: int) -> None:
+        """The request's size, before any prompt is templated or tokenized."""
         if not prompts:
             raise invalid("empty batch: no prompts")
         if samples_per_prompt < 1:
             raise invalid(f"samples_per_prompt must be at least 1, got {samples_per_prompt}")
-        if len(prompts) * samples_per_prompt > self.limits.max_batch_size:  # before templating every prompt
+        if len(prompts) * samples_per_prompt > self.limits.max_batch_size:
             raise too_big(
                 f"{len(prompts) * samples_per_prompt} rows (prompts x samples_per_prompt) exceed "
                 f"max_batch_size={self.limits.max_batch_size}; split the request"
             )
-        for index, prompt in enumerate(prompts):  # before tokenizing it
+        for index, prompt in enumerate(prompts):
             if len(prompt) > self.limits.max_text_chars:
                 raise too_big(
                     f"prompt {index} has {len(prompt)} characters, over max_text_chars={self.limits.max_text_chars}"
                 )
+
+    def generation_config(self, sampling: Sampling) -> GenerationConfig:
+        """Plain sampling at the temperature and top-p asked for (top-k off), or greedy at temperature 0."""
+        greedy = sampling.temperature == 0
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=0 if not greedy else None,
+            num_beams=1,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )
+
+    def generate(self, prompts: list[str], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
+        self.check_prompts(prompts, samples_per_prompt)
         templated = [apply_chat_template(self.tokenizer, p) for p in prompts]
         self.check_sampling(sampling, len(prompts) * samples_per_prompt, templated)
         index = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
@@ -187,23 +215,9 @@ class PolicyEngine:
         with self.lock:
             loaded = self.loaded
             device = next(loaded.model.parameters()).device
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, ids in enumerate(rows):  # left padding: every row ends where generation starts
-                input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            greedy = sampling.temperature == 0
-            config = GenerationConfig(
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=0 if not greedy else None,
-                num_beams=1,
-                max_new_tokens=sampling.max_new_tokens,
-                eos_token_id=sorted(self.eos_ids),
-                pad_token_id=self.pad_id,
-            )
+            input_ids, attention_mask = left_padded(rows, self.pad_id)  # (B, W) each
+            width = input_ids.shape[1]
+            config = self.generation_config(sampling)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             recorder = BehaviourLogprobs(loaded.model, sampling.temperature or 1.0)

@@ -4,8 +4,8 @@ Shapes: B rollouts, T token positions (positions t predict token t+1 of prompt+r
 response_mask (B, T) is 1 on positions that predict a response token and 0 on prompt and
 padding; each row's response is contiguous, positions [start_b, start_b + len_b). Masks may be
 bool, int or float. Every reduction over tokens takes the response mask, and values at masked
-positions never reach a result (they are selected away with torch.where, so even inf or nan
-there cannot leak in through 0 * inf).
+positions never reach a result (masking.py selects them away, so even inf or nan there cannot
+leak in through 0 * inf).
 
 Sequence-level estimators ((B,) -> (B,)): batch_mean, group (GRPO when scaled by std), rloo.
 Token-level estimator ((B, T) -> (B, T)): gae, fed by token_rewards and a value head.
@@ -15,20 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from .masking import masked_mean, where_mask
+
 ADVANTAGE_ESTIMATORS = ("batch_mean", "group", "rloo", "gae")
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _where_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """values where mask is set, exact 0 elsewhere (whatever values holds there)."""
-    return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum over masked entries / number of masked entries (0 when none), as a scalar."""
-    return _where_mask(values, mask).sum() / mask.bool().sum().clamp(min=1).to(values.dtype)
 
 
 def _group_stats(
@@ -115,13 +107,13 @@ def whiten(
     """
     if mask is None:
         mask = torch.ones_like(values, dtype=torch.bool)
-    mean = _masked_mean(values, mask)
+    mean = masked_mean(values, mask)
     centred = values - mean
-    var = _masked_mean(centred * centred, mask)
+    var = masked_mean(centred * centred, mask)
     out = centred * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return _where_mask(out, mask)
+    return where_mask(out, mask)
 
 
 # --- token-level rewards and GAE ------------------------------------------------------------
@@ -145,8 +137,8 @@ def token_rewards(
     last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=-1).values  # (B,), -1 if empty
     is_last = positions.unsqueeze(0) == last.unsqueeze(-1)  # (B, T); all False on empty rows (last = -1)
     dtype = torch.promote_types(score.dtype, kl_per_token.dtype)
-    rewards = _where_mask(-kl_coef * kl_per_token.to(dtype), mask)
-    return rewards + _where_mask(score.to(dtype).unsqueeze(-1).expand_as(rewards), is_last)
+    rewards = where_mask(-kl_coef * kl_per_token.to(dtype), mask)
+    return rewards + where_mask(score.to(dtype).unsqueeze(-1).expand_as(rewards), is_last)
 
 
 def gae_advantages(
@@ -167,20 +159,20 @@ def gae_advantages(
     """
     mask = response_mask.bool()
     dtype = torch.promote_types(rewards.dtype, values.dtype)
-    r = _where_mask(rewards.to(dtype), mask)
-    v = _where_mask(values.to(dtype), mask)
+    r = where_mask(rewards.to(dtype), mask)
+    v = where_mask(values.to(dtype), mask)
     T = r.shape[-1]
     next_value = torch.zeros_like(r[..., 0])
     next_advantage = torch.zeros_like(r[..., 0])
     columns: list[torch.Tensor] = []
     for t in reversed(range(T)):
         delta = r[..., t] + gamma * next_value - v[..., t]
-        advantage = _where_mask(delta + gamma * lam * next_advantage, mask[..., t])
+        advantage = where_mask(delta + gamma * lam * next_advantage, mask[..., t])
         columns.append(advantage)
         next_advantage = advantage  # 0 on a masked position: the recursion restarts there
         next_value = v[..., t]  # already 0 on masked positions
     advantages = torch.stack(columns[::-1], dim=-1)
-    returns = _where_mask(advantages + v, mask)
+    returns = where_mask(advantages + v, mask)
     return advantages, returns
 
 
@@ -189,29 +181,4 @@ def sequence_advantage_to_tokens(advantages: torch.Tensor, response_mask: torch.
 
     advantages: (B,); response_mask: (B, T) -> (B, T), 0 on prompt and padding.
     """
-    return _where_mask(advantages.unsqueeze(-1).expand(response_mask.shape), response_mask)
-
-
-# --- critic loss ----------------------------------------------------------------------------
-
-
-def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped value loss, to minimise:
-
-        V_clip = clip(V, V_old - c, V_old + c)
-        loss   = 0.5 * mean_t over response tokens of max((V - R)^2, (V_clip - R)^2)
-
-    values, old_values, returns, response_mask: (B, T). Returns (loss, clip_fraction), both
-    scalars; clip_fraction is the share of response tokens where the clipped term is strictly
-    the larger (the clip binds, so that token's gradient is 0). Prompt and padding never count
-    and get no gradient.
-    """
-    clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
-    unclipped_sq = (values - returns) ** 2
-    clipped_sq = (clipped_values - returns) ** 2
-    loss = 0.5 * _masked_mean(torch.maximum(unclipped_sq, clipped_sq), response_mask)
-    with torch.no_grad():
-        clip_fraction = _masked_mean((clipped_sq > unclipped_sq).to(loss.dtype), response_mask)
-    return loss, clip_fraction
+    return where_mask(advantages.unsqueeze(-1).expand(response_mask.shape), response_mask)

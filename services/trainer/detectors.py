@@ -21,8 +21,8 @@ from __future__ import annotations
 import collections
 import math
 
+from ..common.sample_statistics import ngrams
 from ..common.step_records import DetectorValues, UpdateStats
-from ..evaluation.metrics import ngrams
 
 DETECTORS = ("reward_hacking", "shorter_responses", "template_collapse", "not_moving")
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .masking import where_mask
+
 KL_ESTIMATORS = ("k1", "k2", "k3", "full")
 _SAMPLED_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -36,14 +38,7 @@ def _check_same_shape(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, respon
 def _masked_log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """log pi - log pi_ref on response tokens, exactly 0 elsewhere (whatever the masked inputs hold)."""
     _check_same_shape(logprobs, ref_logprobs, response_mask)
-    keep = response_mask != 0
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    return torch.where(keep, logprobs, zero) - torch.where(keep, ref_logprobs, zero)
-
-
-def _weighted(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """values * mask, with masked positions exactly 0 (values there are already finite)."""
-    return values * response_mask.to(values.dtype)
+    return where_mask(logprobs, response_mask) - where_mask(ref_logprobs, response_mask)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -52,7 +47,7 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: tor
     logprobs, ref_logprobs, response_mask: (B, T) -> (B, T), zero outside the response.
     Unbiased for KL(pi || pi_ref) when a_t ~ pi; single tokens may be negative.
     """
-    return _weighted(_masked_log_ratio(logprobs, ref_logprobs, response_mask), response_mask)
+    return where_mask(_masked_log_ratio(logprobs, ref_logprobs, response_mask), response_mask)
 
 
 def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -62,7 +57,7 @@ def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: tor
     Never negative; biased (exact only to second order as pi -> pi_ref).
     """
     log_ratio = _masked_log_ratio(logprobs, ref_logprobs, response_mask)
-    return _weighted(0.5 * log_ratio * log_ratio, response_mask)
+    return where_mask(0.5 * log_ratio * log_ratio, response_mask)
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -75,7 +70,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: tor
     Unbiased for KL(pi || pi_ref) when a_t ~ pi.
     """
     log_r = -_masked_log_ratio(logprobs, ref_logprobs, response_mask)
-    return _weighted((torch.expm1(log_r) - log_r).clamp_min(0.0), response_mask)
+    return where_mask((torch.expm1(log_r) - log_r).clamp_min(0.0), response_mask)
 
 
 def per_token_kl(
@@ -130,16 +125,16 @@ def exact_kl_from_rows(
         raise ValueError(
             f"rows {tuple(policy_rows.shape)} must be (B, T, K) over response_mask {tuple(response_mask.shape)} (B, T)"
         )
-    keep = (response_mask != 0).unsqueeze(-1)  # (B, T, 1)
+    keep = response_mask.unsqueeze(-1)  # (B, T, 1)
+    policy = where_mask(policy_rows, keep)  # masked rows become identical -> KL term 0, never nan
+    ref = where_mask(ref_rows, keep)
     zero = torch.zeros((), dtype=policy_rows.dtype, device=policy_rows.device)
-    policy = torch.where(keep, policy_rows, zero)  # masked rows become identical -> KL term 0, never nan
-    ref = torch.where(keep, ref_rows, zero)
     if renormalise:
         policy = torch.log_softmax(policy, dim=-1)
         ref = torch.log_softmax(ref, dim=-1)
     probs = policy.exp()
     terms = torch.where(probs > 0, probs * (policy - ref), zero)  # 0 * log 0 counts 0
-    return _weighted(terms.sum(-1), response_mask)
+    return where_mask(terms.sum(-1), response_mask)
 
 
 class FixedKLController:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .ppo import masked_mean
+from .masking import masked_mean, where_mask
 
 
 def logprob_mismatch(
@@ -27,7 +27,7 @@ def logprob_mismatch(
 ) -> tuple[float, float]:
     """(mean_abs, k3) over response tokens. All (B, T); mask 1 on response tokens."""
     with torch.no_grad():
-        ratio_log = torch.where(mask.bool(), trainer_logprobs - behaviour_logprobs, torch.zeros_like(trainer_logprobs))
+        ratio_log = where_mask(trainer_logprobs - behaviour_logprobs, mask)
         mean_abs = masked_mean(ratio_log.abs(), mask)
         k3 = masked_mean(torch.expm1(ratio_log) - ratio_log, mask)
     return float(mean_abs), float(k3)
@@ -39,6 +39,6 @@ def truncated_importance_weights(
     """w_t = min(pi_trainer_old / pi_behaviour, cap) per token, 0 off the response, no grad. (B, T) -> (B, T)"""
     if cap <= 0:
         raise ValueError(f"tis_cap must be positive, got {cap}")
-    ratio_log = torch.where(mask.bool(), trainer_logprobs - behaviour_logprobs, torch.zeros_like(trainer_logprobs))
+    ratio_log = where_mask(trainer_logprobs - behaviour_logprobs, mask)
     weights = torch.exp(ratio_log.detach()).clamp(max=cap)
-    return torch.where(mask.bool(), weights, torch.zeros_like(weights))
+    return where_mask(weights, mask)

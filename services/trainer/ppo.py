@@ -1,8 +1,10 @@
 """PPO math, as the seed article lays it out. Pure functions over tensors: no I/O, no config.
-KL estimators live in kl.py, advantages in advantages.py, reward shaping in reward_shaping.py.
+The policy loss and the critic's (value) loss, side by side. KL estimators live in kl.py, advantages
+in advantages.py, reward shaping in reward_shaping.py, the masked reductions in masking.py.
 
 Shapes: B rollouts, T token positions (positions t predict token t+1 of prompt+response).
-Every reduction over tokens takes the response mask, so prompt and padding never count.
+Every reduction over tokens takes the response mask, so prompt and padding never count (masking.py:
+selected away, so not even an inf or nan there can leak in).
 """
 
 from __future__ import annotations
@@ -11,15 +13,7 @@ import math
 
 import torch
 
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """sum(values * mask) over dim (all dims when None)."""
-    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """sum(values * mask) / sum(mask) over dim (all dims when None)."""
-    return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+from .masking import masked_mean, masked_sum
 
 
 def sequence_kl(token_kl: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -73,6 +67,28 @@ def clipped_policy_loss(
         clip_fraction = masked_mean((clipped > unclipped).float(), response_mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)  # (ratio - 1) - log ratio, never < 0
     return loss, {"clip_fraction": clip_fraction, "approx_kl": approx_kl}
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped value loss, to minimise:
+
+        V_clip = clip(V, V_old - c, V_old + c)
+        loss   = 0.5 * mean_t over response tokens of max((V - R)^2, (V_clip - R)^2)
+
+    values, old_values, returns, response_mask: (B, T). Returns (loss, clip_fraction), both
+    scalars; clip_fraction is the share of response tokens where the clipped term is strictly
+    the larger (the clip binds, so that token's gradient is 0). Prompt and padding never count
+    and get no gradient.
+    """
+    clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
+    unclipped_sq = (values - returns) ** 2
+    clipped_sq = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_sq, clipped_sq), response_mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped_sq > unclipped_sq).to(loss.dtype), response_mask)
+    return loss, clip_fraction
 
 
 def lr_factor(step: int, warmup_steps: int, decay_steps: int, schedule: str) -> float:

@@ -17,14 +17,13 @@ import numpy as np
 import torch
 
 from ..common.config import TrainerConfig
-from ..common.models import chosen_and_entropy, next_token_log_probs
 from ..common.rollout_queue import Rollout
+from ..common.sample_statistics import distinct_n, pearson, repetition
 from ..common.step_records import UpdateStats
-from ..evaluation.metrics import distinct_n, pearson, repetition
+from ..common.token_logprobs import model_response_stats
 from . import ppo
 from .advantages import (
     batch_mean_advantage,
-    clipped_value_loss,
     gae_advantages,
     group_advantage,
     rloo_advantage,
@@ -34,6 +33,7 @@ from .advantages import (
 )
 from .batch import PPOBatch, collate
 from .kl import exact_kl_from_rows, per_token_kl
+from .ppo import clipped_value_loss
 from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
 
 if TYPE_CHECKING:
@@ -58,15 +58,16 @@ def shape_rewards(section: TrainerConfig, moments: RunningMoments, data: PPOBatc
     return rewards
 
 
-def token_kl(estimator: str, logprobs: torch.Tensor, data: PPOBatch, log_probs: torch.Tensor | None) -> torch.Tensor:
-    """KL(policy || reference) per response token with the configured estimator; `log_probs`, the
-    policy's full rows (B, T, V), only for 'full'. (B, T) -> (B, T)"""
+def token_kl(
+    estimator: str, logprobs: torch.Tensor, data: PPOBatch, policy_rows: torch.Tensor | None, vocab_size: int
+) -> torch.Tensor:
+    """KL(policy || reference) per response token with the configured estimator; `policy_rows`, the
+    policy's log-probs at the reference's top-k ids (B, T, K), only for 'full'. (B, T) -> (B, T)"""
     if estimator != "full":
         return per_token_kl(estimator, logprobs, data.ref_logprobs, data.response_mask)
     if data.ref_top_ids.shape[-1] == 0:
         raise ValueError("kl_estimator 'full' needs rollouts carrying the reference's top-k rows")
-    policy_rows = torch.gather(log_probs, -1, data.ref_top_ids)  # (B, T, K) the policy on the same ids
-    full_vocabulary = data.ref_top_ids.shape[-1] == log_probs.shape[-1]
+    full_vocabulary = data.ref_top_ids.shape[-1] == vocab_size
     return exact_kl_from_rows(policy_rows, data.ref_top_logprobs, data.response_mask, renormalise=not full_vocabulary)
 
 
@@ -103,21 +104,24 @@ def advantages_and_returns(
 
 
 def forward(trainer: Trainer, data: PPOBatch):
-    """The policy (and critic) on a batch: (logprobs (B, T), entropy (B, T), full log-probs (B, T, V),
-    values (B, T) or None)."""
-    want_values, dtype = trainer.value_head is not None, trainer.compute_dtype
+    """The policy (and critic) on a batch, at response positions only: (logprobs (B, T), entropy (B, T),
+    the log-probs at the reference's top-k ids (B, T, K) for kl_estimator 'full' else None, values
+    (B, T) or None). The head runs on chunks of trainer.logprob_chunk_positions response positions
+    (services/common/token_logprobs.py): no (B, T, V) tensor is ever made."""
+    section, dtype = trainer.section, trainer.compute_dtype
+    top_ids = data.ref_top_ids if section.kl_estimator == "full" else None
     with torch.autocast(trainer.device.type, dtype, enabled=dtype != torch.float32):
-        out = next_token_log_probs(
+        stats, hidden = model_response_stats(
             trainer.model,
             data.input_ids,
             data.attention_mask,
-            trainer.section.temperature,
-            output_hidden_states=want_values,
+            data.response_mask,
+            section.temperature,
+            section.logprob_chunk_positions,
+            top_ids,
         )
-    log_probs, hidden = out if want_values else (out, None)
-    logprobs, entropy = chosen_and_entropy(log_probs, data.input_ids)
-    values = trainer.value_head(hidden.float()) if want_values else None
-    return logprobs, entropy, log_probs, values
+    values = trainer.value_head(hidden[:, :-1].float()) if trainer.value_head is not None else None
+    return stats.logprobs, stats.entropy, stats.top_logprobs, values
 
 
 def ppo_update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
@@ -130,12 +134,13 @@ def ppo_update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
     scores = shape_rewards(section, trainer.reward_moments, data)
     # 2. The policy as it stands (= the weights that sampled, for fresh rollouts): old values for
     #    the critic and the policy's full distribution for the exact KL; skipped when neither is used.
-    log_probs, old_values = None, None
+    policy_rows, old_values = None, None
     if trainer.value_head is not None or section.kl_estimator == "full":
         with torch.no_grad():
-            _, _, log_probs, old_values = forward(trainer, data)
+            _, _, policy_rows, old_values = forward(trainer, data)
     # 3. KL between the policy that sampled and the frozen reference, response tokens only.
-    kl_per_token = token_kl(section.kl_estimator, data.old_logprobs, data, log_probs)  # (B, T)
+    vocab_size = trainer.model.get_output_embeddings().weight.shape[0]
+    kl_per_token = token_kl(section.kl_estimator, data.old_logprobs, data, policy_rows, vocab_size)  # (B, T)
     kl = ppo.sequence_kl(kl_per_token, mask)  # (B,)
     # 4. Total reward = reward − β·KL (when the KL is paid in the reward), and the advantage.
     reward_beta = beta if section.kl_placement == "reward" else 0.0
@@ -192,7 +197,8 @@ def minibatch_loss(
     """The clipped policy loss (+ β·KL under kl_placement 'loss', + the value loss under GAE) on
     one minibatch. Returns (loss, the policy loss's info, entropy (B, T))."""
     section, mask = trainer.section, data.response_mask
-    new_logprobs, entropy, log_probs, values = forward(trainer, data)
+    new_logprobs, entropy, policy_rows, values = forward(trainer, data)
+    vocab_size = trainer.model.get_output_embeddings().weight.shape[0]
     if not figures["first_minibatch_max_log_ratio"]:  # 1 for fresh rollouts: a check on the whole pipeline
         figures["first_minibatch_max_log_ratio"].append(
             float(((new_logprobs - data.old_logprobs).abs() * mask).max().detach())
@@ -202,7 +208,7 @@ def minibatch_loss(
     )
     if section.kl_placement == "loss":  # GRPO style: the KL of the policy being trained, as a loss term
         kl_loss = ppo.aggregate_loss(
-            token_kl(section.kl_estimator, new_logprobs, data, log_probs), mask, section.loss_aggregation
+            token_kl(section.kl_estimator, new_logprobs, data, policy_rows, vocab_size), mask, section.loss_aggregation
         )
         loss = loss + beta * kl_loss
     if values is not None:

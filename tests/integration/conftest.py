@@ -90,7 +90,6 @@ def build_policy(config: BelayConfig) -> tuple[ServiceServer, PolicyServicer]:
         load_causal_lm(model_dir, torch.device("cpu"), "policy.model_dir"),
         load_tokenizer(model_dir),
         config.grpc,
-        config.policy.max_tokens_per_forward,
     )
     servicer = PolicyServicer(config, engine, SwapRequests(), PolicyMetrics(CollectorRegistry()))
     return build_policy_server(config, servicer), servicer

@@ -27,7 +27,6 @@ def main(model_dir: str, address: str) -> None:
         load_causal_lm(model_dir, torch.device("cuda:0"), "policy.model_dir"),
         load_tokenizer(model_dir),
         config.grpc,
-        config.policy.max_tokens_per_forward,
     )
     server = build_server(config, PolicyServicer(config, engine, SwapRequests(), PolicyMetrics(CollectorRegistry())))
     server.start()

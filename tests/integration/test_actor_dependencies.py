@@ -62,7 +62,6 @@ def test_a_bad_reward_reply_writes_no_rollout_and_a_good_one_does(scores, messag
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        4096,
     )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     metrics = PolicyMetrics(CollectorRegistry())
@@ -104,7 +103,6 @@ def test_each_part_of_a_combined_reward_is_kept_in_every_rollout(tiny_lm_dir, re
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        4096,
     )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     queue.ensure_group()

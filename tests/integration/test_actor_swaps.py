@@ -30,7 +30,7 @@ def test_actor_swaps_to_announced_versions_and_survives_a_bad_one(tiny_lm_dir, r
         policy={"model_dir": str(tiny_lm_dir), "prompts_file": str(REPO / "prompts/default.txt")},
     )
     tokenizer = load_tokenizer(str(tiny_lm_dir))
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, config.grpc, 4096)
+    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, config.grpc)
     metrics = PolicyMetrics(CollectorRegistry())
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     actor = Actor(config, engine, queue, None, None, SwapRequests(), metrics)

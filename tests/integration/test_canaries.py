@@ -39,7 +39,7 @@ def test_each_version_answers_the_canaries_once_and_exports_its_drift(tiny_lm_di
         },
     )
     tokenizer = load_tokenizer(str(tiny_lm_dir))
-    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, config.grpc, 4096)
+    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, config.grpc)
     registry = CollectorRegistry()
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     actor = Actor(config, engine, queue, None, None, SwapRequests(), PolicyMetrics(registry))
@@ -87,7 +87,6 @@ def test_no_canaries_when_the_file_is_empty_string(tiny_lm_dir, redis_url, tmp_p
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        4096,
     )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     actor = Actor(config, engine, queue, None, None, SwapRequests(), PolicyMetrics(CollectorRegistry()))

@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 
+from services.common import sample_statistics
 from services.common.config import BelayConfig
 from services.common.models import load_causal_lm, load_tokenizer
+from services.common.prompts import read_prompts
 from services.evaluation import metrics
 from services.evaluation.runner import EvalSettings, evaluate
-from services.policy.actor import read_prompts
 from services.reward.backends import HFClassifierBackend
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -24,12 +25,12 @@ SETTINGS = EvalSettings(max_new_tokens=8, samples_per_prompt=2, seed=7)
 
 
 def test_distinct_n_and_repetition_on_fixed_strings():
-    assert metrics.distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
-    assert metrics.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # "a b", "b a", "a b"
-    assert metrics.distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)  # counted over all texts together
-    assert metrics.distinct_n(["a"], 2) == 0.0
-    assert metrics.repetition("a b c a b c", 3) == pytest.approx(1 - 3 / 4)  # abc bca cab abc
-    assert metrics.repetition("one two three four", 3) == 0.0
+    assert sample_statistics.distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert sample_statistics.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # "a b", "b a", "a b"
+    assert sample_statistics.distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)  # counted over all texts together
+    assert sample_statistics.distinct_n(["a"], 2) == 0.0
+    assert sample_statistics.repetition("a b c a b c", 3) == pytest.approx(1 - 3 / 4)  # abc bca cab abc
+    assert sample_statistics.repetition("one two three four", 3) == 0.0
 
 
 def test_perplexity_is_exp_of_mean_token_nll(tiny_lm_dir):
@@ -151,5 +152,5 @@ def test_pearson_matches_numpy_and_is_zero_for_a_constant_sample():
     import numpy as np
 
     xs, ys = [1.0, 2.0, 3.0, 5.0], [2.0, 1.0, 4.0, 9.0]
-    assert metrics.pearson(xs, ys) == pytest.approx(np.corrcoef(xs, ys)[0, 1])
-    assert metrics.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
+    assert sample_statistics.pearson(xs, ys) == pytest.approx(np.corrcoef(xs, ys)[0, 1])
+    assert sample_statistics.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0

@@ -128,7 +128,6 @@ def run_loop(
         load_causal_lm(str(tiny_lm_dir), device, "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        config.policy.max_tokens_per_forward,
     )
     scrapes, summaries = [], []
     with (

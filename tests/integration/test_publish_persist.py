@@ -17,7 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 
-from services.common.checkpoints import STATE_JSON, committed_versions, write_manifest
+from services.common.checkpoints import STATE_JSON, committed_versions, write_checksum_manifest
 from services.common.models import load_causal_lm, load_tokenizer, weights_fingerprint
 from services.common.published import published_dir
 from services.common.rollout_queue import Rollout, RolloutQueue
@@ -129,13 +129,13 @@ def test_a_checkpoint_of_the_earlier_format_resumes_and_a_newer_one_is_refused(t
     for key in ("format", "lineage"):  # what format 1 (a checkpoint per version) did not have
         del meta[key]
     (path / STATE_JSON).write_text(json.dumps(meta))
-    write_manifest(path, 1)
+    write_checksum_manifest(path, 1)
     old = make_trainer(tiny_lm_dir, redis_url, tmp_path)
     assert old.resume() == 1 and old.lineage.staleness(0) == 1 and old.lineage.staleness(1) == 0
 
     meta["format"] = 3
     (path / STATE_JSON).write_text(json.dumps(meta))
-    write_manifest(path, 1)
+    write_checksum_manifest(path, 1)
     with pytest.raises(ValueError, match="format 3 by a newer Belay"):
         make_trainer(tiny_lm_dir, redis_url, tmp_path).resume()
 
@@ -150,7 +150,6 @@ def test_the_policy_swaps_to_published_weights_and_only_from_its_own_directories
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        4096,
     )
     engine.swap_to(version, checked_weights_path(config.run, version, path))
     assert weights_fingerprint(engine.loaded.model) == weights_fingerprint(trainer.model)
@@ -200,7 +199,6 @@ def test_the_actor_bound_leaves_out_rollouts_awaiting_their_persist(tiny_lm_dir,
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        4096,
     )
     actor = Actor(config, engine, trainer.queue, None, None, SwapRequests(), PolicyMetrics(CollectorRegistry()))
     for batch in range(3):  # three updates, none persisted: 24 rollouts pending, all awaiting
@@ -268,7 +266,7 @@ def test_lora_publishes_the_adapter_tensors_only_and_the_policy_takes_them(tiny_
     policy_model = wrap_with_lora(
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), lora_settings(trainer.config.lora)
     )
-    engine = PolicyEngine(policy_model, trainer.tokenizer, trainer.config.grpc, 4096)
+    engine = PolicyEngine(policy_model, trainer.tokenizer, trainer.config.grpc)
     engine.swap_to(version, checked_weights_path(trainer.config.run, version, path))
     served = adapter_tensors(engine.loaded.model)
     assert set(served) == set(adapters) and all(torch.equal(served[k], adapters[k]) for k in adapters)

@@ -12,7 +12,13 @@ import redis
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.common.models import freeze, load_causal_lm, load_tokenizer, response_logprobs
+from services.common.models import (
+    freeze,
+    load_causal_lm,
+    load_tokenizer,
+    response_logprobs,
+    response_logprobs_with_top_k,
+)
 from services.common.rollout_queue import Rollout, RolloutQueue
 from services.policy.engine import PolicyEngine, Sampling
 from services.trainer.trainer import Trainer
@@ -32,13 +38,14 @@ def reference_dir(tmp_path_factory):
 def sample_rollouts(policy_dir, reference_dir, top_k: int = 0, seed: int = 0) -> list[Rollout]:
     """8 fresh rollouts (4 prompts x 2 samples) at version 0 with behaviour and reference logprobs."""
     tokenizer = load_tokenizer(str(policy_dir))
-    engine = PolicyEngine(
-        load_causal_lm(str(policy_dir), torch.device("cpu"), "policy"), tokenizer, make_config().grpc, 4096
-    )
+    engine = PolicyEngine(load_causal_lm(str(policy_dir), torch.device("cpu"), "policy"), tokenizer, make_config().grpc)
     batch = engine.generate(PROMPTS, 2, Sampling(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=seed))
     reference = freeze(load_causal_lm(str(reference_dir), torch.device("cpu"), "reference"))
-    ref = response_logprobs(reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id, top_k=top_k)
-    ref_rows, top_rows = ref if top_k else (ref, None)
+    pad = tokenizer.pad_token_id
+    if top_k:
+        ref_rows, top_rows = response_logprobs_with_top_k(reference, batch.prompt_ids, batch.response_ids, pad, top_k)
+    else:
+        ref_rows, top_rows = response_logprobs(reference, batch.prompt_ids, batch.response_ids, pad), None
     rollouts = []
     for row in range(len(batch.response_ids)):
         extra = {}

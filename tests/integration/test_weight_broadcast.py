@@ -258,7 +258,7 @@ def test_under_lora_only_adapter_tensors_travel_and_the_replica_serves_the_train
         base = load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy")
         return wrap_with_lora(base, lora_settings(config.lora))
 
-    engine = PolicyEngine(lora_lm(), load_tokenizer(str(tiny_lm_dir)), config.grpc, 4096)
+    engine = PolicyEngine(lora_lm(), load_tokenizer(str(tiny_lm_dir)), config.grpc)
     servicer = PolicyServicer(config, engine, SwapRequests(), PolicyMetrics(CollectorRegistry()))
     model = lora_lm()
     perturb(model, seed=9)  # the base is frozen in training; here every weight moves, and only adapters may travel
@@ -286,7 +286,6 @@ def test_the_actor_swaps_to_staged_weights_and_never_loads_a_path_for_a_broadcas
         load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"),
         load_tokenizer(str(tiny_lm_dir)),
         config.grpc,
-        4096,
     )
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     swaps, metrics = SwapRequests(), PolicyMetrics(CollectorRegistry())

@@ -11,7 +11,8 @@ import redis
 
 from services.cli import main
 from services.common.rollout_queue import RolloutQueue
-from services.launcher import LocalStack, follow
+from services.launcher import follow
+from services.local_stack import LocalStack
 from tests.system.conftest import account_for_rollouts, variant
 
 MODES = ("services_overlap_off", "services_overlap_on", "services_overlap_on_gae", "in_process")

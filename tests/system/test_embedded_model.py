@@ -18,7 +18,7 @@ def test_smollm2_converts_to_safetensors_and_answers_ending_its_turn(tmp_path):
     assert tokenizer.eos_token == END_OF_TURN  # the GGUF says <|im_start|>; a turn ends with <|im_end|>
     assert prepare_smollm2(directory) == directory  # cached: the second call converts nothing
     model = load_causal_lm(str(directory), torch.device("cpu"), "smollm2")
-    engine = PolicyEngine(model, tokenizer, GrpcConfig(), 4096)
+    engine = PolicyEngine(model, tokenizer, GrpcConfig())
     batch = engine.generate(
         ["What is the capital of France? Answer in one short sentence."],
         1,

@@ -16,7 +16,7 @@ import pytest
 from services.common.config import BelayConfig
 from services.common.published import published_dir
 from services.common.rollout_queue import RolloutQueue
-from services.launcher import LocalStack
+from services.local_stack import LocalStack
 from tests.system.conftest import account_for_rollouts, variant
 
 

@@ -36,7 +36,7 @@ import yaml
 
 from services.common.config import BelayConfig, PolicyConfig
 from services.common.rollout_queue import RolloutQueue
-from services.launcher import LocalStack, tail
+from services.local_stack import LocalStack, tail
 from tests.conftest import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -15,11 +15,12 @@ from services.common.checkpoints import committed_versions
 from services.common.config import BelayConfig
 from services.common.models import load_causal_lm, load_tokenizer, response_logprobs
 from services.common.packing import pack_int32, unpack_float32
+from services.common.prompts import read_prompts
 from services.common.review_store import ReviewStore
 from services.common.rollout_queue import RolloutQueue
 from services.common.rpc import channel
-from services.launcher import LocalStack, follow, wait_for_policy_version
-from services.policy.actor import read_prompts
+from services.launcher import follow, wait_for_policy_version
+from services.local_stack import LocalStack
 from services.policy.engine import apply_chat_template
 from tests.system.conftest import account_for_rollouts
 

@@ -11,7 +11,7 @@ import pytest
 
 from services.common.config import BelayConfig
 from services.common.review_store import ReviewStore
-from services.launcher import LocalStack
+from services.local_stack import LocalStack
 from tests.system.conftest import variant
 
 CHROMIUM = pathlib.Path("/usr/bin/chromium")

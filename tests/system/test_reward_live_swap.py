@@ -12,7 +12,7 @@ import redis
 
 from services.common.config import BelayConfig
 from services.common.rollout_queue import RolloutQueue
-from services.launcher import LocalStack
+from services.local_stack import LocalStack
 from tests.system.conftest import REPO, account_for_rollouts, variant
 from tests.system.test_faults import wait_for_version
 

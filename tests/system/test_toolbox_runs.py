@@ -13,7 +13,8 @@ from services.common.config import BelayConfig
 from services.common.lora import LoraSettings, load_adapter_into, wrap_with_lora
 from services.common.models import load_causal_lm, load_tokenizer, response_logprobs
 from services.common.rpc import channel
-from services.launcher import LocalStack, follow, wait_for_policy_version
+from services.launcher import follow, wait_for_policy_version
+from services.local_stack import LocalStack
 from tests.system.conftest import variant
 from tests.system.test_ppo_loop import fixed_sequence, rpc_logprobs
 

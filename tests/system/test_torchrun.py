@@ -23,7 +23,7 @@ from tests.system.conftest import REPO
 
 def fill_stream(config: BelayConfig, model_dir, batches: int) -> None:
     tokenizer = load_tokenizer(str(model_dir))
-    engine = PolicyEngine(load_causal_lm(str(model_dir), torch.device("cpu"), "p"), tokenizer, config.grpc, 4096)
+    engine = PolicyEngine(load_causal_lm(str(model_dir), torch.device("cpu"), "p"), tokenizer, config.grpc)
     queue = RolloutQueue(redis.Redis.from_url(config.redis.url), config.run.name)
     queue.ensure_group()
     for index in range(batches):

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from services.trainer.advantages import (
     ADVANTAGE_ESTIMATORS,
     batch_mean_advantage,
-    clipped_value_loss,
     gae_advantages,
     group_advantage,
     rloo_advantage,
@@ -27,6 +26,7 @@ from services.trainer.advantages import (
     token_rewards,
     whiten,
 )
+from services.trainer.ppo import clipped_value_loss
 from services.trainer.value_head import ValueHead
 
 FINITE = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)

@@ -24,7 +24,8 @@ from services.common.lora import (
     save_adapter,
     wrap_with_lora,
 )
-from services.common.models import load_causal_lm, token_logprobs
+from services.common.models import load_causal_lm
+from services.common.token_logprobs import model_response_stats
 from tests.pickle_trap import trap_bytes
 
 CPU = torch.device("cpu")
@@ -63,8 +64,9 @@ def train_steps(peft_model: PeftModel, batch, steps: int = 5, lr: float = 1e-2) 
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
     peft_model.train()
     for _ in range(steps):
-        logprobs, _ = token_logprobs(peft_model, batch["input_ids"], batch["attention_mask"])
-        loss = -(logprobs * batch["attention_mask"][:, 1:]).sum() / batch["attention_mask"][:, 1:].sum()
+        mask = batch["attention_mask"][:, 1:].float()
+        stats, _ = model_response_stats(peft_model, batch["input_ids"], batch["attention_mask"], mask, 1.0, 64)
+        loss = -(stats.logprobs * mask).sum() / mask.sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -152,11 +152,11 @@ def test_trainer_plan_items_follow_their_formulas():
     assert plain["trainer AdamW moments"] == 8 * parameters
     assert plain["trainer serving copy"] == 2 * parameters
     assert plain["trainer activations"] == tokens * 1536 * 28 * 34  # 34 bytes per layer at 2-byte precision
-    assert plain["trainer log-prob chunk"] == tokens * 151936 * 4 * 2
+    assert plain["trainer log-prob chunk"] == tokens * 151936 * 4 * 4  # logits, log-softmax, softmax, gradient
     assert "trainer full-batch log-probs (GAE or full KL)" not in plain  # 0 bytes: left out
     checkpointed = {i.name: i.bytes for i in trainer_plan(shape, 4, tokens, True, 1024, 0, "cpu").items}
     assert checkpointed["trainer activations"] == tokens * 1536 * 34 * 2 + 28 * tokens * 1536 * 4
-    assert checkpointed["trainer log-prob chunk"] == 1024 * 151936 * 4 * 2
+    assert checkpointed["trainer log-prob chunk"] == 1024 * 151936 * 4 * 4
     assert "trainer serving copy" not in checkpointed  # float32 training serves its master weights
 
 

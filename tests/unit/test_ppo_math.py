@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from services.trainer.advantages import batch_mean_advantage
 from services.trainer.kl import kl_k1 as per_token_kl
-from services.trainer.ppo import clipped_policy_loss, kl_penalised_reward, masked_mean, sequence_kl
+from services.trainer.ppo import clipped_policy_loss, kl_penalised_reward, sequence_kl
 
 # Two rollouts over 6 positions: row 0 has a 2-position prompt then 3 response tokens then padding;
 # row 1 has a 1-position prompt then 5 response tokens.
@@ -263,21 +263,3 @@ def test_stats_carry_no_gradient():
     _, stats = clipped_policy_loss(new_t, t(OLD), t(ADV), t(MASK), EPS)
     assert not stats["clip_fraction"].requires_grad
     assert not stats["approx_kl"].requires_grad
-
-
-# --- masked_mean ----------------------------------------------------------------------------
-
-
-def test_masked_mean_ignores_masked_entries():
-    values = t([[1.0, 2.0, 100.0], [4.0, -1000.0, 6.0]])
-    mask = t([[1, 1, 0], [1, 0, 1]])
-    assert masked_mean(values, mask).item() == pytest.approx((1 + 2 + 4 + 6) / 4, abs=1e-12)
-    per_row = masked_mean(values, mask, dim=-1)
-    assert per_row.tolist() == pytest.approx([1.5, 5.0], abs=1e-12)
-
-
-def test_masked_mean_of_an_all_masked_row_is_zero_not_nan():
-    values = t([[3.0, 4.0], [5.0, 6.0]])
-    mask = t([[0, 0], [1, 0]])
-    per_row = masked_mean(values, mask, dim=-1)
-    assert per_row.tolist() == [0.0, 5.0]

@@ -28,9 +28,7 @@ def tensors_alive_of_size(sizes: set[int], exclude: set[int]) -> list[torch.Tens
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gc walks past deprecated torch objects
 def test_swap_copies_into_the_same_parameters_and_keeps_no_second_copy(tiny_lm_dir, tmp_path):
     tokenizer = load_tokenizer(str(tiny_lm_dir))
-    engine = PolicyEngine(
-        load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, GrpcConfig(), 4096
-    )
+    engine = PolicyEngine(load_causal_lm(str(tiny_lm_dir), torch.device("cpu"), "policy"), tokenizer, GrpcConfig())
     model = engine.loaded.model
     pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from services.common.models import build_teacher_forced_batch, load_causal_lm, response_logprobs, token_logprobs
+from services.common.models import build_teacher_forced_batch, load_causal_lm, response_logprobs
+from services.common.token_logprobs import model_response_stats
 
 PAD = 0
 # ragged rows: prompts and responses of different lengths, shortest row not first
@@ -97,8 +98,10 @@ def test_response_logprobs_are_valid_log_probabilities_without_grad(tiny_lm):
 
 def test_token_logprobs_entropy_matches_hand_formula(tiny_lm):
     input_ids, attention_mask, _ = build_teacher_forced_batch(PROMPTS[:1], RESPONSES[:1], PAD, torch.device("cpu"))
+    every_position = torch.ones(1, input_ids.shape[1] - 1)
     with torch.no_grad():
-        chosen, entropy = token_logprobs(tiny_lm, input_ids, attention_mask, temperature=0.7)
+        stats, _ = model_response_stats(tiny_lm, input_ids, attention_mask, every_position, 0.7, chunk_positions=3)
+        chosen, entropy = stats.logprobs, stats.entropy
         logits = tiny_lm(input_ids=input_ids).logits[0].double() / 0.7
     for position in range(input_ids.shape[1] - 1):
         probs = torch.softmax(logits[position], dim=0)
@@ -114,7 +117,7 @@ def test_token_logprobs_entropy_matches_hand_formula(tiny_lm):
 def test_forwards_stay_under_the_token_budget(tiny_lm, max_tokens, expected_batches):
     # rows are 6, 7, 8 and 5 tokens long; a row longer than the budget still goes alone
     shapes = []
-    handle = tiny_lm.register_forward_pre_hook(
+    handle = tiny_lm.get_decoder().register_forward_pre_hook(  # the head runs apart, on response positions
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:

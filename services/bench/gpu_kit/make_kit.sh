@@ -2,11 +2,11 @@
 # Build .gpukit/ here, on the CPU machine, for a GPU machine that has Python 3.12, torch and CUDA but no
 # network (issue #14): the pinned pure-Python wheels and the cp312 builds Belay needs beyond what such
 # a machine already holds, and redis-server unpacked from Debian's package with the libraries it links.
-# About 30 MB. Then run scripts/gpu/stack_bench.sh there with .gpukit carried along.
+# About 30 MB. Then run services/bench/gpu_kit/stack_bench.sh there with .gpukit carried along.
 #
-#   scripts/gpu/make_kit.sh [KIT_DIR]        (default .gpukit; needs pip, apt-get and dpkg-deb)
+#   services/bench/gpu_kit/make_kit.sh [KIT_DIR]        (default .gpukit; needs pip, apt-get and dpkg-deb)
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 KIT=${1:-.gpukit}
 PIP=${PIP:-$( [ -x .venv/bin/pip ] && echo .venv/bin/pip || echo "python3 -m pip")}
 rm -rf "$KIT" && mkdir -p "$KIT/wheels" "$KIT/debs"
@@ -26,9 +26,9 @@ $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implement
   --platform any -d "$KIT/wheels" "${WHEELS[@]}"
 
 # redis-server 7.0 from Debian 12 and what it links beyond glibc; unpacked there into a private
-# prefix, found through LD_LIBRARY_PATH set for redis-server alone (scripts/gpu/redis-server).
+# prefix, found through LD_LIBRARY_PATH set for redis-server alone (services/bench/gpu_kit/redis-server).
 (cd "$KIT/debs" && apt-get download redis-server redis-tools libjemalloc2 liblzf1 libatomic1 libsystemd0 libssl3 \
   2>/dev/null || { apt-get update -qq && apt-get download redis-server redis-tools libjemalloc2 liblzf1 libatomic1 \
   libsystemd0 libssl3; })
-mkdir -p "$KIT/bin" && cp scripts/gpu/redis-server "$KIT/bin/redis-server"
+mkdir -p "$KIT/bin" && cp services/bench/gpu_kit/redis-server "$KIT/bin/redis-server"
 du -sh "$KIT" && ls "$KIT/wheels" "$KIT/debs"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurement of issue #14, in one command on a GPU machine with Python 3.12, torch and CUDA
-# and no network: installs the kit that scripts/gpu/make_kit.sh built (carried in .gpukit/), then
+# and no network: installs the kit that services/bench/gpu_kit/make_kit.sh built (carried in .gpukit/), then
 # runs the whole services stack on one GPU (services/bench/gpu_stack.py) and the generation modes
 # (services/bench/generation_modes.py). About 5 minutes on an H200. Figures go to $OUT (default ./gpu-out).
 #
-#   scripts/gpu/stack_bench.sh [SHAPE]        (default qwen2.5-1.5b)
+#   services/bench/gpu_kit/stack_bench.sh [SHAPE]        (default qwen2.5-1.5b)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 SHAPE=${1:-qwen2.5-1.5b}
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
