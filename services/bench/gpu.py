@@ -22,6 +22,7 @@ the CPU, MFU is null and the achieved FLOP/s still say how fast the update ran.
 from __future__ import annotations
 
 import argparse
+import copy as copy_module
 import json
 import logging
 import pathlib
@@ -106,17 +107,7 @@ def rollouts_from(batch, rewards: np.ndarray) -> list[Rollout]:
     ]
 
 
-def run_gpu_bench(
-    size: str = "1b",
-    device: str = "cuda",
-    dtype: str = "bf16",
-    iterations: int = 3,
-    warmup: int = 1,
-    prompt_tokens: int = 64,
-    workload: Workload | None = None,
-) -> dict:
-    workload = workload or Workload()
-    fields = shape_fields(size)
+def check_arguments(device: str, dtype: str, iterations: int, warmup: int) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -126,112 +117,168 @@ def run_gpu_bench(
         )
     if iterations < 1 or warmup < 0:
         raise ValueError(f"need iterations >= 1 and warmup >= 0, got iterations={iterations} warmup={warmup}")
+
+
+def bench_trainer(
+    base: pathlib.Path,
+    checkpoints: pathlib.Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    workload: Workload,
+    tokenizer,
+) -> Trainer:
+    """A Trainer on float32 master weights computing under autocast in `dtype`, publishing in it."""
+    name = str(dtype).removeprefix("torch.")
+    config = BelayConfig.model_validate(
+        {
+            "run": {"checkpoint_dir": str(checkpoints)},
+            "trainer": {
+                "model_dir": str(base),
+                "batch_size": workload.batch_size,
+                "minibatch_size": min(workload.minibatch_size, workload.batch_size),
+                "ppo_epochs": workload.ppo_epochs,
+                "lr": workload.lr,
+                "kl_coef": workload.kl_coef,
+                "temperature": workload.temperature,
+                "seed": workload.seed,
+                "dtype": name,
+            },
+            "policy": {"temperature": workload.temperature, "dtype": name},
+        }
+    )
+    model = load_causal_lm(str(base), device, "bench trainer")  # float32 master weights
+    return Trainer(config, model, tokenizer, queue=None, metrics=TrainerMetrics(CollectorRegistry()))
+
+
+def measure_generation(
+    engine: PolicyEngine, prompts: list[str], workload: Workload, device: torch.device, iterations: int, warmup: int
+):
+    """Warm-up calls first (CUDA context, kernels), then the measured ones. Returns (figures, last batch)."""
+    seconds_each, tokens_each = [], []
+    for call in range(warmup + iterations):
+        sampling = Sampling(
+            temperature=workload.temperature, max_new_tokens=workload.max_new_tokens, seed=workload.seed + call
+        )
+        batch, seconds = timed(device, lambda sampling=sampling: engine.generate(prompts, 1, sampling))
+        if call >= warmup:
+            seconds_each.append(seconds)
+            tokens_each.append(sum(len(r) for r in batch.response_ids))
+    figures = {
+        "rows": len(prompts),
+        "max_new_tokens": workload.max_new_tokens,
+        "temperature": workload.temperature,
+        "top_p": Sampling.top_p,
+        "seconds": seconds_each,
+        "response_tokens": tokens_each,
+        "tokens_per_second": sum(tokens_each) / sum(seconds_each),
+    }
+    return figures, batch
+
+
+def measure_update(
+    trainer: Trainer,
+    rollouts: list[Rollout],
+    workload: Workload,
+    device: torch.device,
+    dtype: torch.dtype,
+    iterations: int,
+    warmup: int,
+) -> dict:
+    """Trainer.update on one batch, warm-up updates first (optimizer state, kernels); MFU by 6·N·D."""
+    width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    seconds_each = []
+    for step in range(warmup + iterations):
+        summary, seconds = timed(device, lambda: trainer.update(rollouts))
+        if step >= warmup:
+            seconds_each.append(seconds)
+    n_params = matmul_parameters(trainer.model)
+    tokens_processed = workload.ppo_epochs * len(rollouts) * width
+    flops = 6 * n_params * tokens_processed
+    mean = sum(seconds_each) / len(seconds_each)
+    _, peak = peak_flops(device, dtype)
+    return {
+        "rows": len(rollouts),
+        "minibatch_size": trainer.section.minibatch_size,
+        "ppo_epochs": workload.ppo_epochs,
+        "width": width,
+        "tokens_processed": tokens_processed,
+        "n_params": n_params,
+        "flops": flops,
+        "seconds": seconds_each,
+        "seconds_mean": mean,
+        "achieved_flops_per_second": flops / mean,
+        "peak_flops_per_second": peak,
+        "mfu": None if peak is None else flops / mean / peak,
+        "optimizer_steps": summary.optimizer_steps,
+        "skipped_minibatches": summary.skipped_minibatches,
+    }
+
+
+def serving_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
+    """weights_fingerprint of the model's weights cast to the serving dtype (what a policy in it holds)."""
+    copy = copy_module.deepcopy(model).to(dtype)
+    return weights_fingerprint(copy)
+
+
+def measure_hot_swap(trainer: Trainer, engine: PolicyEngine, device: torch.device, dtype: torch.dtype) -> dict:
+    """The trainer's persisted checkpoint (float32 masters) into the serving engine, in place."""
+    checkpoint, checkpoint_seconds = timed(device, lambda: trainer.save(1, []))
+    fingerprint_before, version_before = weights_fingerprint(engine.loaded.model), engine.version
+    engine_seconds, swap_seconds = timed(device, lambda: engine.swap_to(1, checkpoint))
+    return {
+        "seconds": swap_seconds,
+        "engine_seconds": engine_seconds,
+        "checkpoint_write_seconds": checkpoint_seconds,
+        "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.glob("model*.safetensors")),
+        "version_before": version_before,
+        "version_after": engine.version,
+        "engine_fingerprint_before": fingerprint_before,
+        "engine_fingerprint_after": weights_fingerprint(engine.loaded.model),
+        "trainer_fingerprint": serving_fingerprint(trainer.model, dtype),
+    }
+
+
+def run_gpu_bench(
+    size: str = "1b",
+    device: str = "cuda",
+    dtype: str = "bf16",
+    iterations: int = 3,
+    warmup: int = 1,
+    prompt_tokens: int = 64,
+    workload: Workload | None = None,
+) -> dict:
+    """Generation, the update and the hot swap on a random model of `size`, in one process."""
+    workload = workload or Workload()
+    check_arguments(device, dtype, iterations, warmup)
     torch_device, torch_dtype = torch.device(device), DTYPES[dtype]
     if torch_device.type == "cpu":
         torch.set_num_threads(workload.torch_threads)
-    batch_size, minibatch_size = workload.batch_size, min(workload.minibatch_size, workload.batch_size)
     with tempfile.TemporaryDirectory(prefix="belay-gpu-bench-") as temp:
-        base = build_random_model(size, pathlib.Path(temp) / "base", workload.seed, DTYPES[dtype], device)
+        base = build_random_model(size, pathlib.Path(temp) / "base", workload.seed, torch_dtype, device)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base, local_files_only=True)
         policy_model = load_causal_lm(str(base), torch_device, "bench policy", torch_dtype)
-        trainer_model = load_causal_lm(str(base), torch_device, "bench trainer")  # float32 master weights
-        engine = PolicyEngine(policy_model, tokenizer, GrpcConfig(max_batch_size=max(256, batch_size)))
-        config = BelayConfig.model_validate(
-            {
-                "run": {"checkpoint_dir": str(pathlib.Path(temp) / "checkpoints")},
-                "trainer": {
-                    "model_dir": str(base),
-                    "batch_size": batch_size,
-                    "minibatch_size": minibatch_size,
-                    "ppo_epochs": workload.ppo_epochs,
-                    "lr": workload.lr,
-                    "kl_coef": workload.kl_coef,
-                    "temperature": workload.temperature,
-                    "seed": workload.seed,
-                    "dtype": str(torch_dtype).removeprefix("torch."),  # the autocast dtype
-                },
-                "policy": {"temperature": workload.temperature, "dtype": str(torch_dtype).removeprefix("torch.")},
-            }
+        engine = PolicyEngine(policy_model, tokenizer, GrpcConfig(max_batch_size=max(256, workload.batch_size)))
+        trainer = bench_trainer(
+            base, pathlib.Path(temp) / "checkpoints", torch_device, torch_dtype, workload, tokenizer
         )
-        trainer = Trainer(config, trainer_model, tokenizer, queue=None, metrics=TrainerMetrics(CollectorRegistry()))
-
-        # 1. Generation: warm-up calls first (CUDA context, kernels), then the measured ones.
-        prompts = random_prompts(batch_size, prompt_tokens, fields["vocab_size"], workload.seed)
-        generate_seconds, response_tokens = [], []
-        for call in range(warmup + iterations):
-            sampling = Sampling(
-                temperature=workload.temperature, max_new_tokens=workload.max_new_tokens, seed=workload.seed + call
-            )
-            batch, seconds = timed(torch_device, lambda sampling=sampling: engine.generate(prompts, 1, sampling))
-            if call >= warmup:
-                generate_seconds.append(seconds)
-                response_tokens.append(sum(len(r) for r in batch.response_ids))
-
-        # 2. The update, on the last batch (warm-up updates first: optimizer state, kernels).
-        rollouts = rollouts_from(batch, np.random.default_rng(workload.seed).normal(size=batch_size))
-        width = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-        update_seconds = []
-        for step in range(warmup + iterations):
-            summary, seconds = timed(torch_device, lambda: trainer.update(rollouts))
-            if step >= warmup:
-                update_seconds.append(seconds)
-        n_params = matmul_parameters(trainer.model)
-        tokens_processed = workload.ppo_epochs * batch_size * width
-        flops = 6 * n_params * tokens_processed
-        update_mean = sum(update_seconds) / len(update_seconds)
-        device_name, peak = peak_flops(torch_device, torch_dtype)
-
-        # 3. Checkpoint and hot swap: the trainer's new weights into the serving engine, in place.
-        checkpoint, checkpoint_seconds = timed(torch_device, lambda: trainer.save(1, []))
-        fingerprint_before, version_before = weights_fingerprint(engine.loaded.model), engine.version
-        engine_seconds, swap_seconds = timed(torch_device, lambda: engine.swap_to(1, checkpoint))
-        hot_swap = {
-            "seconds": swap_seconds,
-            "engine_seconds": engine_seconds,
-            "checkpoint_bytes": sum(p.stat().st_size for p in checkpoint.glob("model*.safetensors")),
-            "version_before": version_before,
-            "version_after": engine.version,
-            "engine_fingerprint_before": fingerprint_before,
-            "engine_fingerprint_after": weights_fingerprint(engine.loaded.model),
-            "trainer_fingerprint": weights_fingerprint(trainer.model),
-        }
+        prompts = random_prompts(workload.batch_size, prompt_tokens, shape_fields(size)["vocab_size"], workload.seed)
+        generation, batch = measure_generation(engine, prompts, workload, torch_device, iterations, warmup)
+        rollouts = rollouts_from(batch, np.random.default_rng(workload.seed).normal(size=workload.batch_size))
+        update = measure_update(trainer, rollouts, workload, torch_device, torch_dtype, iterations, warmup)
+        hot_swap = measure_hot_swap(trainer, engine, torch_device, torch_dtype)
     return {
         "size": size,
         "device": str(torch_device),
-        "device_name": device_name,
+        "device_name": peak_flops(torch_device, torch_dtype)[0],
         "dtype": str(torch_dtype),
         "model": {
-            **fields,
+            **shape_fields(size),
             "parameters": sum(p.numel() for p in trainer.model.parameters()),
-            "matmul_parameters": n_params,
+            "matmul_parameters": update["n_params"],
         },
-        "generation": {
-            "rows": batch_size,
-            "prompt_tokens": prompt_tokens,
-            "max_new_tokens": workload.max_new_tokens,
-            "temperature": workload.temperature,
-            "top_p": Sampling.top_p,
-            "seconds": generate_seconds,
-            "response_tokens": response_tokens,
-            "tokens_per_second": sum(response_tokens) / sum(generate_seconds),
-        },
-        "update": {
-            "rows": batch_size,
-            "minibatch_size": minibatch_size,
-            "ppo_epochs": workload.ppo_epochs,
-            "width": width,
-            "tokens_processed": tokens_processed,
-            "n_params": n_params,
-            "flops": flops,
-            "seconds": update_seconds,
-            "seconds_mean": update_mean,
-            "achieved_flops_per_second": flops / update_mean,
-            "peak_flops_per_second": peak,
-            "mfu": None if peak is None else flops / update_mean / peak,
-            "optimizer_steps": summary.optimizer_steps,
-            "skipped_minibatches": summary.skipped_minibatches,
-        },
-        "checkpoint_write_seconds": checkpoint_seconds,
+        "generation": {**generation, "prompt_tokens": prompt_tokens},
+        "update": update,
+        "checkpoint_write_seconds": hot_swap.pop("checkpoint_write_seconds"),
         "hot_swap": hot_swap,
         "peak_memory_bytes": {
             "process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

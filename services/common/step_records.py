@@ -47,6 +47,8 @@ class UpdateStats:
     value_loss: float  # the critic's clipped loss (GAE only; NaN otherwise)
     lr: float  # the learning rate after the update's optimizer steps
     first_minibatch_max_log_ratio: float  # 0 on fresh rollouts: a check on the whole pipeline
+    logprob_mismatch_mean_abs: float  # mean |log pi_trainer_old - log pi_behaviour| (NaN: not measured)
+    logprob_mismatch_k3: float  # k3 estimate of KL(pi_behaviour || pi_trainer_old) (NaN: not measured)
     early_stopped: bool  # approx_kl passed early_stop_kl
     optimizer_steps: int  # 0: every minibatch was non-finite, nothing to publish
     skipped_minibatches: int  # minibatches skipped for a non-finite loss or gradient

@@ -110,6 +110,17 @@ class TrainerConfig(ModelRuntime):
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
     value_coef: float = Field(0.1, ge=0, description="GAE: weight of the value loss")
     value_clip: float = Field(0.2, gt=0, description="GAE: value clipping range around the old values")
+    measure_mismatch: bool | None = Field(
+        None,
+        description="compute the sampler/trainer log-prob mismatch each update (one extra no-grad forward over the "
+        "batch); null: on CUDA only, where the policy samples in bfloat16 (docs/algorithm.md)",
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="truncated importance sampling: weight each token's PPO loss by min(pi_trainer_old / "
+        "pi_behaviour, tis_cap) and take the PPO ratio against pi_trainer_old (off: null; 2.0 is veRL's choice)",
+    )
     early_stop_kl: float | None = Field(
         None, gt=0, description="stop an update's epochs once approx KL(old||new) passes this"
     )

@@ -46,11 +46,14 @@ def clipped_policy_loss(
     response_mask: torch.Tensor,
     clip_eps: float,
     aggregation: str = "token_mean",
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, to minimise:
 
         ratio_t = exp(log pi_new(a_t) - log pi_old(a_t))
-        loss    = aggregate over response tokens of max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+        loss    = aggregate over response tokens of w_t * max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+
+    w_t = 1, or token_weights (B, T): truncated importance weights (mismatch.py), no grad.
 
     new_logprobs, old_logprobs, response_mask: (B, T); advantages: (B,), a sequence's advantage
     given to each of its tokens, or (B, T) per token (GAE). Returns (loss, stats) with stats:
@@ -62,7 +65,10 @@ def clipped_policy_loss(
     token_advantage = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
     unclipped = -token_advantage * ratio
     clipped = -token_advantage * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), response_mask, aggregation)
+    per_token = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
+    loss = aggregate_loss(per_token, response_mask, aggregation)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), response_mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask)  # (ratio - 1) - log ratio, never < 0

@@ -28,6 +28,14 @@ STATS_GAUGES = {
     ),
     "distinct_2": ("belay_trainer_distinct_2", "Distinct word bigrams / all bigrams over the batch's responses"),
     "repetition_3": ("belay_trainer_repetition_3", "Mean share of repeated word trigrams within a response"),
+    "logprob_mismatch_mean_abs": (
+        "belay_trainer_logprob_mismatch_mean_abs",
+        "Mean |log pi_trainer - log pi_behaviour| per response token before the update (NaN: not measured)",
+    ),
+    "logprob_mismatch_k3": (
+        "belay_trainer_logprob_mismatch_k3",
+        "k3 estimate of KL(behaviour || trainer before the update) per response token (NaN: not measured)",
+    ),
 }
 VERSION_GAUGE = ("belay_trainer_policy_version", "Policy version last published")
 # The failure detectors' values (services/trainer/detectors.py), NaN until their first window is full.

@@ -33,6 +33,7 @@ from .advantages import (
 )
 from .batch import PPOBatch, collate
 from .kl import exact_kl_from_rows, per_token_kl
+from .mismatch import logprob_mismatch, truncated_importance_weights
 from .ppo import clipped_value_loss
 from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
 
@@ -103,6 +104,14 @@ def advantages_and_returns(
     return advantages, returns, total_reward
 
 
+def measures_mismatch(trainer: Trainer) -> bool:
+    """trainer.measure_mismatch, where null is: on CUDA (bfloat16 sampling); always under TIS, which needs it."""
+    section = trainer.section
+    if section.tis_cap is not None:
+        return True
+    return section.measure_mismatch if section.measure_mismatch is not None else trainer.device.type == "cuda"
+
+
 def forward(trainer: Trainer, data: PPOBatch):
     """The policy (and critic) on a batch, at response positions only: (logprobs (B, T), entropy (B, T),
     the log-probs at the reference's top-k ids (B, T, K) for kl_estimator 'full' else None, values
@@ -134,10 +143,18 @@ def ppo_update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
     scores = shape_rewards(section, trainer.reward_moments, data)
     # 2. The policy as it stands (= the weights that sampled, for fresh rollouts): old values for
     #    the critic and the policy's full distribution for the exact KL; skipped when neither is used.
-    policy_rows, old_values = None, None
-    if trainer.value_head is not None or section.kl_estimator == "full":
+    #    With measure_mismatch or tis_cap, the same pass gives the sampler/trainer mismatch (mismatch.py).
+    policy_rows, old_values, mismatch, tis = None, None, (float("nan"), float("nan")), {}
+    if trainer.value_head is not None or section.kl_estimator == "full" or measures_mismatch(trainer):
         with torch.no_grad():
-            _, _, policy_rows, old_values = forward(trainer, data)
+            trainer_old, _, policy_rows, old_values = forward(trainer, data)
+        if measures_mismatch(trainer):
+            mismatch = logprob_mismatch(trainer_old, data.old_logprobs, mask)
+        if section.tis_cap is not None:
+            tis = {
+                "old_logprobs": trainer_old,
+                "tis_weights": truncated_importance_weights(trainer_old, data.old_logprobs, mask, section.tis_cap),
+            }
     # 3. KL between the policy that sampled and the frozen reference, response tokens only.
     vocab_size = trainer.model.get_output_embeddings().weight.shape[0]
     kl_per_token = token_kl(section.kl_estimator, data.old_logprobs, data, policy_rows, vocab_size)  # (B, T)
@@ -148,16 +165,18 @@ def ppo_update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
         section, scores, kl_per_token, kl, reward_beta, old_values, data
     )
     # 5. Clipped PPO epochs over minibatches, gradient clipping always on.
-    targets = {"advantages": advantages, "returns": returns, "old_values": old_values}
+    targets = {"advantages": advantages, "returns": returns, "old_values": old_values, **tis}
     figures, stopped_early = ppo_epochs(trainer, data, len(rollouts), targets, beta)
     # 6. β for the next update (the adaptive controller moves it towards the target KL).
     kl_coef_next = trainer.kl_controller.update(float(kl.mean()), len(rollouts))
     for value in data.old_logprobs[mask.bool()].tolist():
         trainer.metrics.logprobs.observe(value)
     lr = trainer.scheduler.get_last_lr()[0]
-    return update_stats(
+    stats = update_stats(
         data, rollouts, scores, total_reward, kl_per_token, kl, beta, kl_coef_next, lr, figures, stopped_early
     )
+    stats.logprob_mismatch_mean_abs, stats.logprob_mismatch_k3 = mismatch
+    return stats
 
 
 def ppo_epochs(
@@ -203,8 +222,15 @@ def minibatch_loss(
         figures["first_minibatch_max_log_ratio"].append(
             float(((new_logprobs - data.old_logprobs).abs() * mask).max().detach())
         )
+    old_logprobs = targets.get("old_logprobs", data.old_logprobs)  # under TIS: the trainer's, not the sampler's
     loss, info = ppo.clipped_policy_loss(
-        new_logprobs, data.old_logprobs, targets["advantages"], mask, section.clip_eps, section.loss_aggregation
+        new_logprobs,
+        old_logprobs,
+        targets["advantages"],
+        mask,
+        section.clip_eps,
+        section.loss_aggregation,
+        targets.get("tis_weights"),
     )
     if section.kl_placement == "loss":  # GRPO style: the KL of the policy being trained, as a loss term
         kl_loss = ppo.aggregate_loss(
@@ -292,6 +318,8 @@ def update_stats(
         value_loss=mean("value_loss"),
         lr=lr,
         first_minibatch_max_log_ratio=first_ratio[0] if first_ratio else float("nan"),
+        logprob_mismatch_mean_abs=float("nan"),  # set by ppo_update when measured
+        logprob_mismatch_k3=float("nan"),
         early_stopped=stopped_early,
         optimizer_steps=len(figures["loss"]),
         skipped_minibatches=int(sum(figures["skipped"])),

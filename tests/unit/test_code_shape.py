@@ -19,12 +19,6 @@ FUNCTION_EXEMPTIONS = {
     # the comparison can be read against TRL's documentation line by line.
     "services/bench/trl_baseline.py:run_trl_baseline",
 }
-# Temporary: the trainer split (another branch of issue #18) brings these two under the limits. The lead
-# removes this entry when that branch merges.
-UNTIL_THE_TRAINER_SPLIT_MERGES = {"services/trainer/trainer.py", "services/trainer/trainer_metrics.py"}
-# Temporary: the lead's rewrite of services/bench/gpu.py (not touched on this branch) brings it under the
-# limit; the lead removes this entry with that rewrite.
-UNTIL_THE_GPU_BENCH_REWRITE_MERGES = {"services/bench/gpu.py:run_gpu_bench"}
 
 
 def modules() -> list[pathlib.Path]:
@@ -60,8 +54,7 @@ def test_no_module_under_services_is_over_400_lines():
     over = [
         f"{relative(path)}: {lines} lines"
         for path in modules()
-        if relative(path) not in UNTIL_THE_TRAINER_SPLIT_MERGES
-        and (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+        if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     ]
     assert not over, f"modules over {MAX_MODULE_LINES} lines (split each by job):\n" + "\n".join(over)
 
@@ -70,9 +63,8 @@ def test_no_function_under_services_is_over_60_lines():
     over = [
         f"{relative(path)}:{name}: {length} lines"
         for path in modules()
-        if relative(path) not in UNTIL_THE_TRAINER_SPLIT_MERGES
         for name, length in long_functions(path)
-        if f"{relative(path)}:{name}" not in FUNCTION_EXEMPTIONS | UNTIL_THE_GPU_BENCH_REWRITE_MERGES
+        if f"{relative(path)}:{name}" not in FUNCTION_EXEMPTIONS
     ]
     assert not over, f"functions over {MAX_FUNCTION_LINES} lines (split each by step):\n" + "\n".join(over)
 

@@ -52,3 +52,22 @@ def test_truncated_importance_weights_are_the_capped_ratio_without_grad():
 def test_a_cap_that_is_not_positive_is_refused():
     with pytest.raises(ValueError, match="tis_cap must be positive"):
         truncated_importance_weights(TRAINER, BEHAVIOUR, MASK, cap=0.0)
+
+
+def test_the_ppo_loss_weights_each_token_by_its_importance_weight():
+    """loss = token mean of w_t * max(-A ratio_t, -A clip(ratio_t)), written out here."""
+    from services.trainer.ppo import clipped_policy_loss
+
+    new = torch.tensor([[-1.0, -1.1, -0.2, 0.0]])
+    old = torch.tensor([[-1.2, -1.0, -0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantage, eps = torch.tensor([0.7]), 0.2
+    weights = torch.tensor([[0.5, 2.0, 1.0, 9.0]])
+    loss, _ = clipped_policy_loss(new, old, advantage, mask, eps, "token_mean", weights)
+    terms = []
+    for n, o, w in zip(new[0, :3].tolist(), old[0, :3].tolist(), weights[0, :3].tolist()):
+        ratio = math.exp(n - o)
+        terms.append(w * max(-0.7 * ratio, -0.7 * min(max(ratio, 1 - eps), 1 + eps)))
+    assert loss.item() == pytest.approx(sum(terms) / 3)
+    unweighted, _ = clipped_policy_loss(new, old, advantage, mask, eps, "token_mean")
+    assert unweighted.item() != pytest.approx(loss.item())
