@@ -52,6 +52,7 @@ class UpdateStats:
     early_stopped: bool  # approx_kl passed early_stop_kl
     optimizer_steps: int  # 0: every minibatch was non-finite, nothing to publish
     skipped_minibatches: int  # minibatches skipped for a non-finite loss or gradient
+    out_of_memory: bool = False  # a CUDA out-of-memory cut the update short
 
 
 @dataclass

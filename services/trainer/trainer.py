@@ -179,9 +179,14 @@ class Trainer:
         started = time.perf_counter()
         stats = self.update(rollouts)
         update_seconds = time.perf_counter() - started
-        if stats.optimizer_steps == 0:  # nothing finite to publish: keep the rollouts, refused
+        if stats.optimizer_steps == 0:  # nothing to publish: the rollouts go to the dropped stream, kept there
+            reason, detail = (
+                ("out_of_memory", "its update ran out of device memory before any optimizer step")
+                if stats.out_of_memory
+                else ("nonfinite", "every minibatch of its update was non-finite")
+            )
             for entry_id, _ in entries:
-                self.intake.drop(entry_id, "nonfinite", "every minibatch of its update was non-finite")
+                self.intake.drop(entry_id, reason, detail)
             return None
         version = self.advance_version()
         self.consumed_ids.extend(r.rollout_id for r in rollouts)

@@ -79,11 +79,16 @@ class TrainerMetrics:
         self.dropped = Counter(
             "belay_trainer_rollouts_dropped_total", "Rollouts refused, by reason", ["reason"], registry=registry
         )
-        for reason in ("stale", "malformed", "duplicate", "nonfinite", "orphaned"):
+        for reason in ("stale", "malformed", "duplicate", "nonfinite", "orphaned", "out_of_memory"):
             self.dropped.labels(reason=reason)
         self.nonfinite_skips = Counter(
             "belay_trainer_nonfinite_skips_total",
             "Minibatch updates skipped for a NaN/Inf loss or gradient",
+            registry=registry,
+        )
+        self.out_of_memory = Counter(
+            "belay_trainer_out_of_memory_total",
+            "Updates cut short by a CUDA out-of-memory (none stepped: the batch goes to the dropped stream)",
             registry=registry,
         )
         self.step_seconds = Histogram(

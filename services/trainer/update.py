@@ -185,8 +185,36 @@ def ppo_epochs(
     """section.ppo_epochs passes over the batch in shuffled minibatches (under torchrun, each rank
     its share), stopped early once approx_kl passes early_stop_kl. Returns the per-minibatch
     figures and whether it stopped early."""
-    section, distributed = trainer.section, trainer.distributed
     figures = collections.defaultdict(list)
+    try:
+        return epochs(trainer, data, size, targets, beta, figures)
+    except torch.OutOfMemoryError as error:
+        out_of_memory(trainer, figures, error)
+        return figures, True
+
+
+def out_of_memory(trainer: Trainer, figures: dict, error: Exception) -> None:
+    """A CUDA out-of-memory in an update: the epochs stop where they are, the gradients and the
+    allocator's cache are freed, and the trainer goes on with the next batch. With no optimizer step
+    taken, the weights are untouched and Trainer.step sends the batch to the dropped stream (reason
+    out_of_memory, every field kept); after some, the update stands with the steps it took."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    trainer.metrics.out_of_memory.inc()
+    figures["out_of_memory"].append(1)
+    log.error(
+        "CUDA out of memory in the update after %d optimizer steps (%s); lower trainer.minibatch_size or "
+        "trainer.logprob_chunk_positions, or set trainer.gradient_checkpointing: true",
+        len(figures["loss"]),
+        str(error).splitlines()[0] if str(error) else type(error).__name__,
+    )
+
+
+def epochs(
+    trainer: Trainer, data: PPOBatch, size: int, targets: dict, beta: float, figures: dict
+) -> tuple[dict[str, list[float]], bool]:
+    section, distributed = trainer.section, trainer.distributed
     for _epoch in range(section.ppo_epochs):
         order = torch.randperm(size, generator=trainer.shuffle)
         for start in range(0, size, section.minibatch_size):
@@ -321,6 +349,7 @@ def update_stats(
         logprob_mismatch_mean_abs=float("nan"),  # set by ppo_update when measured
         logprob_mismatch_k3=float("nan"),
         early_stopped=stopped_early,
+        out_of_memory=bool(figures["out_of_memory"]),
         optimizer_steps=len(figures["loss"]),
         skipped_minibatches=int(sum(figures["skipped"])),
     )

@@ -257,3 +257,34 @@ def test_each_step_reports_the_length_bias_and_diversity_of_its_responses(tiny_l
     assert summary.stats.reward_length_correlation == pytest.approx(float(np.corrcoef(rewards, lengths)[0, 1]))
     assert summary.stats.reward_length_correlation != 0.0
     assert trainer.metrics.gauges["distinct_2"]._value.get() == pytest.approx(summary.stats.distinct_2)
+
+
+def test_an_update_out_of_device_memory_keeps_its_batch_in_the_dropped_stream(
+    tiny_lm_dir, redis_url, tmp_path, monkeypatch
+):
+    """The one mock here: the minibatch loss raises torch.OutOfMemoryError as a full card would (no
+    GPU on this machine). Nothing is published, the 8 rollouts are in the dropped stream with reason
+    out_of_memory and every field, and the next batch trains."""
+    from services.trainer import update
+
+    trainer = make_trainer(tiny_lm_dir, redis_url, tmp_path)
+    queue = trainer.queue
+    queue.ensure_group()
+    for i in range(8):
+        queue.add(rollout(trainer.tokenizer, version=0, reward=float(i % 3), seed=i))
+    real = update.minibatch_loss
+
+    def full_card(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.92 GiB.")
+
+    monkeypatch.setattr(update, "minibatch_loss", full_card)
+    assert trainer.step(trainer.collect(threading.Event())) is None
+    assert queue.latest_version()[0] == 0 and queue.pending_count() == 0
+    dropped = queue.redis.xrange(queue.dropped_stream)
+    assert len(dropped) == 8 and {f[b"drop_reason"] for _, f in dropped} == {b"out_of_memory"}
+    assert all(b"response_ids" in f for _, f in dropped)  # the rollout itself, kept
+    assert trainer.metrics.out_of_memory._value.get() == 1
+    monkeypatch.setattr(update, "minibatch_loss", real)
+    for i in range(8):
+        queue.add(rollout(trainer.tokenizer, version=0, reward=float(i % 3), seed=10 + i))
+    assert trainer.step(trainer.collect(threading.Event())).version == 1
