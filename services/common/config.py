@@ -237,6 +237,12 @@ class PolicyConfig(ModelServiceConfig):
     temperature: float = Field(1.0, gt=0, description="sampling temperature (seed: 1.0; too cold learns nothing)")
     top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass (seed: 0.9)")
     max_new_tokens: int = Field(128, ge=1, description="response length cap")
+    max_prompt_tokens: int = Field(
+        1024,
+        ge=1,
+        description="longest templated prompt, in tokens, Generate accepts (longer ones are refused, naming "
+        "this field); the memory plan sizes the KV cache by it",
+    )
     seed: int = Field(0, description="sampler seed; batch k uses seed + k")
     reference_timeout_seconds: float = Field(120.0, gt=0, description="deadline of a reference LogProbs call")
     reward_timeout_seconds: float = Field(60.0, gt=0, description="deadline of a reward Score call")

@@ -128,9 +128,11 @@ class PolicyEngine:
         tokenizer: PreTrainedTokenizerBase,
         limits: GrpcConfig,
         version: int = 0,
+        max_prompt_tokens: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
+        self.max_prompt_tokens = max_prompt_tokens  # policy.max_prompt_tokens: what the memory plan counts
         self.loaded = LoadedModel(model=own_weights(model).eval(), version=version)  # swapped into in place
         self.lock = threading.RLock()
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
@@ -168,6 +170,11 @@ class PolicyEngine:
             )
         limit = context_limit(self.loaded.model, self.limits)
         for index, ids in enumerate(prompt_ids):
+            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                raise invalid(
+                    f"prompt {index} has {len(ids)} tokens, over policy.max_prompt_tokens={self.max_prompt_tokens} "
+                    "(the memory plan sizes the KV cache by it): shorten the prompt or raise the limit"
+                )
             if len(ids) + sampling.max_new_tokens > limit:
                 raise invalid(
                     f"prompt {index} has {len(ids)} tokens; with max_new_tokens="
