@@ -21,6 +21,8 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .checkpoints import load_weights_into
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Config fields that change what the adapter tensors mean; a checkpoint must agree on all of them.
@@ -198,3 +200,13 @@ def lora_settings(section) -> LoraSettings:
     return LoraSettings(
         r=section.r, alpha=section.alpha, dropout=section.dropout, target_modules=tuple(section.target_modules)
     )
+
+
+def load_weights_or_adapter(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """A checkpoint's weights into `model` in place: its adapters into a LoRA model when it is an
+    adapter checkpoint (adapter_config.json), else its full weights. Both check everything first and
+    leave the model unchanged on a misfit."""
+    if is_adapter_checkpoint(directory):
+        load_adapter_into(model, directory)
+    else:
+        load_weights_into(model, directory)

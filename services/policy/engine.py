@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..common.checkpoints import checkpoint_problem, load_tensors_into, load_weights_into
+from ..common.checkpoints import checkpoint_problem, load_tensors_into
 from ..common.config import GrpcConfig
 from ..common.logprob_service import LoadedModel, context_limit
-from ..common.lora import adapter_tensors, is_adapter_checkpoint, load_adapter_into
+from ..common.lora import adapter_tensors, load_weights_or_adapter
 from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights
 from ..common.rpc import invalid, too_big
 
@@ -274,10 +274,7 @@ class PolicyEngine:
                 problem = checkpoint_problem(source, full=False)  # sizes: cheap, catches half-written files
                 if problem is not None:
                     raise ValueError(f"checkpoint {source} refused: {problem}")
-                if is_adapter_checkpoint(source):  # LoRA: only the adapter tensors travel
-                    load_adapter_into(model, source)
-                else:
-                    load_weights_into(model, source)
+                load_weights_or_adapter(model, source)  # LoRA: only the adapter tensors travel
                 shown = str(source)
             self.loaded = LoadedModel(model=model, version=version)
         seconds = time.perf_counter() - start

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..common.checkpoints import committed_versions, load_weights_into
-from ..common.lora import load_adapter_into
+from ..common.checkpoints import committed_versions
+from ..common.lora import load_weights_or_adapter
 from ..common.rollout_queue import Rollout
 from ..common.step_records import RollbackRecord
 from .retry import until_redis_answers
@@ -93,12 +93,8 @@ def restore_weights(trainer: Trainer, target: int, checkpoints: dict[int, pathli
             for name, parameter in trainer.model.named_parameters():
                 if "lora_B" in name:
                     parameter.zero_()
-    elif target == 0:
-        load_weights_into(trainer.model, trainer.section.model_dir)
-    elif lora:
-        load_adapter_into(trainer.model, checkpoints[target])
     else:
-        load_weights_into(trainer.model, checkpoints[target])
+        load_weights_or_adapter(trainer.model, trainer.section.model_dir if target == 0 else checkpoints[target])
 
 
 def tighten(trainer: Trainer) -> None:

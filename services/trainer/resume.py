@@ -14,12 +14,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..common.checkpoints import (
     latest_valid_checkpoint,
     load_trainer_state,
-    load_weights_into,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     remove_unfinished,
 )
-from ..common.lora import adapter_config, load_adapter_into
+from ..common.lora import adapter_config, load_weights_or_adapter
 from .lineage import Lineage
 from .persisting import Snapshot
 from .publishing import serving_tensors
@@ -54,10 +53,7 @@ def restore(trainer: Trainer) -> int:
             f"{path} was written in checkpoint format {meta['format']} by a newer Belay; this "
             f"trainer reads formats 1 to {CHECKPOINT_FORMAT}: resume it with that version or newer"
         )
-    if trainer.config.lora.enabled:
-        load_adapter_into(trainer.model, path)
-    else:
-        load_weights_into(trainer.model, path)
+    load_weights_or_adapter(trainer.model, path)
     if trainer.value_head is not None:
         trainer.value_head.load_state_dict(prefixed(tensors, "value_head/"))
     trainer.scheduler.load_state_dict(meta["scheduler"])
