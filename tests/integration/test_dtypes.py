@@ -90,3 +90,15 @@ def test_weights_are_published_in_the_policys_dtype(tiny_lm_dir, tmp_path, polic
     assert {t.dtype for t in tensors.values()} == {expected}
     live = serving_tensors(model, False)
     assert all(live[k].data_ptr() == p.data_ptr() for k, p in model.state_dict().items() if k in live)
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_lm_dir, reference_dir, tmp_path):  # noqa: F811
+    """trainer.gradient_checkpointing recomputes activations in backward: the same update, to float rounding."""
+    rollouts = sample_rollouts(tiny_lm_dir, reference_dir)
+    plain = make_trainer(tiny_lm_dir, tmp_path / "a")
+    recomputing = make_trainer(tiny_lm_dir, tmp_path / "b", gradient_checkpointing=True)
+    assert recomputing.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    plain.update(rollouts)
+    recomputing.update(rollouts)
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), recomputing.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
