@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
 import time
 
 import grpc
@@ -142,6 +143,9 @@ def up(
     say=print,
 ) -> dict:
     """Run the stack, follow training, stop it; then summarise, evaluate and report the run."""
+    # Ctrl-C stops cleanly even where SIGINT came in ignored: a shell starts background jobs with it
+    # ignored, and then KeyboardInterrupt never came and `belay up` followed the run for ever.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     report, refused = memory_check(config)  # before anything starts: a plan that cannot fit is refused
     say(report)
     if refused:
