@@ -31,6 +31,7 @@ from ..common.config import BelayConfig
 from ..common.step_records import StepRecord
 from ..launcher import follow
 from ..local_stack import LocalStack
+from .gpu import matmul_parameters
 from .reward_model import ensure_reward_model
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
 from .workload import Workload, belay_config
@@ -168,7 +169,7 @@ def prepare(shape: str, temp: pathlib.Path, workload: Workload, prompt_tokens: i
     with torch.device("meta"):
         config_class, model_class, fields = SHAPES[shape]
         meta = model_class(config_class(**fields))
-    matmul = sum(m.weight.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear))
+    matmul = matmul_parameters(meta)
     workload = Workload(
         model_dir=str(model_dir),
         reward_dir=str(reward_dir),

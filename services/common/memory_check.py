@@ -2,11 +2,9 @@
 per service (services/common/memory_plan.py does the arithmetic), the services that share a device
 summed against its memory, the plan logged by each service at start and each process capped.
 
-Settings not in the config yet are read with getattr and a default, so this works before and after
-they land: `<section>.dtype` ('auto': bfloat16 on CUDA, float32 on CPU), `trainer.gradient_checkpointing`
-(False), `policy.max_prompt_tokens` (prompts are bounded today only by the RPC limit: the
-max_prompt_tokens argument, 1024 by default, stands in), and the log-prob chunks: `trainer.logprob_chunk_positions`
-in the trainer, models.LOGPROB_CHUNK_POSITIONS in the reference.
+The settings it reads: `<section>.dtype` ('auto': bfloat16 on CUDA, float32 on CPU),
+`trainer.gradient_checkpointing`, `policy.max_prompt_tokens` (the KV cache's prompt length), and the
+log-prob chunks: `trainer.logprob_chunk_positions` in the trainer, LOGPROB_CHUNK_POSITIONS in the reference.
 
 CPU devices are not checked: the plan is logged for them, but RAM is shared with everything else on
 the machine and the kernel's overcommit makes a sum against it say little.
@@ -39,7 +37,6 @@ from .memory_plan import (
 from .token_logprobs import LOGPROB_CHUNK_POSITIONS
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_PROMPT_TOKENS = 1024
 CUDA_PROBE = (
     "import json, torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; "
     "print(json.dumps([torch.cuda.get_device_properties(i).total_memory for i in range(n)]))"
@@ -69,7 +66,7 @@ def plan_device(name: str, cuda_available: bool) -> str:
 
 
 def dtype_bytes(section, device: str) -> int:
-    dtype = getattr(section, "dtype", "auto")
+    dtype = section.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return DTYPE_BYTES[dtype]
@@ -121,7 +118,7 @@ def _trainer(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:
             read_shape(section.model_dir),
             dtype_bytes(section, device),
             minibatch_tokens,
-            bool(getattr(section, "gradient_checkpointing", False)),
+            section.gradient_checkpointing,
             min(section.logprob_chunk_positions, minibatch_tokens),
             0,  # the full-batch pass (GAE, full KL) is chunked too: one chunk at a time
             device,
@@ -132,13 +129,12 @@ def _trainer(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:
 PLANNERS = {"policy": _policy, "reference": _reference, "reward": _reward, "trainer": _trainer}
 
 
-def config_plans(
-    config, cuda_available: bool, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
-) -> tuple[list[ServicePlan], list[str]]:
+def config_plans(config, cuda_available: bool) -> tuple[list[ServicePlan], list[str]]:
     """Every service's plan, and a note for each service that has none (no model, or no config.json)."""
     policy = config.policy
-    prompt_tokens = getattr(policy, "max_prompt_tokens", None) or max_prompt_tokens
-    lengths = Lengths(policy.prompts_per_batch * policy.samples_per_prompt, prompt_tokens, policy.max_new_tokens)
+    lengths = Lengths(
+        policy.prompts_per_batch * policy.samples_per_prompt, policy.max_prompt_tokens, policy.max_new_tokens
+    )
     plans, notes = [], []
     for service, planner in PLANNERS.items():
         try:
@@ -173,23 +169,23 @@ def probe_cuda_capacities(timeout_seconds: float = 120) -> dict[str, int]:
     return {f"cuda:{i}": size for i, size in enumerate(json.loads(result.stdout.splitlines()[-1]))}
 
 
-def memory_check(config, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> tuple[str, str | None]:
+def memory_check(config) -> tuple[str, str | None]:
     """For `belay up`, before anything starts: (a report, one line per device and per note; the
     refusal message when a device's plan does not fit, else None)."""
     capacities = probe_cuda_capacities()
-    plans, notes = config_plans(config, bool(capacities), max_prompt_tokens)
+    plans, notes = config_plans(config, bool(capacities))
     verdicts = device_verdicts(plans, capacities)
     report = "\n".join(["memory plan:", *(f"  {v.summary()}" for v in verdicts), *(f"  {n}" for n in notes)])
     return report, refusal(verdicts)
 
 
-def log_memory_plan(config, service_name: str, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> DeviceShare:
+def log_memory_plan(config, service_name: str) -> DeviceShare:
     """Log this service's plan and its device's verdict; return the share of the device it may use
     (for cap_process_memory). A plan that does not fit is a warning here: `belay up` refuses it."""
     import torch
 
     cuda = torch.cuda.is_available()
-    plans, notes = config_plans(config, cuda, max_prompt_tokens)
+    plans, notes = config_plans(config, cuda)
     own = [plan for plan in plans if plan.service == service_name]
     if not own:
         log.info("; ".join(note for note in notes if note.startswith(service_name)) or "no memory plan")

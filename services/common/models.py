@@ -166,12 +166,7 @@ def next_token_log_probs(
     input_ids, attention_mask: (B, T) -> log_probs (B, T-1, V), float32. Differentiable.
     """
     output = model(input_ids=input_ids, attention_mask=attention_mask)
-    return _next_token_log_softmax(output.logits, temperature)
-
-
-def _next_token_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, T, V) logits -> (B, T-1, V) float32 log-probabilities of the next token."""
-    return torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return torch.log_softmax(output.logits[:, :-1].float() / temperature, dim=-1)
 
 
 def _chunks(prompts: list[list[int]], responses: list[list[int]], max_tokens: int):

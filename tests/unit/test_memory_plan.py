@@ -226,11 +226,11 @@ def test_a_missing_model_config_is_a_note_not_a_failure(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("trainer: no memory plan")
 
 
-def test_settings_not_in_the_config_yet_are_read_when_present(tmp_path):
+def test_gradient_checkpointing_and_the_prompt_limit_shrink_their_items(tmp_path):
     config = four_services(tmp_path)
     plain = {i.name: i.bytes for p in config_plans(config, True)[0] for i in p.items}
-    object.__setattr__(config.trainer, "gradient_checkpointing", True)  # as the lead's field will read
-    object.__setattr__(config.policy, "max_prompt_tokens", 256)
+    config.trainer.gradient_checkpointing = True
+    config.policy.max_prompt_tokens = 256
     changed = {i.name: i.bytes for p in config_plans(config, True)[0] for i in p.items}
     assert changed["trainer activations"] < plain["trainer activations"] / 10
     assert changed["policy KV cache"] == plain["policy KV cache"] * (256 + 128) // (1024 + 128)
