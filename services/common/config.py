@@ -35,11 +35,22 @@ class RunConfig(Section):
         "the run and checkpoint_dir; under compose and Kubernetes a volume both mount)",
     )
     log_level: str = Field("INFO", description="Python logging level of every service")
+    tensorboard_dir: str | None = Field(
+        None,
+        description="the trainer also writes every step's figures and the canary answers as TensorBoard event "
+        "files under <tensorboard_dir>/<name> (`~` expanded; null: off)",
+    )
     metrics_address: str = Field(
         "127.0.0.1",
         description="address every /metrics server binds (0.0.0.0 inside "
         "a container network for Prometheus; loopback by default)",
     )
+
+    @field_validator("tensorboard_dir")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        """`~` expanded once here, so every reader sees the same path; an empty string is off, as null."""
+        return os.path.expanduser(value) if value else None
 
 
 class RedisConfig(Section):
@@ -302,6 +313,11 @@ class BelayConfig(Section):
                     f"trainer.batch_size={trainer.batch_size} must be a multiple of "
                     f"policy.samples_per_prompt={policy.samples_per_prompt} so batches hold whole groups"
                 )
+        if trainer.overlong_penalty and trainer.overlong_band_tokens > policy.max_new_tokens:
+            raise ValueError(
+                f"trainer.overlong_band_tokens={trainer.overlong_band_tokens} exceeds policy.max_new_tokens="
+                f"{policy.max_new_tokens}: the overlong penalty's band ends at the response cap"
+            )
         return self
 
 

@@ -100,12 +100,27 @@ class TrainerConfig(ModelRuntime):
     truncation_penalty: float = Field(
         0.0, ge=0, description="subtracted from the reward of responses cut at max_new_tokens"
     )
+    overlong_penalty: float = Field(
+        0.0,
+        ge=0,
+        description="DAPO's soft overlong punishment: up to this much subtracted, rising linearly across the "
+        "last overlong_band_tokens before policy.max_new_tokens (0: off; docs/algorithm.md)",
+    )
+    overlong_band_tokens: int = Field(
+        32, ge=1, description="overlong penalty: the band L_cache, in tokens, ending at policy.max_new_tokens"
+    )
     advantage: Literal["batch_mean", "group", "rloo", "gae"] = Field(
         "batch_mean",
         description="baseline: batch mean (seed), group mean (GRPO), leave-one-out (RLOO), or GAE with a critic",
     )
     group_scale_by_std: bool = Field(False, description="group advantage: divide by the group's std (GRPO)")
     whiten_advantages: bool = Field(False, description="whiten advantages over the batch's response tokens")
+    entropy_coef: float = Field(
+        0.0,
+        ge=0,
+        description="entropy bonus: loss -= entropy_coef x the policy's mean entropy per response token "
+        "(aggregated like the loss; 0: off; docs/algorithm.md)",
+    )
     gamma: float = Field(1.0, gt=0, le=1, description="GAE discount γ")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
     value_coef: float = Field(0.1, ge=0, description="GAE: weight of the value loss")

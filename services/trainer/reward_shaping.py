@@ -113,3 +113,30 @@ def truncation_penalty(rewards: torch.Tensor, truncated: torch.Tensor, penalty: 
             f"rewards {tuple(rewards.shape)} and truncated {tuple(truncated.shape)} must have the same (B,) shape"
         )
     return rewards - penalty * truncated.to(rewards.dtype)
+
+
+def overlong_penalty(
+    rewards: torch.Tensor, response_lengths: torch.Tensor, max_length: int, band: int, coef: float
+) -> torch.Tensor:
+    """rewards + coef * R_length(|y|), DAPO's soft overlong punishment (Yu et al. 2025, eq. 13).
+    (B,), (B,) -> (B,)
+
+    With L_max = max_length (the response cap, policy.max_new_tokens) and L_cache = band:
+
+        R_length(|y|) = 0                                  if |y| <= L_max - L_cache
+                      = (L_max - L_cache - |y|) / L_cache  if L_max - L_cache < |y| <= L_max
+                      = -1                                 if L_max < |y|
+
+    so the penalty grows linearly from 0 to coef across the last `band` tokens before the cap.
+    Lengths count response tokens (EOS included when emitted); 1 <= band <= max_length.
+    """
+    if rewards.shape != response_lengths.shape:
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} and response_lengths {tuple(response_lengths.shape)} "
+            f"must have the same (B,) shape"
+        )
+    if not 1 <= band <= max_length:
+        raise ValueError(f"the overlong band must hold 1 to max_length={max_length} tokens, got {band}")
+    start = max_length - band  # the last length that goes unpunished
+    excess = (response_lengths.to(rewards.dtype) - start) / band  # (B,) <= 0 before the band, 1 at the cap
+    return rewards - coef * excess.clamp(0.0, 1.0)

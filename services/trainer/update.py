@@ -35,7 +35,13 @@ from .batch import PPOBatch, collate
 from .kl import exact_kl_from_rows, per_token_kl
 from .mismatch import logprob_mismatch, truncated_importance_weights
 from .ppo import clipped_value_loss
-from .reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
+from .reward_shaping import (
+    RunningMoments,
+    clip_reward,
+    length_normalised_reward,
+    overlong_penalty,
+    truncation_penalty,
+)
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -43,9 +49,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def shape_rewards(section: TrainerConfig, moments: RunningMoments, data: PPOBatch) -> torch.Tensor:
+def shape_rewards(
+    section: TrainerConfig, moments: RunningMoments, data: PPOBatch, max_new_tokens: int
+) -> torch.Tensor:
     """Raw scores -> the reward PPO maximises, in this order: running normalisation, clipping,
-    length normalisation, truncation penalty (each off unless configured). (B,) -> (B,)"""
+    length normalisation, truncation penalty, overlong penalty (each off unless configured); the
+    overlong band ends at max_new_tokens, the policy's response cap. (B,) -> (B,)"""
     rewards = data.rewards
     if section.reward_normalize:
         moments.update(rewards)
@@ -56,6 +65,10 @@ def shape_rewards(section: TrainerConfig, moments: RunningMoments, data: PPOBatc
         rewards = length_normalised_reward(rewards, data.response_lengths)
     if section.truncation_penalty:
         rewards = truncation_penalty(rewards, data.truncated, section.truncation_penalty)
+    if section.overlong_penalty:  # DAPO's soft overlong punishment, in the reward's own units
+        rewards = overlong_penalty(
+            rewards, data.response_lengths, max_new_tokens, section.overlong_band_tokens, section.overlong_penalty
+        )
     return rewards
 
 
@@ -140,7 +153,7 @@ def ppo_update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
     mask = data.response_mask
     beta = trainer.kl_controller.value
     # 1. The reward: raw scores, shaped as configured (the seed's default: unchanged).
-    scores = shape_rewards(section, trainer.reward_moments, data)
+    scores = shape_rewards(section, trainer.reward_moments, data, trainer.config.policy.max_new_tokens)
     # 2. The policy as it stands (= the weights that sampled, for fresh rollouts): old values for
     #    the critic and the policy's full distribution for the exact KL; skipped when neither is used.
     #    With measure_mismatch or tis_cap, the same pass gives the sampler/trainer mismatch (mismatch.py).
@@ -241,8 +254,8 @@ def epochs(
 def minibatch_loss(
     trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict
 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """The clipped policy loss (+ β·KL under kl_placement 'loss', + the value loss under GAE) on
-    one minibatch. Returns (loss, the policy loss's info, entropy (B, T))."""
+    """The clipped policy loss (+ β·KL under kl_placement 'loss', − c·entropy with entropy_coef,
+    + the value loss under GAE) on one minibatch. Returns (loss, the policy loss's info, entropy (B, T))."""
     section, mask = trainer.section, data.response_mask
     new_logprobs, entropy, policy_rows, values = forward(trainer, data)
     vocab_size = trainer.model.get_output_embeddings().weight.shape[0]
@@ -265,6 +278,8 @@ def minibatch_loss(
             token_kl(section.kl_estimator, new_logprobs, data, policy_rows, vocab_size), mask, section.loss_aggregation
         )
         loss = loss + beta * kl_loss
+    if section.entropy_coef:  # exploration bonus (Schulman et al. 2017, eq. 9): higher entropy, lower loss
+        loss = loss - section.entropy_coef * ppo.aggregate_loss(entropy, mask, section.loss_aggregation)
     if values is not None:
         value_loss, _ = clipped_value_loss(values, targets["old_values"], targets["returns"], mask, section.value_clip)
         loss = loss + section.value_coef * value_loss

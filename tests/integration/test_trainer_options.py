@@ -21,6 +21,9 @@ from services.common.models import (
 )
 from services.common.rollout_queue import Rollout, RolloutQueue
 from services.policy.engine import PolicyEngine, Sampling
+from services.trainer import update
+from services.trainer.batch import collate
+from services.trainer.masking import masked_mean
 from services.trainer.trainer import Trainer
 from services.trainer.trainer_metrics import TrainerMetrics
 from tests.tiny_models import build_causal_lm
@@ -73,12 +76,12 @@ def sample_rollouts(policy_dir, reference_dir, top_k: int = 0, seed: int = 0) ->
     return rollouts
 
 
-def make_trainer(model_dir, tmp_path, lora: dict | None = None, **trainer) -> Trainer:
+def make_trainer(model_dir, tmp_path, lora: dict | None = None, policy: dict | None = None, **trainer) -> Trainer:
     settings = {"model_dir": str(model_dir), "batch_size": 8, "minibatch_size": 4, "lr": 1e-3, **trainer}
     config = make_config(
         run={"checkpoint_dir": str(tmp_path / "checkpoints")},
         trainer=settings,
-        policy={"samples_per_prompt": 2},
+        policy={"samples_per_prompt": 2, **(policy or {})},
         lora=lora or {},
     )
     model = load_causal_lm(str(model_dir), torch.device("cpu"), "trainer")
@@ -175,6 +178,53 @@ def test_shaped_reward_is_normalised_clipped_length_normalised_then_penalised(ti
     shaped = np.clip((raw - raw.mean()) / raw.std(), -0.8, 0.8) / np.array([len(r.response_ids) for r in rollouts])
     shaped -= 0.3 * np.array([r.finish_reason == "length" for r in rollouts])
     assert trainer.update(rollouts).shaped_reward_mean == pytest.approx(shaped.mean(), rel=1e-5)
+
+
+def test_overlong_penalty_uses_the_policys_response_cap_after_the_truncation_penalty(
+    tiny_lm_dir, reference_dir, tmp_path
+):
+    rollouts = sample_rollouts(tiny_lm_dir, reference_dir)  # max_new_tokens=10
+    trainer = make_trainer(
+        tiny_lm_dir,
+        tmp_path,
+        truncation_penalty=0.3,
+        overlong_penalty=0.4,
+        overlong_band_tokens=6,
+        policy={"max_new_tokens": 12},  # a cap above the sampler's 10: lengths fall inside the band, not past it
+    )
+    raw = np.array([r.reward for r in rollouts])
+    lengths = np.array([len(r.response_ids) for r in rollouts])
+    # DAPO, eq. 13: (L_max - L_cache - |y|) / L_cache inside the band, 0 before it
+    soft = np.where(lengths <= 12 - 6, 0.0, np.maximum((12 - 6 - lengths) / 6, -1.0))
+    shaped = raw - 0.3 * np.array([r.finish_reason == "length" for r in rollouts]) + 0.4 * soft
+    assert -1 < soft.min() < 0  # some response is inside the band
+    assert trainer.update(rollouts).shaped_reward_mean == pytest.approx(shaped.mean(), rel=1e-5)
+
+
+def mean_entropy(trainer: Trainer, rollouts) -> float:
+    """The policy's mean entropy per response token on `rollouts`, nats."""
+    data = collate(rollouts, trainer.tokenizer.pad_token_id, trainer.device)
+    with torch.no_grad():
+        _, entropy, _, _ = update.forward(trainer, data)
+    return float(masked_mean(entropy, data.response_mask))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_an_entropy_bonus_alone_raises_the_policys_entropy(tiny_lm_dir, reference_dir, tmp_path, aggregation):
+    rollouts = sample_rollouts(tiny_lm_dir, reference_dir)
+    for rollout in rollouts:  # one reward for all and no KL: every advantage is 0, the clipped loss has no gradient
+        rollout.reward = 1.0
+    options = dict(kl_coef=0.0, loss_aggregation=aggregation)
+    still = make_trainer(tiny_lm_dir, tmp_path, **options)
+    before = mean_entropy(still, rollouts)
+    summary = still.update(rollouts)
+    assert summary.optimizer_steps == 2 and summary.loss == 0.0
+    assert mean_entropy(still, rollouts) == before  # no bonus: no gradient, no step moved a weight
+    bonus = make_trainer(tiny_lm_dir, tmp_path, entropy_coef=0.5, **options)
+    summary = bonus.update(rollouts)
+    if aggregation == "token_mean":  # loss = 0 − c · (mean entropy per response token), minibatch by minibatch
+        assert summary.loss == pytest.approx(-0.5 * summary.entropy, rel=1e-5)
+    assert mean_entropy(bonus, rollouts) > before + 1e-4
 
 
 def test_resume_restores_critic_beta_reward_moments_schedule_and_weights(tiny_lm_dir, reference_dir, tmp_path):

@@ -165,3 +165,25 @@ def test_validated_config_refuses_bad_assignment():
     config = load_config(None, environ={})
     with pytest.raises(ValueError):
         config.policy.top_p = 2.0
+
+
+def test_an_overlong_band_wider_than_the_response_cap_is_refused_by_both_names():
+    with pytest.raises(ConfigError, match="overlong_band_tokens=64 exceeds policy.max_new_tokens=48"):
+        load_config(
+            None,
+            environ={
+                "BELAY_TRAINER__OVERLONG_PENALTY": "1.0",
+                "BELAY_TRAINER__OVERLONG_BAND_TOKENS": "64",
+                "BELAY_POLICY__MAX_NEW_TOKENS": "48",
+            },
+        )
+    off = {"BELAY_TRAINER__OVERLONG_BAND_TOKENS": "64", "BELAY_POLICY__MAX_NEW_TOKENS": "48"}
+    assert load_config(None, environ=off).trainer.overlong_penalty == 0.0  # off: the band is not read
+
+
+def test_tensorboard_dir_is_off_by_default_and_expands_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(None, environ={}).run.tensorboard_dir is None
+    assert load_config(None, environ={"BELAY_RUN__TENSORBOARD_DIR": ""}).run.tensorboard_dir is None
+    config = load_config(None, environ={"BELAY_RUN__TENSORBOARD_DIR": "~/tb"})
+    assert config.run.tensorboard_dir == str(tmp_path / "tb")

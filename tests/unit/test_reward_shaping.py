@@ -12,7 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.trainer.reward_shaping import RunningMoments, clip_reward, length_normalised_reward, truncation_penalty
+from services.trainer.reward_shaping import (
+    RunningMoments,
+    clip_reward,
+    length_normalised_reward,
+    overlong_penalty,
+    truncation_penalty,
+)
 
 
 def t(values, dtype=torch.float64) -> torch.Tensor:
@@ -175,3 +181,49 @@ def test_truncation_penalty_wants_a_bool_mask_of_the_same_shape():
         truncation_penalty(t([1.0, 2.0]), torch.tensor([1, 0]), 1.0)
     with pytest.raises(ValueError):
         truncation_penalty(t([1.0, 2.0]), torch.tensor([True]), 1.0)
+
+
+# --- overlong penalty (DAPO) ----------------------------------------------------------------------
+
+
+def dapo_length_reward(length: int, max_length: int, cache: int) -> float:
+    """Yu et al. 2025 (DAPO), eq. 13, as the paper writes it, case by case."""
+    if length <= max_length - cache:
+        return 0.0
+    if length <= max_length:
+        return ((max_length - cache) - length) / cache
+    return -1.0
+
+
+def test_overlong_penalty_follows_dapos_soft_overlong_punishment_length_by_length():
+    lengths = list(range(1, 31))  # before the band, across it, at the cap, past it
+    rewards = [0.1 * i - 1.0 for i in lengths]
+    got = overlong_penalty(t(rewards), t(lengths), max_length=24, band=8, coef=0.5)
+    expected = [r + 0.5 * dapo_length_reward(n, 24, 8) for r, n in zip(rewards, lengths)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
+    assert got[15].item() == pytest.approx(rewards[15])  # length 16 = L_max - L_cache: still free
+    assert got[16].item() == pytest.approx(rewards[16] - 0.5 / 8)  # one token into the band
+    assert got[23].item() == pytest.approx(rewards[23] - 0.5)  # at the cap: the whole coefficient
+
+
+@given(
+    st.lists(st.integers(1, 200), min_size=1, max_size=16),
+    st.integers(1, 150),
+    st.integers(1, 150),
+    st.floats(0.0, 4.0),
+)
+@settings(max_examples=60, deadline=None)
+def test_overlong_penalty_matches_the_formula_for_any_lengths(lengths, max_length, cache, coef):
+    cache = min(cache, max_length)
+    rewards = [0.0] * len(lengths)
+    got = overlong_penalty(t(rewards), t(lengths), max_length, cache, coef)
+    assert got.tolist() == pytest.approx([coef * dapo_length_reward(n, max_length, cache) for n in lengths], abs=1e-9)
+
+
+def test_overlong_penalty_refuses_a_band_outside_one_to_the_cap_and_mismatched_shapes():
+    with pytest.raises(ValueError, match="band"):
+        overlong_penalty(t([1.0]), t([3.0]), max_length=8, band=9, coef=1.0)
+    with pytest.raises(ValueError, match="band"):
+        overlong_penalty(t([1.0]), t([3.0]), max_length=8, band=0, coef=1.0)
+    with pytest.raises(ValueError, match="same"):
+        overlong_penalty(t([1.0, 2.0]), t([3.0]), max_length=8, band=2, coef=1.0)
