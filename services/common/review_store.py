@@ -61,6 +61,13 @@ class ReviewStore:
         records = {int(k): json.loads(v) for k, v in self.redis.hgetall(self.canaries_key).items()}
         return dict(sorted(records.items()))
 
+    def canaries_at(self, versions: list[int]) -> dict[int, dict]:
+        """The canary records of those of `versions` that have one, oldest first: one HMGET."""
+        if not versions:
+            return {}
+        raws = self.redis.hmget(self.canaries_key, [str(v) for v in versions])
+        return {v: json.loads(raw) for v, raw in sorted(zip(versions, raws)) if raw is not None}
+
     def has_canaries(self, version: int) -> bool:
         return bool(self.redis.hexists(self.canaries_key, str(version)))
 

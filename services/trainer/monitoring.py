@@ -1,6 +1,6 @@
 """What the trainer tells about each update: the failure detectors' verdicts (logged with their
-runbook line when one starts firing), the step record on /metrics, in the Redis steps stream and
-the log, and the batch's samples on the review page."""
+runbook line when one starts firing), the step record on /metrics, in the Redis steps stream,
+TensorBoard (tensorboard_log.py) and the log, and the batch's samples on the review page."""
 
 from __future__ import annotations
 
@@ -54,9 +54,13 @@ def watch_for_failures(
 
 
 def report(trainer: Trainer, record: StepRecord, rollouts: list[Rollout]) -> None:
-    """The step on /metrics, in the steps stream, on the review page and in the log."""
+    """The step on /metrics, in the steps stream, in TensorBoard (with any new canary answers), on the
+    review page and in the log."""
     trainer.metrics.record_step(record)
     until_redis_answers(lambda: trainer.queue.log_step(record), "logging the step")
+    if trainer.tensorboard is not None:
+        trainer.tensorboard.write_step(record)
+        trainer.tensorboard.write_new_canaries(record.version)
     if trainer.review is not None:
         samples = review_samples(rollouts, record.version)
         until_redis_answers(lambda: trainer.review.record_samples(samples), "recording samples for review")

@@ -58,6 +58,8 @@ def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> RollbackReco
         time=time.time(),
     )
     until_redis_answers(lambda: trainer.queue.log_step(record), "logging the rollback")
+    if trainer.tensorboard is not None:
+        trainer.tensorboard.write_rollback(record)
     raise_beta = section.kl_limit_action == "raise_beta"
     log.warning(
         "KL %.2f nats per response > kl_hard_limit %.2f: rolled back to version %d, published as version %d; %s now %s",

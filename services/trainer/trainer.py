@@ -6,7 +6,7 @@ is committed acknowledge the rollouts it holds.
 The Trainer holds the training state and wires the parts, each in its own module: intake.py
 (reading batches from Redis), update.py (the PPO update), rails.py (the KL rollback), resume.py
 (what a checkpoint holds, and coming back from one), publishing.py and persisting.py (the weight
-hand-off), monitoring.py (metrics, the steps stream, the detectors), following.py (torchrun ranks)."""
+hand-off), monitoring.py (metrics, the steps stream, the detectors, TensorBoard), following.py (torchrun ranks)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from .persisting import Persister
 from .publishing import Publication, Publisher, make_transport
 from .retry import until_redis_answers
 from .reward_shaping import RunningMoments
+from .tensorboard_log import TensorBoardLog
 from .trainer_metrics import TrainerMetrics
 from .value_head import ValueHead
 
@@ -79,6 +80,7 @@ class Trainer:
         self.build_hand_off()
         self.intake = Intake(config, queue, metrics, self.persister)
         self.review = ReviewStore(queue.redis, config.run.name) if queue is not None else None  # for the review page
+        self.tensorboard = TensorBoardLog.from_config(config, self.review) if self.main_rank else None
         self.detectors = Detectors.from_config(self.section)  # the seed's quiet failure modes, over recent updates
         metrics.record_detector_bounds(self.detectors.bounds)
 
@@ -301,3 +303,5 @@ class Trainer:
             self.persister.wait()
         if self.publisher is not None:
             self.publisher.close(remove=self.persister.persisted_version == self.version, newest=self.version)
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -49,9 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def shape_rewards(
-    section: TrainerConfig, moments: RunningMoments, data: PPOBatch, max_new_tokens: int
-) -> torch.Tensor:
+def shape_rewards(section: TrainerConfig, moments: RunningMoments, data: PPOBatch, max_new_tokens: int) -> torch.Tensor:
     """Raw scores -> the reward PPO maximises, in this order: running normalisation, clipping,
     length normalisation, truncation penalty, overlong penalty (each off unless configured); the
     overlong band ends at max_new_tokens, the policy's response cap. (B,) -> (B,)"""
