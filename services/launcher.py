@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shlex
 import signal
 import time
 
@@ -194,8 +195,8 @@ def train(
             say(f"  > {prompt}\n    {text!r}")
         stack.start(("trainer",))
         stack.wait_healthy(startup_timeout)
-        if config.trainer.review_port:
-            say(f"review page (samples, canaries, ratings): http://127.0.0.1:{config.trainer.review_port}/")
+        for line in where_to_watch(config):
+            say(line)
         say("training (Ctrl-C stops cleanly) ...")
         try:
             steps = follow(config, stack, iterations, say)
@@ -214,6 +215,19 @@ def train(
         say("stopping services ...")
         stack.stop()
     return steps, canaries, before, after
+
+
+def where_to_watch(config: BelayConfig) -> list[str]:
+    """What `belay up` prints once the trainer is up: the review page and the TensorBoard command, when on."""
+    lines = []
+    if config.trainer.review_port:
+        lines.append(f"review page (samples, canaries, ratings): http://127.0.0.1:{config.trainer.review_port}/")
+    if config.run.tensorboard_dir is not None:
+        lines.append(
+            f"TensorBoard event files (steps, canaries) in {config.run.tensorboard_dir}/{config.run.name}: "
+            f"tensorboard --logdir {shlex.quote(config.run.tensorboard_dir)}"
+        )
+    return lines
 
 
 def say_progress(summary: dict, say=print) -> None:

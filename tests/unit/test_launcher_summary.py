@@ -1,7 +1,8 @@
 """What `belay up` prints and writes about a run: the trend through batch noise, and the timings."""
 
+from services.common.config import load_config
 from services.common.step_records import RollbackRecord
-from services.launcher import format_step, summarise
+from services.launcher import format_step, summarise, where_to_watch
 from tests.step_records import make_step_record
 
 TIMINGS = ("generate", "reference", "reward", "update", "publish", "persist", "swap")
@@ -62,3 +63,13 @@ def test_a_firing_detector_is_named_on_the_progress_line():
     assert "DETECTOR" not in quiet
     loud = format_step(step(7, 1.0, 2.0, 4.0, ["reward_hacking", "template_collapse"]), 10, [1.0])
     assert loud.endswith("DETECTOR: reward_hacking, template_collapse (docs/runbooks.md)")
+
+
+def test_belay_up_prints_the_tensorboard_command_only_when_event_files_are_on(tmp_path):
+    off = where_to_watch(load_config(None, environ={}))
+    assert len(off) == 1 and "review page" in off[0] and not any("tensorboard" in line for line in off)
+    logdir = tmp_path / "tb dir"
+    config = load_config(None, environ={"BELAY_RUN__TENSORBOARD_DIR": str(logdir), "BELAY_RUN__NAME": "r1"})
+    (line,) = [line for line in where_to_watch(config) if "TensorBoard" in line]
+    assert line.endswith(f"tensorboard --logdir '{logdir}'")  # quoted: a path with a space
+    assert f"in {logdir}/r1:" in line
