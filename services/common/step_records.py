@@ -32,7 +32,7 @@ class UpdateStats:
     kl_coef_next: float  # β for the next update (the adaptive controller moves it)
     reward_mean: float  # the raw reward of the batch
     reward_std: float  # its spread (population standard deviation)
-    shaped_reward_mean: float  # after normalisation, clipping, length normalisation, truncation penalty
+    shaped_reward_mean: float  # after normalisation, clipping, length normalisation, truncation, overlong penalties
     total_reward_mean: float  # shaped reward − β·KL
     response_length_mean: float  # tokens
     eos_fraction: float  # share of responses that ended with EOS (the rest were truncated)
@@ -42,7 +42,7 @@ class UpdateStats:
     entropy: float  # mean policy entropy per response token, nats (minibatch mean; NaN: none stepped)
     clip_fraction: float  # share of response tokens whose ratio was clipped
     approx_kl: float  # k3 estimate of KL(old policy || new policy) during the update
-    loss: float  # the clipped PPO loss (+ KL and value terms where configured)
+    loss: float  # the clipped PPO loss (+ KL, − entropy bonus and value terms where configured)
     grad_norm: float  # before clipping
     value_loss: float  # the critic's clipped loss (GAE only; NaN otherwise)
     lr: float  # the learning rate after the update's optimizer steps
