@@ -3,9 +3,11 @@ including the two answers quoted in issue 19: the looping "after" answer must co
 and the "before" answer must not."""
 
 import math
+import pathlib
 import zlib
 
 import pytest
+import yaml
 
 from services.common.degeneration import (
     compression_ratio,
@@ -15,7 +17,7 @@ from services.common.degeneration import (
     longest_repeated_span,
     repeated_ngram_share,
 )
-from services.policy.canaries import Bounds, answer_signals
+from services.policy.canaries import RUNBOOK, Bounds, answer_signals
 
 SENTENCE = "I'm so sorry to hear about your family's loss."  # 9 words
 LOOPING = " ".join([SENTENCE] * 4)  # issue 19's "after" answer to "How was your day at work?"
@@ -81,3 +83,15 @@ def test_the_quoted_answers_before_and_after():
     # repetition alone condemns the looping answer, relevance alone a fluent but unrelated one
     assert answer_signals(LOOPING, 48, 0.594, before, Bounds())["degenerate"]
     assert answer_signals("Paris is the capital of France.", 8, 0.05, before, Bounds())["degenerate"]
+
+
+def test_the_alert_rule_and_the_grafana_alert_carry_the_policys_runbook_line():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    for path, key, name in (
+        ("deploy/prometheus/rules/belay.yml", "alert", "BelayCanaryDegenerate"),
+        ("deploy/grafana/provisioning/alerting/belay-alerts.yaml", "title", "BelayCanaryDegenerate"),
+    ):
+        groups = yaml.safe_load((root / path).read_text())["groups"]
+        [rule] = [rule for group in groups for rule in group["rules"] if rule.get(key) == name]
+        assert rule["annotations"]["runbook"] == RUNBOOK, path
+    assert "## BelayCanaryDegenerate" in (root / "docs/runbooks.md").read_text()
