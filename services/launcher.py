@@ -91,10 +91,14 @@ def format_step(
     of = f"/{iterations}" if iterations else ""
     canaries = f"  DETECTOR: canary_degenerate ({'; '.join(degenerate)}) (docs/runbooks.md)" if degenerate else ""
     if isinstance(step, RollbackRecord):
+        cause = (
+            f"batch KL {step.batch_kl:.2f} nats passed kl_hard_limit"
+            if step.cause == "kl_hard_limit"
+            else f"version {step.degenerate_version}'s canary answers are degenerate"
+        )
         return (
-            f"iteration {step.version}{of}  ROLLBACK: batch KL {step.batch_kl:.2f} nats passed "
-            f"kl_hard_limit; weights of version {step.rolled_back_to} published again "
-            f"(β {step.kl_coef:.3g}, lr {step.lr:.3g})" + canaries
+            f"iteration {step.version}{of}  ROLLBACK: {cause}; weights of version {step.rolled_back_to} "
+            f"published again (β {step.kl_coef:.3g}, lr {step.lr:.3g})" + canaries
         )
     stats, s = step.stats, step.seconds
     trend = sum(recent_rewards[-5:]) / len(recent_rewards[-5:])
