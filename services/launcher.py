@@ -21,7 +21,7 @@ from .common.review_store import ReviewStore
 from .common.rollout_queue import RolloutQueue
 from .common.rpc import channel
 from .common.step_records import RollbackRecord, StepRecord, TrainerRecord
-from .evaluation.run_report import write_run_report
+from .evaluation.run_report import number, write_run_report
 from .local_stack import SERVICES, LocalStack, StackError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -274,10 +274,10 @@ def report_run(steps: list[TrainerRecord], canaries: dict[int, dict], run_dir: p
 def signal_line(signals: dict) -> str:
     """One canary answer's degeneration signals, as the report and the progress output show them."""
     return (
-        f"repeated 3-grams {signals['repeated_ngram_share']:.2f}, longest repeat {signals['longest_repeated_span']} "
-        f"words, compression {signals['compression_ratio']:.2f}, length x{signals['length_ratio']:.2f} of v0, "
-        f"relevance {signals['relevance']:.2f} ({signals['relevance_change']:+.2f})"
-        + ("  DEGENERATE" if signals["degenerate"] else "")
+        f"repeated 3-grams {number(signals['repeated_ngram_share'])}, longest repeat "
+        f"{signals['longest_repeated_span']} words, compression {number(signals['compression_ratio'])}, "
+        f"length x{number(signals['length_ratio'])} of v0, relevance {number(signals['relevance'])} "
+        f"({number(signals['relevance_change'], '+.2f')})" + ("  DEGENERATE" if signals["degenerate"] else "")
     )
 
 

@@ -19,6 +19,8 @@ import time
 
 import redis
 
+from .step_records import strict_json
+
 MAX_SAMPLES = 200
 RATINGS = (1, 2, 3, 4, 5)  # 1: broken, 5: fine (the seed's human spot-check)
 
@@ -56,7 +58,9 @@ class ReviewStore:
 
     # --- canaries ------------------------------------------------------------------------
     def record_canaries(self, version: int, record: dict) -> None:
-        self.redis.hset(self.canaries_key, str(version), json.dumps({**record, "version": version}))
+        """Non-finite figures (an empty answer's compression ratio) are stored as null: the review
+        page's JSON and strict readers refuse NaN."""
+        self.redis.hset(self.canaries_key, str(version), strict_json({**record, "version": version}))
 
     def canaries(self) -> dict[int, dict]:
         """Every version's canary record, oldest version first."""

@@ -66,6 +66,11 @@ def canary_table(canaries: dict[int, dict]) -> list[str]:
     return lines + [""] + signal_table(canaries)
 
 
+def number(value: float | None, spec: str = ".2f") -> str:
+    """A figure of a canary record; None (stored for NaN: an empty answer's ratios) as n/a."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def signal_table(canaries: dict[int, dict]) -> list[str]:
     """Markdown rows: the greedy-degeneration signals of each canary answer at the first and last
     version (services/common/degeneration.py), and every version that had a degenerate answer."""
@@ -87,9 +92,10 @@ def signal_table(canaries: dict[int, dict]) -> list[str]:
             s = record.get("signals", [])[index] if len(record.get("signals", [])) > index else None
             if s is not None:
                 lines.append(
-                    f"| {index} | {record['version']} | {s['repeated_ngram_share']:.2f} | {s['longest_repeated_span']} "
-                    f"| {s['compression_ratio']:.2f} | {s['length_ratio']:.2f} | {s['relevance']:.2f} "
-                    f"({s['relevance_change']:+.2f}) | {'yes' if s['degenerate'] else 'no'} |"
+                    f"| {index} | {record['version']} | {number(s['repeated_ngram_share'])} "
+                    f"| {s['longest_repeated_span']} | {number(s['compression_ratio'])} | {number(s['length_ratio'])} "
+                    f"| {number(s['relevance'])} ({number(s['relevance_change'], '+.2f')}) "
+                    f"| {'yes' if s['degenerate'] else 'no'} |"
                 )
     return lines
 

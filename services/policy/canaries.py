@@ -138,6 +138,7 @@ class Canaries:
         relevance = self.relevance(batch.texts)
         if same_prompts:
             stored = [s["relevance"] for s in first["signals"]] if "signals" in first else None
+            stored = None if stored is None or None in stored else stored  # null: stored for NaN
             firsts = zip(first["outputs"], first["output_ids"], stored or self.relevance(first["outputs"]))
         else:  # this version is the baseline
             firsts = zip(batch.texts, batch.response_ids, relevance)

@@ -83,3 +83,5 @@ def test_report_lists_each_canarys_signals_at_the_first_and_last_version_and_the
     assert "Versions with degenerate canary answers: 3 (canaries 1)." in text
     assert "| 1 | 0 | 0.10 | 4 | 1.25 | 1.50 | 0.60 (+0.00) | no |" in text
     assert "| 1 | 5 | 0.05 | 4 | 1.25 | 1.50 | 0.55 (-0.05) | no |" in text
+    canaries[5]["signals"][0].update(compression_ratio=None, length_ratio=None)  # an empty answer's, from Redis
+    assert "| 0 | 5 | 0.00 | 4 | n/a | n/a | 0.50 (+0.00) | no |" in canary_table(canaries)
