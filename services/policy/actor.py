@@ -20,7 +20,7 @@ from ..common.packing import PackingError, pack_int32, unpack_float32, unpack_in
 from ..common.prompts import read_prompts
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue, consumer_name
-from .canaries import Canaries
+from .canaries import Bounds, Canaries
 from .engine import GenerationBatch, PolicyEngine, Sampling
 from .policy_metrics import PolicyMetrics
 from .swaps import SwapRequests, checked_weights_path
@@ -146,6 +146,8 @@ class Actor:
                 config.policy.canary_max_new_tokens,
                 ReviewStore(queue.redis, config.run.name),
                 metrics.registry,
+                Bounds(config.policy.canary_repetition_bound, config.policy.canary_relevance_drop_bound),
+                config.policy.canary_embedding_model_dir,
             )
             if canary_file
             else None

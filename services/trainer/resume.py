@@ -60,6 +60,7 @@ def restore(trainer: Trainer) -> int:
     trainer.kl_controller.load_state_dict(meta["kl_controller"])
     trainer.reward_moments.load_state_dict(meta["reward_moments"])
     trainer.good_versions = set(meta.get("good_versions", [0]))
+    trainer.rolled_back_at = meta.get("rolled_back_at", 0)
     trainer.optimizer.load_state_dict(optimizer_state_from_flat(prefixed(tensors, "optimizer/"), meta["optimizer"]))
     torch.set_rng_state(tensors["rng/torch"])
     trainer.shuffle.set_state(tensors["rng/shuffle"])
@@ -113,6 +114,7 @@ def snapshot(trainer: Trainer, version: int) -> Snapshot:
         "kl_controller": trainer.kl_controller.state_dict(),
         "reward_moments": trainer.reward_moments.state_dict(),
         "good_versions": sorted(trainer.good_versions),
+        "rolled_back_at": trainer.rolled_back_at,
         "lineage": trainer.lineage.state(),
         "consumed_rollout_ids": list(trainer.consumed_ids)[-REMEMBERED_ROLLOUT_IDS:],
         "config": trainer.config.model_dump(mode="json"),

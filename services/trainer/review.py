@@ -151,15 +151,31 @@ def render_canaries(canaries: dict[int, dict]) -> str:
         + "".join(f"<td>{number(canaries[v].get('drift'), '.3f')}</td>" for v in versions)
         + "</tr>"
     )
+    signals = {v: dict(zip(canaries[v].get("prompts", []), canaries[v].get("signals", []))) for v in versions}
     rows = [
         '<tr class="canary"><td class="prompt">'
         + e(prompt)
         + "</td>"
-        + "".join(f"<td>{e(str(outputs[v].get(prompt, '')))}</td>" for v in versions)
+        + "".join(answer_cell(outputs[v].get(prompt, ""), signals[v].get(prompt)) for v in versions)
         + "</tr>"
         for prompt in prompts
     ]
     return "<table>" + header + "".join(rows) + drift + "</table>"
+
+
+def answer_cell(text: str, signals: dict | None) -> str:
+    """A canary answer with its degeneration signals under it; a degenerate one marked."""
+    if signals is None:  # a record written before the policy measured them
+        return f"<td>{html.escape(str(text))}</td>"
+    line = (
+        f"repeated 3-grams {number(signals['repeated_ngram_share'], '.2f')} · longest repeat "
+        f"{signals['longest_repeated_span']} words · compression {number(signals['compression_ratio'], '.2f')} · "
+        f"length ×{number(signals['length_ratio'], '.2f')} of v0 · relevance {number(signals['relevance'], '.2f')} "
+        f"({number(signals['relevance_change'], '+.2f')})"
+    )
+    mark = ' class="degenerate"' if signals["degenerate"] else ""
+    verdict = "<b>DEGENERATE</b> · " if signals["degenerate"] else ""
+    return f'<td{mark}>{html.escape(str(text))}<div class="signals">{verdict}{line}</div></td>'
 
 
 def number(value, spec: str) -> str:

@@ -61,10 +61,12 @@ class Trainer:
     ):
         self.config, self.section = config, config.trainer
         self.distributed = distributed  # under torchrun; rank 0 alone reads Redis and writes checkpoints
-        if distributed is not None and config.trainer.kl_hard_limit is not None:
+        if distributed is not None and (
+            config.trainer.kl_hard_limit is not None or config.trainer.rollback_on_degenerate
+        ):
             raise ValueError(
-                "trainer.kl_hard_limit is not supported with data-parallel training yet: "
-                "a rollback on rank 0 would leave the other ranks behind"
+                "trainer.kl_hard_limit and trainer.rollback_on_degenerate are not supported with data-parallel "
+                "training yet: a rollback on rank 0 would leave the other ranks behind"
             )
         if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
             model = wrap_with_lora(model, lora_settings(config.lora))
@@ -76,6 +78,7 @@ class Trainer:
         self.version = 0
         self.lineage = Lineage()  # staleness in updates along this trainer's history, not version numbers
         self.good_versions: set[int] = {0}  # versions whose samples stayed under kl_hard_limit (0: the SFT model)
+        self.rolled_back_at = 0  # the version the last rollback published (canary verdicts up to it are settled)
         self.consumed_ids: collections.deque[str] = collections.deque(maxlen=resume.REMEMBERED_ROLLOUT_IDS)
         self.build_hand_off()
         self.intake = Intake(config, queue, metrics, self.persister)
@@ -173,6 +176,8 @@ class Trainer:
         """The seed's steps on one batch: the KL rail, the PPO update, publish, persist when due,
         report. Returns the step's record (a rollback's, when the rail tripped; None: skipped)."""
         rollouts = [rollout for _, rollout in entries]
+        if self.section.rollback_on_degenerate and (degenerate := rails.degenerate_version(self)) is not None:
+            return rails.roll_back(self, entries, rails.batch_kl(rollouts), degenerate)
         if self.section.kl_hard_limit is not None:
             batch_kl = rails.batch_kl(rollouts)
             if batch_kl > self.section.kl_hard_limit:  # the version that sampled these went too far

@@ -154,14 +154,21 @@ def value(scraped: dict, name: str, **labels: str) -> float:
     return scraped[(name, tuple(sorted(labels.items())))]
 
 
-def promtool_alerts(scrapes: list[dict], expected: dict[str, str | None], directory: pathlib.Path) -> None:
-    """Run the repository's rules over the scraped series with promtool. expected: alert name ->
-    the summary it must fire with at the end, or None: it must never fire (checked every minute)."""
+def promtool_alerts(
+    scrapes: list[dict],
+    expected: dict[str, str | None],
+    directory: pathlib.Path,
+    job: str = "trainer",
+    instance: str = INSTANCE,
+) -> None:
+    """Run the repository's rules over the scraped series (of a `job` service at `instance`) with
+    promtool. expected: alert name -> the summary it must fire with at the end, or None: it must
+    never fire (checked every minute)."""
     last = len(scrapes) - 1 + HOLD_MINUTES
     input_series = []
     for name, labels in sorted(scrapes[-1]):
         values = [s.get((name, labels), math.nan) for s in scrapes] + [scrapes[-1][(name, labels)]] * HOLD_MINUTES
-        selector = ", ".join(f'{k}="{v}"' for k, v in (*labels, ("instance", INSTANCE), ("job", "trainer")))
+        selector = ", ".join(f'{k}="{v}"' for k, v in (*labels, ("instance", instance), ("job", job)))
         input_series.append(
             {
                 "series": f"{name}{{{selector}}}",
@@ -182,8 +189,8 @@ def promtool_alerts(scrapes: list[dict], expected: dict[str, str | None], direct
                         {
                             "exp_labels": {
                                 "severity": rules[alert]["labels"]["severity"],
-                                "job": "trainer",
-                                "instance": INSTANCE,
+                                "job": job,
+                                "instance": instance,
                             },
                             "exp_annotations": {"summary": summary, "runbook": rules[alert]["annotations"]["runbook"]},
                         }

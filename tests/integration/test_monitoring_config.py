@@ -53,6 +53,7 @@ ALERTS = {
     "BelayResponsesShrinking",
     "BelayTemplateCollapse",
     "BelayPolicyNotMoving",
+    "BelayCanaryDegenerate",  # the fifth, on the policy's greedy canary answers (services/policy/canaries.py)
 }
 PROMETHEUS_OWN = {"up"}  # series Prometheus writes itself for every target
 

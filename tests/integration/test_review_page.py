@@ -170,3 +170,29 @@ def test_port_zero_and_a_taken_port_are_refused_with_the_reason(redis_url):
             serve(app, "127.0.0.1", port)
     finally:
         first.stop()
+
+
+def test_each_canary_answer_shows_its_signals_and_a_degenerate_one_is_marked(page):
+    url, store, _ = page
+    signals = {
+        "repeated_ngram_share": 0.74,
+        "longest_repeated_span": 27,
+        "compression_ratio": 3.28,
+        "length_ratio": 2.0,
+        "relevance": 0.2,
+        "relevance_change": -0.39,
+        "degenerate": True,
+    }
+    store.record_canaries(
+        0, {"prompts": ["Day?"], "outputs": ["sorry sorry sorry"], "drift": 0.0, "signals": [signals]}
+    )
+    text = httpx.get(url).text
+    assert '<td class="degenerate">sorry sorry sorry<div class="signals"><b>DEGENERATE</b> · ' in text
+    assert "repeated 3-grams 0.74 · longest repeat 27 words · compression 3.28 · length ×2.00 of v0" in text
+    assert "relevance 0.20 (-0.39)" in text
+    # An empty answer's ratios are NaN: stored as null, so the JSON API (strict: no NaN) still answers.
+    empty = {**signals, "compression_ratio": float("nan"), "length_ratio": float("nan"), "degenerate": False}
+    store.record_canaries(1, {"prompts": ["Day?"], "outputs": [""], "drift": 1.0, "signals": [empty]})
+    listed = httpx.get(url + "api/canaries").json()
+    assert listed[1]["signals"][0]["compression_ratio"] is None and listed[1]["signals"][0]["length_ratio"] is None
+    assert "compression  · length ×" in httpx.get(url).text

@@ -1,8 +1,9 @@
 """What `belay up` prints and writes about a run: the trend through batch noise, and the timings."""
 
 from services.common.config import load_config
+from services.common.review_store import ReviewStore
 from services.common.step_records import RollbackRecord
-from services.launcher import format_step, summarise, where_to_watch
+from services.launcher import degenerate_canaries, format_step, summarise, where_to_watch
 from tests.step_records import make_step_record
 
 TIMINGS = ("generate", "reference", "reward", "update", "publish", "persist", "swap")
@@ -73,3 +74,22 @@ def test_belay_up_prints_the_tensorboard_command_only_when_event_files_are_on(tm
     (line,) = [line for line in where_to_watch(config) if "TensorBoard" in line]
     assert line.endswith(f"tensorboard --logdir '{logdir}'")  # quoted: a path with a space
     assert f"in {logdir}/r1:" in line
+
+
+def test_degenerate_canaries_are_named_on_the_progress_line_once_each(redis_url):
+    """The policy's verdicts come from its canary records in Redis; each version is named once, on
+    the first progress line after its record lands."""
+    store = ReviewStore.from_url(redis_url, "run")
+    store.record_canaries(0, {"degenerate": []})
+    store.record_canaries(1, {"degenerate": [0, 2]})
+    seen: set[int] = set()
+    news = degenerate_canaries(store, seen)
+    assert news == ["v1: canaries 0, 2"] and seen == {0, 1}
+    line = format_step(step(7, 1.0, 2.0, 4.0, ["template_collapse"]), 10, [1.0], news)
+    assert line.endswith(
+        "DETECTOR: template_collapse (docs/runbooks.md)  DETECTOR: canary_degenerate (v1: canaries 0, 2) "
+        "(docs/runbooks.md)"
+    )
+    assert degenerate_canaries(store, seen) == []  # said once
+    store.record_canaries(2, {"degenerate": [1]})
+    assert degenerate_canaries(store, seen) == ["v2: canaries 1"]

@@ -55,3 +55,33 @@ def test_no_canaries_and_no_steps_say_so(tmp_path):
     assert "no canary answers" in canary_table({})[0]
     text = write_run_report([], {}, tmp_path).read_text()
     assert "No PPO step was published." in text and not (tmp_path / "training.png").exists()
+
+
+def signals(share: float, relevance: float, change: float, degenerate: bool) -> dict:
+    return {
+        "repeated_ngram_share": share,
+        "longest_repeated_span": 4,
+        "compression_ratio": 1.25,
+        "length_ratio": 1.5,
+        "relevance": relevance,
+        "relevance_change": change,
+        "degenerate": degenerate,
+    }
+
+
+def test_report_lists_each_canarys_signals_at_the_first_and_last_version_and_the_degenerate_versions():
+    prompts = ["Hi?", "Day?"]
+    canaries = {
+        0: {"version": 0, "prompts": prompts, "outputs": ["a", "b"], "drift": 0.0, "degenerate": [],
+            "signals": [signals(0.0, 0.5, 0.0, False), signals(0.1, 0.6, 0.0, False)]},
+        3: {"version": 3, "prompts": prompts, "outputs": ["a", "c c c"], "drift": 0.2, "degenerate": [1],
+            "signals": [signals(0.0, 0.5, 0.0, False), signals(0.7, 0.2, -0.4, True)]},
+        5: {"version": 5, "prompts": prompts, "outputs": ["a", "c"], "drift": 0.1, "degenerate": [],
+            "signals": [signals(0.0, 0.5, 0.0, False), signals(0.05, 0.55, -0.05, False)]},
+    }  # fmt: skip
+    text = canary_table(canaries)
+    assert "Versions with degenerate canary answers: 3 (canaries 1)." in text
+    assert "| 1 | 0 | 0.10 | 4 | 1.25 | 1.50 | 0.60 (+0.00) | no |" in text
+    assert "| 1 | 5 | 0.05 | 4 | 1.25 | 1.50 | 0.55 (-0.05) | no |" in text
+    canaries[5]["signals"][0].update(compression_ratio=None, length_ratio=None)  # an empty answer's, from Redis
+    assert "| 0 | 5 | 0.00 | 4 | n/a | n/a | 0.50 (+0.00) | no |" in canary_table(canaries)

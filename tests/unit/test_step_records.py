@@ -77,8 +77,15 @@ def test_a_rollback_is_marked_and_comes_back_as_a_rollback():
         "kl_coef": 0.2,
         "lr": 1e-5,
         "time": 9.0,
+        "cause": "kl_hard_limit",
+        "degenerate_version": None,
     }
     assert record_from_json(rollback.to_json()) == rollback
+    # a record written before rollbacks had causes reads as the KL rail's
+    older = {k: v for k, v in data.items() if k not in ("cause", "degenerate_version")}
+    assert record_from_json(json.dumps(older)) == rollback
+    canary = RollbackRecord(5, 2, 0.4, 0.2, 1e-5, 9.0, cause="canary_degenerate", degenerate_version=4)
+    assert record_from_json(canary.to_json()) == canary
 
 
 def test_strict_json_refuses_nothing_it_cleaned_and_cleans_nested_values():
