@@ -39,7 +39,8 @@ def is_number(value) -> bool:
 
 def numeric_fields(data: dict, prefix: str, per_item_lists: bool = False) -> dict[str, float]:
     """Tag -> value for every finite number in `data` (booleans as 0/1), nested dicts as prefix/key/...;
-    with per_item_lists, a list of numbers as prefix/key/prompt_<i>. Everything else is skipped."""
+    with per_item_lists, a list of numbers as prefix/key/prompt_<i> and a list of dicts as
+    prefix/key/<field>/prompt_<i>. Everything else is skipped."""
     scalars = {}
     for key, value in data.items():
         tag = f"{prefix}/{key}"
@@ -49,6 +50,9 @@ def numeric_fields(data: dict, prefix: str, per_item_lists: bool = False) -> dic
             scalars.update(numeric_fields(value, tag, per_item_lists))
         elif per_item_lists and isinstance(value, list) and value and all(is_number(v) for v in value):
             scalars.update({f"{tag}/prompt_{i}": float(v) for i, v in enumerate(value)})
+        elif per_item_lists and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):  # the canary record's signals: one dict per prompt
+                scalars.update({f"{name}/prompt_{i}": number for name, number in numeric_fields(item, tag).items()})
     return scalars
 
 
@@ -149,7 +153,9 @@ class TensorBoardLog:
             for canary_version, record in self.store.canaries_at(versions).items():
                 walltime = record.get("time")
                 self.writer.add_text("canaries/answers", canary_text(record), canary_version, walltime=walltime)
-                fields = {k: v for k, v in record.items() if k not in NOT_SCALARS}
+                fields = {k: v for k, v in record.items() if k not in NOT_SCALARS and k != "degenerate"}
+                if isinstance(record.get("degenerate"), list):  # indices of the degenerate answers: their count
+                    fields["degenerate_count"] = len(record["degenerate"])
                 for tag, value in numeric_fields(fields, "canaries", per_item_lists=True).items():
                     self.writer.add_scalar(tag, value, canary_version, walltime=walltime)
                 self.canaries_written = canary_version

@@ -98,7 +98,8 @@ def test_typed_records_and_canaries_with_any_numeric_fields_read_back(redis_url,
     store.record_canaries(
         3, canary(["a?", "b?"], ["A.", "B."], drift=0.25, repetition=[0.5, 0.0], relevance={"mean": 0.75})
     )
-    store.record_canaries(4, canary(["a?", "b?"], ["A!", "B!"], drift=0.5))
+    signals = [{"relevance": 0.5, "degenerate": False}, {"relevance": 0.125, "degenerate": True}]
+    store.record_canaries(4, canary(["a?", "b?"], ["A!", "B!"], drift=0.5, signals=signals, degenerate=[1]))
     log.write_new_canaries(3)  # the first check: versions 2 and 3
     log.write_new_canaries(5)  # versions 4 and 5 (5 has no record yet)
     store.record_canaries(5, canary(["a?", "b?"], ["A5", "B5"], drift=0.75))
@@ -117,6 +118,10 @@ def test_typed_records_and_canaries_with_any_numeric_fields_read_back(redis_url,
     assert scalar_points(events, "canaries/repetition/prompt_0") == [(3, 0.5)]
     assert scalar_points(events, "canaries/repetition/prompt_1") == [(3, 0.0)]
     assert scalar_points(events, "canaries/relevance/mean") == [(3, 0.75)]
+    # the policy's canary record: signals one dict per prompt, degenerate the indices flagged
+    assert scalar_points(events, "canaries/signals/relevance/prompt_1") == [(4, 0.125)]
+    assert scalar_points(events, "canaries/signals/degenerate/prompt_0") == [(4, 0.0)]
+    assert scalar_points(events, "canaries/degenerate_count") == [(4, 1.0)]
     answers = texts(events, "canaries/answers")
     assert sorted(answers) == [3, 4, 5]
     assert "**prompt 1**\n\n    b?\n\n**answer**\n\n    B!" in answers[4]
