@@ -11,7 +11,7 @@ import sys
 
 from .bench.workload import Workload
 from .common.config import ConfigError, load_config_or_exit
-from .common.prompts import read_prompts
+from .common.prompt_data import DataError, load_prompt_data
 
 
 def cmd_prepare_model(args) -> int:
@@ -33,12 +33,17 @@ def cmd_up(args) -> int:
     config.run.checkpoint_dir = str(run_dir / "checkpoints")
     if args.iterations:
         config.trainer.max_steps = args.iterations
+    try:  # the data is checked here too, before any service starts
+        sample_prompts = [row.text for row in load_prompt_data(config).train[: args.samples]]
+    except DataError as error:
+        print(f"belay up: {error}", file=sys.stderr)
+        return 2
     try:
         up(
             config,
             run_dir,
             args.iterations,
-            read_prompts(config.policy.prompts_file)[: args.samples],
+            sample_prompts,
             args.sample_tokens,
             args.startup_timeout,
             evaluate_after=not args.no_eval,

@@ -118,17 +118,23 @@ def summarise(steps: list[TrainerRecord]) -> dict:
 
 
 def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=print) -> list[TrainerRecord]:
-    """Print each trainer step as it lands; return them all once `iterations` are done."""
+    """Print each trainer step as it lands; return them all once `iterations` are done, or once the
+    trainer has exited 0 (max_steps, or the actor's data used up: data.epochs) and its steps are read."""
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
     steps, cursor = [], "0-0"
     while iterations is None or len(steps) < iterations:
         stack.check_alive()
+        finished = stack.trainer_finished()  # before the read, so the read holds its last step
+        if finished and queue.data_finished():
+            say("the data is used up (data.epochs): the trainer finished what was queued")
         for entry_id, step in queue.read_steps(cursor, block_ms=1000):
             cursor = entry_id
             steps.append(step)
             say(format_step(step, iterations, [x.stats.reward_mean for x in steps if isinstance(x, StepRecord)]))
             if iterations is not None and len(steps) >= iterations:
                 break
+        if finished:
+            break
     return steps
 
 
