@@ -8,6 +8,7 @@ filter, so every reader of the same config (the actor, an evaluation) holds the 
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import pathlib
@@ -101,18 +102,32 @@ def read_dataset(path: str):
             raise DataError(f"data.path {path}: unknown format {source.suffix!r} (known: {', '.join(FORMATS)})")
         if kind == "arrow":
             return datasets.Dataset.from_file(str(source), in_memory=True)
+        options = csv_as_text(source, datasets) if kind == "csv" else {}
         with tempfile.TemporaryDirectory(prefix="belay-data-") as cache:  # no cache left behind to go stale
             return datasets.load_dataset(
-                kind, data_files=str(source), split="train", cache_dir=cache, keep_in_memory=True
+                kind, data_files=str(source), split="train", cache_dir=cache, keep_in_memory=True, **options
             )
     except DataError:
         raise
     except Exception as error:  # datasets and pyarrow raise many kinds; each means this file cannot be read
+        if isinstance(error, StopIteration) or "corresponds to no data" in str(error):  # how datasets says empty
+            raise DataError(f"data.path {path} holds no rows") from None
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         cause = error.__cause__ or error.__context__
         if cause is not None and str(cause):
             detail += f" ({type(cause).__name__}: {str(cause)[:300]})"
         raise DataError(f"data.path {path} cannot be read as a dataset: {detail}") from None
+
+
+def csv_as_text(source: pathlib.Path, datasets) -> dict:
+    """CSV has no types: every cell is read as the text written ("007" stays "007", an empty cell ""),
+    rather than guessed at (pandas would make "007" the number 7)."""
+    with source.open(newline="", encoding="utf-8") as file:
+        header = next(csv.reader(file), [])
+    return {
+        "features": datasets.Features({name: datasets.Value("string") for name in header}),
+        "keep_default_na": False,
+    }
 
 
 def dataset_rows(dataset, section: DataConfig, path: str) -> list[PromptRow]:
