@@ -32,7 +32,9 @@ class DataConfig(Section):
         description="rows held out of training (a count, not a fraction), picked by a permutation seeded by "
         "`seed`, the same on every start; PromptData.heldout, disjoint from training by row",
     )
-    seed: int = Field(0, description="seed of the held-out pick and of every epoch's shuffle")
+    seed: int | None = Field(
+        None, description="seed of the held-out pick and of every epoch's shuffle (None: policy.seed)"
+    )
     shuffle: bool = Field(True, description="each epoch in its own seeded order (False: file order every epoch)")
     epochs: int | None = Field(
         None,

@@ -171,6 +171,11 @@ def split_heldout(rows: list[PromptRow], heldout_rows: int, seed: int) -> tuple[
     return [r for i, r in enumerate(rows) if i not in picked], [r for i, r in enumerate(rows) if i in picked]
 
 
+def data_seed(config: BelayConfig) -> int:
+    """data.seed, or policy.seed when it is unset (the seed the prompts file was always shuffled with)."""
+    return config.data.seed if config.data.seed is not None else config.policy.seed
+
+
 def load_prompt_data(config: BelayConfig, prompt_tokens: Callable[[PromptRow], int] | None = None) -> PromptData:
     """The train and held-out rows config.data names (data.path empty: policy.prompts_file's lines,
     no metadata, no held-out rows). With `prompt_tokens` (a row's templated length; the policy's
@@ -185,7 +190,7 @@ def load_prompt_data(config: BelayConfig, prompt_tokens: Callable[[PromptRow], i
         train, heldout, source = rows, [], config.policy.prompts_file
     else:
         rows = dataset_rows(read_dataset(section.path), section, section.path)
-        train, heldout = split_heldout(rows, section.heldout_rows, section.seed)
+        train, heldout = split_heldout(rows, section.heldout_rows, data_seed(config))
         source = section.path
     skipped = 0
     if prompt_tokens is not None:

@@ -1,6 +1,7 @@
 """The actor's walk over its training rows: every row once per epoch, each epoch in its own order
-(a permutation seeded by data.seed and the epoch number, or file order without data.shuffle), for
-data.epochs epochs or for ever.
+(the next shuffle of one random.Random(seed) stream, taken from the end: the order the actor has
+always cycled policy.prompts_file in; or file order without data.shuffle), for data.epochs epochs or
+for ever.
 
 The position (epoch, index into that epoch's order) is part of the run's persisted state: the actor
 writes it to Redis in the same transaction as the batch's rollouts (RolloutQueue.add_all), so the
@@ -11,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
-
-from ..common.prompt_data import DataError, PromptData, PromptRow
+from ..common.prompt_data import DataError, PromptData, PromptRow, data_seed
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,25 @@ def rows_fingerprint(rows: list[PromptRow]) -> str:
     return digest.hexdigest()[:16]
 
 
-def epoch_order(rows: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
-    """The row indices of one epoch, in the order they are taken."""
-    if not shuffle:
-        return list(range(rows))
-    return np.random.default_rng([seed, epoch]).permutation(rows).tolist()
+class EpochOrders:
+    """The row indices of each epoch, in the order they are taken: epoch e's is the (e+1)-th shuffle
+    of random.Random(seed), reversed (the actor used to pop from the end). The generator is kept
+    between epochs, so walking forward costs one shuffle per epoch; a resume replays the epochs before."""
+
+    def __init__(self, rows: int, seed: int, shuffle: bool):
+        self.rows, self.seed, self.shuffle = rows, seed, shuffle
+        self.epoch, self.current, self.generator = -1, [], random.Random(seed)
+
+    def __call__(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.rows))
+        if epoch < self.epoch:
+            self.epoch, self.generator = -1, random.Random(self.seed)
+        while self.epoch < epoch:
+            order = list(range(self.rows))
+            self.generator.shuffle(order)
+            self.epoch, self.current = self.epoch + 1, order[::-1]
+        return self.current
 
 
 class PromptStream:
@@ -64,21 +78,16 @@ class PromptStream:
             raise DataError(f"{source} holds no training rows")
         self.rows, self.epochs = rows, epochs
         self.position = DataPosition(0, 0, len(rows), seed, shuffle, rows_fingerprint(rows), source)
-        self._orders: dict[int, list[int]] = {}
+        self.order = EpochOrders(len(rows), seed, shuffle)
 
     @classmethod
     def from_data(cls, data: PromptData, config) -> PromptStream:
         section = config.data
-        return cls(data.train, data.source, section.seed, section.shuffle, section.epochs)
+        return cls(data.train, data.source, data_seed(config), section.shuffle, section.epochs)
 
     @property
     def finished(self) -> bool:
         return self.position.finished
-
-    def order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.rows), epoch, self.position.seed, self.position.shuffle)}
-        return self._orders[epoch]
 
     def peek(self, count: int) -> tuple[list[PromptRow], DataPosition]:
         """Up to `count` rows from the position on, crossing into the next epoch as needed; fewer at

@@ -5,6 +5,7 @@ the walk exactly where it stopped: the resumed walk equals the uninterrupted one
 from __future__ import annotations
 
 import collections
+import random
 
 import pytest
 
@@ -95,3 +96,15 @@ def test_more_epochs_continue_a_finished_walk_where_it_stopped():
     again = stream(epochs=1)
     again.resume(done.position.to_record())
     assert again.finished and again.peek(4)[0] == []
+
+
+def test_the_order_is_the_one_the_actor_always_cycled_the_prompts_file_in():
+    """The old PromptCycle, written out: one random.Random(seed), a shuffled copy per epoch, popped."""
+    generator, order, old = random.Random(3), [], []
+    for _ in range(3 * len(ROWS)):
+        if not order:
+            order = [row.text for row in ROWS]
+            generator.shuffle(order)
+        old.append(order.pop())
+    new = stream(seed=3)
+    assert [row.text for _ in range(7) for row in new.take(3)] == old
