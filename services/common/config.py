@@ -330,7 +330,7 @@ def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str
     """Read YAML (optional), apply BELAY_SECTION__FIELD overrides, validate; ConfigError names bad fields."""
     data: dict = {}
     if path is not None:
-        file = pathlib.Path(path)
+        file = pathlib.Path(path).expanduser()
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist")
         try:

@@ -133,7 +133,7 @@ class Actor:
         self.swaps, self.metrics = swaps, metrics
         # The data, checked at start (DataError names the file and column); rows over the prompt limit
         # skipped and counted; the walk resumed from the position the last pushed batch saved.
-        self.data = data or load_prompt_data(config, templated_length(engine.tokenizer))
+        self.data = data if data is not None else load_prompt_data(config, templated_length(engine.tokenizer))
         self.prompts = PromptStream.from_data(self.data, config)
         self.prompts.resume(queue.data_position())
         metrics.observe_data(self.data, self.prompts.position)
