@@ -11,6 +11,7 @@ import sys
 
 from .bench.workload import Workload
 from .common.config import ConfigError, load_config_or_exit
+from .common.prompt_data import DataError, load_prompt_data
 
 
 def cmd_prepare_model(args) -> int:
@@ -32,6 +33,11 @@ def cmd_up(args) -> int:
     config.run.checkpoint_dir = str(run_dir / "checkpoints")
     if args.iterations:
         config.trainer.max_steps = args.iterations
+    try:  # the data is checked here too, before any service starts
+        load_prompt_data(config)
+    except DataError as error:
+        print(f"belay up: {error}", file=sys.stderr)
+        return 2
     try:
         up(
             config,

@@ -141,12 +141,16 @@ def summarise(steps: list[TrainerRecord]) -> dict:
 
 
 def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=print) -> list[TrainerRecord]:
-    """Print each trainer step as it lands; return them all once `iterations` are done."""
+    """Print each trainer step as it lands; return them all once `iterations` are done, or once the
+    trainer has exited 0 (max_steps, or the actor's data used up: data.epochs) and its steps are read."""
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
     store, seen = ReviewStore(queue.redis, config.run.name), set()
     steps, cursor = [], "0-0"
     while iterations is None or len(steps) < iterations:
         stack.check_alive()
+        finished = stack.trainer_finished()  # before the read, so the read holds its last step
+        if finished and queue.data_finished():
+            say("the data is used up (data.epochs): the trainer finished what was queued")
         for entry_id, step in queue.read_steps(cursor, block_ms=1000):
             cursor = entry_id
             steps.append(step)
@@ -154,6 +158,8 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
             say(format_step(step, iterations, rewards, degenerate_canaries(store, seen)))
             if iterations is not None and len(steps) >= iterations:
                 break
+        if finished:
+            break
     return steps
 
 

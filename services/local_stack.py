@@ -172,6 +172,11 @@ class LocalStack:
                 )
             time.sleep(0.5)
 
+    def trainer_finished(self) -> bool:
+        """The trainer exited 0: it reached max_steps or the end of the data, and persisted."""
+        trainer = self.processes.get("trainer")
+        return trainer is not None and trainer.popen.poll() == 0
+
     def trainer_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.config.trainer.metrics_port}/metrics", timeout=2) as r:

@@ -27,10 +27,11 @@ from ..common.checkpoints import committed_versions
 from ..common.config import BelayConfig
 from ..common.logprob_service import LoadedModel
 from ..common.models import freeze, load_causal_lm, load_tokenizer, resolve_device, response_logprobs
-from ..common.prompts import read_prompts
+from ..common.prompt_data import load_prompt_data
 from ..common.rollout_queue import Rollout
-from ..policy.actor import PromptCycle, build_rollouts
+from ..policy.actor import build_rollouts
 from ..policy.engine import GenerationBatch, PolicyEngine, Sampling
+from ..policy.prompt_stream import PromptStream
 from ..reward.backends import RewardBackend, build_backend, check_scores
 from ..trainer.publishing import serving_tensors
 from ..trainer.trainer import Trainer
@@ -62,14 +63,14 @@ class OneProcess:
     trainer: Trainer
     reference: PreTrainedModel
     reward: RewardBackend
-    prompts: PromptCycle
+    prompts: PromptStream
     writes: dict[int, float]  # seconds of each background write, by version
 
 
 def load_one_process(workload: Workload, run_dir: pathlib.Path) -> OneProcess:
     torch.set_num_threads(workload.torch_threads)
     config = belay_config(workload, run_dir)
-    policy, device = config.policy, resolve_device(config.policy.device)
+    device = resolve_device(config.policy.device)
     torch.manual_seed(config.trainer.seed)
     tokenizer = load_tokenizer(workload.model_dir)
     model = load_causal_lm(workload.model_dir, device, "policy")
@@ -84,7 +85,7 @@ def load_one_process(workload: Workload, run_dir: pathlib.Path) -> OneProcess:
     trainer.persister.on_persisted = persisted
     reference = freeze(load_causal_lm(workload.model_dir, device, "reference"))
     reward = build_backend(config.reward, resolve_device(config.reward.device))
-    prompts = PromptCycle(read_prompts(policy.prompts_file), policy.seed)
+    prompts = PromptStream.from_data(load_prompt_data(config), config)
     return OneProcess(config, tokenizer, model, engine, trainer, reference, reward, prompts, writes)
 
 
@@ -113,7 +114,7 @@ def sample_and_score(one: OneProcess, step: int, started_at: float) -> tuple[lis
         max_new_tokens=policy.max_new_tokens,
         seed=policy.seed + step,
     )
-    batch = one.engine.generate(prompts, policy.samples_per_prompt, sampling)
+    batch = one.engine.generate([row.chat for row in prompts], policy.samples_per_prompt, sampling)
     clock = time.perf_counter()
     ref_rows = response_logprobs(
         one.reference,
@@ -125,7 +126,7 @@ def sample_and_score(one: OneProcess, step: int, started_at: float) -> tuple[lis
     )
     reference_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     scores = check_scores(
-        one.reward.score([prompts[i] for i in batch.prompt_index], batch.texts),
+        one.reward.score([prompts[i].text for i in batch.prompt_index], batch.texts),
         len(batch.texts),
         f"reward backend {one.reward.model_id}",
     )

@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .config_section import ModelRuntime, Section
+from .data_config import DataConfig  # the prompt source, in a module of its own
 from .trainer_config import TrainerConfig  # the largest section, in a module of its own
 
 ENV_PREFIX = "BELAY_"
@@ -242,7 +243,10 @@ class RewardConfig(ModelRuntime):
 class PolicyConfig(ModelServiceConfig):
     address: str = "127.0.0.1:50051"
     metrics_port: int = 9101
-    prompts_file: str = Field("prompts/default.txt", description="one prompt per line; the actor cycles through them")
+    prompts_file: str = Field(
+        "prompts/default.txt",
+        description="one prompt per line; the actor cycles through them (used while data.path is empty)",
+    )
     prompts_per_batch: int = Field(4, ge=1, description="prompts sampled per generation batch")
     samples_per_prompt: int = Field(2, ge=1, description="responses per prompt (they share a group id)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (seed: 1.0; too cold learns nothing)")
@@ -317,6 +321,7 @@ class BelayConfig(Section):
     reward: RewardConfig = RewardConfig()
     trainer: TrainerConfig = TrainerConfig()
     lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
 
     @model_validator(mode="after")
     def _policy_and_trainer_agree(self) -> BelayConfig:
@@ -365,7 +370,7 @@ def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str
     """Read YAML (optional), apply BELAY_SECTION__FIELD overrides, validate; ConfigError names bad fields."""
     data: dict = {}
     if path is not None:
-        file = pathlib.Path(path)
+        file = pathlib.Path(path).expanduser()
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist")
         try:

@@ -1,16 +1,30 @@
-"""The bases of the sections of Belay's config (config.py): every section refuses unknown keys and
-validates a value set after loading like one read from the file; a section with a model also says how
-the model runs (ModelRuntime)."""
+"""The bases of the sections of Belay's config (config.py): every section refuses unknown keys, expands
+`~` in its paths, and validates a value set after loading like one read from the file; a section with a
+model also says how the model runs (ModelRuntime)."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+def is_path_field(name: str) -> bool:
+    """Fields naming a file or directory: their `~` is expanded (e.g. model_dir, prompts_file, data.path)."""
+    return name.endswith(("_dir", "_file")) or name == "path"
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _expand_home(cls, value, info: ValidationInfo):
+        """`~/models/x` means the home directory's, in the file, an override or an assignment alike."""
+        if isinstance(value, str) and value.startswith("~") and is_path_field(info.field_name):
+            return os.path.expanduser(value)
+        return value
 
 
 class ModelRuntime(Section):

@@ -24,7 +24,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_model_dir(model_dir: str, what: str) -> pathlib.Path:
-    path = pathlib.Path(model_dir)
+    """The directory, checked before any library reads it: a path that is not a model directory would
+    otherwise reach transformers as a hub repo id and fail there ("Repo id must be in the form ...")."""
+    path = pathlib.Path(model_dir).expanduser()
     if not model_dir or not (path / "config.json").is_file():
         raise FileNotFoundError(f"{what}: {model_dir!r} is not a Hugging Face model directory (no config.json)")
     if not list(path.glob("*.safetensors")):
@@ -32,8 +34,9 @@ def check_model_dir(model_dir: str, what: str) -> pathlib.Path:
     return path
 
 
-def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+def load_tokenizer(model_dir: str, what: str = "model_dir") -> PreTrainedTokenizerBase:
+    """The tokenizer of a local model directory; `what` names the setting in the error when it is not one."""
+    tokenizer = AutoTokenizer.from_pretrained(check_model_dir(model_dir, what), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -70,9 +73,12 @@ def load_causal_lm(
     attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
     """Weights in `dtype` from safetensors only; offline."""
-    check_model_dir(model_dir, what)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation=attn_implementation
+        check_model_dir(model_dir, what),
+        local_files_only=True,
+        use_safetensors=True,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
     )
     return model.to(device)
 

@@ -5,7 +5,7 @@ the hot path (rollouts travel as packed arrays on the rollout stream).
 
 Keys, for run R:
 - belay:R:samples   list, newest first, capped at MAX_SAMPLES: {rollout_id, prompt, response,
-                    reward, kl, version, time}
+                    reward, kl, version, metadata, time}
 - belay:R:canaries  hash version -> {version, time, prompts, outputs, output_ids, drift, signals
                     (per answer: services/policy/canaries.py), degenerate (indexes of the
                     degenerate answers), seconds}

@@ -8,6 +8,8 @@ Keys for run R:
   belay:R:replicas          hash replica -> JSON {"version", "address", "transport", "time"}: what each serves
   belay:R:versions          pub/sub channel: a hint that a new version exists (at-most-once)
   belay:R:steps             stream of trainer step summaries (what `belay up` shows)
+  belay:R:data_position     JSON {"epoch", "index", "rows", "seed", ..., "finished"}: where the actor's next
+                            batch starts in its dataset, set in the transaction that adds a batch
 Delivery is at-least-once: the trainer XACKs only after the persisted checkpoint that used a rollout.
 """
 
@@ -56,6 +58,7 @@ class Rollout:
     ref_top_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (R*K,)
     timings: dict = field(default_factory=dict)  # the batch's seconds per stage (generate, logprobs, reference,
     # reward, swap), wall-clock marks (started_at, enqueued_at) and wire bytes; the trainer adds queue
+    metadata: dict = field(default_factory=dict)  # the prompt row's carried columns (data.metadata_columns)
     rollout_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: float = field(default_factory=time.time)
 
@@ -110,6 +113,7 @@ class Rollout:
             "ref_top_ids": np.asarray(self.ref_top_ids, "<i4").tobytes(),
             "ref_top_logprobs": np.asarray(self.ref_top_logprobs, "<f4").tobytes(),
             "timings": json.dumps(self.timings),
+            "metadata": json.dumps(self.metadata),
             "created_at": repr(self.created_at),
         }
 
@@ -136,6 +140,7 @@ class Rollout:
                 ref_top_ids=np.frombuffer(get.get("ref_top_ids", b""), "<i4"),
                 ref_top_logprobs=np.frombuffer(get.get("ref_top_logprobs", b""), "<f4"),
                 timings=json.loads(text("timings")),
+                metadata=json.loads(text("metadata")) if "metadata" in get else {},  # older rollouts have none
                 created_at=float(text("created_at")),
             ).validate()
         except MalformedRollout:
@@ -158,6 +163,7 @@ class RolloutQueue:
         self.steps_stream = f"belay:{run_name}:steps"
         self.awaiting_key = f"belay:{run_name}:awaiting_persist"
         self.replicas_key = f"belay:{run_name}:replicas"
+        self.data_position_key = f"belay:{run_name}:data_position"
 
     @classmethod
     def from_url(cls, url: str, run_name: str) -> RolloutQueue:
@@ -167,13 +173,27 @@ class RolloutQueue:
     def add(self, rollout: Rollout) -> str:
         return self.add_all([rollout])[0]
 
-    def add_all(self, rollouts: list[Rollout]) -> list[str]:
+    def add_all(self, rollouts: list[Rollout], data_position: dict | None = None) -> list[str]:
         """XADD a batch in one MULTI/EXEC: all of it is in the stream, or none (a Redis failure
-        mid-batch never leaves half a group behind)."""
+        mid-batch never leaves half a group behind). With `data_position`, the actor's place in its
+        dataset after this batch is set in the same transaction: the batch is in the stream exactly
+        when the position has moved past its rows."""
         with self.redis.pipeline(transaction=True) as pipe:
             for rollout in rollouts:
                 pipe.xadd(self.stream, rollout.to_fields())
-            return [entry_id.decode() for entry_id in pipe.execute()]
+            if data_position is not None:
+                pipe.set(self.data_position_key, json.dumps(data_position))
+            replies = pipe.execute()
+        return [entry_id.decode() for entry_id in replies[: len(rollouts)]]
+
+    def data_position(self) -> dict | None:
+        """The actor's saved place in its dataset (None before its first batch)."""
+        raw = self.redis.get(self.data_position_key)
+        return json.loads(raw) if raw else None
+
+    def data_finished(self) -> bool:
+        """Whether the actor has used up its data (data.epochs): no rollout will follow those in the stream."""
+        return bool((self.data_position() or {}).get("finished"))
 
     def waiting(self) -> int:
         """Rollouts no trainer has read yet (the group's lag); all of them if no group exists yet."""

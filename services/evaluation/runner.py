@@ -121,7 +121,7 @@ def evaluate(
 ) -> dict:
     """Evaluate each candidate (None = the reference); results keyed by a name a person can read."""
     device = resolve_device(config.reference.device)
-    tokenizer = load_tokenizer(config.reference.model_dir)
+    tokenizer = load_tokenizer(config.reference.model_dir, "reference.model_dir")
     reference = freeze(load_causal_lm(config.reference.model_dir, device, "reference.model_dir"))
     prompts, texts = read_prompts(prompts_file, "held-out prompts file"), read_prompts(text_file, "held-out text file")
     results = {}

@@ -13,11 +13,12 @@ from ..common.lora import lora_settings, wrap_with_lora
 from ..common.memory_check import cap_process_memory, log_memory_plan
 from ..common.metrics import run_info, serve_metrics
 from ..common.models import load_section_model, load_tokenizer
+from ..common.prompt_data import DataError, load_prompt_data
 from ..common.rollout_queue import RolloutQueue
 from ..common.rpc import channel
 from ..common.service_main import start
 from .actor import Actor
-from .engine import PolicyEngine
+from .engine import PolicyEngine, templated_length
 from .policy_metrics import PolicyMetrics
 from .server import PolicyServicer, build_server
 from .startup import check_same_tokenizer, wait_for_dependencies
@@ -32,7 +33,12 @@ metrics = PolicyMetrics(registry)
 run_info(registry, "policy", config.run.name, section.model_dir)
 serve_metrics(registry, section.metrics_port, config.run.metrics_address)
 
-tokenizer = load_tokenizer(section.model_dir)
+tokenizer = load_tokenizer(section.model_dir, "policy.model_dir")
+try:  # the data is checked before the model loads: a bad file, column or row stops the service now
+    data = load_prompt_data(config, templated_length(tokenizer)) if section.run_actor else None
+except DataError as error:
+    log.error("%s", error)
+    raise SystemExit(2) from None
 model = load_section_model(section, "policy.model_dir")
 if config.lora.enabled:  # the same adapters as the trainer's, zero at start: the SFT model's behaviour
     model = wrap_with_lora(model, lora_settings(config.lora))
@@ -53,7 +59,11 @@ if section.run_actor:
     check_same_tokenizer(tokenizer, reference)  # refuses to run on a mismatch
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
     queue.ensure_group()
-    actor = Actor(config, engine, queue, reference, reward, swaps, metrics)
+    try:
+        actor = Actor(config, engine, queue, reference, reward, swaps, metrics, data)
+    except DataError as error:  # the data position saved in Redis belongs to other data
+        log.error("%s", error)
+        raise SystemExit(2) from None
     server.mark_serving()
     actor.run(stop)
     server.stop()

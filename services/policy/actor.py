@@ -1,11 +1,12 @@
-"""The rollout loop: prompts -> sampled responses -> reference logprobs and reward (concurrently)
--> one Rollout per response on the Redis stream. New weights are taken only between batches."""
+"""The rollout loop: prompt rows -> sampled responses -> reference logprobs and reward (concurrently)
+-> one Rollout per response on the Redis stream, with the data position in the same transaction.
+New weights are taken only between batches; once the data is used up (data.epochs) the loop only
+serves and swaps (prompt_stream.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 import time
 import uuid
@@ -17,31 +18,18 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 
 from ..common.config import BelayConfig
 from ..common.packing import PackingError, pack_int32, unpack_float32, unpack_int32
+from ..common.prompt_data import PromptData, PromptRow, load_prompt_data
 from ..common.prompts import read_prompts
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue, consumer_name
+from ..common.row_metadata import metadata_to_json
 from .canaries import Bounds, Canaries
-from .engine import GenerationBatch, PolicyEngine, Sampling
+from .engine import GenerationBatch, PolicyEngine, Sampling, templated_length
 from .policy_metrics import PolicyMetrics
+from .prompt_stream import PromptStream
 from .swaps import SwapRequests, checked_weights_path
 
 log = logging.getLogger(__name__)
-
-
-class PromptCycle:
-    """Every prompt once per epoch, in a seeded shuffled order."""
-
-    def __init__(self, prompts: list[str], seed: int):
-        self.prompts, self.random, self.order = prompts, random.Random(seed), []
-
-    def take(self, count: int) -> list[str]:
-        taken = []
-        while len(taken) < count:
-            if not self.order:
-                self.order = list(self.prompts)
-                self.random.shuffle(self.order)
-            taken.append(self.order.pop())
-        return taken
 
 
 class DependencyError(RuntimeError):
@@ -66,9 +54,19 @@ def reference_request(batch: GenerationBatch, temperature: float, top_k: int) ->
     )
 
 
+def score_request(batch: GenerationBatch, prompts: list[PromptRow]) -> belay_pb2.ScoreRequest:
+    """Each response with its prompt row's text (a messages row's last user turn) and metadata."""
+    rows = [prompts[i] for i in batch.prompt_index]
+    return belay_pb2.ScoreRequest(
+        prompts=[row.text for row in rows],
+        responses=batch.texts,
+        metadata_json=metadata_to_json([row.metadata for row in rows]),
+    )
+
+
 def build_rollouts(
     batch: GenerationBatch,
-    prompts: list[str],
+    prompts: list[PromptRow],
     ref: list[tuple],
     rewards: list[float],
     components: list[dict],
@@ -85,7 +83,7 @@ def build_rollouts(
         extra = {} if ref_top_ids is None else {"ref_top_ids": ref_top_ids, "ref_top_logprobs": ref_top_logprobs}
         rollouts.append(
             Rollout(
-                prompt_text=prompts[batch.prompt_index[row]],
+                prompt_text=prompts[batch.prompt_index[row]].text,
                 response_text=batch.texts[row],
                 prompt_ids=np.asarray(batch.prompt_ids[row], np.int32),
                 response_ids=np.asarray(batch.response_ids[row], np.int32),
@@ -99,6 +97,7 @@ def build_rollouts(
                 reward_model_id=reward_model_id,
                 reward_components=components[row],
                 timings=timings,
+                metadata=prompts[batch.prompt_index[row]].metadata,
                 **extra,
             )
         )
@@ -127,11 +126,17 @@ class Actor:
         reward: belay_pb2_grpc.RewardStub,
         swaps: SwapRequests,
         metrics: PolicyMetrics,
+        data: PromptData | None = None,
     ):
         self.config, self.engine, self.queue = config, engine, queue
         self.reference, self.reward = reference, reward
         self.swaps, self.metrics = swaps, metrics
-        self.prompts = PromptCycle(read_prompts(config.policy.prompts_file), config.policy.seed)
+        # The data, checked at start (DataError names the file and column); rows over the prompt limit
+        # skipped and counted; the walk resumed from the position the last pushed batch saved.
+        self.data = data if data is not None else load_prompt_data(config, templated_length(engine.tokenizer))
+        self.prompts = PromptStream.from_data(self.data, config)
+        self.prompts.resume(queue.data_position())
+        metrics.observe_data(self.data, self.prompts.position)
         self.last_swap_seconds = 0.0
         trainer = config.trainer  # the exact KL needs the reference's top-k rows in each rollout
         self.reference_top_k = (trainer.kl_top_k or engine.vocab_size) if trainer.kl_estimator == "full" else 0
@@ -139,6 +144,7 @@ class Actor:
         self.replica = consumer_name()
         self.reported, self.reported_at = -1, 0.0
         self.batches = 0
+        self.said_finished = False
         canary_file = config.policy.canary_prompts_file
         self.canaries = (
             Canaries(
@@ -194,7 +200,7 @@ class Actor:
             self.canaries.answer(self.engine)
 
     def score(
-        self, batch: GenerationBatch, prompts: list[str]
+        self, batch: GenerationBatch, prompts: list[PromptRow]
     ) -> tuple[list[tuple], list[float], list[dict[str, float]], str, dict[str, float]]:
         """Reference logprobs and rewards for a batch, both calls in flight at once.
 
@@ -203,7 +209,7 @@ class Actor:
         one {name: score} per response; timings each call's seconds and its message sizes in bytes."""
         section = self.config.policy
         ref_request = reference_request(batch, section.temperature, self.reference_top_k)
-        reward_request = belay_pb2.ScoreRequest(prompts=[prompts[i] for i in batch.prompt_index], responses=batch.texts)
+        reward_request = score_request(batch, prompts)
         start = time.perf_counter()
         ref_call = self.reference.LogProbs.future(ref_request, timeout=section.reference_timeout_seconds)
         reward_call = self.reward.Score.future(reward_request, timeout=section.reward_timeout_seconds)
@@ -253,10 +259,14 @@ class Actor:
         return ref, list(reward_reply.scores), components, reward_reply.reward_model_id, timings
 
     def run_batch(self) -> int:
-        """Generate, score and enqueue one batch. Returns the number of rollouts written."""
+        """Generate, score and enqueue one batch, and move the data position past its rows in the same
+        transaction. Returns the number of rollouts written (0: the data is used up)."""
         section = self.config.policy
         started_at = time.time()
-        prompts = self.prompts.take(section.prompts_per_batch)
+        prompts, after = self.prompts.peek(section.prompts_per_batch)
+        if not prompts:
+            self.prompts.advance(after)
+            return 0
         sampling = Sampling(
             temperature=section.temperature,
             top_p=section.top_p,
@@ -264,7 +274,7 @@ class Actor:
             seed=section.seed + self.batches,
         )
         self.batches += 1
-        batch = self.engine.generate(prompts, section.samples_per_prompt, sampling)
+        batch = self.engine.generate([row.chat for row in prompts], section.samples_per_prompt, sampling)
         self.metrics.observe_generation(batch)
         ref, rewards, components, reward_model_id, timings = self.score(batch, prompts)
         # Seconds per stage, the batch's wire bytes and wall-clock marks (the trainer adds the queue time).
@@ -279,7 +289,9 @@ class Actor:
             batch, prompts, ref, rewards, components, reward_model_id, timings, section.samples_per_prompt
         )
         timings["enqueued_at"] = time.time()  # the dict every rollout shares, serialised by add_all
-        self.queue.add_all(rollouts)
+        self.queue.add_all(rollouts, after.to_record())
+        self.prompts.advance(after)  # only once the batch is in the stream: a failed batch takes its rows again
+        self.metrics.observe_data(self.data, after)
         self.metrics.rollouts_written.inc(len(batch.response_ids))
         log.info(
             "version %d: wrote %d rollouts (generate %.1f s, reference %.1f s, reward %.1f s)",
@@ -307,6 +319,17 @@ class Actor:
             self.config.trainer.max_staleness,
         )
 
+    def say_finished(self) -> None:
+        if not self.said_finished:
+            self.said_finished = True
+            log.info(
+                "the data is used up (%d epochs of %d rows from %s): no more rollouts; the trainer finishes "
+                "what is queued and exits",
+                self.config.data.epochs,
+                len(self.data.train),
+                self.data.source,
+            )
+
     def run(self, stop: threading.Event) -> None:
         poll = self.config.policy.version_poll_seconds
         failures = 0
@@ -314,6 +337,10 @@ class Actor:
             try:
                 self.take_new_weights()
                 self.answer_canaries()
+                if self.prompts.finished:  # used up: keep serving and swapping, produce nothing more
+                    self.say_finished()
+                    stop.wait(poll)
+                    continue
                 if self.queue.waiting() >= self.config.redis.max_queue_lag:  # back-pressure: trainer is behind
                     stop.wait(poll)
                     self.metrics.backpressure_seconds.inc(poll)

@@ -52,14 +52,28 @@ class GenerationBatch:
         return self.generate_seconds + self.logprob_seconds
 
 
-def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """The user's message, templated as a chat turn awaiting the assistant's answer."""
+Prompt = str | list[dict]  # the user's message, or a chat list [{role, content}, ...] ending with a user turn
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
+    """The user's message (or the whole chat: system prompt and earlier turns kept), templated as a
+    conversation awaiting the assistant's answer."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    if not isinstance(prompt, str):
+        raise ValueError("chat messages need a chat template, and this tokenizer has none: use plain prompts")
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def templated_length(tokenizer: PreTrainedTokenizerBase):
+    """row -> tokens of its templated prompt (a prompt_data.PromptRow): the data's length filter."""
+    return lambda row: len(apply_chat_template(tokenizer, row.chat))
+
+
+def prompt_chars(prompt: Prompt) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(message["content"]) for message in prompt)
 
 
 class BehaviourLogprobs:
@@ -181,7 +195,7 @@ class PolicyEngine:
                     f"{sampling.max_new_tokens} that passes the limit of {limit} tokens"
                 )
 
-    def check_prompts(self, prompts: list[str], samples_per_prompt: int) -> None:
+    def check_prompts(self, prompts: list[Prompt], samples_per_prompt: int) -> None:
         """The request's size, before any prompt is templated or tokenized."""
         if not prompts:
             raise invalid("empty batch: no prompts")
@@ -193,9 +207,10 @@ class PolicyEngine:
                 f"max_batch_size={self.limits.max_batch_size}; split the request"
             )
         for index, prompt in enumerate(prompts):
-            if len(prompt) > self.limits.max_text_chars:
+            if prompt_chars(prompt) > self.limits.max_text_chars:
                 raise too_big(
-                    f"prompt {index} has {len(prompt)} characters, over max_text_chars={self.limits.max_text_chars}"
+                    f"prompt {index} has {prompt_chars(prompt)} characters, over "
+                    f"max_text_chars={self.limits.max_text_chars}"
                 )
 
     def generation_config(self, sampling: Sampling) -> GenerationConfig:
@@ -212,7 +227,8 @@ class PolicyEngine:
             pad_token_id=self.pad_id,
         )
 
-    def generate(self, prompts: list[str], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
+    def generate(self, prompts: list[Prompt], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
+        """samples_per_prompt responses to each prompt: a user message, or a chat list (Prompt)."""
         self.check_prompts(prompts, samples_per_prompt)
         templated = [apply_chat_template(self.tokenizer, p) for p in prompts]
         self.check_sampling(sampling, len(prompts) * samples_per_prompt, templated)

@@ -51,6 +51,29 @@ class PolicyMetrics:
             registry=registry,
         )
 
+        self.data_rows = Gauge(
+            "belay_data_rows", "Prompt rows the actor holds, by split (train, heldout)", ["split"], registry=registry
+        )
+        self.data_rows_skipped = Gauge(
+            "belay_data_rows_skipped",
+            "Rows left out at start: their templated prompt passed data.max_prompt_tokens",
+            registry=registry,
+        )
+        self.data_epoch = Gauge("belay_data_epoch", "Epoch of the next batch's first row (from 0)", registry=registry)
+        self.data_index = Gauge("belay_data_index", "Rows of the current epoch already taken", registry=registry)
+        self.data_finished = Gauge(
+            "belay_data_finished", "1 once the last epoch (data.epochs) is done", registry=registry
+        )
+
+    def observe_data(self, data, position) -> None:
+        """The prompt data (prompt_data.PromptData) and the actor's position in it (prompt_stream.DataPosition)."""
+        self.data_rows.labels(split="train").set(len(data.train))
+        self.data_rows.labels(split="heldout").set(len(data.heldout))
+        self.data_rows_skipped.set(data.skipped_too_long)
+        self.data_epoch.set(position.epoch)
+        self.data_index.set(position.index)
+        self.data_finished.set(int(position.finished))
+
     def observe_generation(self, batch) -> None:
         self.generated_tokens.inc(sum(len(r) for r in batch.response_ids))
         for reason in batch.finish_reasons:

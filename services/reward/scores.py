@@ -11,8 +11,10 @@ class RewardBackend(Protocol):
     model_id: str
     revision: str
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """One raw score per (prompt, response) pair, in order."""
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
+        """One raw score per (prompt, response) pair, in order. `metadata`: one dict per pair, the
+        prompt row's carried columns (data.metadata_columns; {} for a row without), or None when the
+        caller sent none; a backend that has no use for it ignores it."""
 
 
 class RewardBackendError(RuntimeError):

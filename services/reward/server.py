@@ -19,6 +19,7 @@ from belay.v1 import belay_pb2, belay_pb2_grpc
 from ..common.config import BelayConfig, GrpcConfig
 from ..common.metrics import LLM_SECONDS_BUCKETS, run_info
 from ..common.models import resolve_device
+from ..common.row_metadata import metadata_from_json
 from ..common.rpc import ServiceServer, handle, info_response, invalid, too_big
 from .backends import RewardBackend, build_backend, check_scores
 
@@ -27,7 +28,8 @@ SCORE_BUCKETS = (-10, -3, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 3, 10)
 SERVICE_NAME = belay_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
 
 
-def parse_score_request(request: belay_pb2.ScoreRequest, limits: GrpcConfig) -> tuple[list[str], list[str]]:
+def parse_score_request(request: belay_pb2.ScoreRequest, limits: GrpcConfig) -> tuple[list[str], list[str], list[dict]]:
+    """(prompts, responses, metadata: one dict per row, {} where the request carried none), checked."""
     prompts, responses = list(request.prompts), list(request.responses)
     if not responses:
         raise invalid("empty batch: responses has no rows")
@@ -41,7 +43,11 @@ def parse_score_request(request: belay_pb2.ScoreRequest, limits: GrpcConfig) -> 
                 raise too_big(
                     f"{name}[{index}] has {len(text)} characters, over max_text_chars={limits.max_text_chars}"
                 )
-    return prompts, responses
+    try:
+        metadata = metadata_from_json(request.metadata_json, len(responses), "metadata_json")
+    except ValueError as error:
+        raise invalid(str(error)) from None
+    return prompts, responses, metadata
 
 
 class RewardServicer(belay_pb2_grpc.RewardServicer):
@@ -76,11 +82,11 @@ class RewardServicer(belay_pb2_grpc.RewardServicer):
         log.info("reward backend %s ready (%s)", section.backend, self.backend.model_id)
 
     def _score(self, request: belay_pb2.ScoreRequest) -> belay_pb2.ScoreResponse:
-        prompts, responses = parse_score_request(request, self.config.grpc)
+        prompts, responses, metadata = parse_score_request(request, self.config.grpc)
         score_components = getattr(self.backend, "score_components", None)
         components = []
         if score_components is not None:
-            scores, parts = score_components(prompts, responses)
+            scores, parts = score_components(prompts, responses, metadata)
             weights = {name: weight for name, weight, _ in self.backend.components}
             components = [
                 belay_pb2.ComponentScores(name=name, weight=weights[name], scores=values)
@@ -91,7 +97,7 @@ class RewardServicer(belay_pb2_grpc.RewardServicer):
                     self.component_scores.labels(component=name).observe(value)
                 self.component_means.labels(component=name).set(math.fsum(values) / len(values))
         else:
-            scores = self.backend.score(prompts, responses)
+            scores = self.backend.score(prompts, responses, metadata=metadata)
         scores = check_scores(scores, len(responses), f"reward backend {self.backend.model_id}")
         for value in scores:
             self.scores.observe(value)

@@ -44,13 +44,24 @@ def load_function(spec: str) -> Callable:
     return target
 
 
+def takes_metadata(function: Callable) -> bool:
+    """Whether f accepts a `metadata` keyword (a parameter of that name, or **kwargs)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it the old way
+        return False
+    return any(p.kind == p.VAR_KEYWORD or (p.name == "metadata" and p.kind != p.POSITIONAL_ONLY) for p in parameters)
+
+
 class PythonFunctionBackend:
     """Your function: `reward.function: module:function`, called as f(prompts, responses) with two
-    lists of str; it must return one finite float per pair (a list, tuple or array)."""
+    lists of str, or as f(prompts, responses, metadata=[...]) (one dict per pair) when it takes a
+    `metadata` parameter or **kwargs; it must return one finite float per pair (a list, tuple or array)."""
 
     def __init__(self, spec: str):
         self.function = load_function(spec)
         self.spec = spec
+        self.takes_metadata = takes_metadata(self.function)
         self.model_id = f"python:{spec}"
         try:
             source = inspect.getsource(self.function)
@@ -58,17 +69,23 @@ class PythonFunctionBackend:
             source = spec
         self.revision = hashlib.sha256(source.encode()).hexdigest()[:16]
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
+        extra = {}
+        if self.takes_metadata:
+            extra["metadata"] = list(metadata) if metadata is not None else [{} for _ in responses]
         try:
-            values = self.function(list(prompts), list(responses))
+            values = self.function(list(prompts), list(responses), **extra)
         except Exception as error:
             raise RewardBackendError(f"reward.function {self.spec} raised {type(error).__name__}: {error}") from error
         return check_scores(values, len(responses), f"reward.function {self.spec}")
 
 
 class HttpBackend:
-    """A proxy to an HTTP reward server: POST {"prompts": [...], "responses": [...]} (JSON) to `url`;
-    the reply must be {"scores": [...]} with one finite number per pair, in order.
+    """A proxy to an HTTP reward server: POST {"prompts": [...], "responses": [...], "metadata": [...]}
+    (JSON) to `url`; the reply must be {"scores": [...]} with one finite number per pair, in order.
+    "metadata" (one object per pair, {} for a row without) is sent only when some pair carries
+    metadata (data.metadata_columns): without any, the body is exactly what it always was, so an
+    existing server keeps working; a server that reads it takes a missing key as all {}.
 
     Connection errors and 5xx replies are retried `retries` times, waiting backoff_seconds, then
     twice that, and so on; a request that takes longer than timeout_seconds is not retried (it
@@ -82,8 +99,11 @@ class HttpBackend:
         self.model_id = f"http:{url}"
         self.revision = hashlib.sha256(url.encode()).hexdigest()[:16]  # the endpoint; its model is unknown here
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        body = json.dumps({"prompts": list(prompts), "responses": list(responses)}).encode("utf-8")
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
+        request = {"prompts": list(prompts), "responses": list(responses)}
+        if metadata is not None and any(metadata):
+            request["metadata"] = list(metadata)
+        body = json.dumps(request).encode("utf-8")
         problem = ""
         for attempt in range(self.retries + 1):
             if attempt:

@@ -60,7 +60,7 @@ policy = belay_pb2_grpc.PolicyStub(channel(section.policy_address, config.grpc))
 trainer = Trainer(
     config,
     model,
-    load_tokenizer(section.model_dir),
+    load_tokenizer(section.model_dir, "trainer.model_dir"),
     RolloutQueue.from_url(config.redis.url, config.run.name),
     metrics,
     policy,

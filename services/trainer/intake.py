@@ -29,12 +29,14 @@ class Intake:
         self.consumer = consumer_name()
         self.pending_cursor: str | None = "0"  # None once this consumer's pending entries are read
         self.partial_groups: dict[str, list[Entry]] = {}  # group baselines need whole groups
+        self.data_used_up = False  # set once the actor's data is done and read: the run ends
 
     def collect(
         self, stop: threading.Event, lineage: Lineage, version: int, seen: Collection[str], between_reads: Callable
     ) -> list[Entry]:
         """batch_size fresh rollouts for the update after `version`; `seen`: the rollout ids already
-        trained on; `between_reads` runs before each read (the publisher's catch-up of late replicas)."""
+        trained on; `between_reads` runs before each read (the publisher's catch-up of late replicas).
+        Fewer when stopping, or once the actor's data is used up and every rollout has been read."""
         batch: list[Entry] = []
         seen = set(seen)
         self.take_whole_groups(batch)  # groups completed during the last collect come first
@@ -43,6 +45,8 @@ class Intake:
             entries = self.read(self.section.batch_size - len(batch))
             if entries is None:
                 continue
+            if not entries and self.used_up():
+                break
             held = {e for e, _ in batch} | {e for group in self.partial_groups.values() for e, _ in group}
             read_at = time.time()
             for entry_id, item in entries:
@@ -55,6 +59,15 @@ class Intake:
                 self.admit(entry_id, item, batch, seen, lineage, version)
             self.take_whole_groups(batch)
         return batch
+
+    def used_up(self) -> bool:
+        """The actor has used up its data (data.epochs) and no rollout is left unread: none will come.
+        Checked after a read came back empty, so the last batch the actor added has been read."""
+        if self.pending_cursor is None and self.queue.data_finished() and self.queue.waiting() == 0:
+            if not self.data_used_up:
+                log.info("the actor's data is used up and every rollout is read: finishing the run")
+            self.data_used_up = True
+        return self.data_used_up
 
     def read(self, want: int) -> list | None:
         """Up to `want` entries: our own pending ones first, walked with a cursor; then entries a

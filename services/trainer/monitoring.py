@@ -33,6 +33,7 @@ def review_samples(rollouts: list[Rollout], version: int) -> list[dict]:
             "kl": float(np.sum(r.logprobs) - np.sum(r.ref_logprobs)),
             "version": r.policy_version,
             "trained_into": version,
+            "metadata": r.metadata,  # the prompt row's carried columns (data.metadata_columns), {} for none
             "time": now,
         }
         for r in rollouts

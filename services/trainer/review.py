@@ -1,4 +1,5 @@
-"""The review page the trainer serves over HTTP: recent samples with their reward and KL, the
+"""The review page the trainer serves over HTTP: recent samples with their reward, KL and prompt
+metadata (a dataset's carried columns, e.g. the ground-truth answer), the
 canary prompts' outputs side by side across versions, and a 1..5 rating a person gives a sample
 (the seed's human spot-check), stored in Redis and exported as metrics.
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import logging
 import math
 import threading
@@ -123,11 +125,12 @@ def render_page(run_name: str, samples: list[dict], canaries: dict[int, dict], r
             f'<tr class="sample" data-rollout-id="{e(rollout_id)}"><td>{e(str(sample.get("version", "")))}</td>'
             f'<td class="prompt">{e(str(sample.get("prompt", "")))}</td>'
             f'<td class="response">{e(str(sample.get("response", "")))}</td>'
+            f'<td class="metadata">{e(metadata_text(sample.get("metadata")))}</td>'
             f"<td>{number(sample.get('reward'), '+.3f')}</td><td>{number(sample.get('kl'), '.3f')}</td>"
             f'<td>{buttons} <span class="status">{status}</span></td></tr>'
         )
     samples_html = (
-        "<table><tr><th>version</th><th>prompt</th><th>response</th><th>reward</th><th>KL</th>"
+        "<table><tr><th>version</th><th>prompt</th><th>response</th><th>metadata</th><th>reward</th><th>KL</th>"
         "<th>rating (1: broken, 5: fine)</th></tr>" + "".join(rows) + "</table>"
         if rows
         else "<p>No samples yet: the trainer writes them after each step.</p>"
@@ -178,6 +181,13 @@ def answer_cell(text: str, signals: dict | None) -> str:
     return f'<td{mark}>{html.escape(str(text))}<div class="signals">{verdict}{line}</div></td>'
 
 
+def metadata_text(metadata) -> str:
+    """A sample's metadata, one `name: JSON value` per line ("" for none), unescaped: the caller escapes it."""
+    if not metadata:
+        return ""
+    return "\n".join(f"{name}: {json.dumps(value, ensure_ascii=False)}" for name, value in metadata.items())
+
+
 def number(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else ""
 
@@ -205,7 +215,7 @@ PAGE = """<!doctype html>
 body {{ font-family: sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; margin-bottom: 2em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.3em 0.5em; vertical-align: top; text-align: left; }}
-td.response, td.prompt {{ white-space: pre-wrap; max-width: 40em; }}
+td.response, td.prompt, td.metadata {{ white-space: pre-wrap; max-width: 40em; }}
 .status {{ font-weight: bold; }}
 </style></head>
 <body>

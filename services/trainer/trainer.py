@@ -270,7 +270,8 @@ class Trainer:
         return pathlib.Path(self.config.run.checkpoint_dir) / f"v{version:06d}"
 
     def run(self, stop: threading.Event) -> None:
-        """Batches until max_steps or `stop`, then finish(). Under torchrun, rank 0 broadcasts each
+        """Batches until max_steps, `stop` or the end of the actor's data (data.epochs; the last
+        rollouts short of a batch are left untrained), then finish(). Under torchrun, rank 0 broadcasts each
         batch to the other ranks, which follow (following.py)."""
         if not self.main_rank:
             return following.follow(self)
@@ -286,7 +287,7 @@ class Trainer:
                 stop.wait(1.0)
                 continue
             if len(entries) < self.section.batch_size:
-                break  # stopping: the partial batch stays pending and is read again after a restart
+                break  # stopping or data used up: the partial batch stays pending (read again after a restart)
             if self.distributed is not None:
                 self.distributed.broadcast_bytes(encode_rollouts([r for _, r in entries]))
             if self.step(entries) is not None:
@@ -300,7 +301,7 @@ class Trainer:
         self.finish()
 
     def finish(self) -> None:
-        """At max_steps or SIGTERM: persist what is not persisted yet and wait for it; then the
+        """At max_steps, SIGTERM or the data's end: persist what is not persisted yet and wait for it; then the
         published copies can go (a restarted policy loads the persisted version)."""
         if self.persister.persisted_version != self.version or self.persister.awaiting():
             self.persist(wait=True)

@@ -44,9 +44,10 @@ def assert_all_pass(address: str, capsys, timeout: float = 20.0) -> str:
     assert code == 0, out
     lines = out.strip().splitlines()
     checks = [line for line in lines if line.startswith(("PASS  ", "FAIL  "))]
-    assert len(checks) == 11 and all(line.startswith("PASS  ") for line in checks), out
-    assert lines[-1] == "PASS: all 11 checks passed"
+    assert len(checks) == 12 and all(line.startswith("PASS  ") for line in checks), out
+    assert lines[-1] == "PASS: all 12 checks passed"
     assert "latency: median" in out
+    assert "PASS  score with per-row metadata: 3 finite scores" in out
     return out
 
 
@@ -119,7 +120,7 @@ def test_check_reward_passes_against_the_example_service_in_its_own_process():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS  info: model_id example-ends-with-full-stop" in result.stdout
     assert "PASS  score a batch of 16: 16 finite scores" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "PASS: all 11 checks passed"
+    assert result.stdout.strip().splitlines()[-1] == "PASS: all 12 checks passed"
     assert len(EXAMPLE.read_text().splitlines()) < 60
 
 
@@ -198,9 +199,10 @@ def test_a_server_returning_one_score_too_many_fails(capsys):
     failed = failures(out)
     assert failed["score one pair"].startswith("asked for 1 scores, got 2: Score must return exactly one score")
     assert "asked for 16 scores, got 17" in failed["score a batch of 16"]
+    assert "asked for 3 scores, got 4" in failed["score with per-row metadata"]
     assert "PASS  info: model_id broken" in out and "PASS  refuse an empty request" in out
     assert failed["refuse mismatched prompts and responses"].startswith("answered (2 scores) instead of refusing")
-    assert out.strip().splitlines()[-1].startswith("FAIL: 6 of 11 checks failed (score one pair, ")
+    assert out.strip().splitlines()[-1].startswith("FAIL: 7 of 12 checks failed (score one pair, ")
 
 
 def test_a_server_returning_nan_fails(capsys):

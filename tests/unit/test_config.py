@@ -187,3 +187,67 @@ def test_tensorboard_dir_is_off_by_default_and_expands_home(monkeypatch, tmp_pat
     assert load_config(None, environ={"BELAY_RUN__TENSORBOARD_DIR": ""}).run.tensorboard_dir is None
     config = load_config(None, environ={"BELAY_RUN__TENSORBOARD_DIR": "~/tb"})
     assert config.run.tensorboard_dir == str(tmp_path / "tb")
+
+
+# --- paths and the data section (issue 16) ---
+
+
+def test_every_path_expands_the_home_directory_in_the_file_an_override_and_an_assignment(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(
+        write(tmp_path, "policy:\n  model_dir: ~/models/x\n  prompts_file: ~/p.txt\ndata:\n  path: ~/d.jsonl\n"),
+        environ={"BELAY_TRAINER__MODEL_DIR": "~/models/y", "BELAY_RUN__CHECKPOINT_DIR": "~/ckpt"},
+    )
+    assert config.policy.model_dir == f"{tmp_path}/models/x" and config.policy.prompts_file == f"{tmp_path}/p.txt"
+    assert config.data.path == f"{tmp_path}/d.jsonl" and config.trainer.model_dir == f"{tmp_path}/models/y"
+    assert config.run.checkpoint_dir == f"{tmp_path}/ckpt"
+    config.reference.model_dir = "~/models/z"
+    assert config.reference.model_dir == f"{tmp_path}/models/z"
+    config.reward.function = "~mod:f"  # not a path: left alone
+    assert config.reward.function == "~mod:f"
+
+
+def test_the_data_section_defaults_to_the_prompts_file_and_takes_overrides():
+    assert load_config(None, environ={}).data.path is None
+    config = load_config(
+        None,
+        environ={
+            "BELAY_DATA__PATH": "/data/math.parquet",
+            "BELAY_DATA__METADATA_COLUMNS": "[answer, tests]",
+            "BELAY_DATA__HELDOUT_ROWS": "50",
+            "BELAY_DATA__EPOCHS": "2",
+            "BELAY_DATA__MESSAGES_COLUMN": "messages",
+        },
+    )
+    data = config.data
+    assert (data.path, data.metadata_columns, data.heldout_rows, data.epochs) == (
+        "/data/math.parquet",
+        ["answer", "tests"],
+        50,
+        2,
+    )
+    assert data.messages_column == "messages" and data.shuffle is True and data.max_prompt_tokens is None
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ("  metadata_columns: [prompt]\n", r"data: .*metadata_columns holds 'prompt', the prompt's own column"),
+        ("  metadata_columns: [a, a]\n", r"names must be unique \(repeated: \['a'\]\)"),
+        ("  epochs: 0\n", r"data\.epochs"),
+        ("  heldout_rows: -1\n", r"data\.heldout_rows"),
+        ("  row_limit: 5\n", r"data\.row_limit"),
+    ],
+)
+def test_bad_data_settings_are_refused_naming_the_field(tmp_path, data, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(write(tmp_path, "data:\n" + data), environ={})
+
+
+def test_a_model_dir_that_is_not_a_model_directory_is_refused_by_name_before_transformers(tmp_path):
+    from services.common.models import load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match=r"policy.model_dir: '.*/models/x' is not a Hugging Face model"):
+        load_tokenizer(str(tmp_path / "models" / "x"), "policy.model_dir")
+    with pytest.raises(FileNotFoundError, match=r"policy.model_dir: '' is not a Hugging Face model directory"):
+        load_tokenizer("", "policy.model_dir")

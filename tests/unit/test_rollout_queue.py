@@ -30,6 +30,7 @@ def make_rollout(**overrides) -> Rollout:
         group_id="group-7",
         reward_model_id="vader",
         timings={"generate": 0.5, "reference": 0.25},
+        metadata={"answer": "42", "tests": [{"input": "2 3", "output": "5"}], "level": 3, "note": None},
     )
     values.update(overrides)
     return Rollout(**values)
@@ -45,6 +46,7 @@ def assert_same_rollout(a: Rollout, b: Rollout) -> None:
         "group_id",
         "reward_model_id",
         "timings",
+        "metadata",
         "rollout_id",
         "created_at",
     ]:
@@ -346,3 +348,22 @@ def test_from_url_connects_to_the_server(redis_url):
     assert queue.stream == "belay:url-run:rollouts"
     info = {g["name"]: g for g in queue.redis.xinfo_groups(queue.stream)}
     assert GROUP.encode() in info
+
+
+def test_a_rollout_written_before_metadata_existed_reads_with_none():
+    fields = as_redis_fields(make_rollout().to_fields())
+    del fields[b"metadata"]
+    assert Rollout.from_fields(fields).metadata == {}
+
+
+def test_the_data_position_is_set_in_the_transaction_that_adds_the_batch(queue):
+    queue.ensure_group()
+    assert queue.data_position() is None and not queue.data_finished()
+    queue.add_all([make_rollout(), make_rollout()], {"epoch": 0, "index": 2, "finished": False})
+    assert queue.redis.xlen(queue.stream) == 2 and queue.data_position() == {"epoch": 0, "index": 2, "finished": False}
+    with pytest.raises(MalformedRollout):  # a batch that cannot be written moves nothing
+        queue.add_all([make_rollout(), make_rollout(reward=math.nan)], {"epoch": 1, "index": 0, "finished": True})
+    assert queue.redis.xlen(queue.stream) == 2 and queue.data_position()["index"] == 2
+    queue.add_all([make_rollout()], {"epoch": 1, "index": 0, "finished": True})
+    assert queue.data_finished()
+    assert [r.metadata for _, r in queue.read("c", 10, 10)] == [make_rollout().metadata] * 3

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x65lay/v1/belay.proto\x12\x08\x62\x65lay.v1\",\n\x0bPackedInt32\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\".\n\rPackedFloat32\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\"\r\n\x0bInfoRequest\"\x80\x01\n\x0cInfoResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x16\n\x0emodel_revision\x18\x05 \x01(\t\"\x8d\x01\n\x0fLogProbsRequest\x12)\n\nprompt_ids\x18\x01 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12+\n\x0cresponse_ids\x18\x02 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\"\xac\x01\n\x10LogProbsResponse\x12)\n\x08logprobs\x18\x01 \x01(\x0b\x32\x17.belay.v1.PackedFloat32\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12&\n\x07top_ids\x18\x03 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12-\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x17.belay.v1.PackedFloat32\"h\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"j\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12*\n\x08sampling\x18\x02 \x01(\x0b\x32\x18.belay.v1.SamplingParams\x12\x1a\n\x12samples_per_prompt\x18\x03 \x01(\r\"\x8b\x02\n\x10GenerateResponse\x12)\n\nprompt_ids\x18\x01 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12+\n\x0cresponse_ids\x18\x02 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12)\n\x08logprobs\x18\x03 \x01(\x0b\x32\x17.belay.v1.PackedFloat32\x12\x16\n\x0eresponse_texts\x18\x04 \x03(\t\x12.\n\x0e\x66inish_reasons\x18\x05 \x03(\x0e\x32\x16.belay.v1.FinishReason\x12\x14\n\x0cprompt_index\x18\x06 \x03(\x05\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\"\xac\x02\n\x14UpdateWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x11\n\tgroup_key\x18\x05 \x01(\t\x12\x11\n\tnew_group\x18\x06 \x01(\x08\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x12\n\nworld_size\x18\x08 \x01(\x05\x12&\n\x08manifest\x18\t \x03(\x0b\x32\x14.belay.v1.TensorSpec\x12\x14\n\x0c\x62ucket_bytes\x18\n \x01(\x03\x12,\n\x0bipc_buffers\x18\x0b \x03(\x0b\x32\x17.belay.v1.CudaIpcBuffer\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xff\x01\n\rCudaIpcBuffer\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0estorage_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x05 \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x06 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x07 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x08 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\t \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\n \x01(\x08\"I\n\x15UpdateWeightsResponse\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\x03\x12\x17\n\x0fpending_version\x18\x02 \x01(\x03\"2\n\x0cScoreRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\"\x86\x01\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x17\n\x0freward_model_id\x18\x02 \x01(\t\x12\x1d\n\x15reward_model_revision\x18\x03 \x01(\t\x12-\n\ncomponents\x18\x04 \x03(\x0b\x32\x19.belay.v1.ComponentScores\"?\n\x0f\x43omponentScores\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0e\n\x06scores\x18\x03 \x03(\x02*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x97\x02\n\x06Policy\x12\x41\n\x08Generate\x12\x19.belay.v1.GenerateRequest\x1a\x1a.belay.v1.GenerateResponse\x12\x41\n\x08LogProbs\x12\x19.belay.v1.LogProbsRequest\x1a\x1a.belay.v1.LogProbsResponse\x12P\n\rUpdateWeights\x12\x1e.belay.v1.UpdateWeightsRequest\x1a\x1f.belay.v1.UpdateWeightsResponse\x12\x35\n\x04Info\x12\x15.belay.v1.InfoRequest\x1a\x16.belay.v1.InfoResponse2\x85\x01\n\tReference\x12\x41\n\x08LogProbs\x12\x19.belay.v1.LogProbsRequest\x1a\x1a.belay.v1.LogProbsResponse\x12\x35\n\x04Info\x12\x15.belay.v1.InfoRequest\x1a\x16.belay.v1.InfoResponse2y\n\x06Reward\x12\x38\n\x05Score\x12\x16.belay.v1.ScoreRequest\x1a\x17.belay.v1.ScoreResponse\x12\x35\n\x04Info\x12\x15.belay.v1.InfoRequest\x1a\x16.belay.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x65lay/v1/belay.proto\x12\x08\x62\x65lay.v1\",\n\x0bPackedInt32\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\".\n\rPackedFloat32\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07lengths\x18\x02 \x03(\x05\"\r\n\x0bInfoRequest\"\x80\x01\n\x0cInfoResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x16\n\x0emodel_revision\x18\x05 \x01(\t\"\x8d\x01\n\x0fLogProbsRequest\x12)\n\nprompt_ids\x18\x01 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12+\n\x0cresponse_ids\x18\x02 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\"\xac\x01\n\x10LogProbsResponse\x12)\n\x08logprobs\x18\x01 \x01(\x0b\x32\x17.belay.v1.PackedFloat32\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12&\n\x07top_ids\x18\x03 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12-\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x17.belay.v1.PackedFloat32\"h\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x98\x01\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12*\n\x08sampling\x18\x02 \x01(\x0b\x32\x18.belay.v1.SamplingParams\x12\x1a\n\x12samples_per_prompt\x18\x03 \x01(\r\x12\x15\n\rmetadata_json\x18\x04 \x03(\t\x12\x15\n\rmessages_json\x18\x05 \x03(\t\"\xa2\x02\n\x10GenerateResponse\x12)\n\nprompt_ids\x18\x01 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12+\n\x0cresponse_ids\x18\x02 \x01(\x0b\x32\x15.belay.v1.PackedInt32\x12)\n\x08logprobs\x18\x03 \x01(\x0b\x32\x17.belay.v1.PackedFloat32\x12\x16\n\x0eresponse_texts\x18\x04 \x03(\t\x12.\n\x0e\x66inish_reasons\x18\x05 \x03(\x0e\x32\x16.belay.v1.FinishReason\x12\x14\n\x0cprompt_index\x18\x06 \x03(\x05\x12\x16\n\x0epolicy_version\x18\x07 \x01(\x03\x12\x15\n\rmetadata_json\x18\x08 \x03(\t\"\xac\x02\n\x14UpdateWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x11\n\tgroup_key\x18\x05 \x01(\t\x12\x11\n\tnew_group\x18\x06 \x01(\x08\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x12\n\nworld_size\x18\x08 \x01(\x05\x12&\n\x08manifest\x18\t \x03(\x0b\x32\x14.belay.v1.TensorSpec\x12\x14\n\x0c\x62ucket_bytes\x18\n \x01(\x03\x12,\n\x0bipc_buffers\x18\x0b \x03(\x0b\x32\x17.belay.v1.CudaIpcBuffer\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xff\x01\n\rCudaIpcBuffer\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0estorage_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x05 \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x06 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x07 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x08 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\t \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\n \x01(\x08\"I\n\x15UpdateWeightsResponse\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\x03\x12\x17\n\x0fpending_version\x18\x02 \x01(\x03\"I\n\x0cScoreRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\x12\x15\n\rmetadata_json\x18\x03 \x03(\t\"\x86\x01\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x17\n\x0freward_model_id\x18\x02 \x01(\t\x12\x1d\n\x15reward_model_revision\x18\x03 \x01(\t\x12-\n\ncomponents\x18\x04 \x03(\x0b\x32\x19.belay.v1.ComponentScores\"?\n\x0f\x43omponentScores\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0e\n\x06scores\x18\x03 \x03(\x02*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x97\x02\n\x06Policy\x12\x41\n\x08Generate\x12\x19.belay.v1.GenerateRequest\x1a\x1a.belay.v1.GenerateResponse\x12\x41\n\x08LogProbs\x12\x19.belay.v1.LogProbsRequest\x1a\x1a.belay.v1.LogProbsResponse\x12P\n\rUpdateWeights\x12\x1e.belay.v1.UpdateWeightsRequest\x1a\x1f.belay.v1.UpdateWeightsResponse\x12\x35\n\x04Info\x12\x15.belay.v1.InfoRequest\x1a\x16.belay.v1.InfoResponse2\x85\x01\n\tReference\x12\x41\n\x08LogProbs\x12\x19.belay.v1.LogProbsRequest\x1a\x1a.belay.v1.LogProbsResponse\x12\x35\n\x04Info\x12\x15.belay.v1.InfoRequest\x1a\x16.belay.v1.InfoResponse2y\n\x06Reward\x12\x38\n\x05Score\x12\x16.belay.v1.ScoreRequest\x1a\x17.belay.v1.ScoreResponse\x12\x35\n\x04Info\x12\x15.belay.v1.InfoRequest\x1a\x16.belay.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'belay.v1.belay_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2025
-  _globals['_FINISHREASON']._serialized_end=2119
+  _globals['_FINISHREASON']._serialized_start=2118
+  _globals['_FINISHREASON']._serialized_end=2212
   _globals['_PACKEDINT32']._serialized_start=34
   _globals['_PACKEDINT32']._serialized_end=78
   _globals['_PACKEDFLOAT32']._serialized_start=80
@@ -47,28 +47,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGPROBSRESPONSE']._serialized_end=591
   _globals['_SAMPLINGPARAMS']._serialized_start=593
   _globals['_SAMPLINGPARAMS']._serialized_end=697
-  _globals['_GENERATEREQUEST']._serialized_start=699
-  _globals['_GENERATEREQUEST']._serialized_end=805
-  _globals['_GENERATERESPONSE']._serialized_start=808
-  _globals['_GENERATERESPONSE']._serialized_end=1075
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1078
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1378
-  _globals['_TENSORSPEC']._serialized_start=1380
-  _globals['_TENSORSPEC']._serialized_end=1436
-  _globals['_CUDAIPCBUFFER']._serialized_start=1439
-  _globals['_CUDAIPCBUFFER']._serialized_end=1694
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1696
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1769
-  _globals['_SCOREREQUEST']._serialized_start=1771
-  _globals['_SCOREREQUEST']._serialized_end=1821
-  _globals['_SCORERESPONSE']._serialized_start=1824
-  _globals['_SCORERESPONSE']._serialized_end=1958
-  _globals['_COMPONENTSCORES']._serialized_start=1960
-  _globals['_COMPONENTSCORES']._serialized_end=2023
-  _globals['_POLICY']._serialized_start=2122
-  _globals['_POLICY']._serialized_end=2401
-  _globals['_REFERENCE']._serialized_start=2404
-  _globals['_REFERENCE']._serialized_end=2537
-  _globals['_REWARD']._serialized_start=2539
-  _globals['_REWARD']._serialized_end=2660
+  _globals['_GENERATEREQUEST']._serialized_start=700
+  _globals['_GENERATEREQUEST']._serialized_end=852
+  _globals['_GENERATERESPONSE']._serialized_start=855
+  _globals['_GENERATERESPONSE']._serialized_end=1145
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1148
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1448
+  _globals['_TENSORSPEC']._serialized_start=1450
+  _globals['_TENSORSPEC']._serialized_end=1506
+  _globals['_CUDAIPCBUFFER']._serialized_start=1509
+  _globals['_CUDAIPCBUFFER']._serialized_end=1764
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1766
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1839
+  _globals['_SCOREREQUEST']._serialized_start=1841
+  _globals['_SCOREREQUEST']._serialized_end=1914
+  _globals['_SCORERESPONSE']._serialized_start=1917
+  _globals['_SCORERESPONSE']._serialized_end=2051
+  _globals['_COMPONENTSCORES']._serialized_start=2053
+  _globals['_COMPONENTSCORES']._serialized_end=2116
+  _globals['_POLICY']._serialized_start=2215
+  _globals['_POLICY']._serialized_end=2494
+  _globals['_REFERENCE']._serialized_start=2497
+  _globals['_REFERENCE']._serialized_end=2630
+  _globals['_REWARD']._serialized_start=2632
+  _globals['_REWARD']._serialized_end=2753
 # @@protoc_insertion_point(module_scope)

@@ -87,17 +87,21 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "sampling", "samples_per_prompt")
+    __slots__ = ("prompts", "sampling", "samples_per_prompt", "metadata_json", "messages_json")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     sampling: SamplingParams
     samples_per_prompt: int
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., samples_per_prompt: _Optional[int] = ...) -> None: ...
+    metadata_json: _containers.RepeatedScalarFieldContainer[str]
+    messages_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., samples_per_prompt: _Optional[int] = ..., metadata_json: _Optional[_Iterable[str]] = ..., messages_json: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("prompt_ids", "response_ids", "logprobs", "response_texts", "finish_reasons", "prompt_index", "policy_version")
+    __slots__ = ("prompt_ids", "response_ids", "logprobs", "response_texts", "finish_reasons", "prompt_index", "policy_version", "metadata_json")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +109,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASONS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_INDEX_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: PackedInt32
     response_ids: PackedInt32
     logprobs: PackedFloat32
@@ -112,7 +117,8 @@ class GenerateResponse(_message.Message):
     finish_reasons: _containers.RepeatedScalarFieldContainer[FinishReason]
     prompt_index: _containers.RepeatedScalarFieldContainer[int]
     policy_version: int
-    def __init__(self, prompt_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., response_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., logprobs: _Optional[_Union[PackedFloat32, _Mapping]] = ..., response_texts: _Optional[_Iterable[str]] = ..., finish_reasons: _Optional[_Iterable[_Union[FinishReason, str]]] = ..., prompt_index: _Optional[_Iterable[int]] = ..., policy_version: _Optional[int] = ...) -> None: ...
+    metadata_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., response_ids: _Optional[_Union[PackedInt32, _Mapping]] = ..., logprobs: _Optional[_Union[PackedFloat32, _Mapping]] = ..., response_texts: _Optional[_Iterable[str]] = ..., finish_reasons: _Optional[_Iterable[_Union[FinishReason, str]]] = ..., prompt_index: _Optional[_Iterable[int]] = ..., policy_version: _Optional[int] = ..., metadata_json: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
     __slots__ = ("version", "checkpoint_path", "transport", "rendezvous", "group_key", "new_group", "rank", "world_size", "manifest", "bucket_bytes", "ipc_buffers", "backend")
@@ -185,12 +191,14 @@ class UpdateWeightsResponse(_message.Message):
     def __init__(self, current_version: _Optional[int] = ..., pending_version: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("prompts", "responses")
+    __slots__ = ("prompts", "responses", "metadata_json")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     responses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., responses: _Optional[_Iterable[str]] = ...) -> None: ...
+    metadata_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., responses: _Optional[_Iterable[str]] = ..., metadata_json: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("scores", "reward_model_id", "reward_model_revision", "components")
