@@ -49,9 +49,9 @@ class RunConfig(Section):
 
     @field_validator("tensorboard_dir")
     @classmethod
-    def _expand_home(cls, value: str | None) -> str | None:
-        """`~` expanded once here, so every reader sees the same path; an empty string is off, as null."""
-        return os.path.expanduser(value) if value else None
+    def _empty_is_off(cls, value: str | None) -> str | None:
+        """An empty string is off, as null (`~` is expanded by Section, as in every path)."""
+        return value or None
 
 
 class RedisConfig(Section):

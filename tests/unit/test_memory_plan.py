@@ -243,7 +243,7 @@ def test_belay_up_refuses_a_plan_that_does_not_fit_before_starting_anything(tmp_
     monkeypatch.setattr(launcher.LocalStack, "start", lambda *_: pytest.fail("started a service"))
     lines = []
     with pytest.raises(launcher.StackError, match="trainer activations .* is the biggest item"):
-        launcher.up(four_services(tmp_path), tmp_path / "run", 1, [], 8, 10, say=lines.append)
+        launcher.up(four_services(tmp_path), tmp_path / "run", 1, 10, say=lines.append)
     assert lines[0].startswith("memory plan:")
 
 
