@@ -24,6 +24,7 @@ from .common.rpc import channel
 from .common.step_records import RollbackRecord, StepRecord, TrainerRecord
 from .evaluation.run_report import number, write_run_report
 from .local_stack import SERVICES, LocalStack, StackError
+from .trainer.best_version import read_best
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 HELDOUT_PROMPTS = str(REPO / "prompts/heldout.txt")
@@ -82,6 +83,22 @@ def degenerate_canaries(store: ReviewStore, seen: set[int]) -> list[str]:
             if record["degenerate"]:
                 news.append(f"v{version}: canaries {', '.join(map(str, record['degenerate']))}")
     return news
+
+
+def new_evaluations(store: ReviewStore, seen: set[int]) -> list[str]:
+    """The held-out evaluations (the policy's, in Redis) that arrived since the last call, one line
+    each; `seen` is updated."""
+    lines = []
+    for version, record in store.evals().items():
+        if version not in seen:
+            seen.add(version)
+            accuracy = "" if record.get("accuracy") is None else f"  accuracy {record['accuracy']:.3f}"
+            lines.append(
+                f"  held-out evaluation of version {version} ({record['rows']} rows): reward "
+                f"{record['reward_mean']:+.3f}{accuracy}  KL/seq {record['kl_per_sequence']:.3f}  "
+                f"len {record['response_length']:.1f}"
+            )
+    return lines
 
 
 def format_step(
@@ -144,7 +161,7 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
     """Print each trainer step as it lands; return them all once `iterations` are done, or once the
     trainer has exited 0 (max_steps, or the actor's data used up: data.epochs) and its steps are read."""
     queue = RolloutQueue.from_url(config.redis.url, config.run.name)
-    store, seen = ReviewStore(queue.redis, config.run.name), set()
+    store, seen, evaluated = ReviewStore(queue.redis, config.run.name), set(), set()
     steps, cursor = [], "0-0"
     while iterations is None or len(steps) < iterations:
         stack.check_alive()
@@ -156,6 +173,8 @@ def follow(config: BelayConfig, stack: LocalStack, iterations: int | None, say=p
             steps.append(step)
             rewards = [x.stats.reward_mean for x in steps if isinstance(x, StepRecord)]
             say(format_step(step, iterations, rewards, degenerate_canaries(store, seen)))
+            for line in new_evaluations(store, evaluated) if config.trainer.eval_every else []:
+                say(line)
             if iterations is not None and len(steps) >= iterations:
                 break
         if finished:
@@ -184,6 +203,10 @@ def up(
     summary.update(samples_before=before, samples_after=after)
     if summary.get("iterations"):
         say_progress(summary, say)
+        best = read_best(config.run.checkpoint_dir)  # marked by the trainer from the held-out evaluations
+        if best is not None:
+            summary["best_version"] = best
+            say(f"best version by held-out {best['metric']}: {best['version']} ({best['value']:.4f}), {best['path']}")
         latest = latest_checkpoint(config.run.checkpoint_dir)
         if evaluate_after and latest is not None:
             summary["eval"] = evaluate_first_and_last(config, latest[1], run_dir / "eval", say)

@@ -152,12 +152,13 @@ def latest_checkpoint(root: str | os.PathLike) -> tuple[int, pathlib.Path] | Non
     return versions[-1] if versions else None
 
 
-def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[pathlib.Path]:
-    """Delete all but the newest `keep` committed checkpoints."""
+def prune_checkpoints(root: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> list[pathlib.Path]:
+    """Delete all but the newest `keep` committed checkpoints and the `protect`ed versions."""
     removed = []
-    for _, path in committed_versions(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path)
-        removed.append(path)
+    for version, path in committed_versions(root)[:-keep] if keep > 0 else []:
+        if version not in protect:
+            shutil.rmtree(path)
+            removed.append(path)
     return removed
 
 

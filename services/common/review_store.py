@@ -10,6 +10,9 @@ Keys, for run R:
                     (per answer: services/policy/canaries.py), degenerate (indexes of the
                     degenerate answers), seconds}
 - belay:R:ratings   hash rollout_id -> {rollout_id, rating, prompt, response, version, time}
+- belay:R:evals     hash version -> {version, time, rows, reward_mean, reward_std, accuracy (null
+                    without one), kl_per_sequence, response_length, seconds}: the held-out
+                    evaluation during the run (services/policy/heldout_eval.py)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class ReviewStore:
         self.samples_key = f"belay:{run_name}:samples"
         self.canaries_key = f"belay:{run_name}:canaries"
         self.ratings_key = f"belay:{run_name}:ratings"
+        self.evals_key = f"belay:{run_name}:evals"
 
     @classmethod
     def from_url(cls, url: str, run_name: str) -> ReviewStore:
@@ -80,6 +84,18 @@ class ReviewStore:
     def first_canaries(self) -> dict | None:
         records = self.canaries()
         return records[min(records)] if records else None
+
+    # --- held-out evaluations -------------------------------------------------------------
+    def record_eval(self, version: int, record: dict) -> None:
+        self.redis.hset(self.evals_key, str(version), strict_json({**record, "version": version}))
+
+    def evals(self) -> dict[int, dict]:
+        """Every evaluated version's record, oldest version first."""
+        records = {int(k): json.loads(v) for k, v in self.redis.hgetall(self.evals_key).items()}
+        return dict(sorted(records.items()))
+
+    def has_eval(self, version: int) -> bool:
+        return bool(self.redis.hexists(self.evals_key, str(version)))
 
     # --- ratings -------------------------------------------------------------------------
     def record_rating(self, rollout_id: str, rating: int) -> dict:

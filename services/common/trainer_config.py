@@ -48,6 +48,19 @@ class TrainerConfig(ModelRuntime):
         description="newest persisted checkpoints kept on disk (older ones "
         "are deleted); published weights are pruned on their own",
     )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="every this many versions (version 0 included) the policy answers the held-out rows "
+        "(data.heldout_rows) and scores them: reward, accuracy where the reward is math_answer, KL, length "
+        "(0: off)",
+    )
+    eval_max_rows: int = Field(64, ge=1, description="held-out rows answered per evaluation (the first ones)")
+    eval_metric: Literal["reward_mean", "accuracy"] = Field(
+        "reward_mean",
+        description="the evaluation figure (higher is better) that marks the best persisted version "
+        "(<checkpoint_dir>/best.json, never pruned)",
+    )
     checkpoint_every_steps: int = Field(
         10,
         ge=1,

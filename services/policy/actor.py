@@ -25,6 +25,7 @@ from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue, consumer_n
 from ..common.row_metadata import metadata_to_json
 from .canaries import Bounds, Canaries
 from .engine import GenerationBatch, PolicyEngine, Sampling, templated_length
+from .heldout_eval import HeldOutEval
 from .policy_metrics import PolicyMetrics
 from .prompt_stream import PromptStream
 from .swaps import SwapRequests, checked_weights_path
@@ -158,6 +159,11 @@ class Actor:
             if canary_file
             else None
         )
+        self.heldout = (
+            HeldOutEval(config, self.data.heldout, ReviewStore(queue.redis, config.run.name), metrics.registry)
+            if config.trainer.eval_every
+            else None
+        )
 
     def take_new_weights(self) -> None:
         """Swap to the newest version announced (Redis key, the truth) or requested (RPC, or staged
@@ -198,6 +204,11 @@ class Actor:
         """The fixed prompts, greedily, once per version served (the first call: the starting version)."""
         if self.canaries is not None:
             self.canaries.answer(self.engine)
+
+    def evaluate_heldout(self) -> None:
+        """The held-out rows, every trainer.eval_every versions (services/policy/heldout_eval.py)."""
+        if self.heldout is not None:
+            self.heldout.run(self)
 
     def score(
         self, batch: GenerationBatch, prompts: list[PromptRow]
@@ -337,6 +348,7 @@ class Actor:
             try:
                 self.take_new_weights()
                 self.answer_canaries()
+                self.evaluate_heldout()
                 if self.prompts.finished:  # used up: keep serving and swapping, produce nothing more
                     self.say_finished()
                     stop.wait(poll)

@@ -62,6 +62,8 @@ def report(trainer: Trainer, record: StepRecord, rollouts: list[Rollout]) -> Non
     if trainer.tensorboard is not None:
         trainer.tensorboard.write_step(record)
         trainer.tensorboard.write_new_canaries(record.version)
+    if trainer.best is not None:  # a held-out evaluation or a persist since the last step may mark a new best
+        until_redis_answers(trainer.best.update, "marking the best version")
     if trainer.review is not None:
         samples = review_samples(rollouts, record.version)
         until_redis_answers(lambda: trainer.review.record_samples(samples), "recording samples for review")

@@ -24,6 +24,7 @@ import torch
 from ..common.checkpoints import prune_checkpoints, save_trainer_state, write_checkpoint, write_weights
 from ..common.lora import write_adapter_files
 from ..common.rollout_queue import RolloutQueue
+from .best_version import marked_versions
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class Persister:
                 lambda: self.queue.ack_persisted(snapshot.entry_ids, self.awaiting()),
                 f"acknowledging the rollouts of version {snapshot.version}",
             )
-        prune_checkpoints(self.root, self.keep)
+        prune_checkpoints(self.root, self.keep, protect=marked_versions(self.root))  # the best stays
         self.persisted_version = snapshot.version
         self.last_write_seconds = time.perf_counter() - started
         self.on_persisted(self.last_write_seconds)

@@ -31,6 +31,7 @@ from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from ..common.step_records import RollbackRecord, Sample, StageSeconds, StepRecord, UpdateStats
 from . import following, monitoring, ppo, rails, resume, update
+from .best_version import BestVersion
 from .detectors import Detectors
 from .distributed import Distributed, encode_rollouts
 from .intake import Entry, Intake
@@ -84,6 +85,10 @@ class Trainer:
         self.intake = Intake(config, queue, metrics, self.persister)
         self.review = ReviewStore(queue.redis, config.run.name) if queue is not None else None  # for the review page
         self.tensorboard = TensorBoardLog.from_config(config, self.review) if self.main_rank else None
+        marks_best = self.main_rank and self.review is not None and config.trainer.eval_every
+        self.best = (
+            BestVersion(config.run.checkpoint_dir, self.review, config.trainer.eval_metric) if marks_best else None
+        )
         self.detectors = Detectors.from_config(self.section)  # the seed's quiet failure modes, over recent updates
         metrics.record_detector_bounds(self.detectors.bounds)
 
