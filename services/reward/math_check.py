@@ -1,0 +1,83 @@
+"""The math_answer check itself: the final answer pulled out of a response, and math-verify's
+verdict on it against the row's answer. Both run on untrusted model output.
+
+extract_final_answer runs in the reward service (it is linear in the text: a brace scanner and a
+regular expression without nested quantifiers); answers_match runs in a worker process of
+check_pool.CheckPool (`python -m services.reward.math_check`, serve_checks below), which is
+killed when it overruns, because sympy can take forever on an answer like 9^{9^{9^{9}}}.
+math-verify's own timeouts (signal.alarm, main thread only) are off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+BOXED = "\\boxed{"
+# A number: optional sign, digits with optional thousands commas, optional decimals, optional /denominator.
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last balanced \\boxed{...} in text, or None (an unclosed one is skipped)."""
+    start = text.rfind(BOXED)
+    while start != -1:
+        depth, position = 1, start + len(BOXED)
+        while position < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[position], 0)
+            position += 1
+        if depth == 0:
+            return text[start + len(BOXED) : position - 1].strip()
+        start = text.rfind(BOXED, 0, start)
+    return None
+
+
+def extract_final_answer(response: str) -> str | None:
+    """The response's final answer: the last \\boxed{...} if it has one, else its last number
+    ("1,234" and "3/4" count as one number), else None (no answer: scored 0)."""
+    boxed = last_boxed(response)
+    if boxed:
+        return boxed
+    numbers = NUMBER.findall(response)
+    return numbers[-1] if numbers else None
+
+
+def answers_match(gold: str, answer: str) -> bool:
+    """math-verify's symbolic and numeric equivalence of answer to gold, both read as LaTeX
+    (a plain number is LaTeX too). Unbounded in time: call it in a CheckPool worker."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    extraction = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold_parsed = parse(BOXED + gold + "}", extraction, parsing_timeout=None)
+    answer_parsed = parse(BOXED + answer + "}", extraction, parsing_timeout=None)
+    if not gold_parsed or not answer_parsed:
+        return False
+    return bool(verify(gold_parsed, answer_parsed, timeout_seconds=None))
+
+
+def serve_checks() -> None:
+    """A CheckPool worker: warm up (import sympy, one check), say "ready", then answer each JSON
+    [gold, answer] line on stdin with a JSON true/false line. stdout is kept for these replies
+    alone: anything a library prints goes to stderr."""
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that its timeouts are off: ours are on
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    answers_match("1", "1")
+    replies.write('"ready"\n')
+    replies.flush()
+    for line in sys.stdin:
+        gold, answer = json.loads(line)
+        try:
+            verdict = answers_match(gold, answer)
+        except Exception:  # noqa: BLE001 - any error on untrusted text is a wrong answer
+            verdict = False
+        replies.write(json.dumps(verdict) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    serve_checks()
