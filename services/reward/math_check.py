@@ -16,22 +16,24 @@ import re
 import sys
 
 BOXED = "\\boxed{"
+BRACES = re.compile(r"\\boxed\{|[{}]")
 # A number: optional sign, digits with optional thousands commas, optional decimals, optional /denominator.
 NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
 
 def last_boxed(text: str) -> str | None:
-    """The contents of the last balanced \\boxed{...} in text, or None (an unclosed one is skipped)."""
-    start = text.rfind(BOXED)
-    while start != -1:
-        depth, position = 1, start + len(BOXED)
-        while position < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[position], 0)
-            position += 1
-        if depth == 0:
-            return text[start + len(BOXED) : position - 1].strip()
-        start = text.rfind(BOXED, 0, start)
-    return None
+    """The contents of the \\boxed{...} whose closing brace comes last in text, or None. One pass
+    over the braces (linear: hostile text with thousands of unclosed boxes cannot slow it)."""
+    opened: list[int | None] = []  # per open brace: where a box's contents start, None for a plain brace
+    last = None
+    for token in BRACES.finditer(text):
+        if token.group() == "}":
+            start = opened.pop() if opened else None
+            if start is not None:
+                last = (start, token.start())
+        else:
+            opened.append(token.end() if token.group() == BOXED else None)
+    return None if last is None else text[last[0] : last[1]].strip()
 
 
 def extract_final_answer(response: str) -> str | None:
