@@ -172,7 +172,7 @@ class RewardConfig(ModelRuntime):
     retry_backoff_seconds: float = Field(0.5, ge=0, description="http: wait before the first retry, doubled each time")
     answer_key: str = Field("answer", description="math_answer: the metadata field holding each prompt's answer")
     check_timeout_seconds: float = Field(
-        2.0, gt=0, description="math_answer, format: time one response's check may take; past it, it scores 0"
+        5.0, gt=0, description="math_answer, format: time one response's check may take; past it, it scores 0"
     )
     check_workers: int = Field(2, ge=1, description="math_answer: worker processes checking answers in parallel")
     pattern: str = Field(

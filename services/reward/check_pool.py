@@ -6,14 +6,17 @@ signal.alarm, which works in the main thread only, and the reward service scores
 Each worker is a fresh interpreter, `python -m services.reward.math_check` (not multiprocessing:
 that would re-run a user's unguarded main script in every worker), reading JSON lines on stdin and
 answering JSON lines on stdout, never pickles. A worker that overruns `timeout_seconds` is killed
-and replaced; its check counts as timed out.
+and replaced; its check counts as timed out. Each worker also caps its own CPU time per check
+(RLIMIT_CPU, the timeout + 10 s), so one orphaned mid-check by a killed service still ends.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import subprocess
@@ -47,12 +50,13 @@ class CheckPool:
         self.lock = threading.Lock()  # gRPC serves Score from several threads: one batch at a time
         self.timeouts = 0  # checks that overran, since the pool started
         self.workers = [self._start() for _ in range(workers)]
+        atexit.register(self.close)
 
     def _start(self) -> Worker:
         paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.reward.math_check"],
+            [sys.executable, "-m", "services.reward.math_check", str(math.ceil(self.timeout_seconds) + 10)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=environment,
@@ -128,6 +132,7 @@ class CheckPool:
         return 1
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         for worker in self.workers:
             stop(worker.process)
         self.workers = []

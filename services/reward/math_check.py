@@ -11,8 +11,10 @@ math-verify's own timeouts (signal.alarm, main thread only) are off.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import resource
 import sys
 
 BOXED = "\\boxed{"
@@ -59,10 +61,20 @@ def answers_match(gold: str, answer: str) -> bool:
     return bool(verify(gold_parsed, answer_parsed, timeout_seconds=None))
 
 
-def serve_checks() -> None:
+def limit_cpu_seconds(seconds: int) -> None:
+    """Let the kernel end this worker (SIGXCPU) once it has spent `seconds` more CPU time: the
+    backstop when the service died mid-check and no one is left to kill a check that never ends."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime) + seconds
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def serve_checks(cpu_seconds: int) -> None:
     """A CheckPool worker: warm up (import sympy, one check), say "ready", then answer each JSON
-    [gold, answer] line on stdin with a JSON true/false line. stdout is kept for these replies
-    alone: anything a library prints goes to stderr."""
+    [gold, answer] line on stdin with a JSON true/false line, each check allowed `cpu_seconds` of
+    CPU. stdout is kept for these replies alone: anything a library prints goes to stderr. It ends
+    when stdin does (the pool closed, or the service is gone)."""
     import logging
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that its timeouts are off: ours are on
@@ -73,6 +85,7 @@ def serve_checks() -> None:
     replies.flush()
     for line in sys.stdin:
         gold, answer = json.loads(line)
+        limit_cpu_seconds(cpu_seconds)
         try:
             verdict = answers_match(gold, answer)
         except Exception:  # noqa: BLE001 - any error on untrusted text is a wrong answer
@@ -82,4 +95,4 @@ def serve_checks() -> None:
 
 
 if __name__ == "__main__":
-    serve_checks()
+    serve_checks(int(sys.argv[1]))

@@ -46,7 +46,7 @@ def check_metadata(metadata: list[dict] | None, count: int, key: str) -> list[st
 
 
 class MathAnswerBackend:
-    def __init__(self, answer_key: str = "answer", timeout_seconds: float = 2.0, workers: int = 2):
+    def __init__(self, answer_key: str = "answer", timeout_seconds: float = 5.0, workers: int = 2):
         self.answer_key = answer_key
         self.pool = CheckPool(workers, timeout_seconds)
         self.model_id = "math_answer"
@@ -72,7 +72,7 @@ class MathAnswerBackend:
 
 
 class FormatBackend:
-    def __init__(self, pattern: str, timeout_seconds: float = 2.0):
+    def __init__(self, pattern: str, timeout_seconds: float = 5.0):
         try:
             self.pattern = regex.compile(pattern)
         except regex.error as error:

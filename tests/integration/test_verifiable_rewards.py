@@ -4,6 +4,11 @@ stopped by its time limit, their settings, and format served by the real gRPC re
 
 from __future__ import annotations
 
+import json
+import pathlib
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +22,8 @@ from services.reward.verifiable import FormatBackend, MathAnswerBackend
 
 from .conftest import RPC_TIMEOUT, make_config, running_reward
 
-TIMEOUT_SECONDS = 2.0
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TIMEOUT_SECONDS = 5.0  # math-verify's own default; a loaded CI machine can stretch a normal check past 2 s
 PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # sympy evaluates the tower: it never returns
 
 # (the row's answer, the response, the expected score)
@@ -77,7 +83,7 @@ def test_math_answer_scores_a_table_of_answers(math_answer):
     wrong = [(case, score) for case, score in zip(MATH_CASES, scores) if score != case[2]]
     assert not wrong
     assert math_answer.timeouts == timeouts_before + 1  # the pathological one, and only it
-    assert elapsed < 30  # one check's deadline plus a worker's restart, not the tower's forever
+    assert elapsed < 60  # workers starting, then one check's deadline plus a worker's restart, not the tower's forever
 
 
 def test_a_timed_out_worker_is_replaced_and_the_next_batch_is_scored(math_answer):
@@ -143,7 +149,7 @@ def test_both_build_from_config_and_combine():
     assert isinstance(combined, CombinedBackend)
     (_, _, correct), (_, _, shape) = combined.components
     try:
-        assert correct.answer_key == "solution" and correct.pool.timeout_seconds == 2.0
+        assert correct.answer_key == "solution" and correct.pool.timeout_seconds == 5.0
         assert shape.score(["q", "q"], ["12", "twelve"]) == [1.0, 0.0]
         assert combined.model_id == "combined(correct*1.0+shape*0.5)"
     finally:
@@ -158,3 +164,22 @@ def test_format_through_the_reward_server():
         )
     assert list(reply.scores) == [1.0, 0.0]
     assert reply.reward_model_id == "format"
+
+
+def test_a_worker_left_alone_mid_check_is_ended_by_its_cpu_limit():
+    # the service killed with -9 cannot kill its workers: a check that never ends must end by itself
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "services.reward.math_check", "1"],  # 1 s of CPU per check
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        text=True,
+    )
+    try:
+        assert worker.stdout.readline() == '"ready"\n'
+        worker.stdin.write(json.dumps(["5", PATHOLOGICAL[len("\\boxed{") : -1]]) + "\n")
+        worker.stdin.flush()
+        assert worker.wait(60) == -signal.SIGXCPU
+    finally:
+        worker.kill()
+        worker.wait()
