@@ -142,4 +142,7 @@ def stop(process: subprocess.Popen) -> None:
     process.kill()
     process.wait(5)
     for stream in (process.stdin, process.stdout):
-        stream.close()
+        try:
+            stream.close()
+        except BrokenPipeError:  # a check written to a dead worker, still buffered: nothing to deliver
+            pass

@@ -18,6 +18,7 @@ import torch
 from belay.v1 import belay_pb2
 from services.common.config import ConfigError, RewardConfig, load_config
 from services.reward.backends import CombinedBackend, build_backend
+from services.reward.check_pool import FAILED, CheckPool
 from services.reward.verifiable import FormatBackend, MathAnswerBackend
 
 from .conftest import RPC_TIMEOUT, make_config, running_reward
@@ -183,3 +184,15 @@ def test_a_worker_left_alone_mid_check_is_ended_by_its_cpu_limit():
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_a_worker_that_died_scores_its_check_zero_and_is_replaced():
+    pool = CheckPool(1, TIMEOUT_SECONDS)
+    try:
+        assert pool.run([("1", "1")]) == [True]
+        pool.workers[0].process.kill()  # as the kernel's out-of-memory killer would
+        pool.workers[0].process.wait()
+        assert pool.run([("1", "1")]) == [FAILED]
+        assert pool.run([("1", "1"), ("2", "3")]) == [True, False]
+    finally:
+        pool.close()
