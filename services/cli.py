@@ -181,7 +181,11 @@ def add_eval(commands) -> None:
     evaluation.add_argument("--config", default="configs/demo.yaml")
     evaluation.add_argument("--run-dir", default=None, help="evaluate every committed checkpoint of this run")
     evaluation.add_argument("--checkpoint", action="append", default=[], help="a checkpoint directory (repeatable)")
-    evaluation.add_argument("--prompts", default="prompts/heldout.txt", help="held-out prompts, one per line")
+    evaluation.add_argument(
+        "--prompts",
+        default="prompts/heldout.txt",
+        help="held-out prompts, one per line; or a .jsonl of {prompt, answer, ...} rows (accuracy column)",
+    )
     evaluation.add_argument("--texts", default="data/heldout_text.txt", help="held-out text for perplexity")
     evaluation.add_argument("--samples", type=int, default=2, help="samples per prompt")
     evaluation.add_argument("--max-new-tokens", type=int, default=32)

@@ -148,9 +148,9 @@ class RewardConfig(ModelRuntime):
     """The reward service's scorer; with backend 'combined', each of `components` is one of these
     (only the backend fields below, plus its `name` and `weight`)."""
 
-    backend: Literal["vader", "hf_classifier", "embedding_similarity", "python", "http", "combined"] = Field(
-        "vader", description="which scorer serves Score (services/reward/backends.py describes each)"
-    )
+    backend: Literal[
+        "vader", "hf_classifier", "embedding_similarity", "python", "http", "math_answer", "format", "combined"
+    ] = Field("vader", description="which scorer serves Score (services/reward/backends.py describes each)")
     model_dir: str = Field(
         "",
         description="hf_classifier: local sequence-classification model directory; "
@@ -182,6 +182,14 @@ class RewardConfig(ModelRuntime):
     timeout_seconds: float = Field(30.0, gt=0, description="http: deadline of one request (timeouts are not retried)")
     retries: int = Field(2, ge=0, description="http: further attempts after a connection error or a 5xx reply")
     retry_backoff_seconds: float = Field(0.5, ge=0, description="http: wait before the first retry, doubled each time")
+    answer_key: str = Field("answer", description="math_answer: the metadata field holding each prompt's answer")
+    check_timeout_seconds: float = Field(
+        5.0, gt=0, description="math_answer, format: time one response's check may take; past it, it scores 0"
+    )
+    check_workers: int = Field(2, ge=1, description="math_answer: worker processes checking answers in parallel")
+    pattern: str = Field(
+        "", description="format: regular expression (the `regex` package) searched for in the response: 1 if found"
+    )
     components: list[RewardConfig] = Field(
         [],
         description="combined: the scorers, each {name, weight, backend, "
@@ -213,6 +221,15 @@ class RewardConfig(ModelRuntime):
                 raise ValueError("url is required when backend is 'http' (e.g. http://127.0.0.1:8000/score)")
             if not self.url.startswith(("http://", "https://")):
                 raise ValueError(f"url must start with http:// or https:// (got {self.url!r})")
+        if self.backend == "format":
+            import regex
+
+            if not self.pattern:
+                raise ValueError("pattern is required when backend is 'format' (a regular expression)")
+            try:
+                regex.compile(self.pattern)
+            except regex.error as error:
+                raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {error}") from None
         if self.backend == "combined":
             if not self.components:
                 raise ValueError(

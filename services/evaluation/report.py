@@ -6,6 +6,7 @@ import json
 import pathlib
 
 COLUMNS = [
+    ("accuracy", "accuracy", "{:.3f}"),  # only when the held-out rows carry answers
     ("reward_mean", "reward", "{:+.3f}"),
     ("reward_std", "± std", "{:.3f}"),
     ("kl_per_sequence", "KL/seq", "{:.3f}"),
@@ -20,9 +21,10 @@ COLUMNS = [
 def table(results: dict) -> str:
     models = results["models"]
     width = max(len(name) for name in models) + 2
-    lines = [" " * width + "".join(f"{title:>12s}" for _, title, _ in COLUMNS)]
+    columns = [column for column in COLUMNS if all(column[0] in row for row in models.values())]
+    lines = [" " * width + "".join(f"{title:>12s}" for _, title, _ in columns)]
     for name, row in models.items():
-        lines.append(f"{name:<{width}s}" + "".join(f"{fmt.format(row[key]):>12s}" for key, _, fmt in COLUMNS))
+        lines.append(f"{name:<{width}s}" + "".join(f"{fmt.format(row[key]):>12s}" for key, _, fmt in columns))
     return "\n".join(lines)
 
 

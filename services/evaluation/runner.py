@@ -3,6 +3,8 @@
 For each model: reward mean and spread on held-out prompts, KL to the reference (k1 per response
 and the exact per-token KL from full rows), response length, distinct-n and repetition of the
 responses, and perplexity on a held-out text set: "better by the reward, still a normal model".
+Held-out prompts in JSONL carry each row's metadata to the reward; rows with an answer under
+reward.answer_key also give `accuracy`, the share of sampled responses math_answer scores correct.
 Generation is fixed and seeded, and the settings are written with the results.
 """
 
@@ -28,7 +30,9 @@ from ..common.prompts import read_prompts
 from ..common.sample_statistics import distinct_n, mean_and_std, repetition
 from ..policy.engine import PolicyEngine, Sampling
 from ..reward.backends import RewardBackend, build_backend
+from ..reward.verifiable import MathAnswerBackend
 from . import metrics, report
+from .heldout import read_heldout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +73,30 @@ def exact_kl_tokens(
     return values
 
 
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """What every candidate is evaluated on: prompts (with their metadata when the file had some),
+    the perplexity texts, and the math_answer backend that gives `accuracy` (None: no answers)."""
+
+    prompts: list[str]
+    metadata: list[dict] | None
+    texts: list[str]
+    accuracy_backend: MathAnswerBackend | None = None
+
+
+def score_samples(backend: RewardBackend, heldout: HeldOut, prompt_index: list[int], responses: list[str]):
+    """backend's score of each sampled response, with its prompt's metadata when there is some."""
+    prompts = [heldout.prompts[i] for i in prompt_index]
+    if heldout.metadata is None:
+        return backend.score(prompts, responses)
+    return backend.score(prompts, responses, [heldout.metadata[i] for i in prompt_index])
+
+
 def evaluate_model(
-    model, reference, tokenizer, backend: RewardBackend, prompts: list[str], texts: list[str], settings: EvalSettings
+    model, reference, tokenizer, backend: RewardBackend, heldout: HeldOut, settings: EvalSettings
 ) -> dict:
     engine = PolicyEngine(model, tokenizer, GrpcConfig())
+    prompts = heldout.prompts
     batch = engine.generate(
         prompts,
         settings.samples_per_prompt,
@@ -83,7 +107,7 @@ def evaluate_model(
             seed=settings.seed,
         ),
     )
-    rewards = backend.score([prompts[i] for i in batch.prompt_index], batch.texts)
+    rewards = score_samples(backend, heldout, batch.prompt_index, batch.texts)
     ref = response_logprobs(
         reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id, settings.temperature
     )
@@ -91,9 +115,16 @@ def evaluate_model(
     kl_tokens = exact_kl_tokens(
         model, reference, batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id, settings.temperature
     )
-    nll, count = metrics.text_nll(model, tokenizer, texts)
+    nll, count = metrics.text_nll(model, tokenizer, heldout.texts)
     reward_mean, reward_std = mean_and_std(rewards)
+    accuracy = {}
+    if heldout.accuracy_backend is backend:  # the reward is math_answer: its mean is the accuracy
+        accuracy = {"accuracy": reward_mean}
+    elif heldout.accuracy_backend is not None:
+        correct = score_samples(heldout.accuracy_backend, heldout, batch.prompt_index, batch.texts)
+        accuracy = {"accuracy": mean_and_std(correct)[0]}
     return {
+        **accuracy,
         "reward_mean": reward_mean,
         "reward_std": reward_std,
         "kl_per_sequence": mean_and_std(kl_k1)[0],
@@ -123,18 +154,32 @@ def evaluate(
     device = resolve_device(config.reference.device)
     tokenizer = load_tokenizer(config.reference.model_dir, "reference.model_dir")
     reference = freeze(load_causal_lm(config.reference.model_dir, device, "reference.model_dir"))
-    prompts, texts = read_prompts(prompts_file, "held-out prompts file"), read_prompts(text_file, "held-out text file")
+    heldout = load_heldout(config, backend, prompts_file, text_file)
     results = {}
     for checkpoint in checkpoints:
         name = "reference" if checkpoint is None else checkpoint.name
         model = reference if checkpoint is None else load_candidate(config, checkpoint, device)
-        results[name] = evaluate_model(model, reference, tokenizer, backend, prompts, texts, settings)
+        results[name] = evaluate_model(model, reference, tokenizer, backend, heldout, settings)
     return {
         "settings": dataclasses.asdict(settings),
         "prompts_file": prompts_file,
         "text_file": text_file,
         "models": results,
     }
+
+
+def load_heldout(config: BelayConfig, backend: RewardBackend, prompts_file: str, text_file: str) -> HeldOut:
+    """The held-out set; accuracy is measured when every row has an answer under reward.answer_key,
+    by the configured backend if it is math_answer, else by one built from the reward section."""
+    prompts, metadata = read_heldout(prompts_file)
+    texts = read_prompts(text_file, "held-out text file")
+    key = config.reward.answer_key
+    if metadata is None or not all(key in row for row in metadata):
+        return HeldOut(prompts, metadata, texts)
+    if not isinstance(backend, MathAnswerBackend):
+        reward = config.reward
+        backend = MathAnswerBackend(key, reward.check_timeout_seconds, reward.check_workers)
+    return HeldOut(prompts, metadata, texts, backend)
 
 
 def evaluate_and_write(

@@ -11,6 +11,8 @@ Chosen by `reward.backend` (every setting: RewardConfig in services/common/confi
   f(prompts, responses, metadata=[...]) when it takes a `metadata` parameter (or **kwargs);
 - `http`: a proxy to your HTTP reward server: POST {"prompts": [...], "responses": [...]} to `url`
   (plus "metadata": [...] when some pair carries metadata), which answers {"scores": [...]};
+- `math_answer`: 1 when the response's final answer equals the row's metadata[answer_key] (math-verify),
+  else 0; `format`: 1 when `pattern` is found in the response (both: services/reward/verifiable.py);
 - `combined`: Σ weight·score over `components`, each one of the above with a name and a weight.
 
 Every backend's score(prompts, responses, metadata=None) takes one metadata dict per pair: the
@@ -31,9 +33,10 @@ import torch
 from ..common.config import RewardConfig
 from .model_backends import EmbeddingSimilarityBackend, HFClassifierBackend, VaderSentimentBackend
 from .scores import RewardBackend, RewardBackendError, check_scores
+from .verifiable import FormatBackend, MathAnswerBackend
 from .your_backends import HttpBackend, PythonFunctionBackend
 
-BACKENDS = ("vader", "hf_classifier", "embedding_similarity", "python", "http", "combined")
+BACKENDS = ("vader", "hf_classifier", "embedding_similarity", "python", "http", "math_answer", "format", "combined")
 
 
 class CombinedBackend:
@@ -95,6 +98,10 @@ def build_backend(section: RewardConfig, device: torch.device) -> RewardBackend:
         return PythonFunctionBackend(section.function)
     if kind == "http":
         return HttpBackend(section.url, section.timeout_seconds, section.retries, section.retry_backoff_seconds)
+    if kind == "math_answer":
+        return MathAnswerBackend(section.answer_key, section.check_timeout_seconds, section.check_workers)
+    if kind == "format":
+        return FormatBackend(section.pattern, section.check_timeout_seconds)
     if kind == "combined":
         return CombinedBackend(
             [
