@@ -183,8 +183,9 @@ def add_eval(commands) -> None:
     evaluation.add_argument("--checkpoint", action="append", default=[], help="a checkpoint directory (repeatable)")
     evaluation.add_argument(
         "--prompts",
-        default="prompts/heldout.txt",
-        help="held-out prompts, one per line; or a .jsonl of {prompt, answer, ...} rows (accuracy column)",
+        default=None,
+        help="held-out prompts, one per line; or a .jsonl of {prompt, answer, ...} rows (accuracy column); "
+        "default: the config's held-out rows (data.heldout_path or data.heldout_rows), else prompts/heldout.txt",
     )
     evaluation.add_argument("--texts", default="data/heldout_text.txt", help="held-out text for perplexity")
     evaluation.add_argument("--samples", type=int, default=2, help="samples per prompt")

@@ -27,7 +27,6 @@ from .local_stack import SERVICES, LocalStack, StackError
 from .trainer.best_version import read_best
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-HELDOUT_PROMPTS = str(REPO / "prompts/heldout.txt")
 HELDOUT_TEXT = str(REPO / "data/heldout_text.txt")
 
 
@@ -330,7 +329,7 @@ def evaluate_first_and_last(config: BelayConfig, last: pathlib.Path, out_dir: pa
 
     say(f"evaluating the reference and {last.name} on held-out prompts and text ...")
     settings = EvalSettings(max_new_tokens=config.policy.max_new_tokens)
-    results, _ = evaluate_and_write(config, [None, last], HELDOUT_PROMPTS, HELDOUT_TEXT, settings, out_dir, say)
+    results, _ = evaluate_and_write(config, [None, last], None, HELDOUT_TEXT, settings, out_dir, say)
     reference, trained = results["models"]["reference"], results["models"][last.name]
     say(
         f"held-out reward {reference['reward_mean']:+.3f} -> {trained['reward_mean']:+.3f}; held-out perplexity "

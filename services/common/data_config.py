@@ -32,6 +32,11 @@ class DataConfig(Section):
         description="rows held out of training (a count, not a fraction), picked by a permutation seeded by "
         "`seed`, the same on every start; PromptData.heldout, disjoint from training by row",
     )
+    heldout_path: str | None = Field(
+        None,
+        description="a dataset of its own for the held-out rows (a test split: same formats and columns as "
+        "`path`), instead of heldout_rows taken out of `path`; never trained on",
+    )
     seed: int | None = Field(
         None, description="seed of the held-out pick and of every epoch's shuffle (None: policy.seed)"
     )
@@ -55,6 +60,8 @@ class DataConfig(Section):
             raise ValueError("prompt_column must name a column")
         if self.messages_column is not None and not self.messages_column.strip():
             raise ValueError("messages_column must name a column, or be left out (null)")
+        if self.heldout_path is not None and (self.path is None or self.heldout_rows):
+            raise ValueError("heldout_path needs `path` (the training rows) and heldout_rows 0: one held-out set")
         text_column = self.messages_column or self.prompt_column
         if text_column in self.metadata_columns:
             raise ValueError(f"metadata_columns holds {text_column!r}, the prompt's own column")

@@ -81,25 +81,25 @@ def short(value, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def read_dataset(path: str):
+def read_dataset(path: str, setting: str = "data.path"):
     """The rows of a local dataset file or save_to_disk directory, as a datasets.Dataset."""
     import datasets
 
     source = pathlib.Path(path)
     if not source.exists():
-        raise DataError(f"data.path {path} does not exist")
+        raise DataError(f"{setting} {path} does not exist")
     datasets.disable_progress_bars()
     try:
         if source.is_dir():
             loaded = datasets.load_from_disk(str(source), keep_in_memory=True)
             if isinstance(loaded, datasets.DatasetDict):
                 if "train" not in loaded and len(loaded) != 1:
-                    raise DataError(f"data.path {path} holds splits {sorted(loaded)} and none is 'train': save one")
+                    raise DataError(f"{setting} {path} holds splits {sorted(loaded)} and none is 'train': save one")
                 loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
             return loaded
         kind = FORMATS.get(source.suffix.lower())
         if kind is None:
-            raise DataError(f"data.path {path}: unknown format {source.suffix!r} (known: {', '.join(FORMATS)})")
+            raise DataError(f"{setting} {path}: unknown format {source.suffix!r} (known: {', '.join(FORMATS)})")
         if kind == "arrow":
             return datasets.Dataset.from_file(str(source), in_memory=True)
         options = csv_as_text(source, datasets) if kind == "csv" else {}
@@ -111,12 +111,12 @@ def read_dataset(path: str):
         raise
     except Exception as error:  # datasets and pyarrow raise many kinds; each means this file cannot be read
         if isinstance(error, StopIteration) or "corresponds to no data" in str(error):  # how datasets says empty
-            raise DataError(f"data.path {path} holds no rows") from None
+            raise DataError(f"{setting} {path} holds no rows") from None
         detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         cause = error.__cause__ or error.__context__
         if cause is not None and str(cause):
             detail += f" ({type(cause).__name__}: {str(cause)[:300]})"
-        raise DataError(f"data.path {path} cannot be read as a dataset: {detail}") from None
+        raise DataError(f"{setting} {path} cannot be read as a dataset: {detail}") from None
 
 
 def csv_as_text(source: pathlib.Path, datasets) -> dict:
@@ -130,19 +130,19 @@ def csv_as_text(source: pathlib.Path, datasets) -> dict:
     }
 
 
-def dataset_rows(dataset, section: DataConfig, path: str) -> list[PromptRow]:
+def dataset_rows(dataset, section: DataConfig, path: str, setting: str = "data.path") -> list[PromptRow]:
     """Every row as a PromptRow, each checked; DataError names the file, the column and the row."""
     text_column = section.messages_column or section.prompt_column
-    setting = "data.messages_column" if section.messages_column else "data.prompt_column"
-    for column, what in [(text_column, setting)] + [(c, "data.metadata_columns") for c in section.metadata_columns]:
+    named = [(text_column, "data.messages_column" if section.messages_column else "data.prompt_column")]
+    for column, what in named + [(c, "data.metadata_columns") for c in section.metadata_columns]:
         if column not in dataset.column_names:
-            raise DataError(f"data.path {path} has no column {column!r} ({what}); its columns: {dataset.column_names}")
+            raise DataError(f"{setting} {path} has no column {column!r} ({what}); its columns: {dataset.column_names}")
     if len(dataset) == 0:
-        raise DataError(f"data.path {path} holds no rows")
+        raise DataError(f"{setting} {path} holds no rows")
     rows = []
     columns = dataset.select_columns([text_column, *section.metadata_columns]).to_dict()
     for index in range(len(dataset)):
-        where = f"data.path {path}, row {index}, column {text_column!r}"
+        where = f"{setting} {path}, row {index}, column {text_column!r}"
         value = columns[text_column][index]
         if section.messages_column:
             messages = check_messages(value, where)
@@ -155,7 +155,7 @@ def dataset_rows(dataset, section: DataConfig, path: str) -> list[PromptRow]:
         try:
             json.dumps(metadata, allow_nan=False)
         except (TypeError, ValueError) as error:
-            raise DataError(f"data.path {path}, row {index}: metadata is not JSON-serialisable: {error}") from None
+            raise DataError(f"{setting} {path}, row {index}: metadata is not JSON-serialisable: {error}") from None
         rows.append(PromptRow(text=text, messages=messages, metadata=metadata))
     return rows
 
@@ -191,6 +191,9 @@ def load_prompt_data(config: BelayConfig, prompt_tokens: Callable[[PromptRow], i
     else:
         rows = dataset_rows(read_dataset(section.path), section, section.path)
         train, heldout = split_heldout(rows, section.heldout_rows, data_seed(config))
+        if section.heldout_path is not None:  # a test split of its own
+            where = "data.heldout_path"
+            heldout = dataset_rows(read_dataset(section.heldout_path, where), section, section.heldout_path, where)
         source = section.path
     skipped = 0
     if prompt_tokens is not None:

@@ -26,6 +26,7 @@ from ..common.models import (
     resolve_device,
     response_logprobs,
 )
+from ..common.prompt_data import load_prompt_data
 from ..common.prompts import read_prompts
 from ..common.sample_statistics import distinct_n, mean_and_std, repetition
 from ..policy.engine import PolicyEngine, Sampling
@@ -33,6 +34,8 @@ from ..reward.backends import RewardBackend, build_backend
 from ..reward.verifiable import MathAnswerBackend
 from . import metrics, report
 from .heldout import read_heldout
+
+DEFAULT_HELDOUT_PROMPTS = str(pathlib.Path(__file__).resolve().parents[2] / "prompts/heldout.txt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +149,7 @@ def evaluate(
     config: BelayConfig,
     checkpoints: list[pathlib.Path | None],
     backend: RewardBackend,
-    prompts_file: str,
+    prompts_file: str | None,
     text_file: str,
     settings: EvalSettings,
 ) -> dict:
@@ -162,16 +165,25 @@ def evaluate(
         results[name] = evaluate_model(model, reference, tokenizer, backend, heldout, settings)
     return {
         "settings": dataclasses.asdict(settings),
-        "prompts_file": prompts_file,
+        "prompts_file": prompts_file or config.data.heldout_path or config.data.path or DEFAULT_HELDOUT_PROMPTS,
         "text_file": text_file,
         "models": results,
     }
 
 
+def config_heldout(config: BelayConfig) -> tuple[list[str], list[dict] | None]:
+    """The config's own held-out rows (data.heldout_path, or data.heldout_rows of data.path): their
+    texts (a messages row's last user turn) and metadata; else prompts/heldout.txt's lines."""
+    rows = load_prompt_data(config).heldout if config.data.path else []
+    if not rows:
+        return read_heldout(DEFAULT_HELDOUT_PROMPTS)
+    return [row.text for row in rows], [row.metadata for row in rows]
+
+
 def load_heldout(config: BelayConfig, backend: RewardBackend, prompts_file: str, text_file: str) -> HeldOut:
     """The held-out set; accuracy is measured when every row has an answer under reward.answer_key,
     by the configured backend if it is math_answer, else by one built from the reward section."""
-    prompts, metadata = read_heldout(prompts_file)
+    prompts, metadata = read_heldout(prompts_file) if prompts_file else config_heldout(config)
     texts = read_prompts(text_file, "held-out text file")
     key = config.reward.answer_key
     if metadata is None or not all(key in row for row in metadata):
@@ -185,7 +197,7 @@ def load_heldout(config: BelayConfig, backend: RewardBackend, prompts_file: str,
 def evaluate_and_write(
     config: BelayConfig,
     checkpoints: list[pathlib.Path | None],
-    prompts_file: str,
+    prompts_file: str | None,
     text_file: str,
     settings: EvalSettings,
     out_dir: pathlib.Path,

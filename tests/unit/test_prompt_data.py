@@ -200,3 +200,20 @@ def test_an_empty_dataset_is_refused_naming_the_file(name, tmp_path):
 def test_a_missing_prompts_file_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(DataError, match=r"policy.prompts_file .*nothing.txt does not exist"):
         load_prompt_data(BelayConfig.model_validate({"policy": {"prompts_file": str(tmp_path / "nothing.txt")}}))
+
+
+def test_a_held_out_file_of_its_own_gives_the_held_out_rows(tmp_path):
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    train_dir.mkdir(), test_dir.mkdir()
+    train = write_rows(train_dir, "jsonl", ROWS[:7])
+    test = write_rows(test_dir, "parquet", ROWS[7:])
+    data = load_prompt_data(config(train, heldout_path=str(test), metadata_columns=["answer"]))
+    assert [row.text for row in data.train] == [row["prompt"] for row in ROWS[:7]]
+    assert [(row.text, row.metadata) for row in data.heldout] == [
+        (row["prompt"], {"answer": row["answer"]}) for row in ROWS[7:]
+    ]
+    lacking = write_rows(tmp_path, "jsonl", [{"prompt": "What is 1 + 1?"}])
+    with pytest.raises(DataError, match=rf"data.heldout_path {lacking} has no column 'answer'"):
+        load_prompt_data(config(train, heldout_path=str(lacking), metadata_columns=["answer"]))
+    with pytest.raises(ValueError, match="heldout_path needs `path`"):
+        config(train, heldout_path=str(test), heldout_rows=2)
