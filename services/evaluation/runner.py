@@ -90,9 +90,8 @@ class HeldOut:
 def score_samples(backend: RewardBackend, heldout: HeldOut, prompt_index: list[int], responses: list[str]):
     """backend's score of each sampled response, with its prompt's metadata when there is some."""
     prompts = [heldout.prompts[i] for i in prompt_index]
-    if heldout.metadata is None:
-        return backend.score(prompts, responses)
-    return backend.score(prompts, responses, [heldout.metadata[i] for i in prompt_index])
+    metadata = None if heldout.metadata is None else [heldout.metadata[i] for i in prompt_index]
+    return backend.score(prompts, responses, metadata)
 
 
 def evaluate_model(

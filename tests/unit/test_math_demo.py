@@ -3,7 +3,6 @@ problems, and configs/math.yaml."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from services.common.config import BelayConfig
+from services.common.prompt_data import load_prompt_data
 from services.reward.math_check import extract_final_answer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -75,8 +75,10 @@ def test_problems_have_correct_answers_and_heldout_is_disjoint_from_train():
 
 def test_math_config_validates_with_math_answer():
     data = yaml.safe_load((REPO / "configs" / "math.yaml").read_text())
-    if importlib.util.find_spec("services.common.prompt_data") is None:
-        data.pop("data")  # the data section comes with the datasets work (issue 16, part 1)
     config = BelayConfig.model_validate(data)
     assert config.reward.backend == "math_answer" and config.reward.answer_key == "answer"
     assert config.trainer.advantage == "group" and config.policy.samples_per_prompt >= 2
+    rows = load_prompt_data(config)  # the training file, and the held-out file the run evaluates on
+    assert len(rows.train) == 400 and len(rows.heldout) == 100 and config.trainer.eval_every > 0
+    assert not {row.text for row in rows.heldout} & {row.text for row in rows.train}
+    assert all(set(row.metadata) == {"answer"} for row in rows.train + rows.heldout)
