@@ -308,6 +308,13 @@ class PolicyConfig(ModelServiceConfig):
         description="a canary answer whose relevance (cosine of prompt and answer sentence embeddings) falls "
         "more than this below version 0's answer's is degenerate (BelayCanaryDegenerate)",
     )
+    canary_relevance_floor: float = Field(
+        0.3,
+        ge=-1,
+        le=1,
+        description="... and whose relevance is also below this: two normal answers to one prompt can differ "
+        "by 0.3 in relevance, answers off the question sat below 0.25 (docs/runbooks.md)",
+    )
     canary_embedding_model_dir: str = Field(
         "",
         description="sentence-embedding model (sentence-transformers layout) the policy measures canary "

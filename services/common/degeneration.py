@@ -66,16 +66,21 @@ def cosine(a: list[float], b: list[float]) -> float:
 def is_degenerate(
     share: float,
     first_share: float,
+    relevance: float,
     relevance_change: float,
     repetition_bound: float,
     relevance_drop_bound: float,
+    relevance_floor: float,
 ) -> bool:
     """The verdict on one answer, against version 0's answer to the same prompt:
     - it repeats: its repeated 3-gram share is above `repetition_bound` and above version 0's
       share (an answer the starting model already looped on only counts once it loops more: the
       verdict is on what training did, and a small model loops on some prompts from the start);
     - or it drifted off the question: its relevance fell more than `relevance_drop_bound` below
-      version 0's (relevance_change < −bound).
+      version 0's (relevance_change < −bound) AND is below `relevance_floor`. The floor is there
+      because two normal answers to one prompt differ in relevance by 0.3 and more (MiniLM, SmolLM2:
+      "Tell me about your weekend." answered on topic at 0.38 after 0.71 at version 0), while the
+      answers that no longer fit the question sat at 0.17-0.22 (the 16-iteration demo, 2026-11-30).
     NaN compares false and never makes an answer degenerate."""
     repeats = share > repetition_bound and share > first_share
-    return repeats or relevance_change < -relevance_drop_bound
+    return repeats or (relevance_change < -relevance_drop_bound and relevance < relevance_floor)

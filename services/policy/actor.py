@@ -153,7 +153,11 @@ class Actor:
                 config.policy.canary_max_new_tokens,
                 ReviewStore(queue.redis, config.run.name),
                 metrics.registry,
-                Bounds(config.policy.canary_repetition_bound, config.policy.canary_relevance_drop_bound),
+                Bounds(
+                    config.policy.canary_repetition_bound,
+                    config.policy.canary_relevance_drop_bound,
+                    config.policy.canary_relevance_floor,
+                ),
                 config.policy.canary_embedding_model_dir,
             )
             if canary_file

@@ -12,7 +12,8 @@ the policy moving, not sampling noise.
 Relevance = cos(e(prompt), e(answer)), e a sentence embedding (all-MiniLM-L6-v2 by default),
 computed here, in the policy process, on the CPU: the model is loaded once, on the first answer.
 An answer is degenerate when its repeated 3-gram share passes policy.canary_repetition_bound or
-its relevance falls more than policy.canary_relevance_drop_bound below version 0's; the count of
+its relevance falls more than policy.canary_relevance_drop_bound below version 0's and below
+policy.canary_relevance_floor; the count of
 degenerate answers of the newest version is belay_policy_canary_degenerate (BelayCanaryDegenerate).
 """
 
@@ -51,6 +52,7 @@ SIGNALS = (  # (record key, gauge name, help)
 class Bounds:
     repetition: float = 0.5  # policy.canary_repetition_bound
     relevance_drop: float = 0.25  # policy.canary_relevance_drop_bound
+    relevance_floor: float = 0.3  # policy.canary_relevance_floor
 
 
 def token_drift(first: list[int], now: list[int]) -> float:
@@ -79,7 +81,9 @@ def answer_signals(text: str, length: int, relevance: float, first: dict, bounds
         "length_ratio": degeneration.length_ratio(length, first["length"]),
         "relevance": relevance,
         "relevance_change": change,
-        "degenerate": degeneration.is_degenerate(share, first_share, change, bounds.repetition, bounds.relevance_drop),
+        "degenerate": degeneration.is_degenerate(
+            share, first_share, relevance, change, bounds.repetition, bounds.relevance_drop, bounds.relevance_floor
+        ),
     }
 
 
