@@ -309,11 +309,11 @@ class PolicyConfig(ModelServiceConfig):
         "more than this below version 0's answer's is degenerate (BelayCanaryDegenerate)",
     )
     canary_relevance_floor: float = Field(
-        0.3,
+        0.25,
         ge=-1,
         le=1,
-        description="... and whose relevance is also below this: two normal answers to one prompt can differ "
-        "by 0.3 in relevance, answers off the question sat below 0.25 (docs/runbooks.md)",
+        description="... and whose relevance is also below this: on-topic answers were seen at 0.28 after 0.71, "
+        "answers off the question at 0.17-0.22 (docs/runbooks.md)",
     )
     canary_embedding_model_dir: str = Field(
         "",

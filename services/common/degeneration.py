@@ -78,9 +78,11 @@ def is_degenerate(
       verdict is on what training did, and a small model loops on some prompts from the start);
     - or it drifted off the question: its relevance fell more than `relevance_drop_bound` below
       version 0's (relevance_change < −bound) AND is below `relevance_floor`. The floor is there
-      because two normal answers to one prompt differ in relevance by 0.3 and more (MiniLM, SmolLM2:
-      "Tell me about your weekend." answered on topic at 0.38 after 0.71 at version 0), while the
-      answers that no longer fit the question sat at 0.17-0.22 (the 16-iteration demo, 2026-11-30).
+      because two normal answers to one prompt differ in relevance by 0.4 and more (MiniLM, SmolLM2:
+      "Tell me about your weekend." answered on topic at 0.38 and at 0.28, a Bora Bora weekend, after
+      0.71 at version 0), while the answers that no longer fit the question ("How was your day at
+      work?" answered with condolences or a refusal) sat at 0.17-0.22 (16-iteration demos, 2026-11-30).
+      The margin is thin: MiniLM's cosine is a weak judge of fit, so repetition is the main signal.
     NaN compares false and never makes an answer degenerate."""
     repeats = share > repetition_bound and share > first_share
     return repeats or (relevance_change < -relevance_drop_bound and relevance < relevance_floor)

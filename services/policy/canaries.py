@@ -52,7 +52,7 @@ SIGNALS = (  # (record key, gauge name, help)
 class Bounds:
     repetition: float = 0.5  # policy.canary_repetition_bound
     relevance_drop: float = 0.25  # policy.canary_relevance_drop_bound
-    relevance_floor: float = 0.3  # policy.canary_relevance_floor
+    relevance_floor: float = 0.25  # policy.canary_relevance_floor
 
 
 def token_drift(first: list[int], now: list[int]) -> float:
