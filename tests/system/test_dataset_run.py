@@ -35,7 +35,6 @@ def test_belay_up_on_a_dataset_ends_after_its_last_epoch(stack_config: BelayConf
     assert "the data is used up (data.epochs)" in result.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["iterations"] == 2  # 8 rows x 2 samples = 16 rollouts = 2 batches of 8
-    assert "Say the number" in " ".join(summary["samples_before"] + [result.stdout])
     logs = (tmp_path / "run" / "logs" / "trainer.log").read_text()
     assert "the actor's data is used up and every rollout is read" in logs
     assert (tmp_path / "run" / "checkpoints" / "v000002").is_dir()  # persisted at the end
