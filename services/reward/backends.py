@@ -1,6 +1,6 @@
 """Reward backends: anything that turns (prompt, response) texts into one raw float each.
 
-Chosen by `reward.backend` (every setting: RewardConfig in services/common/config.py):
+Chosen by `reward.backend` (every setting: RewardConfig in services/common/reward_config.py):
 
 - `vader`: VADER's compound sentiment of the response, offline;
 - `hf_classifier`: a local Hugging Face sequence-classification model with one logit, run on the
