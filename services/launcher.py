@@ -76,11 +76,11 @@ def degenerate_canaries(store: ReviewStore, seen: set[int]) -> list[str]:
     """The canary verdicts (the policy's, in Redis) that arrived since the last call, as
     'v<version>: canaries <indexes>' for each version with degenerate answers; `seen` is updated."""
     news = []
-    for version, record in store.canaries().items():
-        if version not in seen and "degenerate" in record:
+    for version, degenerate in store.canary_verdicts().items():
+        if version not in seen:
             seen.add(version)
-            if record["degenerate"]:
-                news.append(f"v{version}: canaries {', '.join(map(str, record['degenerate']))}")
+            if degenerate:
+                news.append(f"v{version}: canaries {', '.join(map(str, degenerate))}")
     return news
 
 

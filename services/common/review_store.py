@@ -9,6 +9,8 @@ Keys, for run R:
 - belay:R:canaries  hash version -> {version, time, prompts, outputs, output_ids, drift, signals
                     (per answer: services/policy/canaries.py), degenerate (indexes of the
                     degenerate answers), seconds}
+- belay:R:canary_verdicts  hash version -> JSON list of the degenerate answers' indexes: the
+                    verdicts alone, a few bytes a version, for the readers that poll every step
 - belay:R:ratings   hash rollout_id -> {rollout_id, rating, prompt, response, version, time}
 - belay:R:evals     hash version -> {version, time, rows, reward_mean, reward_std, accuracy (null
                     without one), kl_per_sequence, response_length, seconds}: the held-out
@@ -33,6 +35,7 @@ class ReviewStore:
         self.redis = client
         self.samples_key = f"belay:{run_name}:samples"
         self.canaries_key = f"belay:{run_name}:canaries"
+        self.verdicts_key = f"belay:{run_name}:canary_verdicts"
         self.ratings_key = f"belay:{run_name}:ratings"
         self.evals_key = f"belay:{run_name}:evals"
 
@@ -64,7 +67,17 @@ class ReviewStore:
     def record_canaries(self, version: int, record: dict) -> None:
         """Non-finite figures (an empty answer's compression ratio) are stored as null: the review
         page's JSON and strict readers refuse NaN."""
-        self.redis.hset(self.canaries_key, str(version), strict_json({**record, "version": version}))
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.canaries_key, str(version), strict_json({**record, "version": version}))
+            if "degenerate" in record:
+                pipe.hset(self.verdicts_key, str(version), json.dumps(record["degenerate"]))
+            pipe.execute()
+
+    def canary_verdicts(self) -> dict[int, list[int]]:
+        """Each judged version's degenerate answers (indexes; [] for a clean version), oldest first:
+        what the trainer's canary rail and `belay up` poll every step, without the answers."""
+        verdicts = {int(k): json.loads(v) for k, v in self.redis.hgetall(self.verdicts_key).items()}
+        return dict(sorted(verdicts.items()))
 
     def canaries(self) -> dict[int, dict]:
         """Every version's canary record, oldest version first."""
@@ -82,8 +95,8 @@ class ReviewStore:
         return bool(self.redis.hexists(self.canaries_key, str(version)))
 
     def first_canaries(self) -> dict | None:
-        records = self.canaries()
-        return records[min(records)] if records else None
+        versions = [int(k) for k in self.redis.hkeys(self.canaries_key)]  # not every record: the oldest one
+        return self.canaries_at([min(versions)])[min(versions)] if versions else None
 
     # --- held-out evaluations -------------------------------------------------------------
     def record_eval(self, version: int, record: dict) -> None:

@@ -78,15 +78,14 @@ class BestVersion:
 
     def update(self) -> dict | None:
         """Mark a new best version if one appeared; returns the new mark, or None."""
-        persisted = {version for version, _ in committed_versions(self.root)}
-        best = best_of(self.store.evals(), persisted, self.metric)
+        persisted = dict(committed_versions(self.root))
+        best = best_of(self.store.evals(), set(persisted), self.metric)
         if best is None:
             return None
         version, value = best
         if self.marked and (self.marked["version"], self.marked["metric"]) == (version, self.metric):
             return None
-        path = dict(committed_versions(self.root))[version]
-        self.marked = {"version": version, "metric": self.metric, "value": value, "path": str(path)}
+        self.marked = {"version": version, "metric": self.metric, "value": value, "path": str(persisted[version])}
         self.marked["time"] = time.time()
         write_best(self.root, self.marked)
         log.info("best version by held-out %s: %d (%.4f), marked in %s", self.metric, version, value, BEST_FILE)

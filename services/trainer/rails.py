@@ -38,15 +38,15 @@ def degenerate_version(trainer: Trainer) -> int | None:
     degenerate (its verdicts in the review store: services/policy/canaries.py); None when none is.
     The policy answers the canaries after it swaps, so the verdict on a version arrives a batch or
     two after the trainer published it."""
-    records = until_redis_answers(trainer.review.canaries, "reading the canary verdicts")
-    flagged = [v for v, r in records.items() if r.get("degenerate") and trainer.rolled_back_at < v <= trainer.version]
+    verdicts = until_redis_answers(trainer.review.canary_verdicts, "reading the canary verdicts")
+    flagged = [v for v, degenerate in verdicts.items() if degenerate and trainer.rolled_back_at < v <= trainer.version]
     return max(flagged, default=None)
 
 
 def clean_versions(trainer: Trainer) -> set[int]:
     """Versions whose canary verdict is in and not degenerate, and 0 (the SFT model)."""
-    records = until_redis_answers(trainer.review.canaries, "reading the canary verdicts")
-    return {0} | {v for v, r in records.items() if "degenerate" in r and not r["degenerate"]}
+    verdicts = until_redis_answers(trainer.review.canary_verdicts, "reading the canary verdicts")
+    return {0} | {v for v, degenerate in verdicts.items() if not degenerate}
 
 
 def roll_back(trainer: Trainer, entries: list[Entry], kl: float, degenerate: int | None = None) -> RollbackRecord:

@@ -49,3 +49,12 @@ def test_canaries_by_version(redis_url):
     store.record_canaries(0, {"prompts": ["a"], "outputs": ["x0"], "drift": 0.0})
     assert list(store.canaries()) == [0, 3]
     assert store.first_canaries()["outputs"] == ["x0"] and store.has_canaries(3) and not store.has_canaries(1)
+
+
+def test_canary_verdicts_are_kept_apart_from_the_answers(redis_url):
+    store = ReviewStore.from_url(redis_url, "t")
+    store.record_canaries(2, {"outputs": ["loop loop"], "degenerate": [0, 3]})
+    store.record_canaries(1, {"outputs": ["fine"], "degenerate": []})
+    store.record_canaries(0, {"outputs": ["unjudged"]})  # a record without a verdict has none
+    assert store.canary_verdicts() == {1: [], 2: [0, 3]}
+    assert store.canaries()[2]["degenerate"] == [0, 3] and store.first_canaries()["outputs"] == ["unjudged"]
