@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import pathlib
 import re
@@ -22,6 +23,8 @@ import torch
 import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .safetensors_file import write_safetensors
 
 VERSION_DIR = re.compile(r"^v(\d{6})$")
 STATE_TENSORS = "trainer_state.safetensors"
@@ -54,8 +57,9 @@ def write_checkpoint(
 ) -> pathlib.Path:
     """Call write_files(temp_dir), then commit it atomically as root/vNNNNNN. Never overwrites.
 
-    durable=False skips the fsyncs (published weights in a memory-backed directory: the rename
-    alone makes them appear whole, and a crash of the machine loses nothing that was persisted)."""
+    durable=False skips the fsyncs and the checksums (published weights in a memory-backed directory:
+    the rename alone makes them appear whole, the manifest's sizes catch a torn file, and a crash of
+    the machine loses nothing that was persisted)."""
     root = pathlib.Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / version_dir_name(version)
@@ -66,7 +70,7 @@ def write_checkpoint(
     temp.mkdir()
     try:
         write_files(temp)
-        write_checksum_manifest(temp, version)
+        write_checksum_manifest(temp, version, checksums=durable)
         if durable:
             _fsync_tree(temp)
         os.rename(temp, final)
@@ -90,17 +94,21 @@ def file_checksum(path: pathlib.Path, algorithm: str = CHECKSUM) -> str:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     if algorithm != "xxh3_128":
         raise ValueError(f"unknown checksum {algorithm!r} in a manifest")
-    digest = xxhash.xxh3_128()
+    # Hashed from a read-only mapping: reading in chunks allocated a fresh buffer per chunk and ran
+    # at 0.9 GB/s here, against 4.4 GB/s mapped (538 MB: 0.6 s -> 0.12 s).
     with open(path, "rb") as handle:
-        while chunk := handle.read(64 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        if os.fstat(handle.fileno()).st_size == 0:
+            return xxhash.xxh3_128().hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_128(mapped).hexdigest()
 
 
-def write_checksum_manifest(directory: pathlib.Path, version: int) -> None:
-    """MANIFEST lists every file with its size and checksum, so corruption is caught on load."""
+def write_checksum_manifest(directory: pathlib.Path, version: int, checksums: bool = True) -> None:
+    """MANIFEST lists every file with its size and checksum, so corruption is caught on load.
+    checksums=False lists sizes alone (published weights: a hand-off the policy checks by size, not a
+    record; hashing 538 MB cost 0.12 s of every publish)."""
     files = {
-        str(p.relative_to(directory)): {"size": p.stat().st_size, CHECKSUM: file_checksum(p)}
+        str(p.relative_to(directory)): {"size": p.stat().st_size} | ({CHECKSUM: file_checksum(p)} if checksums else {})
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -122,6 +130,8 @@ def checkpoint_problem(directory: str | os.PathLike, full: bool = True) -> str |
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']} (half-written?)"
         algorithm = CHECKSUM if CHECKSUM in expected else "sha256"
+        if full and algorithm not in expected:
+            return f"{name} has no checksum in {MANIFEST} (published weights, not a persisted checkpoint)"
         if full and file_checksum(path, algorithm) != expected.get(algorithm):
             return f"{name} does not match its {algorithm} checksum (corrupt)"
     return None
@@ -173,17 +183,15 @@ def prune_below(root: str | os.PathLike, version: int) -> list[pathlib.Path]:
     return removed
 
 
-def write_weights(directory: pathlib.Path, tensors: dict[str, torch.Tensor], name: str = "model.safetensors") -> int:
-    """Weights only, as a standard safetensors file; returns the bytes written."""
-    save_file(
-        {
-            k: v.detach().contiguous() if v.device.type == "cpu" else v.detach().cpu().contiguous()
-            for k, v in tensors.items()
-        },
-        str(directory / name),
-        metadata={"format": "pt"},
-    )
-    return (directory / name).stat().st_size
+def write_weights(
+    directory: pathlib.Path,
+    tensors: dict[str, torch.Tensor],
+    name: str = "model.safetensors",
+    into: pathlib.Path | None = None,
+) -> int:
+    """Weights only, as a standard safetensors file; returns the bytes written. `into`: a
+    preallocated file to write over (services/common/safetensors_file.py)."""
+    return write_safetensors(directory / name, tensors, {"format": "pt"}, into=into)
 
 
 def remove_unfinished(root: str | os.PathLike) -> list[pathlib.Path]:

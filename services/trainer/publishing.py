@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ..common.lora import adapter_config, adapter_tensors, write_adapter_files
 from ..common.models import resolve_device, resolve_dtype
 from ..common.published import published_dir
 from ..common.rollout_queue import RolloutQueue
+from ..common.safetensors_file import preallocate
 
 log = logging.getLogger(__name__)
 REPLICA_REPORT_MAX_AGE = 120.0  # seconds: a replica silent for longer no longer holds back pruning
@@ -87,9 +89,15 @@ class Transport(Protocol):
 
 class FileTransport:
     """Weights-only safetensors in the publish directory, committed by rename, no fsync: published
-    weights are a hand-off, not a record (the persisted checkpoint is the record)."""
+    weights are a hand-off, not a record (the persisted checkpoint is the record).
+
+    After each publish a background thread allocates the next version's file (PREALLOCATED, of the
+    size just written), so the next publish writes into existing pages: on /dev/shm that takes the
+    538 MB SmolLM2 write from 0.36-0.41 s to 0.13-0.15 s. Never a file a replica may read: only a
+    fresh one, renamed into the new version's directory."""
 
     name = "file"
+    PREALLOCATED = ".preallocated.safetensors"
 
     def __init__(self, root: pathlib.Path, lora_config: Callable[[], dict] | None):
         self.root, self.lora_config = root, lora_config
@@ -100,18 +108,37 @@ class FileTransport:
             log.warning("removed %s, a publish a killed trainer never finished", path)
         for _, path in committed_versions(self.root):
             shutil.rmtree(path, ignore_errors=True)
+        (self.root / self.PREALLOCATED).unlink(missing_ok=True)
+        self.preallocating: threading.Thread | None = None
 
     def send(self, version: int, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
         written = []
+        spare = self.root / self.PREALLOCATED
+        if self.preallocating is not None:
+            self.preallocating.join()  # done long since, unless updates are faster than a page allocation
 
         def write_files(directory: pathlib.Path) -> None:
             if self.lora_config is not None:
                 written.append(write_adapter_files(directory, tensors, self.lora_config()))
             else:
-                written.append(write_weights(directory, tensors))
+                written.append(write_weights(directory, tensors, into=spare))
 
         shutil.rmtree(self.root / f"v{version:06d}", ignore_errors=True)  # never another run's weights
-        return str(write_checkpoint(self.root, version, write_files, durable=False)), written[0]
+        location = str(write_checkpoint(self.root, version, write_files, durable=False))
+        if self.lora_config is None:
+            self.preallocating = threading.Thread(
+                target=self.preallocate, args=(spare, written[0]), name="preallocate-publish", daemon=True
+            )
+            self.preallocating.start()
+        return location, written[0]
+
+    @staticmethod
+    def preallocate(path: pathlib.Path, size: int) -> None:
+        try:
+            preallocate(path, size)
+        except OSError as error:  # a full or unusual filesystem: the next publish writes a fresh file
+            log.warning("could not preallocate %s (%s); publishing writes a fresh file", path, error)
+            path.unlink(missing_ok=True)
 
     def catch_up(self, version: int, tensors: Callable[[], dict[str, torch.Tensor]]) -> list[str]:
         """Nothing to do: a late replica reads the announced directory from Redis."""
@@ -122,6 +149,9 @@ class FileTransport:
             log.debug("removed published %s: no replica serves it", path)
 
     def close(self, remove: bool) -> None:
+        if self.preallocating is not None:
+            self.preallocating.join()
+        (self.root / self.PREALLOCATED).unlink(missing_ok=True)
         if remove:
             shutil.rmtree(self.root, ignore_errors=True)
 
