@@ -15,7 +15,6 @@ sampler cannot hand its log-probs back (continuous batching packs rows, which br
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from ..common.models import response_logprobs
+from ..common.strict_json import strict_json
 from .shapes import build_random_model, random_prompts, shape_fields
 
 MODES = ("generate", "static", "continuous")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "device_name": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
-    pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
+    pathlib.Path(args.json).write_text(strict_json(figures, indent=2))
     print(
         f"{args.shape} {args.mode}: {figures['tokens_per_second']:.0f} tokens/s ({args.rows} rows x "
         f"{args.max_new_tokens} new tokens), first call {figures['first_call_seconds']:.1f} s, teacher-forced "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy as copy_module
-import json
 import logging
 import pathlib
 import resource
@@ -39,6 +38,7 @@ from transformers import PreTrainedTokenizerFast
 from ..common.config import BelayConfig, GrpcConfig
 from ..common.models import load_causal_lm, weights_fingerprint
 from ..common.rollout_queue import Rollout
+from ..common.strict_json import strict_json
 from ..policy.engine import PolicyEngine, Sampling
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     figures = run_gpu_bench(
         args.size, args.device, args.dtype, args.iterations, args.warmup, args.prompt_tokens, workload
     )
-    pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
+    pathlib.Path(args.json).write_text(strict_json(figures, indent=2))
     log.info(
         "%s %s on %s: generation %.1f tokens/s, update %.3f s (MFU %s), hot swap %.3f s -> %s",
         args.size,

@@ -29,6 +29,7 @@ from ..common.logprob_service import LoadedModel
 from ..common.models import freeze, load_causal_lm, load_tokenizer, resolve_device, response_logprobs
 from ..common.prompt_data import load_prompt_data
 from ..common.rollout_queue import Rollout
+from ..common.strict_json import strict_json
 from ..policy.actor import build_rollouts
 from ..policy.engine import GenerationBatch, PolicyEngine, Sampling
 from ..policy.prompt_stream import PromptStream
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     workload = Workload(**json.loads(pathlib.Path(args.workload).read_text()))
     run = run_in_process(workload, pathlib.Path(args.run_dir))
     run["workload"] = dataclasses.asdict(workload)
-    pathlib.Path(args.json).write_text(json.dumps(run, indent=1))
+    pathlib.Path(args.json).write_text(strict_json(run, indent=1))
 
 
 if __name__ == "__main__":
