@@ -37,6 +37,7 @@ from ..reward.backends import RewardBackend, build_backend, check_scores
 from ..trainer.publishing import serving_tensors
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
+from .bench_step import BenchStep
 from .workload import Workload, belay_config
 
 
@@ -100,7 +101,7 @@ def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
         started.append(time.time())
         records.append(ppo_step(one, step, started[-1]))
     waited_at_end = one.trainer.persister.wait()  # the last persist, if one is in flight: after the measured window
-    start = records[workload.warmup - 1]["end_time"] if workload.warmup else started[0]
+    start = records[workload.warmup - 1].end_time if workload.warmup else started[0]
     return raw_run(workload, one, records, start, waited_at_end)
 
 
@@ -152,7 +153,7 @@ def sample_and_score(one: OneProcess, step: int, started_at: float) -> tuple[lis
     return rollouts, batch, {"reference": reference_seconds, "reward": reward_seconds}
 
 
-def ppo_step(one: OneProcess, step: int, started_at: float) -> dict:
+def ppo_step(one: OneProcess, step: int, started_at: float) -> BenchStep:
     """One step: sample and score a batch, update on it, persist when due. Returns its raw record."""
     trainer = one.trainer
     rollouts, batch, scored = sample_and_score(one, step, started_at)
@@ -168,17 +169,17 @@ def ppo_step(one: OneProcess, step: int, started_at: float) -> dict:
     trainer.persister.trained_into_published([])
     persist_seconds = trainer.persist() if trainer.persister.due() else 0.0
     one.engine.loaded = LoadedModel(model=one.model, version=version)  # the one model already holds the update
-    return {
-        "version": version,
-        "end_time": time.time(),
-        "rollouts": len(rollouts),
-        "response_tokens": sum(len(r) for r in batch.response_ids),
-        "rollout_versions": [batch.version],
-        "optimizer_steps": summary.optimizer_steps,
-        "publish_bytes": 0,
-        "persisted_version": trainer.persister.persisted_version,
-        "persist_background_seconds": trainer.persister.last_write_seconds,
-        "seconds": {
+    return BenchStep(
+        version=version,
+        end_time=time.time(),
+        rollouts=len(rollouts),
+        response_tokens=sum(len(r) for r in batch.response_ids),
+        rollout_versions=[batch.version],
+        optimizer_steps=summary.optimizer_steps,
+        publish_bytes=0,
+        persisted_version=trainer.persister.persisted_version,
+        persist_background_seconds=trainer.persister.last_write_seconds,
+        seconds={
             "generation": batch.generate_seconds,
             "behaviour_logprobs": batch.logprob_seconds,
             "reference": scored["reference"],
@@ -189,10 +190,10 @@ def ppo_step(one: OneProcess, step: int, started_at: float) -> dict:
             "persist": persist_seconds,
             "hot_swap": 0.0,
         },
-    }
+    )
 
 
-def raw_run(workload: Workload, one: OneProcess, records: list[dict], start: float, waited_at_end: float) -> dict:
+def raw_run(workload: Workload, one: OneProcess, records: list[BenchStep], start: float, waited_at_end: float) -> dict:
     """The run in the services mode's shape: its steps, the measured window's start, peak memory,
     bytes persisted, and the settings."""
     committed = committed_versions(one.config.run.checkpoint_dir)
@@ -200,7 +201,7 @@ def raw_run(workload: Workload, one: OneProcess, records: list[dict], start: flo
     every, rows = workload.checkpoint_every_steps, workload.batch_size
     model = one.model
     return {
-        "steps": records,
+        "steps": [record.to_dict() for record in records],
         "measured_from": start,
         "warmup": workload.warmup,
         "peak_memory_bytes": {"in_process": peak_rss_bytes()},

@@ -15,11 +15,10 @@ from ..common.rollout_queue import Rollout, RolloutQueue
 from ..common.step_records import StepRecord
 from ..launcher import follow
 from ..local_stack import LocalStack
+from .bench_step import BenchStep
 from .workload import Workload, belay_config, service_threads
 
-# The trainer's step record's StageSeconds field of each bench stage. publish and persist are the trainer's
-# critical-path parts (persist: the snapshot copy plus any wait for the previous persist; 0 on steps
-# where none was due); the background write of a persist is off the critical path and not a stage.
+# The trainer's step record's StageSeconds field of each bench stage (bench_step.STAGES).
 STAGE_KEYS = {
     "generation": "generate",
     "behaviour_logprobs": "logprobs",
@@ -53,6 +52,22 @@ def background_writes(steps: list[StepRecord], trainer_log: pathlib.Path) -> dic
     return writes
 
 
+def bench_step(step: StepRecord) -> BenchStep:
+    """The bench's record of a trainer step, from the record the trainer wrote to the steps stream."""
+    return BenchStep(
+        version=step.version,
+        end_time=step.time,
+        rollouts=step.rollouts,
+        response_tokens=round(step.stats.response_length_mean * step.rollouts),
+        rollout_versions=step.rollout_versions,
+        optimizer_steps=step.stats.optimizer_steps,
+        publish_bytes=step.publish_bytes,
+        persisted_version=step.persisted_version,
+        persist_background_seconds=step.seconds.persist_background,
+        seconds={stage: getattr(step.seconds, key) for stage, key in STAGE_KEYS.items()},
+    )
+
+
 def run_services(
     workload: Workload,
     run_dir: pathlib.Path,
@@ -71,27 +86,12 @@ def run_services(
     rollouts = [Rollout.from_fields(fields) for fields in entries]
     if not all(isinstance(step, StepRecord) for step in steps):
         raise RuntimeError("a bench step was a KL rollback, not an update: the figures would mix the two")
-    records = [
-        {
-            "version": s.version,
-            "end_time": s.time,
-            "rollouts": s.rollouts,
-            "response_tokens": round(s.stats.response_length_mean * s.rollouts),
-            "rollout_versions": s.rollout_versions,
-            "publish_bytes": s.publish_bytes,
-            "persisted_version": s.persisted_version,
-            "persist_background_seconds": s.seconds.persist_background,
-            "seconds": {stage: getattr(s.seconds, key) for stage, key in STAGE_KEYS.items()},
-        }
-        for s in steps
-    ]
+    records = [bench_step(step) for step in steps]
     # The window starts where the last warm-up step ended; with no warm-up, where the first batch began.
-    start = (
-        records[workload.warmup - 1]["end_time"] if workload.warmup else min(r.timings["started_at"] for r in rollouts)
-    )
+    start = records[workload.warmup - 1].end_time if workload.warmup else min(r.timings["started_at"] for r in rollouts)
     every = workload.checkpoint_every_steps
     return {
-        "steps": records,
+        "steps": [record.to_dict() for record in records],
         "measured_from": start,
         "warmup": workload.warmup,
         "peak_memory_bytes": {
@@ -138,13 +138,13 @@ def run_stack(
 
 
 def bytes_moved(
-    workload: Workload, config: BelayConfig, measured: list[dict], rollouts: list[Rollout], entries: list[dict]
+    workload: Workload, config: BelayConfig, measured: list[BenchStep], rollouts: list[Rollout], entries: list[dict]
 ) -> dict[str, float]:
     """Bytes on each path: per rollout on the wire and in the stream, per update published (what the
     policy maps), per persist and per update persisted (the final persist's checkpoint, at shutdown)."""
     rows, every = workload.batch_size, workload.checkpoint_every_steps
     checkpoint_bytes = directory_bytes(committed_versions(config.run.checkpoint_dir)[-1][1])
-    publish_bytes = sum(r["publish_bytes"] for r in measured) / len(measured)
+    publish_bytes = sum(step.publish_bytes for step in measured) / len(measured)
     wire = {f"{key}_per_rollout": sum(r.timings[key] for r in rollouts) / rows / len(rollouts) for key in WIRE_KEYS}
     entry_bytes = [sum(len(name) + len(value) for name, value in fields.items()) for fields in entries]
     return {
