@@ -23,7 +23,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..common.checkpoints import committed_versions
+from ..common.checkpoints import checkpoint_bytes, committed_versions
 from ..common.config import BelayConfig
 from ..common.logprob_service import LoadedModel
 from ..common.models import freeze, load_causal_lm, load_tokenizer, resolve_device, response_logprobs
@@ -47,10 +47,6 @@ def peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
-
-
-def directory_bytes(path: pathlib.Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*") if f.is_file())
 
 
 @dataclasses.dataclass
@@ -197,7 +193,7 @@ def raw_run(workload: Workload, one: OneProcess, records: list[BenchStep], start
     """The run in the services mode's shape: its steps, the measured window's start, peak memory,
     bytes persisted, and the settings."""
     committed = committed_versions(one.config.run.checkpoint_dir)
-    checkpoint_bytes = directory_bytes(committed[-1][1]) if committed else 0
+    persist_bytes = checkpoint_bytes(committed[-1][1]) if committed else 0
     every, rows = workload.checkpoint_every_steps, workload.batch_size
     model = one.model
     return {
@@ -208,9 +204,9 @@ def raw_run(workload: Workload, one: OneProcess, records: list[BenchStep], start
         "bytes": {
             "publish_bytes_per_update": 0,
             "publish_bytes_per_rollout": 0.0,
-            "checkpoint_bytes_per_persist": checkpoint_bytes,
-            "persist_bytes_per_update": checkpoint_bytes / every,
-            "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
+            "checkpoint_bytes_per_persist": persist_bytes,
+            "persist_bytes_per_update": persist_bytes / every,
+            "persist_bytes_per_rollout": persist_bytes / every / rows,
         },
         "persist_writes_seconds": {str(v): sec for v, sec in sorted(one.writes.items())},
         "persist_wait_at_end_seconds": waited_at_end,

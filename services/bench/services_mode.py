@@ -9,7 +9,7 @@ import shutil
 
 import redis
 
-from ..common.checkpoints import committed_versions
+from ..common.checkpoints import checkpoint_bytes, committed_versions
 from ..common.config import BelayConfig
 from ..common.rollout_queue import Rollout, RolloutQueue
 from ..common.step_records import StepRecord
@@ -32,10 +32,6 @@ STAGE_KEYS = {
 }
 PERSIST_LOG = re.compile(r"persisted version (\d+) in the background in ([0-9.]+) s")
 WIRE_KEYS = ("reference_request_bytes", "reference_reply_bytes", "reward_request_bytes", "reward_reply_bytes")
-
-
-def directory_bytes(path: pathlib.Path, pattern: str = "*") -> int:
-    return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file())
 
 
 def background_writes(steps: list[StepRecord], trainer_log: pathlib.Path) -> dict[int, float]:
@@ -143,7 +139,7 @@ def bytes_moved(
     """Bytes on each path: per rollout on the wire and in the stream, per update published (what the
     policy maps), per persist and per update persisted (the final persist's checkpoint, at shutdown)."""
     rows, every = workload.batch_size, workload.checkpoint_every_steps
-    checkpoint_bytes = directory_bytes(committed_versions(config.run.checkpoint_dir)[-1][1])
+    persist_bytes = checkpoint_bytes(committed_versions(config.run.checkpoint_dir)[-1][1])
     publish_bytes = sum(step.publish_bytes for step in measured) / len(measured)
     wire = {f"{key}_per_rollout": sum(r.timings[key] for r in rollouts) / rows / len(rollouts) for key in WIRE_KEYS}
     entry_bytes = [sum(len(name) + len(value) for name, value in fields.items()) for fields in entries]
@@ -152,8 +148,8 @@ def bytes_moved(
         "stream_entry_bytes_per_rollout": sum(entry_bytes) / len(entry_bytes),
         "publish_bytes_per_update": publish_bytes,
         "publish_bytes_per_rollout": publish_bytes / rows,
-        "checkpoint_bytes_per_persist": checkpoint_bytes,
-        "persist_bytes_per_update": checkpoint_bytes / every,
-        "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
+        "checkpoint_bytes_per_persist": persist_bytes,
+        "persist_bytes_per_update": persist_bytes / every,
+        "persist_bytes_per_rollout": persist_bytes / every / rows,
         "hot_swap_read_bytes_per_update": publish_bytes,
     }
