@@ -28,7 +28,6 @@ import pathlib
 import resource
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -43,6 +42,7 @@ from ..policy.engine import PolicyEngine, Sampling
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
+from .timing import timed
 from .workload import Workload
 
 log = logging.getLogger(__name__)
@@ -69,20 +69,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[str, float | N
 def matmul_parameters(model: torch.nn.Module) -> int:
     """Weights of every nn.Linear: the parameters each token multiplies through (2 FLOPs each forward)."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, action):
-    """(result, seconds) of action(), with the device's queued work finished on both sides."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = action()
-    synchronize(device)
-    return result, time.perf_counter() - start
 
 
 def rollouts_from(batch, rewards: np.ndarray) -> list[Rollout]:
