@@ -237,10 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     result["targets"] = verdicts(result)
     pathlib.Path(args.json).write_text(strict_json(result, indent=2))
-    say(report(result))
+    say(format_result(result))
 
 
-def report(result: dict) -> str:
+def format_result(result: dict) -> str:
+    """The result for a person: its figures, peak GPU memory per service, each target's verdict."""
     lines = [
         f"{result['shape']} on {result['device_name']} ({result['dtype']}), {result['rows']} rows x "
         f"{result['max_new_tokens']} new tokens, {result['steps_measured']} measured steps:"

@@ -280,7 +280,7 @@ class Trainer:
         rollouts short of a batch are left untrained), then finish(). Under torchrun, rank 0 broadcasts each
         batch to the other ranks, which follow (following.py)."""
         if not self.main_rank:
-            return following.follow(self)
+            return following.follow_rank_zero(self)
         until_redis_answers(self.queue.ensure_group, "creating the consumer group", stop)
         self.publish_at_start()
         steps = 0
