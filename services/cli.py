@@ -12,6 +12,7 @@ import sys
 from .bench.workload import Workload
 from .common.config import ConfigError, load_config_or_exit
 from .common.prompt_data import DataError, load_prompt_data
+from .common.strict_json import strict_json
 
 
 def cmd_prepare_model(args) -> int:
@@ -95,7 +96,6 @@ def cmd_check_reward(args) -> int:
 
 def cmd_bench(args) -> int:
     import dataclasses
-    import json
 
     from .bench.bench import run_bench
     from .bench.report import format_report
@@ -137,7 +137,7 @@ def cmd_bench(args) -> int:
     print()
     print(format_report(results))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+        pathlib.Path(args.json).write_text(strict_json(results, indent=1))
         print(f"\nfigures written to {args.json}")
     return 0
 

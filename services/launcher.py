@@ -4,7 +4,6 @@ processes themselves: local_stack.py)."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 import shlex
 import signal
@@ -22,6 +21,7 @@ from .common.review_store import ReviewStore
 from .common.rollout_queue import RolloutQueue
 from .common.rpc import channel
 from .common.step_records import RollbackRecord, StepRecord, TrainerRecord
+from .common.strict_json import strict_json
 from .evaluation.run_report import number, write_run_report
 from .local_stack import SERVICES, LocalStack, StackError
 from .trainer.best_version import read_best
@@ -211,7 +211,7 @@ def up(
             summary["eval"] = evaluate_first_and_last(config, latest[1], run_dir / "eval", say)
     if steps:
         summary["report"] = str(report_run(steps, canaries, run_dir, say))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / "summary.json").write_text(strict_json(summary, indent=1))
     say(f"summary written to {run_dir / 'summary.json'}")
     return summary
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import statistics
 
-from .services_mode import STAGE_KEYS
+from .bench_step import STAGES, BenchStep
 
-STAGES = tuple(STAGE_KEYS)
 # (JSON key, title, trainer.max_staleness, trainer.advantage) of each run of the real stack
 SERVICE_MODES = (
     ("services_overlap_off", "services, overlap off (max_staleness 0), seed recipe (batch_mean)", 0, "batch_mean"),
@@ -46,12 +45,12 @@ def mode_figures(run: dict) -> dict:
     the summed stage time: stages can overlap (reference with reward; generation with the update
     when overlap is on), so the wall time per step can be less than the sum. publish and persist are
     the trainer's critical-path parts; a persist's background write is off it and reported apart."""
-    measured = run["steps"][run["warmup"] :]
+    measured = [BenchStep.from_dict(step) for step in run["steps"][run["warmup"] :]]
     if not measured:
         raise ValueError("no measured steps: --iterations must be at least 1")
-    wall = measured[-1]["end_time"] - run["measured_from"]
-    rollouts = sum(step["rollouts"] for step in measured)
-    stage_seconds = {stage: sum(step["seconds"][stage] for step in measured) / len(measured) for stage in STAGES}
+    wall = measured[-1].end_time - run["measured_from"]
+    rollouts = sum(step.rollouts for step in measured)
+    stage_seconds = {stage: sum(step.seconds[stage] for step in measured) / len(measured) for stage in STAGES}
     total = sum(stage_seconds.values())
     figures = {
         "steps_measured": len(measured),
@@ -59,7 +58,7 @@ def mode_figures(run: dict) -> dict:
         "wall_seconds": wall,
         "seconds_per_step": wall / len(measured),
         "samples_per_second": rollouts / wall,
-        "tokens_per_second": sum(step["response_tokens"] for step in measured) / wall,
+        "tokens_per_second": sum(step.response_tokens for step in measured) / wall,
         "stage_seconds_sum": total,
     }
     for stage, seconds in stage_seconds.items():
@@ -87,12 +86,12 @@ def mode_figures(run: dict) -> dict:
     return figures
 
 
-def handoff_figures(run: dict, measured: list[dict]) -> dict:
+def handoff_figures(run: dict, measured: list[BenchStep]) -> dict:
     """The weight hand-off's figures of one mode: the policy's swap (seconds per swap, over the measured
     steps that followed one), publish bandwidth, and persist (how often, and its background write)."""
-    swaps = [step["seconds"]["hot_swap"] for step in measured if step["seconds"]["hot_swap"] > 0]
-    publish_seconds = sum(step["seconds"]["publish"] for step in measured)
-    publish_bytes = sum(step.get("publish_bytes", 0) for step in measured)
+    swaps = [step.seconds["hot_swap"] for step in measured if step.seconds["hot_swap"] > 0]
+    publish_seconds = sum(step.seconds["publish"] for step in measured)
+    publish_bytes = sum(step.publish_bytes for step in measured)
     every = run["checkpoint_every_steps"]
     writes = list(run.get("persist_writes_seconds", {}).values())
     per_persist = _mean(writes)
@@ -100,7 +99,7 @@ def handoff_figures(run: dict, measured: list[dict]) -> dict:
     return {
         "hot_swap_seconds_per_swap": _mean(swaps),
         "publish_bytes_per_second": publish_bytes / publish_seconds if publish_seconds > 0 else None,
-        "persists_measured": sum(1 for step in measured if step["seconds"]["persist"] > 0),
+        "persists_measured": sum(1 for step in measured if step.seconds["persist"] > 0),
         "checkpoint_every_steps": every,
         "persist_writes": len(writes),
         "persist_background_seconds_per_persist": per_persist,

@@ -15,32 +15,19 @@ sampler cannot hand its log-probs back (continuous batching packs rows, which br
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile
-import time
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from ..common.models import response_logprobs
+from ..common.strict_json import strict_json
 from .shapes import build_random_model, random_prompts, shape_fields
+from .timing import timed
 
 MODES = ("generate", "static", "continuous")
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(action) -> tuple[object, float]:
-    synchronize()
-    start = time.perf_counter()
-    result = action()
-    synchronize()
-    return result, time.perf_counter() - start
 
 
 def sampling_config(tokenizer, max_new_tokens: int, **extra) -> GenerationConfig:
@@ -80,14 +67,14 @@ def run_mode(mode: str, model_dir: pathlib.Path, prompts: list[str], max_new_tok
         config = sampling_config(tokenizer, max_new_tokens)
     run = continuous_generate if mode == "continuous" else padded_generate
     with torch.no_grad():
-        _, first_seconds = timed(lambda: run(model, tokenizer, prompts, config))
+        _, first_seconds = timed(model.device, lambda: run(model, tokenizer, prompts, config))
         seconds, tokens = [], []
         for _ in range(repeats):
-            rows, elapsed = timed(lambda: run(model, tokenizer, prompts, config))
+            rows, elapsed = timed(model.device, lambda: run(model, tokenizer, prompts, config))
             seconds.append(elapsed)
             tokens.append(sum(len(row) for row in rows))
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    _, teacher_forced = timed(lambda: response_logprobs(model, prompt_ids, rows, tokenizer.pad_token_id))
+    _, teacher_forced = timed(model.device, lambda: response_logprobs(model, prompt_ids, rows, tokenizer.pad_token_id))
     return {
         "mode": mode,
         "attn_implementation": attention,
@@ -127,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         "device_name": torch.cuda.get_device_name(),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     }
-    pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
+    pathlib.Path(args.json).write_text(strict_json(figures, indent=2))
     print(
         f"{args.shape} {args.mode}: {figures['tokens_per_second']:.0f} tokens/s ({args.rows} rows x "
         f"{args.max_new_tokens} new tokens), first call {figures['first_call_seconds']:.1f} s, teacher-forced "

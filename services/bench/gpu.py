@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import copy as copy_module
-import json
 import logging
 import pathlib
 import resource
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -39,10 +37,12 @@ from transformers import PreTrainedTokenizerFast
 from ..common.config import BelayConfig, GrpcConfig
 from ..common.models import load_causal_lm, weights_fingerprint
 from ..common.rollout_queue import Rollout
+from ..common.strict_json import strict_json
 from ..policy.engine import PolicyEngine, Sampling
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
+from .timing import timed
 from .workload import Workload
 
 log = logging.getLogger(__name__)
@@ -69,20 +69,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[str, float | N
 def matmul_parameters(model: torch.nn.Module) -> int:
     """Weights of every nn.Linear: the parameters each token multiplies through (2 FLOPs each forward)."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, action):
-    """(result, seconds) of action(), with the device's queued work finished on both sides."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = action()
-    synchronize(device)
-    return result, time.perf_counter() - start
 
 
 def rollouts_from(batch, rewards: np.ndarray) -> list[Rollout]:
@@ -307,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     figures = run_gpu_bench(
         args.size, args.device, args.dtype, args.iterations, args.warmup, args.prompt_tokens, workload
     )
-    pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
+    pathlib.Path(args.json).write_text(strict_json(figures, indent=2))
     log.info(
         "%s %s on %s: generation %.1f tokens/s, update %.3f s (MFU %s), hot swap %.3f s -> %s",
         args.size,

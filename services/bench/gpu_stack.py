@@ -29,6 +29,7 @@ import torch
 
 from ..common.config import BelayConfig
 from ..common.step_records import StepRecord
+from ..common.strict_json import strict_json
 from ..launcher import follow
 from ..local_stack import LocalStack
 from .gpu import matmul_parameters
@@ -235,11 +236,12 @@ def main(argv: list[str] | None = None) -> None:
         "steps": [json.loads(record.to_json()) for record in records],  # as the trainer wrote them
     }
     result["targets"] = verdicts(result)
-    pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
-    say(report(result))
+    pathlib.Path(args.json).write_text(strict_json(result, indent=2))
+    say(format_result(result))
 
 
-def report(result: dict) -> str:
+def format_result(result: dict) -> str:
+    """The result for a person: its figures, peak GPU memory per service, each target's verdict."""
     lines = [
         f"{result['shape']} on {result['device_name']} ({result['dtype']}), {result['rows']} rows x "
         f"{result['max_new_tokens']} new tokens, {result['steps_measured']} measured steps:"

@@ -23,12 +23,13 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..common.checkpoints import committed_versions
+from ..common.checkpoints import checkpoint_bytes, committed_versions
 from ..common.config import BelayConfig
 from ..common.logprob_service import LoadedModel
 from ..common.models import freeze, load_causal_lm, load_tokenizer, resolve_device, response_logprobs
 from ..common.prompt_data import load_prompt_data
 from ..common.rollout_queue import Rollout
+from ..common.strict_json import strict_json
 from ..policy.actor import build_rollouts
 from ..policy.engine import GenerationBatch, PolicyEngine, Sampling
 from ..policy.prompt_stream import PromptStream
@@ -36,6 +37,7 @@ from ..reward.backends import RewardBackend, build_backend, check_scores
 from ..trainer.publishing import serving_tensors
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
+from .bench_step import BenchStep
 from .workload import Workload, belay_config
 
 
@@ -45,10 +47,6 @@ def peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
-
-
-def directory_bytes(path: pathlib.Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*") if f.is_file())
 
 
 @dataclasses.dataclass
@@ -99,7 +97,7 @@ def run_in_process(workload: Workload, run_dir: pathlib.Path) -> dict:
         started.append(time.time())
         records.append(ppo_step(one, step, started[-1]))
     waited_at_end = one.trainer.persister.wait()  # the last persist, if one is in flight: after the measured window
-    start = records[workload.warmup - 1]["end_time"] if workload.warmup else started[0]
+    start = records[workload.warmup - 1].end_time if workload.warmup else started[0]
     return raw_run(workload, one, records, start, waited_at_end)
 
 
@@ -151,7 +149,7 @@ def sample_and_score(one: OneProcess, step: int, started_at: float) -> tuple[lis
     return rollouts, batch, {"reference": reference_seconds, "reward": reward_seconds}
 
 
-def ppo_step(one: OneProcess, step: int, started_at: float) -> dict:
+def ppo_step(one: OneProcess, step: int, started_at: float) -> BenchStep:
     """One step: sample and score a batch, update on it, persist when due. Returns its raw record."""
     trainer = one.trainer
     rollouts, batch, scored = sample_and_score(one, step, started_at)
@@ -167,17 +165,17 @@ def ppo_step(one: OneProcess, step: int, started_at: float) -> dict:
     trainer.persister.trained_into_published([])
     persist_seconds = trainer.persist() if trainer.persister.due() else 0.0
     one.engine.loaded = LoadedModel(model=one.model, version=version)  # the one model already holds the update
-    return {
-        "version": version,
-        "end_time": time.time(),
-        "rollouts": len(rollouts),
-        "response_tokens": sum(len(r) for r in batch.response_ids),
-        "rollout_versions": [batch.version],
-        "optimizer_steps": summary.optimizer_steps,
-        "publish_bytes": 0,
-        "persisted_version": trainer.persister.persisted_version,
-        "persist_background_seconds": trainer.persister.last_write_seconds,
-        "seconds": {
+    return BenchStep(
+        version=version,
+        end_time=time.time(),
+        rollouts=len(rollouts),
+        response_tokens=sum(len(r) for r in batch.response_ids),
+        rollout_versions=[batch.version],
+        optimizer_steps=summary.optimizer_steps,
+        publish_bytes=0,
+        persisted_version=trainer.persister.persisted_version,
+        persist_background_seconds=trainer.persister.last_write_seconds,
+        seconds={
             "generation": batch.generate_seconds,
             "behaviour_logprobs": batch.logprob_seconds,
             "reference": scored["reference"],
@@ -188,27 +186,27 @@ def ppo_step(one: OneProcess, step: int, started_at: float) -> dict:
             "persist": persist_seconds,
             "hot_swap": 0.0,
         },
-    }
+    )
 
 
-def raw_run(workload: Workload, one: OneProcess, records: list[dict], start: float, waited_at_end: float) -> dict:
+def raw_run(workload: Workload, one: OneProcess, records: list[BenchStep], start: float, waited_at_end: float) -> dict:
     """The run in the services mode's shape: its steps, the measured window's start, peak memory,
     bytes persisted, and the settings."""
     committed = committed_versions(one.config.run.checkpoint_dir)
-    checkpoint_bytes = directory_bytes(committed[-1][1]) if committed else 0
+    persist_bytes = checkpoint_bytes(committed[-1][1]) if committed else 0
     every, rows = workload.checkpoint_every_steps, workload.batch_size
     model = one.model
     return {
-        "steps": records,
+        "steps": [record.to_dict() for record in records],
         "measured_from": start,
         "warmup": workload.warmup,
         "peak_memory_bytes": {"in_process": peak_rss_bytes()},
         "bytes": {
             "publish_bytes_per_update": 0,
             "publish_bytes_per_rollout": 0.0,
-            "checkpoint_bytes_per_persist": checkpoint_bytes,
-            "persist_bytes_per_update": checkpoint_bytes / every,
-            "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
+            "checkpoint_bytes_per_persist": persist_bytes,
+            "persist_bytes_per_update": persist_bytes / every,
+            "persist_bytes_per_rollout": persist_bytes / every / rows,
         },
         "persist_writes_seconds": {str(v): sec for v, sec in sorted(one.writes.items())},
         "persist_wait_at_end_seconds": waited_at_end,
@@ -235,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     workload = Workload(**json.loads(pathlib.Path(args.workload).read_text()))
     run = run_in_process(workload, pathlib.Path(args.run_dir))
     run["workload"] = dataclasses.asdict(workload)
-    pathlib.Path(args.json).write_text(json.dumps(run, indent=1))
+    pathlib.Path(args.json).write_text(strict_json(run, indent=1))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from ..common.strict_json import strict_json
 from ..common.token_logprobs import model_response_stats
 from .shapes import SHAPES, shape_fields
 
@@ -168,12 +169,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         paths = (args.only,) if args.only else PATHS
         results = {path: measure(path, model, batch, args.chunk_positions, device) for path in paths}
         if args.only:
-            print(json.dumps(results[args.only]))
+            print(strict_json(results[args.only]))
             return None
     report = summary(args, device, dtype_name, results)
-    print(json.dumps(report, indent=2))
+    print(strict_json(report, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(strict_json(report, indent=2))
     return report
 
 

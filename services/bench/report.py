@@ -3,13 +3,13 @@ the projection and the comparisons with their targets, as text."""
 
 from __future__ import annotations
 
+from .bench_step import STAGES
 from .figures import (
     GB,
     HOT_SWAP_TARGET_SECONDS,
     PUBLISH_TARGET_SECONDS,
     SERVICE_MODES,
     SERVICES_SLOWDOWN_TARGET,
-    STAGES,
     TRL_DEFAULT_SPEEDUP_TARGET,
     TRL_GAE_SPEEDUP_TARGET,
 )

@@ -9,17 +9,16 @@ import shutil
 
 import redis
 
-from ..common.checkpoints import committed_versions
+from ..common.checkpoints import checkpoint_bytes, committed_versions
 from ..common.config import BelayConfig
 from ..common.rollout_queue import Rollout, RolloutQueue
 from ..common.step_records import StepRecord
 from ..launcher import follow
 from ..local_stack import LocalStack
+from .bench_step import BenchStep
 from .workload import Workload, belay_config, service_threads
 
-# The trainer's step record's StageSeconds field of each bench stage. publish and persist are the trainer's
-# critical-path parts (persist: the snapshot copy plus any wait for the previous persist; 0 on steps
-# where none was due); the background write of a persist is off the critical path and not a stage.
+# The trainer's step record's StageSeconds field of each bench stage (bench_step.STAGES).
 STAGE_KEYS = {
     "generation": "generate",
     "behaviour_logprobs": "logprobs",
@@ -35,10 +34,6 @@ PERSIST_LOG = re.compile(r"persisted version (\d+) in the background in ([0-9.]+
 WIRE_KEYS = ("reference_request_bytes", "reference_reply_bytes", "reward_request_bytes", "reward_reply_bytes")
 
 
-def directory_bytes(path: pathlib.Path, pattern: str = "*") -> int:
-    return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file())
-
-
 def background_writes(steps: list[StepRecord], trainer_log: pathlib.Path) -> dict[int, float]:
     """Seconds of each background persist write, by version: from the step records (full precision:
     the last write committed before each step) and from the trainer's log (every write, the final one
@@ -51,6 +46,22 @@ def background_writes(steps: list[StepRecord], trainer_log: pathlib.Path) -> dic
         if step.persisted_version and step.seconds.persist_background:
             writes[step.persisted_version] = step.seconds.persist_background
     return writes
+
+
+def bench_step(step: StepRecord) -> BenchStep:
+    """The bench's record of a trainer step, from the record the trainer wrote to the steps stream."""
+    return BenchStep(
+        version=step.version,
+        end_time=step.time,
+        rollouts=step.rollouts,
+        response_tokens=round(step.stats.response_length_mean * step.rollouts),
+        rollout_versions=step.rollout_versions,
+        optimizer_steps=step.stats.optimizer_steps,
+        publish_bytes=step.publish_bytes,
+        persisted_version=step.persisted_version,
+        persist_background_seconds=step.seconds.persist_background,
+        seconds={stage: getattr(step.seconds, key) for stage, key in STAGE_KEYS.items()},
+    )
 
 
 def run_services(
@@ -71,27 +82,12 @@ def run_services(
     rollouts = [Rollout.from_fields(fields) for fields in entries]
     if not all(isinstance(step, StepRecord) for step in steps):
         raise RuntimeError("a bench step was a KL rollback, not an update: the figures would mix the two")
-    records = [
-        {
-            "version": s.version,
-            "end_time": s.time,
-            "rollouts": s.rollouts,
-            "response_tokens": round(s.stats.response_length_mean * s.rollouts),
-            "rollout_versions": s.rollout_versions,
-            "publish_bytes": s.publish_bytes,
-            "persisted_version": s.persisted_version,
-            "persist_background_seconds": s.seconds.persist_background,
-            "seconds": {stage: getattr(s.seconds, key) for stage, key in STAGE_KEYS.items()},
-        }
-        for s in steps
-    ]
+    records = [bench_step(step) for step in steps]
     # The window starts where the last warm-up step ended; with no warm-up, where the first batch began.
-    start = (
-        records[workload.warmup - 1]["end_time"] if workload.warmup else min(r.timings["started_at"] for r in rollouts)
-    )
+    start = records[workload.warmup - 1].end_time if workload.warmup else min(r.timings["started_at"] for r in rollouts)
     every = workload.checkpoint_every_steps
     return {
-        "steps": records,
+        "steps": [record.to_dict() for record in records],
         "measured_from": start,
         "warmup": workload.warmup,
         "peak_memory_bytes": {
@@ -138,13 +134,13 @@ def run_stack(
 
 
 def bytes_moved(
-    workload: Workload, config: BelayConfig, measured: list[dict], rollouts: list[Rollout], entries: list[dict]
+    workload: Workload, config: BelayConfig, measured: list[BenchStep], rollouts: list[Rollout], entries: list[dict]
 ) -> dict[str, float]:
     """Bytes on each path: per rollout on the wire and in the stream, per update published (what the
     policy maps), per persist and per update persisted (the final persist's checkpoint, at shutdown)."""
     rows, every = workload.batch_size, workload.checkpoint_every_steps
-    checkpoint_bytes = directory_bytes(committed_versions(config.run.checkpoint_dir)[-1][1])
-    publish_bytes = sum(r["publish_bytes"] for r in measured) / len(measured)
+    persist_bytes = checkpoint_bytes(committed_versions(config.run.checkpoint_dir)[-1][1])
+    publish_bytes = sum(step.publish_bytes for step in measured) / len(measured)
     wire = {f"{key}_per_rollout": sum(r.timings[key] for r in rollouts) / rows / len(rollouts) for key in WIRE_KEYS}
     entry_bytes = [sum(len(name) + len(value) for name, value in fields.items()) for fields in entries]
     return {
@@ -152,8 +148,8 @@ def bytes_moved(
         "stream_entry_bytes_per_rollout": sum(entry_bytes) / len(entry_bytes),
         "publish_bytes_per_update": publish_bytes,
         "publish_bytes_per_rollout": publish_bytes / rows,
-        "checkpoint_bytes_per_persist": checkpoint_bytes,
-        "persist_bytes_per_update": checkpoint_bytes / every,
-        "persist_bytes_per_rollout": checkpoint_bytes / every / rows,
+        "checkpoint_bytes_per_persist": persist_bytes,
+        "persist_bytes_per_update": persist_bytes / every,
+        "persist_bytes_per_rollout": persist_bytes / every / rows,
         "hot_swap_read_bytes_per_update": publish_bytes,
     }

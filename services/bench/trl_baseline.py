@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import pathlib
 import resource
@@ -55,6 +54,7 @@ from transformers import (
 )
 
 from ..common.models import check_model_dir, weights_fingerprint
+from ..common.strict_json import strict_json
 from ..policy.engine import apply_chat_template
 from .workload import Workload
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         minibatch_size=args.minibatch_size or min(defaults.minibatch_size, args.batch),
     )
     figures = run_trl_baseline(workload, args.iterations, args.warmup)
-    pathlib.Path(args.json).write_text(json.dumps(figures, indent=2))
+    pathlib.Path(args.json).write_text(strict_json(figures, indent=2))
     log.info(
         "TRL PPOTrainer: %.3f samples/s, %.1f response tokens/s, %.2f s/step over %d steps -> %s",
         figures["samples_per_second"],

@@ -148,6 +148,11 @@ def latest_valid_checkpoint(root: str | os.PathLike, log=None) -> tuple[int, pat
     return None
 
 
+def checkpoint_bytes(directory: str | os.PathLike) -> int:
+    """Bytes of the files a checkpoint directory holds (what a persist writes)."""
+    return sum(f.stat().st_size for f in pathlib.Path(directory).glob("*") if f.is_file())
+
+
 def committed_versions(root: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:
     """Committed checkpoints, oldest first. Temp directories are ignored."""
     root = pathlib.Path(root)

@@ -24,7 +24,7 @@ import time
 
 import redis
 
-from .step_records import strict_json
+from .strict_json import strict_json
 
 MAX_SAMPLES = 200
 RATINGS = (1, 2, 3, 4, 5)  # 1: broken, 5: fine (the seed's human spot-check)
@@ -49,7 +49,7 @@ class ReviewStore:
         if not samples:
             return
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.lpush(self.samples_key, *[json.dumps(s) for s in samples])
+            pipe.lpush(self.samples_key, *[strict_json(s) for s in samples])
             pipe.ltrim(self.samples_key, 0, MAX_SAMPLES - 1)
             pipe.execute()
 
@@ -70,7 +70,7 @@ class ReviewStore:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.canaries_key, str(version), strict_json({**record, "version": version}))
             if "degenerate" in record:
-                pipe.hset(self.verdicts_key, str(version), json.dumps(record["degenerate"]))
+                pipe.hset(self.verdicts_key, str(version), strict_json(record["degenerate"]))
             pipe.execute()
 
     def canary_verdicts(self) -> dict[int, list[int]]:
@@ -126,7 +126,7 @@ class ReviewStore:
             "version": sample["version"],
             "time": time.time(),
         }
-        self.redis.hset(self.ratings_key, rollout_id, json.dumps(record))
+        self.redis.hset(self.ratings_key, rollout_id, strict_json(record))
         return record
 
     def ratings(self) -> list[dict]:

@@ -80,6 +80,8 @@ class Rollout:
             np.isfinite(self.logprobs).all() and np.isfinite(self.ref_logprobs).all() and math.isfinite(self.reward)
         ):
             raise MalformedRollout(f"rollout {self.rollout_id}: non-finite logprobs, ref_logprobs or reward")
+        if not all(math.isfinite(score) for score in self.reward_components.values()):
+            raise MalformedRollout(f"rollout {self.rollout_id}: non-finite reward_components {self.reward_components}")
         if len(self.ref_top_ids) != len(self.ref_top_logprobs) or len(self.ref_top_ids) % n:
             raise MalformedRollout(
                 f"rollout {self.rollout_id}: {len(self.ref_top_ids)} top ids and "
@@ -109,11 +111,11 @@ class Rollout:
             "finish_reason": self.finish_reason,
             "reward_model_id": self.reward_model_id,
             "group_size": str(int(self.group_size)),
-            "reward_components": json.dumps(self.reward_components),
+            "reward_components": json.dumps(self.reward_components, allow_nan=False),
             "ref_top_ids": np.asarray(self.ref_top_ids, "<i4").tobytes(),
             "ref_top_logprobs": np.asarray(self.ref_top_logprobs, "<f4").tobytes(),
-            "timings": json.dumps(self.timings),
-            "metadata": json.dumps(self.metadata),
+            "timings": json.dumps(self.timings, allow_nan=False),
+            "metadata": json.dumps(self.metadata, allow_nan=False),
             "created_at": repr(self.created_at),
         }
 

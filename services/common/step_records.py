@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from .strict_json import strict_json
 
 NAN = float("nan")
 
@@ -175,22 +176,6 @@ def record_from_json(text: str | bytes) -> TrainerRecord:
     """A step or a rollback, as the trainer wrote it to the steps stream."""
     data = json.loads(text)
     return RollbackRecord.from_dict(data) if data.get("event") == RollbackRecord.event else StepRecord.from_dict(data)
-
-
-def finite_or_none(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, ±inf), however deeply nested, replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    return value
-
-
-def strict_json(data: dict) -> str:
-    """JSON that strict readers accept: non-finite floats as null (json.dumps would write NaN)."""
-    return json.dumps(finite_or_none(data), allow_nan=False)
 
 
 def _float(value: float | None) -> float:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
+
+from ..common.strict_json import strict_json
 
 COLUMNS = [
     ("accuracy", "accuracy", "{:.3f}"),  # only when the held-out rows carry answers
@@ -36,7 +37,7 @@ def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.json").write_text(strict_json(results, indent=1))
     names = list(results["models"])
     rows = [results["models"][n] for n in names]
     figure, axis = plt.subplots(figsize=(6, 4))

@@ -15,7 +15,7 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def _chunks(count: int, size: int):
+def _row_slices(count: int, size: int):
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))
 
@@ -122,7 +122,7 @@ class HFClassifierBackend:
     def score(self, prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
         scores: list[float] = []
         with self.lock:
-            for part in _chunks(len(responses), self.batch_size):
+            for part in _row_slices(len(responses), self.batch_size):
                 batch = self._texts(prompts[part], responses[part]).to(self.device)
                 with torch.no_grad():
                     logits = self.model(**batch).logits  # (b, 1)

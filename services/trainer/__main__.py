@@ -36,7 +36,7 @@ if main_rank:  # one /metrics for the run
     serve_metrics(registry, section.metrics_port, config.run.metrics_address)
 review_page = None
 if main_rank and section.review_port:  # samples, canaries and ratings, from Redis; ratings exported on /metrics
-    review_page = review.serve(
+    review_page = review.serve_page(
         review.create_app(
             ReviewStore.from_url(config.redis.url, config.run.name), review.ReviewMetrics(registry), config.run.name
         ),

@@ -19,6 +19,7 @@ import time
 
 from ..common.checkpoints import committed_versions
 from ..common.review_store import ReviewStore
+from ..common.strict_json import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def write_best(root: str | os.PathLike, record: dict) -> None:
     path = pathlib.Path(root) / BEST_FILE
     temporary = path.with_suffix(".json.tmp")
     with open(temporary, "w") as file:
-        json.dump(record, file)
+        file.write(strict_json(record))
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)

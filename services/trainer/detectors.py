@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
+from dataclasses import dataclass
 
 from ..common.sample_statistics import ngrams
 from ..common.step_records import DetectorValues, UpdateStats
@@ -81,9 +82,19 @@ def cross_prompt_similarity(prompts: list[str], responses: list[str]) -> float:
     return sum(similarities) / len(similarities) if similarities else NAN
 
 
-def detector_values(window: list[dict], baseline_length: float | None, size: int) -> dict[str, float]:
-    """The exported numbers from a window of per-update records (oldest first; keys reward_mean,
-    reward_std, kl_per_sequence, response_length_mean, similarity), all NaN until it holds `size`:
+@dataclass(frozen=True)
+class WindowedUpdate:
+    """What the detectors keep of one update: four of its figures and its batch's similarity."""
+
+    reward_mean: float
+    reward_std: float
+    kl_per_sequence: float
+    response_length_mean: float
+    similarity: float  # cross_prompt_similarity of the batch's responses (NaN: no pair to compare)
+
+
+def detector_values(window: list[WindowedUpdate], baseline_length: float | None, size: int) -> DetectorValues:
+    """The exported numbers from a window of updates (oldest first), all NaN until it holds `size`:
     - reward_slope: least-squares slope of reward_mean, reward units per update;
     - reward_rise_ratio: the fitted rise across the window, slope·(n − 1), over the mean batch
       reward_std: how far the reward trended, in the spread of one batch (±inf for a trend with no spread);
@@ -92,40 +103,31 @@ def detector_values(window: list[dict], baseline_length: float | None, size: int
     - cross_prompt_similarity: mean of the finite batch similarities;
     - kl_per_sequence_window_max: largest batch KL per response in the window, nats."""
     if len(window) < size:
-        return dict.fromkeys(
-            (
-                "reward_slope",
-                "reward_rise_ratio",
-                "response_length_ratio",
-                "cross_prompt_similarity",
-                "kl_per_sequence_window_max",
-            ),
-            NAN,
-        )
-    slope = least_squares_slope([record["reward_mean"] for record in window])
+        return DetectorValues()  # every field NaN
+    slope = least_squares_slope([update.reward_mean for update in window])
     rise = slope * (len(window) - 1)
-    spread = sum(record["reward_std"] for record in window) / len(window)
+    spread = sum(update.reward_std for update in window) / len(window)
     rise_ratio = rise / spread if spread > 0 else (0.0 if rise == 0 else math.copysign(math.inf, rise))
-    length = sum(record["response_length_mean"] for record in window) / len(window)
-    similarities = [record["similarity"] for record in window if math.isfinite(record["similarity"])]
-    return {
-        "reward_slope": slope,
-        "reward_rise_ratio": rise_ratio,
-        "response_length_ratio": length / baseline_length if baseline_length else NAN,
-        "cross_prompt_similarity": sum(similarities) / len(similarities) if similarities else NAN,
-        "kl_per_sequence_window_max": max(record["kl_per_sequence"] for record in window),
-    }
+    length = sum(update.response_length_mean for update in window) / len(window)
+    similarities = [update.similarity for update in window if math.isfinite(update.similarity)]
+    return DetectorValues(
+        reward_slope=slope,
+        reward_rise_ratio=rise_ratio,
+        response_length_ratio=length / baseline_length if baseline_length else NAN,
+        cross_prompt_similarity=sum(similarities) / len(similarities) if similarities else NAN,
+        kl_per_sequence_window_max=max(update.kl_per_sequence for update in window),
+    )
 
 
-def detectors_firing(values: dict[str, float], kl_per_sequence: float, bounds: dict[str, float]) -> dict[str, bool]:
+def detectors_firing(values: DetectorValues, kl_per_sequence: float, bounds: dict[str, float]) -> dict[str, bool]:
     """Each detector's verdict: the same comparisons as the Prometheus rules (NaN never fires)."""
     return {
-        "reward_hacking": kl_per_sequence > bounds["detector_kl_bound"] and values["reward_slope"] > 0,
-        "shorter_responses": values["response_length_ratio"] < bounds["detector_length_ratio"],
-        "template_collapse": values["cross_prompt_similarity"] > bounds["detector_similarity_bound"],
+        "reward_hacking": kl_per_sequence > bounds["detector_kl_bound"] and values.reward_slope > 0,
+        "shorter_responses": values.response_length_ratio < bounds["detector_length_ratio"],
+        "template_collapse": values.cross_prompt_similarity > bounds["detector_similarity_bound"],
         "not_moving": (
-            values["kl_per_sequence_window_max"] < bounds["detector_still_kl"]
-            and abs(values["reward_rise_ratio"]) < bounds["detector_flat_reward"]
+            values.kl_per_sequence_window_max < bounds["detector_still_kl"]
+            and abs(values.reward_rise_ratio) < bounds["detector_flat_reward"]
         ),
     }
 
@@ -136,7 +138,7 @@ class Detectors:
 
     def __init__(self, window: int, bounds: dict[str, float]):
         self.size, self.bounds = window, dict(bounds)
-        self.window: collections.deque[dict] = collections.deque(maxlen=window)
+        self.window: collections.deque[WindowedUpdate] = collections.deque(maxlen=window)
         self.baseline_length: float | None = None
         self.firing = dict.fromkeys(DETECTORS, False)
 
@@ -149,18 +151,19 @@ class Detectors:
     ) -> tuple[DetectorValues, dict[str, bool], list[str]]:
         """Add one update (its figures and its batch's prompt and response texts). Returns the
         values, every detector's verdict, and the detectors that start firing with this update."""
-        record = {
-            "reward_mean": stats.reward_mean,
-            "reward_std": stats.reward_std,
-            "kl_per_sequence": stats.kl_per_sequence,
-            "response_length_mean": stats.response_length_mean,
-            "similarity": cross_prompt_similarity(prompts, responses),
-        }
-        self.window.append(record)
+        self.window.append(
+            WindowedUpdate(
+                reward_mean=stats.reward_mean,
+                reward_std=stats.reward_std,
+                kl_per_sequence=stats.kl_per_sequence,
+                response_length_mean=stats.response_length_mean,
+                similarity=cross_prompt_similarity(prompts, responses),
+            )
+        )
         if self.baseline_length is None and len(self.window) == self.size:
-            self.baseline_length = sum(r["response_length_mean"] for r in self.window) / self.size
+            self.baseline_length = sum(update.response_length_mean for update in self.window) / self.size
         values = detector_values(list(self.window), self.baseline_length, self.size)
         firing = detectors_firing(values, stats.kl_per_sequence, self.bounds)
         started = [name for name in DETECTORS if firing[name] and not self.firing[name]]
         self.firing = firing
-        return DetectorValues(**values), firing, started
+        return values, firing, started

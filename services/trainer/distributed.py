@@ -79,7 +79,7 @@ def encode_rollouts(rollouts: list[Rollout]) -> bytes:
         {k: ({"b64": base64.b64encode(v).decode()} if isinstance(v, bytes) else v) for k, v in r.to_fields().items()}
         for r in rollouts
     ]
-    return json.dumps(rows).encode()
+    return json.dumps(rows, allow_nan=False).encode()  # finite: to_fields validated each
 
 
 def decode_rollouts(payload: bytes) -> list[Rollout]:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def follow(trainer: Trainer) -> None:
+def follow_rank_zero(trainer: Trainer) -> None:
     """A rank other than 0: train on each batch rank 0 broadcasts, until it sends nothing."""
     while payload := trainer.distributed.broadcast_bytes(None):
         if trainer.update(decode_rollouts(payload)).optimizer_steps:

@@ -126,7 +126,7 @@ def render_page(run_name: str, samples: list[dict], canaries: dict[int, dict], r
             f'<td class="prompt">{e(str(sample.get("prompt", "")))}</td>'
             f'<td class="response">{e(str(sample.get("response", "")))}</td>'
             f'<td class="metadata">{e(metadata_text(sample.get("metadata")))}</td>'
-            f"<td>{number(sample.get('reward'), '+.3f')}</td><td>{number(sample.get('kl'), '.3f')}</td>"
+            f"<td>{formatted(sample.get('reward'), '+.3f')}</td><td>{formatted(sample.get('kl'), '.3f')}</td>"
             f'<td>{buttons} <span class="status">{status}</span></td></tr>'
         )
     samples_html = (
@@ -151,7 +151,7 @@ def render_canaries(canaries: dict[int, dict]) -> str:
     header = "<tr><th>prompt</th>" + "".join(f"<th>v{v}</th>" for v in versions) + "</tr>"
     drift = (
         '<tr class="drift"><th>drift</th>'
-        + "".join(f"<td>{number(canaries[v].get('drift'), '.3f')}</td>" for v in versions)
+        + "".join(f"<td>{formatted(canaries[v].get('drift'), '.3f')}</td>" for v in versions)
         + "</tr>"
     )
     signals = {v: dict(zip(canaries[v].get("prompts", []), canaries[v].get("signals", []))) for v in versions}
@@ -171,10 +171,10 @@ def answer_cell(text: str, signals: dict | None) -> str:
     if signals is None:  # a record written before the policy measured them
         return f"<td>{html.escape(str(text))}</td>"
     line = (
-        f"repeated 3-grams {number(signals['repeated_ngram_share'], '.2f')} · longest repeat "
-        f"{signals['longest_repeated_span']} words · compression {number(signals['compression_ratio'], '.2f')} · "
-        f"length ×{number(signals['length_ratio'], '.2f')} of v0 · relevance {number(signals['relevance'], '.2f')} "
-        f"({number(signals['relevance_change'], '+.2f')})"
+        f"repeated 3-grams {formatted(signals['repeated_ngram_share'], '.2f')} · longest repeat "
+        f"{signals['longest_repeated_span']} words · compression {formatted(signals['compression_ratio'], '.2f')} · "
+        f"length ×{formatted(signals['length_ratio'], '.2f')} of v0 · "
+        f"relevance {formatted(signals['relevance'], '.2f')} ({formatted(signals['relevance_change'], '+.2f')})"
     )
     mark = ' class="degenerate"' if signals["degenerate"] else ""
     verdict = "<b>DEGENERATE</b> · " if signals["degenerate"] else ""
@@ -188,7 +188,8 @@ def metadata_text(metadata) -> str:
     return "\n".join(f"{name}: {json.dumps(value, ensure_ascii=False)}" for name, value in metadata.items())
 
 
-def number(value, spec: str) -> str:
+def formatted(value, spec: str) -> str:
+    """A figure for the page; blank when there is none (a NaN is stored as null)."""
     return format(value, spec) if isinstance(value, (int, float)) else ""
 
 
@@ -247,11 +248,11 @@ class ReviewServer:
 def run_until_stopped(server: uvicorn.Server) -> None:
     try:
         server.run()
-    except SystemExit:  # uvicorn exits when it cannot bind; it has logged why, and serve() raises
+    except SystemExit:  # uvicorn exits when it cannot bind; it has logged why, and serve_page() raises
         pass
 
 
-def serve(app: fastapi.FastAPI, host: str, port: int, startup_timeout: float = 30.0) -> ReviewServer:
+def serve_page(app: fastapi.FastAPI, host: str, port: int, startup_timeout: float = 30.0) -> ReviewServer:
     """Run the app under uvicorn in a daemon thread; returns once it listens (or raises)."""
     if not 0 < port <= 65535:
         raise ValueError(f"review page port must be 1..65535, got {port} (trainer.review_port 0 means: no page)")

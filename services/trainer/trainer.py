@@ -4,9 +4,10 @@ to the policy; every few updates persist the full checkpoint in the background, 
 is committed acknowledge the rollouts it holds.
 
 The Trainer holds the training state and wires the parts, each in its own module: intake.py
-(reading batches from Redis), update.py (the PPO update), rails.py (the KL rollback), resume.py
-(what a checkpoint holds, and coming back from one), publishing.py and persisting.py (the weight
-hand-off), monitoring.py (metrics, the steps stream, the detectors, TensorBoard), following.py (torchrun ranks)."""
+(reading batches from Redis), update.py (the PPO update), rails.py (the KL and canary rollbacks),
+resume.py (what a checkpoint holds, and coming back from one), publishing.py and persisting.py (the
+weight hand-off), monitoring.py (metrics, the steps stream, the detectors, TensorBoard, the review
+page's samples), best_version.py (the best evaluated version), following.py (torchrun ranks)."""
 
 from __future__ import annotations
 
@@ -279,7 +280,7 @@ class Trainer:
         rollouts short of a batch are left untrained), then finish(). Under torchrun, rank 0 broadcasts each
         batch to the other ranks, which follow (following.py)."""
         if not self.main_rank:
-            return following.follow(self)
+            return following.follow_rank_zero(self)
         until_redis_answers(self.queue.ensure_group, "creating the consumer group", stop)
         self.publish_at_start()
         steps = 0

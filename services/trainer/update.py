@@ -33,8 +33,8 @@ from .advantages import (
 )
 from .batch import PPOBatch, collate
 from .kl import exact_kl_from_rows, per_token_kl
+from .masking import masked_mean, where_mask
 from .mismatch import logprob_mismatch, truncated_importance_weights
-from .ppo import clipped_value_loss
 from .reward_shaping import (
     RunningMoments,
     clip_reward,
@@ -259,7 +259,7 @@ def minibatch_loss(
     vocab_size = trainer.model.get_output_embeddings().weight.shape[0]
     if not figures["first_minibatch_max_log_ratio"]:  # 1 for fresh rollouts: a check on the whole pipeline
         figures["first_minibatch_max_log_ratio"].append(
-            float(((new_logprobs - data.old_logprobs).abs() * mask).max().detach())
+            float(where_mask((new_logprobs - data.old_logprobs).abs(), mask).max().detach())
         )
     old_logprobs = targets.get("old_logprobs", data.old_logprobs)  # under TIS: the trainer's, not the sampler's
     loss, info = ppo.clipped_policy_loss(
@@ -279,7 +279,9 @@ def minibatch_loss(
     if section.entropy_coef:  # exploration bonus (Schulman et al. 2017, eq. 9): higher entropy, lower loss
         loss = loss - section.entropy_coef * ppo.aggregate_loss(entropy, mask, section.loss_aggregation)
     if values is not None:
-        value_loss, _ = clipped_value_loss(values, targets["old_values"], targets["returns"], mask, section.value_clip)
+        value_loss, _ = ppo.clipped_value_loss(
+            values, targets["old_values"], targets["returns"], mask, section.value_clip
+        )
         loss = loss + section.value_coef * value_loss
         figures["value_loss"].append(value_loss.item())
     return loss, info, entropy
@@ -309,7 +311,7 @@ def minibatch_step(trainer: Trainer, data: PPOBatch, targets: dict, beta: float,
     figures["grad_norm"].append(grad_norm.item())
     figures["clip_fraction"].append(info["clip_fraction"].item())
     figures["approx_kl"].append(info["approx_kl"].item())
-    figures["entropy"].append(ppo.masked_mean(entropy.detach(), data.response_mask).item())
+    figures["entropy"].append(masked_mean(entropy.detach(), data.response_mask).item())
     figures["skipped"].append(0)
 
 
@@ -338,7 +340,7 @@ def update_stats(
     mean = lambda key: float(np.mean(figures[key])) if figures[key] else float("nan")  # noqa: E731
     first_ratio = figures["first_minibatch_max_log_ratio"]
     return UpdateStats(
-        kl_per_token=float(ppo.masked_mean(kl_per_token, data.response_mask)),
+        kl_per_token=float(masked_mean(kl_per_token, data.response_mask)),
         kl_per_sequence=float(kl.mean()),
         kl_coef=beta,
         kl_coef_next=kl_coef_next,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import subprocess
@@ -19,6 +18,7 @@ from services.common.prompts import read_prompts
 from services.evaluation import metrics
 from services.evaluation.runner import EvalSettings, evaluate
 from services.reward.backends import HFClassifierBackend
+from tests.strict_json import strict_loads
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SETTINGS = EvalSettings(max_new_tokens=8, samples_per_prompt=2, seed=7)
@@ -142,7 +142,7 @@ def test_belay_eval_command_prints_a_table_and_writes_json_and_plots(tiny_lm_dir
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "perplexity" in result.stdout and "reference" in result.stdout
-    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    results = strict_loads((tmp_path / "eval" / "results.json").read_text())  # strict JSON: NaN as null
     assert set(results["models"]) == {"reference", pathlib.Path(tiny_lm_dir).name}
     for plot in ("frontier.png", "perplexity.png"):
         assert (tmp_path / "eval" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

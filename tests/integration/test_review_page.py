@@ -10,7 +10,7 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
 from services.common.review_store import ReviewStore
-from services.trainer.review import ReviewMetrics, canary_columns, create_app, serve
+from services.trainer.review import ReviewMetrics, canary_columns, create_app, serve_page
 from tests.conftest import free_port
 
 SAMPLES = [
@@ -41,7 +41,7 @@ def page(redis_url):
     store = ReviewStore.from_url(redis_url, "review")
     store.record_samples(SAMPLES)
     registry = CollectorRegistry()
-    server = serve(create_app(store, ReviewMetrics(registry), "review"), "127.0.0.1", free_port())
+    server = serve_page(create_app(store, ReviewMetrics(registry), "review"), "127.0.0.1", free_port())
     yield server.url, store, registry
     server.stop()
     assert not server.thread.is_alive()
@@ -145,7 +145,7 @@ def test_canary_columns_keep_first_latest_and_spread_between():
 
 def test_redis_down_answers_503_with_a_message(redis_url):
     store = ReviewStore(redis.Redis.from_url(redis_url), "review")
-    server = serve(create_app(store, ReviewMetrics(CollectorRegistry()), "review"), "127.0.0.1", free_port())
+    server = serve_page(create_app(store, ReviewMetrics(CollectorRegistry()), "review"), "127.0.0.1", free_port())
     try:
         store.redis.shutdown(nosave=True)
     except redis.ConnectionError:  # the server closes the connection as it exits
@@ -162,12 +162,12 @@ def test_redis_down_answers_503_with_a_message(redis_url):
 def test_port_zero_and_a_taken_port_are_refused_with_the_reason(redis_url):
     app = create_app(ReviewStore.from_url(redis_url, "review"), ReviewMetrics(CollectorRegistry()), "review")
     with pytest.raises(ValueError, match="review_port 0 means"):
-        serve(app, "127.0.0.1", 0)
-    first = serve(app, "127.0.0.1", free_port())
+        serve_page(app, "127.0.0.1", 0)
+    first = serve_page(app, "127.0.0.1", free_port())
     try:
         port = int(first.url.rsplit(":", 1)[1].strip("/"))
         with pytest.raises(RuntimeError, match=f"could not listen on 127.0.0.1:{port}"):
-            serve(app, "127.0.0.1", port)
+            serve_page(app, "127.0.0.1", port)
     finally:
         first.stop()
 

@@ -1,9 +1,13 @@
 """ReviewStore on a real Redis: samples newest first and capped, canaries per version, ratings
 validated and kept."""
 
+import math
+
 import pytest
+import redis
 
 from services.common.review_store import MAX_SAMPLES, ReviewStore
+from tests.strict_json import strict_loads
 
 
 def sample(i: int) -> dict:
@@ -58,3 +62,25 @@ def test_canary_verdicts_are_kept_apart_from_the_answers(redis_url):
     store.record_canaries(0, {"outputs": ["unjudged"]})  # a record without a verdict has none
     assert store.canary_verdicts() == {1: [], 2: [0, 3]}
     assert store.canaries()[2]["degenerate"] == [0, 3] and store.first_canaries()["outputs"] == ["unjudged"]
+
+
+def test_everything_stored_is_strict_json_with_non_finite_figures_as_null(redis_url):
+    """Samples, canary records and verdicts, evaluations and ratings: a NaN (a sample's KL, an empty
+    answer's ratio) is stored as null, which the review page and strict readers accept."""
+    store = ReviewStore.from_url(redis_url, "t")
+    store.record_samples([{**sample(1), "kl": math.nan}])
+    store.record_canaries(1, {"outputs": [""], "compression_ratio": [math.nan], "degenerate": [0]})
+    store.record_eval(1, {"reward_mean": 0.5, "accuracy": math.nan})
+    store.record_rating("r1", 3)
+    client = redis.Redis.from_url(redis_url)
+    stored = [
+        *client.lrange(store.samples_key, 0, -1),
+        *client.hvals(store.canaries_key),
+        *client.hvals(store.verdicts_key),
+        *client.hvals(store.evals_key),
+        *client.hvals(store.ratings_key),
+    ]
+    assert len(stored) == 5
+    for raw in stored:
+        strict_loads(raw)
+    assert store.recent_samples(1)[0]["kl"] is None and store.evals()[1]["accuracy"] is None

@@ -26,46 +26,10 @@ from services.trainer.advantages import (
     token_rewards,
     whiten,
 )
-from services.trainer.ppo import clipped_value_loss
 from services.trainer.value_head import ValueHead
+from tests.token_batches import FINITE, ragged, rows_mask, t, with_junk
 
-FINITE = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False)
 UNIT = st.floats(0.0, 1.0, exclude_min=True)  # gamma, lam in (0, 1]
-JUNK = [float("nan"), float("inf"), -float("inf"), 1e30, -7.5]
-
-
-def t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def rows_mask(starts_lengths, T):
-    return [[1 if s <= i < s + n else 0 for i in range(T)] for s, n in starts_lengths]
-
-
-@st.composite
-def ragged(draw, min_len=0):
-    """(mask, rewards, values) lists of B rows over T positions, each response contiguous."""
-    B = draw(st.integers(1, 4))
-    T = draw(st.integers(1, 8))
-    spans = []
-    for _ in range(B):
-        start = draw(st.integers(0, T - min_len))
-        spans.append((start, draw(st.integers(min_len, T - start))))
-    rewards = draw(st.lists(st.lists(FINITE, min_size=T, max_size=T), min_size=B, max_size=B))
-    values = draw(st.lists(st.lists(FINITE, min_size=T, max_size=T), min_size=B, max_size=B))
-    return rows_mask(spans, T), rewards, values
-
-
-def with_junk(rows, mask):
-    """A copy of rows where every masked-out position holds junk (nan, inf, huge)."""
-    out = [row[:] for row in rows]
-    k = 0
-    for b, mrow in enumerate(mask):
-        for i, m in enumerate(mrow):
-            if not m:
-                out[b][i] = JUNK[k % len(JUNK)]
-                k += 1
-    return out
 
 
 def assert_close_rows(got: torch.Tensor, expected, abs_tol=1e-9):
@@ -395,81 +359,6 @@ def test_sequence_advantage_to_tokens_broadcasts_onto_response_only():
     got = sequence_advantage_to_tokens(t([1.5, -2.0, 0.25, 9.0]), t(TMASK))
     expected = [[a if m else 0.0 for m in mrow] for a, mrow in zip([1.5, -2.0, 0.25, 9.0], TMASK)]
     assert got.tolist() == expected
-
-
-# --- clipped value loss ---------------------------------------------------------------------
-
-CLIP = 0.2
-# Response cases (old = 0 throughout), chosen away from ties and clip boundaries:
-#   V = .5,  R = 1   above range, clipped term (.8^2) is the max      -> clip binds, gradient 0
-#   V = .5,  R = 0   above range, unclipped (.25) > clipped (.04)     -> gradient (V - R) / N
-#   V = .1,  R = 1   inside range, both terms equal                   -> gradient (V - R) / N
-#   V = -.5, R = -1  below range, clipped term (.8^2) is the max      -> clip binds, gradient 0
-#   V = -.5, R = 0   below range, unclipped is the max                -> gradient (V - R) / N
-#   V = .3,  R = .6, old = .25: inside range                          -> gradient (V - R) / N
-VMASK = [[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
-VALUES = [[3.0, 0.5, 0.5, 0.1, -9.0], [1.0, 2.0, -0.5, -0.5, 0.3]]
-OLD_VALUES = [[0.0, 0.0, 0.0, 0.0, 4.0], [0.0, -5.0, 0.0, 0.0, 0.25]]
-RETURNS = [[0.0, 1.0, 0.0, 1.0, 2.0], [7.0, 0.0, -1.0, 0.0, 0.6]]
-BINDS = {(0, 1), (1, 2)}
-
-
-def hand_value_loss(values, old, returns, mask, clip):
-    total, n, clipped_count = 0.0, 0, 0
-    for b in range(len(values)):
-        for i in range(len(values[b])):
-            if not mask[b][i]:
-                continue
-            v, o, r = values[b][i], old[b][i], returns[b][i]
-            vc = min(max(v, o - clip), o + clip)
-            unclipped, clipped = (v - r) ** 2, (vc - r) ** 2
-            total += max(unclipped, clipped)
-            clipped_count += clipped > unclipped
-            n += 1
-    return 0.5 * total / n, clipped_count / n
-
-
-def test_clipped_value_loss_matches_hand_loop():
-    loss, clip_fraction = clipped_value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), t(VMASK), CLIP)
-    expected_loss, expected_fraction = hand_value_loss(VALUES, OLD_VALUES, RETURNS, VMASK, CLIP)
-    assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
-    assert clip_fraction.item() == pytest.approx(expected_fraction, abs=1e-12)
-    assert clip_fraction.item() == pytest.approx(2 / 6, abs=1e-12)
-    # 0.5 * mean(.64, .25, .81, .64, .25, .09)
-    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.25 + 0.81 + 0.64 + 0.25 + 0.09) / 6, abs=1e-12)
-
-
-def test_clipped_value_loss_gradient_is_zero_where_clip_binds_and_on_masked_positions():
-    values = t(VALUES).requires_grad_(True)
-    loss, _ = clipped_value_loss(values, t(OLD_VALUES), t(RETURNS), t(VMASK), CLIP)
-    loss.backward()
-    n = sum(sum(row) for row in VMASK)
-    for b in range(2):
-        for i in range(5):
-            g = values.grad[b, i].item()
-            if not VMASK[b][i] or (b, i) in BINDS:
-                assert g == 0.0, (b, i)
-            else:
-                assert g == pytest.approx((VALUES[b][i] - RETURNS[b][i]) / n, rel=1e-10), (b, i)
-
-
-def test_clipped_value_loss_ignores_masked_positions():
-    before = clipped_value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), t(VMASK), CLIP)
-    after = clipped_value_loss(
-        t(with_junk(VALUES, VMASK)), t(with_junk(OLD_VALUES, VMASK)), t(with_junk(RETURNS, VMASK)), t(VMASK), CLIP
-    )
-    assert after[0].item() == before[0].item() and after[1].item() == before[1].item()
-
-
-@settings(max_examples=40, deadline=None)
-@given(ragged(min_len=1), st.floats(0.01, 1.0))
-def test_clipped_value_loss_property(batch, clip):
-    mask, values, returns = batch
-    old = [[0.9 * v + 0.1 * r for v, r in zip(vrow, rrow)] for vrow, rrow in zip(values, returns)]
-    loss, fraction = clipped_value_loss(t(values), t(old), t(returns), t(mask), clip)
-    expected_loss, expected_fraction = hand_value_loss(values, old, returns, mask, clip)
-    assert loss.item() == pytest.approx(expected_loss, abs=1e-9, rel=1e-9)
-    assert fraction.item() == pytest.approx(expected_fraction, abs=1e-12)
 
 
 # --- value head -----------------------------------------------------------------------------

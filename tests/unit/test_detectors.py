@@ -3,6 +3,7 @@ window fills; each detector firing, and not, on windows built for it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 
@@ -15,6 +16,7 @@ from services.trainer.detectors import (
     DETECTORS,
     RUNBOOK,
     Detectors,
+    WindowedUpdate,
     cross_prompt_similarity,
     detector_values,
     detectors_firing,
@@ -32,14 +34,10 @@ BOUNDS = {
 }
 
 
-def record(reward=0.0, std=1.0, kl=1.0, length=20.0, similarity=0.1) -> dict:
-    return {
-        "reward_mean": reward,
-        "reward_std": std,
-        "kl_per_sequence": kl,
-        "response_length_mean": length,
-        "similarity": similarity,
-    }
+def record(reward=0.0, std=1.0, kl=1.0, length=20.0, similarity=0.1) -> WindowedUpdate:
+    return WindowedUpdate(
+        reward_mean=reward, reward_std=std, kl_per_sequence=kl, response_length_mean=length, similarity=similarity
+    )
 
 
 def test_slope_is_numpys_least_squares_fit():
@@ -63,7 +61,7 @@ def test_cross_prompt_similarity_is_the_mean_jaccard_of_word_grams_over_pairs_of
 
 def test_values_are_nan_until_the_window_is_full():
     window = [record(), record()]
-    assert all(math.isnan(v) for v in detector_values(window, None, 3).values())
+    assert all(math.isnan(v) for v in dataclasses.astuple(detector_values(window, None, 3)))
     assert not any(detectors_firing(detector_values(window, None, 3), 100.0, BOUNDS).values())
 
 
@@ -74,18 +72,18 @@ def test_values_against_their_formulas():
     ]
     values = detector_values(window, baseline_length=24.0, size=3)
     slope = np.polyfit([0, 1, 2], [0.0, 0.5, 0.7], 1)[0]
-    assert values["reward_slope"] == pytest.approx(slope)
-    assert values["reward_rise_ratio"] == pytest.approx(slope * 2 / np.mean([0.5, 0.3, 0.4]))
-    assert values["response_length_ratio"] == pytest.approx(np.mean([20, 16, 12]) / 24)
-    assert values["cross_prompt_similarity"] == pytest.approx(0.2)  # the NaN batch is left out
-    assert values["kl_per_sequence_window_max"] == 0.4
+    assert values.reward_slope == pytest.approx(slope)
+    assert values.reward_rise_ratio == pytest.approx(slope * 2 / np.mean([0.5, 0.3, 0.4]))
+    assert values.response_length_ratio == pytest.approx(np.mean([20, 16, 12]) / 24)
+    assert values.cross_prompt_similarity == pytest.approx(0.2)  # the NaN batch is left out
+    assert values.kl_per_sequence_window_max == 0.4
 
 
 def test_reward_rise_over_no_spread_is_infinite_or_zero():
     rising = [record(reward=r, std=0.0) for r in (0.0, 1.0, 2.0)]
     flat = [record(reward=1.0, std=0.0)] * 3
-    assert detector_values(rising, 20.0, 3)["reward_rise_ratio"] == math.inf
-    assert detector_values(flat, 20.0, 3)["reward_rise_ratio"] == 0.0
+    assert detector_values(rising, 20.0, 3).reward_rise_ratio == math.inf
+    assert detector_values(flat, 20.0, 3).reward_rise_ratio == 0.0
 
 
 CASES = {  # detector -> (window that provokes it, its last KL, healthy window, its last KL)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from services.trainer.advantages import batch_mean_advantage
 from services.trainer.kl import kl_k1 as per_token_kl
-from services.trainer.ppo import clipped_policy_loss, kl_penalised_reward, sequence_kl
+from services.trainer.ppo import clipped_policy_loss, clipped_value_loss, kl_penalised_reward, sequence_kl
+from tests.token_batches import ragged, with_junk
 
 # Two rollouts over 6 positions: row 0 has a 2-position prompt then 3 response tokens then padding;
 # row 1 has a 1-position prompt then 5 response tokens.
@@ -263,3 +264,78 @@ def test_stats_carry_no_gradient():
     _, stats = clipped_policy_loss(new_t, t(OLD), t(ADV), t(MASK), EPS)
     assert not stats["clip_fraction"].requires_grad
     assert not stats["approx_kl"].requires_grad
+
+
+# --- clipped value loss ---------------------------------------------------------------------
+
+CLIP = 0.2
+# Response cases (old = 0 throughout), chosen away from ties and clip boundaries:
+#   V = .5,  R = 1   above range, clipped term (.8^2) is the max      -> clip binds, gradient 0
+#   V = .5,  R = 0   above range, unclipped (.25) > clipped (.04)     -> gradient (V - R) / N
+#   V = .1,  R = 1   inside range, both terms equal                   -> gradient (V - R) / N
+#   V = -.5, R = -1  below range, clipped term (.8^2) is the max      -> clip binds, gradient 0
+#   V = -.5, R = 0   below range, unclipped is the max                -> gradient (V - R) / N
+#   V = .3,  R = .6, old = .25: inside range                          -> gradient (V - R) / N
+VMASK = [[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+VALUES = [[3.0, 0.5, 0.5, 0.1, -9.0], [1.0, 2.0, -0.5, -0.5, 0.3]]
+OLD_VALUES = [[0.0, 0.0, 0.0, 0.0, 4.0], [0.0, -5.0, 0.0, 0.0, 0.25]]
+RETURNS = [[0.0, 1.0, 0.0, 1.0, 2.0], [7.0, 0.0, -1.0, 0.0, 0.6]]
+BINDS = {(0, 1), (1, 2)}
+
+
+def hand_value_loss(values, old, returns, mask, clip):
+    total, n, clipped_count = 0.0, 0, 0
+    for b in range(len(values)):
+        for i in range(len(values[b])):
+            if not mask[b][i]:
+                continue
+            v, o, r = values[b][i], old[b][i], returns[b][i]
+            vc = min(max(v, o - clip), o + clip)
+            unclipped, clipped = (v - r) ** 2, (vc - r) ** 2
+            total += max(unclipped, clipped)
+            clipped_count += clipped > unclipped
+            n += 1
+    return 0.5 * total / n, clipped_count / n
+
+
+def test_clipped_value_loss_matches_hand_loop():
+    loss, clip_fraction = clipped_value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), t(VMASK), CLIP)
+    expected_loss, expected_fraction = hand_value_loss(VALUES, OLD_VALUES, RETURNS, VMASK, CLIP)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
+    assert clip_fraction.item() == pytest.approx(expected_fraction, abs=1e-12)
+    assert clip_fraction.item() == pytest.approx(2 / 6, abs=1e-12)
+    # 0.5 * mean(.64, .25, .81, .64, .25, .09)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.25 + 0.81 + 0.64 + 0.25 + 0.09) / 6, abs=1e-12)
+
+
+def test_clipped_value_loss_gradient_is_zero_where_clip_binds_and_on_masked_positions():
+    values = t(VALUES).requires_grad_(True)
+    loss, _ = clipped_value_loss(values, t(OLD_VALUES), t(RETURNS), t(VMASK), CLIP)
+    loss.backward()
+    n = sum(sum(row) for row in VMASK)
+    for b in range(2):
+        for i in range(5):
+            g = values.grad[b, i].item()
+            if not VMASK[b][i] or (b, i) in BINDS:
+                assert g == 0.0, (b, i)
+            else:
+                assert g == pytest.approx((VALUES[b][i] - RETURNS[b][i]) / n, rel=1e-10), (b, i)
+
+
+def test_clipped_value_loss_ignores_masked_positions():
+    before = clipped_value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), t(VMASK), CLIP)
+    after = clipped_value_loss(
+        t(with_junk(VALUES, VMASK)), t(with_junk(OLD_VALUES, VMASK)), t(with_junk(RETURNS, VMASK)), t(VMASK), CLIP
+    )
+    assert after[0].item() == before[0].item() and after[1].item() == before[1].item()
+
+
+@settings(max_examples=40, deadline=None)
+@given(ragged(min_len=1), st.floats(0.01, 1.0))
+def test_clipped_value_loss_property(batch, clip):
+    mask, values, returns = batch
+    old = [[0.9 * v + 0.1 * r for v, r in zip(vrow, rrow)] for vrow, rrow in zip(values, returns)]
+    loss, fraction = clipped_value_loss(t(values), t(old), t(returns), t(mask), clip)
+    expected_loss, expected_fraction = hand_value_loss(values, old, returns, mask, clip)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-9, rel=1e-9)
+    assert fraction.item() == pytest.approx(expected_fraction, abs=1e-12)

@@ -14,6 +14,7 @@ import redis
 from services.common.rollout_queue import GROUP, MalformedRollout, Rollout, RolloutQueue, consumer_name
 from services.common.step_records import RollbackRecord, StepRecord
 from tests.step_records import make_step_record
+from tests.strict_json import strict_loads
 
 
 def make_rollout(**overrides) -> Rollout:
@@ -106,6 +107,7 @@ def test_validate_refuses_mismatched_lengths(field, value):
         {"ref_logprobs": np.array([-0.5, -np.inf, -1.0], np.float32)},
         {"reward": math.inf},
         {"reward": math.nan},
+        {"reward_components": {"sentiment": 0.5, "length": math.nan}},
     ],
 )
 def test_validate_refuses_non_finite_values(overrides):
@@ -367,3 +369,14 @@ def test_the_data_position_is_set_in_the_transaction_that_adds_the_batch(queue):
     queue.add_all([make_rollout()], {"epoch": 1, "index": 0, "finished": True})
     assert queue.data_finished()
     assert [r.metadata for _, r in queue.read("c", 10, 10)] == [make_rollout().metadata] * 3
+
+
+def test_the_stream_fields_are_strict_json():
+    """What a rollout writes to the stream as JSON (components, timings, metadata) is JSON strict
+    readers accept; a non-finite timing is refused at the writer, not written as NaN."""
+    rollout = make_rollout(reward_components={"sentiment": 0.25}, timings={"generate": 0.5}, metadata={"answer": "4"})
+    fields = rollout.to_fields()
+    for name in ("reward_components", "timings", "metadata"):
+        strict_loads(fields[name])
+    with pytest.raises(ValueError):
+        make_rollout(timings={"generate": math.nan}).to_fields()

@@ -4,26 +4,14 @@ dashboards read, and the typed record back (null read as NaN)."""
 import json
 import math
 
-import pytest
-
 from services.common.step_records import (
     DetectorValues,
     RollbackRecord,
     StepRecord,
-    finite_or_none,
     record_from_json,
-    strict_json,
 )
 from tests.step_records import make_step_record
-
-
-def strict_loads(text: str) -> dict:
-    """json.loads that refuses NaN and ±Infinity, as strict readers (browsers, jq, Go) do."""
-
-    def refuse(constant: str):
-        raise ValueError(f"non-standard JSON constant {constant}")
-
-    return json.loads(text, parse_constant=refuse)
+from tests.strict_json import strict_loads
 
 
 def test_a_nan_reward_std_is_written_as_null_and_read_back_as_nan():
@@ -86,14 +74,3 @@ def test_a_rollback_is_marked_and_comes_back_as_a_rollback():
     assert record_from_json(json.dumps(older)) == rollback
     canary = RollbackRecord(5, 2, 0.4, 0.2, 1e-5, 9.0, cause="canary_degenerate", degenerate_version=4)
     assert record_from_json(canary.to_json()) == canary
-
-
-def test_strict_json_refuses_nothing_it_cleaned_and_cleans_nested_values():
-    assert finite_or_none({"a": [1.0, math.nan, {"b": -math.inf}], "c": "text", "d": 3}) == {
-        "a": [1.0, None, {"b": None}],
-        "c": "text",
-        "d": 3,
-    }
-    assert strict_loads(strict_json({"x": math.nan})) == {"x": None}
-    with pytest.raises(ValueError):
-        json.dumps({"x": math.nan}, allow_nan=False)  # what strict_json guards against
