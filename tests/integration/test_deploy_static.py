@@ -1077,7 +1077,7 @@ def overlays() -> list[pathlib.Path]:
 @pytest.mark.parametrize("folder", overlays(), ids=lambda p: str(p.relative_to(K8S)))
 def test_overlay_patches_target_base_resources_and_apply(folder):
     spec = kustomization(folder)
-    base = [doc for entry in spec["resources"] for doc in resources_of((folder / entry).resolve())]
+    base = resources_of(folder)  # the base's documents and the overlay's own
     patched = {}
     for patch in spec.get("patches", []):
         content = yaml.safe_load(patch["patch"] if "patch" in patch else (folder / patch["path"]).read_text())
@@ -1092,7 +1092,7 @@ def test_overlay_patches_target_base_resources_and_apply(folder):
                 except (KeyError, IndexError) as error:
                     raise AssertionError(f"{patch} does not apply to the base: missing {error}") from None
             patched[(target["kind"], target["name"])] = document
-        else:  # strategic merge: the patch names its target
+        else:  # strategic merge: the patch names its target (a `$patch: delete` included)
             find(base, content["kind"], content["metadata"]["name"])
     base_images = {
         container["image"].split(":")[0] for workload in workloads(base) for container in containers(workload)
@@ -1306,11 +1306,12 @@ def test_kubectl_kustomize_builds(folder):
     result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     built = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    trainer_kind = "PyTorchJob" if folder.name == "pytorchjob" else "Job"  # the Kubeflow overlay replaces the Job
     assert {doc["kind"] for doc in built} >= {
         "Deployment",
         "Service",
         "StatefulSet",
-        "Job",
+        trainer_kind,
         "ConfigMap",
         "PersistentVolumeClaim",
     }
@@ -1320,5 +1321,7 @@ def test_kubectl_kustomize_builds(folder):
     if folder.name == "cpu":
         assert "nvidia.com/gpu" not in result.stdout
         assert "belay:0.1.0-cpu" in images and "belay:0.1.0" not in images
+    elif folder.name == "pytorchjob":  # a request and a limit in each of Master and Worker
+        assert result.stdout.count("nvidia.com/gpu") == 2 * (len(GPU_SERVICES) + 1)
     else:
         assert result.stdout.count("nvidia.com/gpu") == 2 * len(GPU_SERVICES)
