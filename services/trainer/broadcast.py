@@ -136,6 +136,7 @@ class BroadcastTransport:
         self.groups: dict[str, ReplicaGroup] = {}
         self.channels: dict[str, tuple[grpc.Channel, belay_pb2_grpc.PolicyStub]] = {}
         self.last_catch_up = 0.0
+        self.drops = 0  # sends to a replica that failed (it was dropped from that version), since start
         self.lock = threading.Lock()  # a send and a catch-up never overlap
 
     # --- the Transport protocol -----------------------------------------------------------
@@ -233,6 +234,7 @@ class BroadcastTransport:
                 delivered.append(name)
                 continue
             log.warning("replica %s dropped from version %d (it catches up later): %s", name, version, error)
+            self.drops += 1
             if group is not None:
                 group.failed_at = time.monotonic()
                 self._shutdown(group)

@@ -43,6 +43,7 @@ class CudaIpcTransport:
         self.timeout = config.trainer.broadcast_timeout_seconds
         self.bucket_bytes = max(1, int(config.trainer.broadcast_bucket_mb * 2**20))
         self.sent: dict[str, int] = {}
+        self.drops = 0  # sends to a replica that failed (it was dropped from that version), since start
         self.failed_at: dict[str, float] = {}
         self.channels: dict[str, tuple[grpc.Channel, belay_pb2_grpc.PolicyStub]] = {}
         self.last_catch_up = 0.0
@@ -107,6 +108,7 @@ class CudaIpcTransport:
                 delivered.append(name)
             except grpc.RpcError as error:
                 self.failed_at[name] = time.monotonic()
+                self.drops += 1
                 log.warning(
                     "replica %s dropped from version %d (it catches up later): %s: %s",
                     name,

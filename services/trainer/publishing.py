@@ -72,6 +72,7 @@ class Publication:
 
 class Transport(Protocol):
     name: str
+    drops: int  # sends to a replica that failed since start (that replica was dropped from that version)
 
     def send(self, version: int, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
         """Deliver one version's tensors; returns (location to announce, bytes moved per replica)."""
@@ -97,6 +98,7 @@ class FileTransport:
     fresh one, renamed into the new version's directory."""
 
     name = "file"
+    drops = 0  # nothing is sent to a replica: each reads the announced directory
     PREALLOCATED = ".preallocated.safetensors"
 
     def __init__(self, root: pathlib.Path, lora_config: Callable[[], dict] | None):

@@ -145,6 +145,8 @@ class Trainer:
         self.persister.on_persisted = metrics.persist_seconds.observe
         self.persister.on_failure = metrics.persist_failures.inc
         metrics.watch_persister(self.persister, section.checkpoint_every_steps, section.checkpoint_every_seconds)
+        if self.publisher is not None:
+            metrics.watch_transport(self.publisher.transport)
 
     def write_run_manifest(self) -> pathlib.Path:
         """checkpoint_dir/run_manifest.json: config, packages, fingerprints, seeds, git revision."""

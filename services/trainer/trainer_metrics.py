@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from ..common.metrics import LLM_SECONDS_BUCKETS
 from ..common.step_records import DetectorValues, StepRecord
@@ -65,6 +66,7 @@ DETECTOR_GAUGES = {
 
 class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.define_update_metrics(registry)
         self.define_reward_model_metrics(registry)
         self.define_hand_off_metrics(registry)
@@ -226,6 +228,10 @@ class TrainerMetrics:
         self.publish_seconds.labels(transport=publication.transport).observe(publication.seconds)
         self.publish_bytes.labels(transport=publication.transport).set(publication.bytes)
 
+    def watch_transport(self, transport) -> None:
+        """belay_trainer_replica_drops_total{transport}, read from the transport at each scrape."""
+        self.registry.register(ReplicaDrops(transport))
+
     def watch_persister(self, persister, every_steps: int, every_seconds: float) -> None:
         """Gauges read from the persister whenever /metrics is scraped."""
         self.persist_interval.labels(unit="steps").set(every_steps)
@@ -233,3 +239,22 @@ class TrainerMetrics:
         self.updates_since_persist.set_function(lambda: persister.updates_since)
         self.seconds_since_persist.set_function(persister.seconds_since)
         self.persisted_version.set_function(lambda: persister.persisted_version)
+
+
+class ReplicaDrops:
+    """A collector: how many sends of a version to a policy replica failed since the trainer started
+    (broadcast and cuda_ipc; the file transport sends to nobody). Each such replica keeps serving
+    its older weights until a catch-up reaches it, so a count that keeps rising means a replica
+    that never gets new weights."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "belay_trainer_replica_drops",
+            "Sends of a version to a policy replica that failed (that replica is caught up later)",
+            labels=["transport"],
+        )
+        family.add_metric([self.transport.name], self.transport.drops)
+        yield family

@@ -33,6 +33,7 @@ from services.policy.server import PolicyServicer
 from services.policy.server import build_server as build_policy_server
 from services.policy.swaps import SwapRequests
 from services.trainer.publishing import Publisher, make_transport, serving_tensors
+from services.trainer.trainer_metrics import TrainerMetrics
 
 from ..conftest import free_port
 from .conftest import RPC_TIMEOUT, make_config, running_policy, serving
@@ -172,13 +173,18 @@ def test_a_dead_replica_is_dropped_at_once_and_the_trainer_keeps_publishing(
     trainer_side, tiny_lm_dir, redis_url, tmp_path
 ):
     publisher, queue, model = trainer_side
+    registry = CollectorRegistry()
+    TrainerMetrics(registry).watch_transport(publisher.transport)
+    drops = lambda: registry.get_sample_value("belay_trainer_replica_drops_total", {"transport": "broadcast"})  # noqa: E731
     with replica(tiny_lm_dir, redis_url, tmp_path, queue, "alive") as alive:
         queue.report_serving("gone", 0, f"127.0.0.1:{free_port()}", "broadcast")  # registered, then died
+        assert drops() == 0
         for version in (1, 2):
             started = time.monotonic()
             publisher.publish(version, model, 0, immediately)
             assert time.monotonic() - started < TIMEOUT
             assert served(alive)[0] == version
+            assert drops() == version  # the dead replica, once per version; never the live one
         publisher.transport.last_catch_up = 0.0
         assert publisher.catch_up(2, model) == []  # just failed: not tried again at once
 
