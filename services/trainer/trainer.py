@@ -30,13 +30,14 @@ from ..common.models import own_weights, resolve_dtype, weights_fingerprint
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from ..common.step_records import RollbackRecord, Sample, StageSeconds, StepRecord, UpdateStats
-from . import following, monitoring, ppo, rails, resume, update
+from . import following, monitoring, parallel, ppo, rails, resume, update
 from .best_version import BestVersion
 from .detectors import Detectors
 from .distributed import Distributed, encode_rollouts
 from .intake import Entry, Intake
 from .kl import AdaptiveKLController, FixedKLController
 from .lineage import Lineage
+from .parallel import Learner
 from .persisting import Persister
 from .publishing import Publication, Publisher, make_transport
 from .retry import until_redis_answers
@@ -100,15 +101,20 @@ class Trainer:
         self.value_head = (
             ValueHead.from_model_config(self.model.config).to(self.device) if section.advantage == "gae" else None
         )
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        if self.value_head is not None:
-            self.parameters += list(self.value_head.parameters())
         # float32 master weights and AdamW moments whatever trainer.dtype says; the forward passes run
         # under autocast in it (update.forward). Why: AdamW's update lr*m/sqrt(v) is ~1e-5 of a weight,
         # below bfloat16's 8-bit mantissa, so updates applied to bf16 weights would mostly round away.
         self.compute_dtype = resolve_dtype(section.dtype, self.device)
         if section.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Under torchrun: DDP or FSDP2 (parallel.py), which reduce the gradients in backward. The
+        # optimizer comes after: FSDP2 turns the parameters into DTensors (this rank's shards).
+        parallelism = section.parallelism if self.distributed is not None else None
+        self.learner = parallel.wrap(Learner(self.model, self.value_head), parallelism, self.device, self.compute_dtype)
+        self.sharded = parallelism == "fsdp"
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            self.parameters += list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=section.lr, weight_decay=section.weight_decay, fused=self.device.type == "cuda"
         )
