@@ -47,6 +47,12 @@ class Distributed:
             dist.broadcast(buffer, src=0)
         return bytes(buffer.numpy().tobytes())
 
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's flag, on every rank (what the other ranks pass is ignored)."""
+        value = torch.tensor([1 if flag else 0], dtype=torch.long)
+        dist.broadcast(value, src=0)
+        return bool(value.item())
+
     def all_true(self, flag: bool) -> bool:
         value = torch.tensor([1 if flag else 0], dtype=torch.long)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)

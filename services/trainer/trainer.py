@@ -30,7 +30,7 @@ from ..common.models import own_weights, resolve_dtype, weights_fingerprint
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from ..common.step_records import RollbackRecord, Sample, StageSeconds, StepRecord, UpdateStats
-from . import following, monitoring, parallel, ppo, rails, resume, update
+from . import following, gathering, monitoring, parallel, ppo, rails, resume, update
 from .best_version import BestVersion
 from .detectors import Detectors
 from .distributed import Distributed, encode_rollouts
@@ -77,6 +77,9 @@ class Trainer:
         self.queue, self.metrics, self.policy = queue, metrics, policy
         self.main_rank = distributed is None or distributed.is_main
         self.build_learner()
+        # What publishing and persisting read: the live model, or under fsdp the whole weights (and
+        # critic, and, when persisting, AdamW state) gathered to rank 0 after each update (gathering.py).
+        self.full_model, self.full_value_head, self.full_optimizer_state = self.model, None, None
         self.version = 0
         self.lineage = Lineage()  # staleness in updates along this trainer's history, not version numbers
         self.good_versions: set[int] = {0}  # versions whose samples stayed under kl_hard_limit (0: the SFT model)
@@ -156,7 +159,7 @@ class Trainer:
         path = pathlib.Path(self.config.run.checkpoint_dir) / "run_manifest.json"
         manifest = run_manifest(
             self.config.model_dump(mode="json"),
-            {"policy_start": weights_fingerprint(self.model), "version_start": str(self.version)},
+            {"policy_start": weights_fingerprint(self.full_model), "version_start": str(self.version)},
             {"trainer": self.section.seed, "policy": self.config.policy.seed},
         )
         write_manifest(path, manifest)
@@ -164,7 +167,10 @@ class Trainer:
 
     def resume(self) -> int:
         """Load the newest committed checkpoint, if any (resume.py). Returns its version (0: none)."""
-        return resume.restore(self)
+        version = resume.restore(self)
+        if self.sharded:  # every rank: the whole weights to rank 0, for the manifest and the first publish
+            gathering.gather_weights(self)
+        return version
 
     def publish_at_start(self) -> None:
         """Publish at once after a (re)start, above every version published before (resume.py)."""
@@ -175,7 +181,7 @@ class Trainer:
 
         def catch_up() -> None:  # the model is the latest published version: late replicas get it
             if self.publisher is not None:
-                self.publisher.catch_up(self.version, self.model)
+                self.publisher.catch_up(self.version, self.full_model)
 
         return self.intake.collect(stop, self.lineage, self.version, self.consumed_ids, catch_up)
 
@@ -212,8 +218,13 @@ class Trainer:
         # The rollouts stay pending in Redis until a committed checkpoint holds them: a crash before
         # that redelivers them, and the resumed trainer trains them once into its lineage.
         self.persister.trained_into_published([entry_id for entry_id, _ in entries])
+        if self.sharded:  # the other ranks join the gather in following.follow
+            gathering.gather_weights(self)
         publication = self.publish(version)
-        persist_seconds = self.persist() if self.persister.due() else 0.0
+        due = self.persister.due()
+        if self.sharded:
+            gathering.gather_optimizer(self, due)
+        persist_seconds = self.persist() if due else 0.0
         seconds = StageSeconds(
             update=update_seconds,
             publish=publication.seconds,
@@ -260,7 +271,7 @@ class Trainer:
         trained rollouts still awaiting their persist (the actor's production bound leaves them out)."""
         if self.publisher is None:  # no queue (the bench's in-process mode): nobody to hand weights to
             return Publication(version, "", "none", 0, 0.0)
-        publication = self.publisher.publish(version, self.model, self.persister.awaiting(), until_redis_answers)
+        publication = self.publisher.publish(version, self.full_model, self.persister.awaiting(), until_redis_answers)
         self.metrics.record_publication(publication)
         return publication
 
@@ -314,7 +325,10 @@ class Trainer:
     def finish(self) -> None:
         """At max_steps, SIGTERM or the data's end: persist what is not persisted yet and wait for it; then the
         published copies can go (a restarted policy loads the persisted version)."""
-        if self.persister.persisted_version != self.version or self.persister.awaiting():
+        needed = self.persister.persisted_version != self.version or bool(self.persister.awaiting())
+        if self.sharded:  # the other ranks join after their last batch (following.follow)
+            gathering.gather_optimizer(self, needed)
+        if needed:
             self.persist(wait=True)
         else:
             self.persister.wait()

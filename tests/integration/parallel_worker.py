@@ -1,6 +1,7 @@
 """One rank of a data-parallel update, for test_parallel_update.py: spawned by torch.multiprocessing
 (gloo on CPU), it builds a real Trainer on the tiny model, runs one update on a fixed batch and
 writes its full weights (the critic's too) as safetensors, for the test to compare with one rank.
+options 'task': 'persist' (persist version 1 after the update) or 'resume' (resume it before).
 `mutation`: 'no_reduction' turns the gradient reduction off (DDP: a comm hook that returns this
 rank's own gradients; FSDP2: no gradient sync), 'nan_on_rank_1' makes rank 1's loss NaN."""
 
@@ -19,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.rollout_queue import Rollout
-from services.trainer import update
+from services.trainer import gathering, update
 from services.trainer.distributed import Distributed
 from services.trainer.trainer import Trainer
 from services.trainer.trainer_metrics import TrainerMetrics
@@ -82,6 +83,18 @@ def mutate(trainer: Trainer, mutation: str | None, rank: int) -> None:
         update.minibatch_loss = nan_loss
 
 
+def persist_version_1(trainer: Trainer) -> None:
+    """As Trainer.step and following.follow do under fsdp: every rank joins the gathers, rank 0 persists."""
+    trainer.version = 1
+    if trainer.sharded:
+        gathering.gather_weights(trainer)
+        gathering.gather_optimizer(trainer, True)
+    if trainer.main_rank:
+        trainer.persist(wait=True)
+    if trainer.distributed is not None:
+        trainer.distributed.barrier()
+
+
 def own_gradients(bucket) -> torch.futures.Future:
     future = torch.futures.Future()
     future.set_result(bucket.buffer())
@@ -97,11 +110,19 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
         distributed = Distributed(rank=rank, world_size=world)
-    trainer = build_trainer(model_dir, str(pathlib.Path(out) / f"checkpoints{rank}"), dict(options), distributed)
+    options = dict(options)
+    task = options.pop("task", "update")  # 'persist': then persist as version 1; 'resume': resume it first
+    checkpoints = options.pop("checkpoint_dir", str(pathlib.Path(out) / f"checkpoints{rank}"))
+    trainer = build_trainer(model_dir, checkpoints, options, distributed)
+    if task == "resume":
+        assert trainer.resume() == 1
+        save_file(full_weights(trainer), str(pathlib.Path(out) / f"rank{rank}-resumed.safetensors"))
     before = full_weights(trainer)
     mutate(trainer, mutation, rank)
     stats = trainer.update(fixed_rollouts(trainer.model.config.vocab_size))
     after = full_weights(trainer)
+    if task == "persist":
+        persist_version_1(trainer)
     save_file(after, str(pathlib.Path(out) / f"rank{rank}.safetensors"))
     moved = max(float((after[k] - before[k]).abs().max()) for k in after)
     summary = {"optimizer_steps": stats.optimizer_steps, "skipped": stats.skipped_minibatches, "moved": moved}

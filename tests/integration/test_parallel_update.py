@@ -70,3 +70,21 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(parallelism, tiny_lm_dir
     ranks = run_ranks(2, tiny_lm_dir, tmp_path / "many", {"parallelism": parallelism}, "nan_on_rank_1")
     for rank in ranks:
         assert rank["optimizer_steps"] == 0 and rank["skipped"] == 2 and rank["moved"] == 0.0
+
+
+def test_a_checkpoint_persisted_at_2_fsdp_ranks_resumes_at_1_and_at_2_ranks(tiny_lm_dir, tmp_path):
+    """Until the sharded checkpoint format: rank 0 gathers the whole weights and AdamW state and persists
+    them in the one-rank format. Resumed at 1 rank and at 2 fsdp ranks, the weights are those persisted,
+    and one more update (AdamW's moments restored) lands on the same weights."""
+    checkpoints = str(tmp_path / "checkpoints")
+    options = {"advantage": "gae", "checkpoint_dir": checkpoints}
+    persisted = run_ranks(2, tiny_lm_dir, tmp_path / "persist", {**options, "parallelism": "fsdp", "task": "persist"})
+    one = run_ranks(1, tiny_lm_dir, tmp_path / "one", {**options, "task": "resume"})[0]
+    two = run_ranks(2, tiny_lm_dir, tmp_path / "two", {**options, "parallelism": "fsdp", "task": "resume"})
+    for rank in range(2):
+        resumed = load_file(str(tmp_path / "two" / f"rank{rank}-resumed.safetensors"))
+        assert max_abs_diff(resumed, persisted[0]["weights"]) == 0.0
+        diff = max_abs_diff(two[rank]["weights"], one["weights"])
+        print(f"resumed at 2 fsdp ranks vs 1: max abs diff {diff:.2e}")
+        assert diff < TOLERANCE and two[rank]["moved"] > 1e-4
+    assert max_abs_diff(load_file(str(tmp_path / "one" / "rank0-resumed.safetensors")), persisted[0]["weights"]) == 0.0
