@@ -32,8 +32,8 @@ TO_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole te
 
 class GatheredModel:
     """A model as serving_tensors, adapter_tensors and weights_fingerprint read it, with state_dict()
-    the gathered whole tensors (tied duplicates left out, as save_pretrained does); everything
-    else (config, peft_config) read from the live model."""
+    the gathered whole tensors (tied names share one tensor, which serving_tensors writes once);
+    everything else (config, peft_config) read from the live model."""
 
     def __init__(self, model: torch.nn.Module, state: dict[str, torch.Tensor]):
         self._model, self._state = model, state
@@ -46,10 +46,14 @@ class GatheredModel:
 
 
 def split(trainer: Trainer, learner_state: dict[str, torch.Tensor]):
-    """The learner's state -> (the policy's, tied duplicates dropped; the critic's)."""
-    names = {n for n, _ in trainer.model.named_parameters()} | {n for n, _ in trainer.model.named_buffers()}
+    """The learner's state -> (the policy's, a tied name holding the very tensor of the name it is tied
+    to, as in a live state_dict; the critic's)."""
     model = {k[len("model.") :]: v for k, v in learner_state.items() if k.startswith("model.")}
-    model = {k: v for k, v in model.items() if k in names}
+    first: dict[int, str] = {}
+    for name, parameter in trainer.model.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(parameter), name)
+        if canonical != name and canonical in model:
+            model[name] = model[canonical]
     critic = {k[len("value_head.") :]: v for k, v in learner_state.items() if k.startswith("value_head.")}
     return model, critic
 

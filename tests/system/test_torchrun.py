@@ -1,5 +1,6 @@
-"""The trainer's data-parallel path: two processes under torchrun with gloo on CPU finish PPO
-updates on rollouts from the real stream, with identical weights on both ranks."""
+"""The trainer's data-parallel path: two processes under torchrun with gloo on CPU, with DDP and with
+FSDP2 (trainer.parallelism), finish PPO updates on rollouts from the real stream, with identical
+weights on both ranks and those weights persisted as a Hugging Face directory."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import redis
 import torch
 import yaml
 
 from services.common.checkpoints import committed_versions
 from services.common.config import BelayConfig
-from services.common.models import load_causal_lm, load_tokenizer
+from services.common.models import load_causal_lm, load_tokenizer, weights_fingerprint
 from services.common.rollout_queue import Rollout, RolloutQueue
 from services.policy.engine import PolicyEngine, Sampling
 from tests.conftest import free_port
@@ -48,10 +50,15 @@ def fill_stream(config: BelayConfig, model_dir, batches: int) -> None:
         )
 
 
-def test_two_gloo_ranks_finish_updates_with_identical_weights(stack_config, redis_url, tiny_lm_dir, tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_gloo_ranks_finish_updates_with_identical_weights(
+    parallelism, stack_config, redis_url, tiny_lm_dir, tmp_path
+):
     data = stack_config.model_dump()
     data["redis"]["url"] = redis_url
-    data["trainer"].update(max_steps=2, max_staleness=5, ppo_epochs=2, checkpoint_every_steps=1)
+    data["trainer"].update(
+        max_steps=2, max_staleness=5, ppo_epochs=2, checkpoint_every_steps=1, parallelism=parallelism
+    )
     data["run"]["log_level"] = "DEBUG"  # each rank then logs its weights' fingerprint after every step
     config = BelayConfig.model_validate(data)
     fill_stream(config, tiny_lm_dir, batches=2)
@@ -83,6 +90,9 @@ def test_two_gloo_ranks_finish_updates_with_identical_weights(stack_config, redi
     for version, by_rank in fingerprints.items():
         assert set(by_rank) == {0, 1} and by_rank[0] == by_rank[1], f"ranks differ after version {version}"
     assert fingerprints[1][0] != fingerprints[2][0]  # they trained
-    assert [v for v, _ in committed_versions(config.run.checkpoint_dir)] == [1, 2]  # rank 0 alone wrote
+    committed = committed_versions(config.run.checkpoint_dir)
+    assert [v for v, _ in committed] == [1, 2]  # rank 0 alone wrote
+    persisted = load_causal_lm(str(committed[-1][1]), torch.device("cpu"), "v2")  # a Hugging Face directory
+    assert weights_fingerprint(persisted)[:16] == fingerprints[2][0]  # the whole weights the ranks hold
     queue = RolloutQueue(redis.Redis.from_url(redis_url), config.run.name)
     assert queue.pending_count() == 0 and queue.latest_version()[0] == 2
