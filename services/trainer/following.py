@@ -4,11 +4,12 @@ gradients), and under fsdp joins the gathers of the whole weights (and of AdamW 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING
 
 from ..common.models import weights_fingerprint
-from . import gathering
+from . import gathering, rails
 from .distributed import decode_rollouts
 
 if TYPE_CHECKING:
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 def follow(trainer: Trainer) -> None:
     """A rank other than 0: train on each batch rank 0 broadcasts, until it sends nothing."""
     while payload := trainer.distributed.broadcast_bytes(None):
-        if trainer.update(decode_rollouts(payload)).optimizer_steps:
+        decision = json.loads(trainer.distributed.broadcast_bytes(None))  # rank 0's rails on this batch
+        if decision["roll_back_to"] is not None:
+            rails.follow_roll_back(trainer, decision["roll_back_to"])
+        elif trainer.update(decode_rollouts(payload)).optimizer_steps:
             trainer.version += 1
             if trainer.sharded:  # rank 0's gathers in Trainer.step: the weights it publishes, AdamW when persisting
                 gathering.gather_weights(trainer)

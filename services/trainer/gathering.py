@@ -95,19 +95,23 @@ def parameter_indices(trainer: Trainer) -> dict[str, int]:
 def load_whole(trainer: Trainer, weights: dict[str, torch.Tensor], critic: dict, optimizer_state: dict) -> None:
     """All ranks: a checkpoint's whole weights (the policy's, as persisted; under LoRA the adapter's,
     keyed as PEFT saves them), critic and one-rank optimizer state, into this rank's shards."""
-    learner_keys = list(get_model_state_dict(trainer.learner).keys())
-    state = {}
-    for key in learner_keys:
-        saved = persisted_name(trainer, key)
-        if saved in weights:
-            state[key] = weights[saved]
-        elif key.startswith("value_head."):
-            state[key] = critic[key[len("value_head.") :]]
-    set_model_state_dict(trainer.learner, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    load_weights(trainer, weights, critic)
     names = {i: n for n, i in parameter_indices(trainer).items()}
     groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]]
     whole = {"state": {names[int(i)]: values for i, values in optimizer_state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(trainer.learner, trainer.optimizer, whole, options=StateDictOptions(full_state_dict=True))
+
+
+def load_weights(trainer: Trainer, weights: dict[str, torch.Tensor], critic: dict | None = None) -> None:
+    """All ranks: whole weights as persisted (and the critic's, when given) into this rank's shards."""
+    state = {}
+    for key in get_model_state_dict(trainer.learner):
+        saved = persisted_name(trainer, key)
+        if saved in weights:
+            state[key] = weights[saved]
+        elif key.startswith("value_head.") and critic:
+            state[key] = critic[key[len("value_head.") :]]
+    set_model_state_dict(trainer.learner, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def persisted_name(trainer: Trainer, learner_key: str) -> str:

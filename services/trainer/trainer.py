@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import logging
 import pathlib
 import threading
@@ -62,14 +63,8 @@ class Trainer:
         distributed: Distributed | None = None,
     ):
         self.config, self.section = config, config.trainer
-        self.distributed = distributed  # under torchrun; rank 0 alone reads Redis and writes checkpoints
-        if distributed is not None and (
-            config.trainer.kl_hard_limit is not None or config.trainer.rollback_on_degenerate
-        ):
-            raise ValueError(
-                "trainer.kl_hard_limit and trainer.rollback_on_degenerate are not supported with data-parallel "
-                "training yet: a rollback on rank 0 would leave the other ranks behind"
-            )
+        # Under torchrun; rank 0 alone reads Redis, writes checkpoints and decides rollbacks (the others follow).
+        self.distributed = distributed
         if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
             model = wrap_with_lora(model, lora_settings(config.lora))
         self.model, self.tokenizer = own_weights(model).train(), tokenizer  # the optimizer writes in place
@@ -200,6 +195,8 @@ class Trainer:
             if batch_kl > self.section.kl_hard_limit:  # the version that sampled these went too far
                 return rails.roll_back(self, entries, batch_kl)
             self.good_versions.update(r.policy_version for r in rollouts)
+        if self.distributed is not None:  # no rollback: the other ranks train on the batch too (following.py)
+            self.distributed.broadcast_bytes(json.dumps({"roll_back_to": None}).encode())
         started = time.perf_counter()
         stats = self.update(rollouts)
         update_seconds = time.perf_counter() - started
