@@ -72,6 +72,11 @@ class Trainer:
         self.queue, self.metrics, self.policy = queue, metrics, policy
         self.main_rank = distributed is None or distributed.is_main
         self.build_learner()
+        if self.sharded and self.section.weight_transport == "cuda_ipc":
+            raise ValueError(
+                "trainer.weight_transport 'cuda_ipc' sends CUDA tensors, but under trainer.parallelism 'fsdp' the "
+                "whole weights are gathered to rank 0's CPU memory: use weight_transport 'file' or 'broadcast'"
+            )
         # What publishing and persisting read: the live model, or under fsdp the whole weights (and
         # critic, and, when persisting, AdamW state) gathered to rank 0 after each update (gathering.py).
         self.full_model, self.full_value_head, self.full_optimizer_state = self.model, None, None
