@@ -17,6 +17,7 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.rollout_queue import Rollout
@@ -83,6 +84,18 @@ def mutate(trainer: Trainer, mutation: str | None, rank: int) -> None:
         update.minibatch_loss = nan_loss
 
 
+def training_bytes(trainer: Trainer) -> int:
+    """The bytes of this rank's trainable parameters, their gradients and AdamW state (tensor bytes,
+    a shard's own under FSDP2; not process memory)."""
+
+    def size(tensor: torch.Tensor) -> int:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return local.numel() * local.element_size()
+
+    total = sum(size(p) + (size(p.grad) if p.grad is not None else 0) for p in trainer.parameters)
+    return total + sum(size(v) for state in trainer.optimizer.state.values() for v in state.values() if v.dim())
+
+
 def persist_version_1(trainer: Trainer) -> None:
     """As Trainer.step and following.follow do under fsdp: every rank joins the gathers, rank 0 persists."""
     trainer.version = 1
@@ -125,7 +138,12 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
         persist_version_1(trainer)
     save_file(after, str(pathlib.Path(out) / f"rank{rank}.safetensors"))
     moved = max(float((after[k] - before[k]).abs().max()) for k in after)
-    summary = {"optimizer_steps": stats.optimizer_steps, "skipped": stats.skipped_minibatches, "moved": moved}
+    summary = {
+        "optimizer_steps": stats.optimizer_steps,
+        "skipped": stats.skipped_minibatches,
+        "moved": moved,
+        "bytes": training_bytes(trainer),
+    }
     (pathlib.Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
     if distributed is not None:
         distributed.close()
