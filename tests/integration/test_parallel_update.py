@@ -81,10 +81,10 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(parallelism, tiny_lm_dir
 
 
 @pytest.mark.parametrize("extra", [{"advantage": "gae"}, {"lora": {"enabled": True, "r": 4, "alpha": 8}}])
-def test_a_checkpoint_persisted_at_2_fsdp_ranks_resumes_at_1_and_at_2_ranks(extra, tiny_lm_dir, tmp_path):
+def test_a_checkpoint_persisted_at_2_fsdp_ranks_resumes_at_1_2_and_4_ranks(extra, tiny_lm_dir, tmp_path):
     """Until the sharded checkpoint format: rank 0 gathers the whole weights and AdamW state and persists
-    them in the one-rank format. Resumed at 1 rank and at 2 fsdp ranks, the weights are those persisted,
-    and one more update (AdamW's moments restored) lands on the same weights."""
+    them in the one-rank format. Resumed at 1 rank and at 2 (and, with the critic, 4) fsdp ranks, the
+    weights are those persisted, and one more update (AdamW's moments restored) lands on the same weights."""
     checkpoints = str(tmp_path / "checkpoints")
     options = {**extra, "checkpoint_dir": checkpoints}
     persisted = run_ranks(2, tiny_lm_dir, tmp_path / "persist", {**options, "parallelism": "fsdp", "task": "persist"})
@@ -97,3 +97,10 @@ def test_a_checkpoint_persisted_at_2_fsdp_ranks_resumes_at_1_and_at_2_ranks(extr
         print(f"resumed at 2 fsdp ranks vs 1: max abs diff {diff:.2e}")
         assert diff < TOLERANCE and two[rank]["moved"] > 1e-4
     assert max_abs_diff(load_file(str(tmp_path / "one" / "rank0-resumed.safetensors")), persisted[0]["weights"]) == 0.0
+    if "lora" in extra:
+        return
+    four = run_ranks(4, tiny_lm_dir, tmp_path / "four", {**options, "parallelism": "fsdp", "task": "resume"})
+    for rank in range(4):
+        resumed = load_file(str(tmp_path / "four" / f"rank{rank}-resumed.safetensors"))
+        assert max_abs_diff(resumed, persisted[0]["weights"]) == 0.0
+        assert max_abs_diff(four[rank]["weights"], one["weights"]) < TOLERANCE
