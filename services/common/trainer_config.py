@@ -27,6 +27,12 @@ class TrainerConfig(ModelRuntime):
         "(its float32 logits: positions x vocabulary x 4 bytes, recomputed in backward); never (B, T, V) at once",
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="data parallelism under torchrun, read only when WORLD_SIZE > 1: 'ddp' (DistributedDataParallel, "
+        "a whole model and AdamW state per rank) or 'fsdp' (FSDP2 fully_shard per transformer block and the root: "
+        "parameters, gradients and AdamW state sharded across ranks)",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     metrics_port: int = Field(9104, ge=0, le=65535, description="Prometheus /metrics port (0: none)")
     policy_address: str = Field("127.0.0.1:50051", description="policy service, told of each new version")

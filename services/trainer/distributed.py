@@ -1,7 +1,8 @@
 """Data-parallel training under torchrun: rank 0 reads rollouts and writes checkpoints; every rank
-trains on its share of each minibatch and gradients are averaged across ranks, so all ranks hold
-identical weights after every optimizer step. PyTorch's own torch.distributed (gloo on CPU,
-nccl on GPU); rollouts travel between ranks as JSON bytes in a uint8 tensor, never as pickles."""
+trains on its share of each minibatch, and DDP or FSDP2 (parallel.py) reduce the gradients in backward,
+so all ranks hold the same weights (or shards of them) after every optimizer step. Here: the process
+group (gloo on CPU, nccl on GPU) and the decisions ranks take together (all_true, mean, broadcasts
+from rank 0), not gradients. Rollouts travel between ranks as JSON bytes in a uint8 tensor, never as pickles."""
 
 from __future__ import annotations
 
@@ -46,13 +47,11 @@ class Distributed:
             dist.broadcast(buffer, src=0)
         return bytes(buffer.numpy().tobytes())
 
-    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
-        """grad <- mean over ranks (a missing grad counts as zeros, so every rank joins every call)."""
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-            parameter.grad /= self.world_size
+    def decide(self, flag: bool) -> bool:
+        """Rank 0's flag, on every rank (what the other ranks pass is ignored)."""
+        value = torch.tensor([1 if flag else 0], dtype=torch.long)
+        dist.broadcast(value, src=0)
+        return bool(value.item())
 
     def all_true(self, flag: bool) -> bool:
         value = torch.tensor([1 if flag else 0], dtype=torch.long)

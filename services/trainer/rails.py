@@ -7,6 +7,7 @@ reason."""
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import time
@@ -19,6 +20,7 @@ from ..common.checkpoints import committed_versions
 from ..common.lora import load_weights_or_adapter
 from ..common.rollout_queue import Rollout
 from ..common.step_records import RollbackRecord
+from . import gathering
 from .retry import until_redis_answers
 
 if TYPE_CHECKING:
@@ -65,13 +67,19 @@ def roll_back(trainer: Trainer, entries: list[Entry], kl: float, degenerate: int
         worst, good, reason = degenerate, clean_versions(trainer), "canary_degenerate"
         detail = f"version {degenerate}'s canary answers are degenerate (trainer.rollback_on_degenerate)"
     target = rollback_target(trainer, worst, checkpoints, good)
+    if trainer.distributed is not None:  # the other ranks roll back with it (follow_roll_back)
+        trainer.distributed.broadcast_bytes(json.dumps({"roll_back_to": target}).encode())
     restore_weights(trainer, target, checkpoints)
     trainer.optimizer.state.clear()  # the moments steered towards the bad version
     tighten(trainer)
     version = trainer.advance_version()
     trainer.good_versions.add(version)
     trainer.rolled_back_at = version  # verdicts on versions up to here are about weights left behind
+    if trainer.sharded:
+        gathering.gather_weights(trainer)
     trainer.publish(version)
+    if trainer.sharded:
+        gathering.gather_optimizer(trainer, True)
     trainer.persist()  # at once: the restored weights and the raised β or lowered lr are the new base
     for entry_id, _ in entries:
         trainer.intake.drop(entry_id, reason, detail)
@@ -101,6 +109,19 @@ def roll_back(trainer: Trainer, entries: list[Entry], kl: float, degenerate: int
     return record
 
 
+def follow_roll_back(trainer: Trainer, target: int) -> None:
+    """A rank other than 0, told by rank 0 to roll back to version `target`: the same weights from
+    the same checkpoint (every rank reads the checkpoint directory, as on resume), moments cleared,
+    β or lr tightened, and the gathers rank 0's publish and persist need under fsdp."""
+    restore_weights(trainer, target, dict(committed_versions(trainer.config.run.checkpoint_dir)))
+    trainer.optimizer.state.clear()
+    tighten(trainer)
+    trainer.version += 1
+    if trainer.sharded:
+        gathering.gather_weights(trainer)
+        gathering.gather_optimizer(trainer, None)
+
+
 def rollback_target(trainer: Trainer, worst: int, checkpoints: dict[int, pathlib.Path], good: set[int]) -> int:
     """The newest good version below `worst` (the oldest that sampled the batch, or the degenerate
     one) that a committed checkpoint holds; 0 (the SFT model) when there is none."""
@@ -123,6 +144,9 @@ def restore_weights(trainer: Trainer, target: int, checkpoints: dict[int, pathli
             for name, parameter in trainer.model.named_parameters():
                 if "lora_B" in name:
                     parameter.zero_()
+    elif trainer.sharded:  # every rank reads the whole weights and keeps its shards
+        source = pathlib.Path(trainer.section.model_dir if target == 0 else checkpoints[target])
+        gathering.load_weights(trainer, gathering.persisted_weights(source))
     else:
         load_weights_or_adapter(trainer.model, trainer.section.model_dir if target == 0 else checkpoints[target])
 

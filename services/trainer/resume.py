@@ -19,6 +19,7 @@ from ..common.checkpoints import (
     remove_unfinished,
 )
 from ..common.lora import adapter_config, load_weights_or_adapter
+from . import gathering
 from .lineage import Lineage
 from .persisting import Snapshot
 from .publishing import serving_tensors
@@ -53,15 +54,20 @@ def restore(trainer: Trainer) -> int:
             f"{path} was written in checkpoint format {meta['format']} by a newer Belay; this "
             f"trainer reads formats 1 to {CHECKPOINT_FORMAT}: resume it with that version or newer"
         )
-    load_weights_or_adapter(trainer.model, path)
-    if trainer.value_head is not None:
-        trainer.value_head.load_state_dict(prefixed(tensors, "value_head/"))
+    optimizer_state = optimizer_state_from_flat(prefixed(tensors, "optimizer/"), meta["optimizer"])
+    if trainer.sharded:  # every rank reads the whole checkpoint and keeps its shards (gathering.py)
+        weights = gathering.persisted_weights(path)
+        gathering.load_whole(trainer, weights, prefixed(tensors, "value_head/"), optimizer_state)
+    else:
+        load_weights_or_adapter(trainer.model, path)
+        if trainer.value_head is not None:
+            trainer.value_head.load_state_dict(prefixed(tensors, "value_head/"))
+        trainer.optimizer.load_state_dict(optimizer_state)
     trainer.scheduler.load_state_dict(meta["scheduler"])
     trainer.kl_controller.load_state_dict(meta["kl_controller"])
     trainer.reward_moments.load_state_dict(meta["reward_moments"])
     trainer.good_versions = set(meta.get("good_versions", [0]))
     trainer.rolled_back_at = meta.get("rolled_back_at", 0)
-    trainer.optimizer.load_state_dict(optimizer_state_from_flat(prefixed(tensors, "optimizer/"), meta["optimizer"]))
     torch.set_rng_state(tensors["rng/torch"])
     trainer.shuffle.set_state(tensors["rng/shuffle"])
     trainer.version = version
@@ -96,12 +102,15 @@ def publish_at_start(trainer: Trainer) -> None:
 
 def snapshot(trainer: Trainer, version: int) -> Snapshot:
     """Copies of everything the checkpoint holds, taken between updates (the persist writes them later)."""
-    optimizer_tensors, optimizer_rest = optimizer_state_to_flat(trainer.optimizer.state_dict())
+    # Under fsdp: what gathering.py gathered to rank 0 after this update (whole weights, critic, AdamW).
+    optimizer_state = trainer.full_optimizer_state if trainer.sharded else trainer.optimizer.state_dict()
+    optimizer_tensors, optimizer_rest = optimizer_state_to_flat(optimizer_state)
     state = {f"optimizer/{k}": v for k, v in optimizer_tensors.items()}
     if trainer.value_head is not None:
-        state.update({f"value_head/{k}": v for k, v in trainer.value_head.state_dict().items()})
+        critic = trainer.full_value_head if trainer.sharded else trainer.value_head.state_dict()
+        state.update({f"value_head/{k}": v for k, v in critic.items()})
     lora = trainer.config.lora.enabled
-    weights = serving_tensors(trainer.model, lora)
+    weights = serving_tensors(trainer.full_model, lora)
     copied = trainer.persister.buffers.copy({**{f"weights/{k}": v for k, v in weights.items()}, **state})
     state = {k: copied[k] for k in state}
     state["rng/torch"] = torch.get_rng_state()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import logging
 import pathlib
 import threading
@@ -31,13 +32,14 @@ from ..common.models import own_weights, resolve_dtype, weights_fingerprint
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from ..common.step_records import RollbackRecord, Sample, StageSeconds, StepRecord, UpdateStats
-from . import following, monitoring, ppo, rails, resume, update
+from . import following, gathering, monitoring, parallel, ppo, rails, resume, update
 from .best_version import BestVersion
 from .detectors import Detectors
 from .distributed import Distributed, encode_rollouts
 from .intake import Entry, Intake
 from .kl import AdaptiveKLController, FixedKLController
 from .lineage import Lineage
+from .parallel import Learner
 from .persisting import Persister
 from .publishing import Publication, Publisher, make_transport
 from .retry import until_redis_answers
@@ -62,14 +64,8 @@ class Trainer:
         distributed: Distributed | None = None,
     ):
         self.config, self.section = config, config.trainer
-        self.distributed = distributed  # under torchrun; rank 0 alone reads Redis and writes checkpoints
-        if distributed is not None and (
-            config.trainer.kl_hard_limit is not None or config.trainer.rollback_on_degenerate
-        ):
-            raise ValueError(
-                "trainer.kl_hard_limit and trainer.rollback_on_degenerate are not supported with data-parallel "
-                "training yet: a rollback on rank 0 would leave the other ranks behind"
-            )
+        # Under torchrun; rank 0 alone reads Redis, writes checkpoints and decides rollbacks (the others follow).
+        self.distributed = distributed
         if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
             model = wrap_with_lora(model, lora_settings(config.lora))
         self.model, self.tokenizer = own_weights(model).train(), tokenizer  # the optimizer writes in place
@@ -77,6 +73,14 @@ class Trainer:
         self.queue, self.metrics, self.policy = queue, metrics, policy
         self.main_rank = distributed is None or distributed.is_main
         self.build_learner()
+        if self.sharded and self.section.weight_transport == "cuda_ipc":
+            raise ValueError(
+                "trainer.weight_transport 'cuda_ipc' sends CUDA tensors, but under trainer.parallelism 'fsdp' the "
+                "whole weights are gathered to rank 0's CPU memory: use weight_transport 'file' or 'broadcast'"
+            )
+        # What publishing and persisting read: the live model, or under fsdp the whole weights (and
+        # critic, and, when persisting, AdamW state) gathered to rank 0 after each update (gathering.py).
+        self.full_model, self.full_value_head, self.full_optimizer_state = self.model, None, None
         self.version = 0
         self.lineage = Lineage()  # staleness in updates along this trainer's history, not version numbers
         self.good_versions: set[int] = {0}  # versions whose samples stayed under kl_hard_limit (0: the SFT model)
@@ -101,15 +105,20 @@ class Trainer:
         self.value_head = (
             ValueHead.from_model_config(self.model.config).to(self.device) if section.advantage == "gae" else None
         )
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
-        if self.value_head is not None:
-            self.parameters += list(self.value_head.parameters())
         # float32 master weights and AdamW moments whatever trainer.dtype says; the forward passes run
         # under autocast in it (update.forward). Why: AdamW's update lr*m/sqrt(v) is ~1e-5 of a weight,
         # below bfloat16's 8-bit mantissa, so updates applied to bf16 weights would mostly round away.
         self.compute_dtype = resolve_dtype(section.dtype, self.device)
         if section.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Under torchrun: DDP or FSDP2 (parallel.py), which reduce the gradients in backward. The
+        # optimizer comes after: FSDP2 turns the parameters into DTensors (this rank's shards).
+        parallelism = section.parallelism if self.distributed is not None else None
+        self.learner = parallel.wrap(Learner(self.model, self.value_head), parallelism, self.device, self.compute_dtype)
+        self.sharded = parallelism == "fsdp"
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            self.parameters += list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=section.lr, weight_decay=section.weight_decay, fused=self.device.type == "cuda"
         )
@@ -153,7 +162,7 @@ class Trainer:
         path = pathlib.Path(self.config.run.checkpoint_dir) / "run_manifest.json"
         manifest = run_manifest(
             self.config.model_dump(mode="json"),
-            {"policy_start": weights_fingerprint(self.model), "version_start": str(self.version)},
+            {"policy_start": weights_fingerprint(self.full_model), "version_start": str(self.version)},
             {"trainer": self.section.seed, "policy": self.config.policy.seed},
         )
         write_manifest(path, manifest)
@@ -161,7 +170,10 @@ class Trainer:
 
     def resume(self) -> int:
         """Load the newest committed checkpoint, if any (resume.py). Returns its version (0: none)."""
-        return resume.restore(self)
+        version = resume.restore(self)
+        if self.sharded:  # every rank: the whole weights to rank 0, for the manifest and the first publish
+            gathering.gather_weights(self)
+        return version
 
     def publish_at_start(self) -> None:
         """Publish at once after a (re)start, above every version published before (resume.py)."""
@@ -172,7 +184,7 @@ class Trainer:
 
         def catch_up() -> None:  # the model is the latest published version: late replicas get it
             if self.publisher is not None:
-                self.publisher.catch_up(self.version, self.model)
+                self.publisher.catch_up(self.version, self.full_model)
 
         return self.intake.collect(stop, self.lineage, self.version, self.consumed_ids, catch_up)
 
@@ -191,6 +203,8 @@ class Trainer:
             if batch_kl > self.section.kl_hard_limit:  # the version that sampled these went too far
                 return rails.roll_back(self, entries, batch_kl)
             self.good_versions.update(r.policy_version for r in rollouts)
+        if self.distributed is not None:  # no rollback: the other ranks train on the batch too (following.py)
+            self.distributed.broadcast_bytes(json.dumps({"roll_back_to": None}).encode())
         started = time.perf_counter()
         stats = self.update(rollouts)
         update_seconds = time.perf_counter() - started
@@ -209,8 +223,13 @@ class Trainer:
         # The rollouts stay pending in Redis until a committed checkpoint holds them: a crash before
         # that redelivers them, and the resumed trainer trains them once into its lineage.
         self.persister.trained_into_published([entry_id for entry_id, _ in entries])
+        if self.sharded:  # the other ranks join the gather in following.follow
+            gathering.gather_weights(self)
         publication = self.publish(version)
-        persist_seconds = self.persist() if self.persister.due() else 0.0
+        due = self.persister.due()
+        if self.sharded:
+            gathering.gather_optimizer(self, due)
+        persist_seconds = self.persist() if due else 0.0
         seconds = StageSeconds(
             update=update_seconds,
             publish=publication.seconds,
@@ -257,7 +276,7 @@ class Trainer:
         trained rollouts still awaiting their persist (the actor's production bound leaves them out)."""
         if self.publisher is None:  # no queue (the bench's in-process mode): nobody to hand weights to
             return Publication(version, "", "none", 0, 0.0)
-        publication = self.publisher.publish(version, self.model, self.persister.awaiting(), until_redis_answers)
+        publication = self.publisher.publish(version, self.full_model, self.persister.awaiting(), until_redis_answers)
         self.metrics.record_publication(publication)
         return publication
 
@@ -311,7 +330,10 @@ class Trainer:
     def finish(self) -> None:
         """At max_steps, SIGTERM or the data's end: persist what is not persisted yet and wait for it; then the
         published copies can go (a restarted policy loads the persisted version)."""
-        if self.persister.persisted_version != self.version or self.persister.awaiting():
+        needed = self.persister.persisted_version != self.version or bool(self.persister.awaiting())
+        if self.sharded:  # the other ranks join after their last batch (following.follow)
+            gathering.gather_optimizer(self, needed)
+        if needed:
             self.persist(wait=True)
         else:
             self.persister.wait()

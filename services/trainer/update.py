@@ -20,7 +20,6 @@ from ..common.config import TrainerConfig
 from ..common.rollout_queue import Rollout
 from ..common.sample_statistics import distinct_n, pearson, repetition
 from ..common.step_records import UpdateStats
-from ..common.token_logprobs import model_response_stats
 from . import ppo
 from .advantages import (
     batch_mean_advantage,
@@ -131,8 +130,7 @@ def forward(trainer: Trainer, data: PPOBatch):
     section, dtype = trainer.section, trainer.compute_dtype
     top_ids = data.ref_top_ids if section.kl_estimator == "full" else None
     with torch.autocast(trainer.device.type, dtype, enabled=dtype != torch.float32):
-        stats, hidden = model_response_stats(
-            trainer.model,
+        return trainer.learner(  # the policy and critic, through the DDP / FSDP2 wrapper when there is one
             data.input_ids,
             data.attention_mask,
             data.response_mask,
@@ -140,8 +138,6 @@ def forward(trainer: Trainer, data: PPOBatch):
             section.logprob_chunk_positions,
             top_ids,
         )
-    values = trainer.value_head(hidden[:, :-1].float()) if trainer.value_head is not None else None
-    return stats.logprobs, stats.entropy, stats.top_logprobs, values
 
 
 def ppo_update(trainer: Trainer, rollouts: list[Rollout]) -> UpdateStats:
@@ -229,9 +225,7 @@ def epochs(
     for _epoch in range(section.ppo_epochs):
         order = torch.randperm(size, generator=trainer.shuffle)
         for start in range(0, size, section.minibatch_size):
-            rows = order[start : start + section.minibatch_size]
-            if distributed is not None:  # each rank its share; gradients averaged in the step
-                rows = rows[distributed.rank :: distributed.world_size]
+            rows, weight = rank_share(order[start : start + section.minibatch_size], distributed)
             rows = rows.to(trainer.device)
             minibatch_step(
                 trainer,
@@ -239,6 +233,7 @@ def epochs(
                 {k: None if v is None else v[rows] for k, v in targets.items()},
                 beta,
                 figures,
+                weight,
             )
             if section.early_stop_kl is not None and figures["approx_kl"]:
                 approx_kl = figures["approx_kl"][-1]
@@ -247,6 +242,20 @@ def epochs(
                 if approx_kl > section.early_stop_kl:
                     return figures, True
     return figures, False
+
+
+def rank_share(rows: torch.Tensor, distributed) -> tuple[torch.Tensor, float]:
+    """This rank's rows of a minibatch (rows[rank::world]) and the weight of its loss. DDP and FSDP2
+    reduce gradients as the mean over ranks, so a rank's loss counts share·world/rows: the mean of
+    the weighted per-rank losses is then the row-weighted mean over the whole minibatch, as on one
+    rank. A rank with no rows (a minibatch smaller than the world) still joins the forward and the
+    reduction, on one row weighted 0."""
+    if distributed is None:
+        return rows, 1.0
+    share = rows[distributed.rank :: distributed.world_size]
+    if len(share) == 0:
+        return rows[:1], 0.0
+    return share, len(share) * distributed.world_size / len(rows)
 
 
 def minibatch_loss(
@@ -287,9 +296,12 @@ def minibatch_loss(
     return loss, info, entropy
 
 
-def minibatch_step(trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict) -> None:
-    """Loss, backward, gradient clipping and one optimizer step; skipped (and counted) when the
-    loss or the gradient norm is not finite, on every rank when on any."""
+def minibatch_step(
+    trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict, weight: float = 1.0
+) -> None:
+    """Loss, backward (DDP / FSDP2 reduce the gradients there: the mean over ranks), gradient clipping
+    and one optimizer step; skipped (and counted) when the loss or the gradient norm is not finite,
+    on every rank when on any. `weight`: this rank's share of the minibatch (rank_share)."""
     distributed, optimizer = trainer.distributed, trainer.optimizer
     loss, info, entropy = minibatch_loss(trainer, data, targets, beta, figures)
     optimizer.zero_grad(set_to_none=True)
@@ -298,11 +310,11 @@ def minibatch_step(trainer: Trainer, data: PPOBatch, targets: dict, beta: float,
         finite = distributed.all_true(finite)  # one rank's NaN skips the step on all of them
     if not finite:
         return skip(trainer, figures, f"loss is {loss.item()}")
-    loss.backward()
-    if distributed is not None:
-        distributed.average_gradients(trainer.parameters)
+    (loss * weight).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.section.max_grad_norm)
-    if not torch.isfinite(grad_norm):
+    if isinstance(grad_norm, torch.distributed.tensor.DTensor):  # FSDP2: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
+    if not torch.isfinite(grad_norm):  # the same norm on every rank (reduced gradients): all skip together
         optimizer.zero_grad(set_to_none=True)
         return skip(trainer, figures, f"gradient norm is {grad_norm.item()}")
     optimizer.step()

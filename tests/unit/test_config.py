@@ -251,3 +251,10 @@ def test_a_model_dir_that_is_not_a_model_directory_is_refused_by_name_before_tra
         load_tokenizer(str(tmp_path / "models" / "x"), "policy.model_dir")
     with pytest.raises(FileNotFoundError, match=r"policy.model_dir: '' is not a Hugging Face model directory"):
         load_tokenizer("", "policy.model_dir")
+
+
+def test_trainer_parallelism_is_ddp_by_default_and_refuses_other_values(tmp_path):
+    assert load_config(None, environ={}).trainer.parallelism == "ddp"
+    assert load_config(None, environ={"BELAY_TRAINER__PARALLELISM": "fsdp"}).trainer.parallelism == "fsdp"
+    with pytest.raises(ConfigError, match="parallelism"):
+        load_config(write(tmp_path, "trainer:\n  parallelism: zero3\n"), environ={})
