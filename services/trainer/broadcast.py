@@ -168,6 +168,9 @@ class BroadcastTransport:
             log.info("catching up replicas %s to version %d", sorted(lagging), version)
             return self.send_to(lagging, version, tensors())
 
+    def prepare(self) -> None:
+        """Nothing to get ready: each send goes straight from the trainer's tensors."""
+
     def forget_below(self, version: int) -> None:
         """Nothing is kept between versions: the weights live in the replicas' memory."""
 

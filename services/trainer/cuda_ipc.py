@@ -69,6 +69,9 @@ class CudaIpcTransport:
             }
             return self.send_to(lagging, version, tensors()) if lagging else []
 
+    def prepare(self) -> None:
+        """Nothing to get ready: each send goes straight from the trainer's tensors."""
+
     def forget_below(self, version: int) -> None:
         """Nothing is kept between versions."""
 

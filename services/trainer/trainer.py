@@ -205,6 +205,8 @@ class Trainer:
             self.good_versions.update(r.policy_version for r in rollouts)
         if self.distributed is not None:  # no rollback: the other ranks train on the batch too (following.py)
             self.distributed.broadcast_bytes(json.dumps({"roll_back_to": None}).encode())
+        if self.publisher is not None:
+            self.publisher.transport.prepare()  # e.g. the next publish's file, allocated while the update runs
         started = time.perf_counter()
         stats = self.update(rollouts)
         update_seconds = time.perf_counter() - started

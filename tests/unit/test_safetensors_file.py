@@ -95,13 +95,15 @@ def test_published_weights_carry_sizes_without_checksums_and_say_so_when_fully_c
     assert "half-written" in checkpoint_problem(published, full=False)
 
 
-def test_the_file_transport_writes_each_version_into_the_file_it_allocated_after_the_last(tmp_path):
+def test_the_file_transport_writes_each_version_into_the_file_it_allocated_during_the_update(tmp_path):
     from services.trainer.publishing import FileTransport
 
     transport = FileTransport(tmp_path / "publish", lora_config=None)
     spare = tmp_path / "publish" / FileTransport.PREALLOCATED
     first = {name: tensor for name, tensor in mixed_tensors().items() if name != "scalar"}
     location, moved = transport.send(1, first)
+    assert transport.preallocating is None and not spare.exists()  # not while the policy swaps to v1
+    transport.prepare()  # as the next update begins
     transport.preallocating.join()
     assert spare.stat().st_size == moved == (pathlib.Path(location) / "model.safetensors").stat().st_size
     inode = spare.stat().st_ino
