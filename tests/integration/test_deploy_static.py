@@ -1220,6 +1220,25 @@ def k8s_belay_containers() -> list[tuple[str, dict]]:
     ]
 
 
+def assert_torchrun_starts(command: list[str], env: dict[str, str]) -> None:
+    """`command` (torchrun ... -m services.trainer --config ...) with $(VAR) expanded from `env` as
+    Kubernetes does and `--help` for the config: torchrun exits 0 only if it and its worker start."""
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], word) for word in command[1:]]
+    argv = argv[: argv.index("--config")] + ["--help"]
+    torchrun = pathlib.Path(sys.executable).with_name("torchrun")
+    assert torchrun.is_file(), "torchrun is not installed beside python (torch provides it)"
+    result = subprocess.run(
+        [str(torchrun), *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--config" in result.stdout
+
+
 @pytest.mark.parametrize("name,container", k8s_belay_containers(), ids=[n for n, _ in k8s_belay_containers()])
 def test_k8s_command_exists_and_starts(name, container, tmp_path):
     command = container["command"]
@@ -1248,20 +1267,7 @@ def test_k8s_command_exists_and_starts(name, container, tmp_path):
     if command[0] == "torchrun":
         # torchrun with the pod's own options, $(GPUS) expanded as Kubernetes does, one worker: the
         # worker runs `python -m services.trainer --help`, so torchrun exits 0 only if both start.
-        argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], word) for word in command[1:]]
-        argv = argv[: argv.index("--config")] + ["--help"]
-        torchrun = pathlib.Path(sys.executable).with_name("torchrun")
-        assert torchrun.is_file(), "torchrun is not installed beside python (torch provides it)"
-        result = subprocess.run(
-            [str(torchrun), *argv],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "--config" in result.stdout
+        assert_torchrun_starts(command, env)
         return
     assert_starts(help_argv(command))
     config_path = command[command.index("--config") + 1]
