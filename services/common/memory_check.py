@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -122,8 +123,16 @@ def _trainer(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:
             min(section.logprob_chunk_positions, minibatch_tokens),
             0,  # the full-batch pass (GAE, full KL) is chunked too: one chunk at a time
             device,
+            fsdp_ranks(section),
         )
     ]
+
+
+def fsdp_ranks(section) -> int:
+    """How many ranks share the trainer's model: WORLD_SIZE under torchrun with trainer.parallelism
+    fsdp; 1 otherwise (one process, or ddp, where every rank holds a whole copy)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world if world > 1 and section.parallelism == "fsdp" else 1
 
 
 PLANNERS = {"policy": _policy, "reference": _reference, "reward": _reward, "trainer": _trainer}

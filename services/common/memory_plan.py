@@ -90,15 +90,26 @@ def parameter_count(shape: ModelShape) -> int:
     attention = h*a*d (q) + 2*h*g*d (k, v) + a*d*h (o) [+ a*d + 2*g*d q/k/v biases] [+ h o bias]
                 [+ 2d q/k norms], mlp = 3*h*I (gate, up, down) [+ 2I + h biases],
     head = 0 when tied, V*h when not, h*num_labels for a classifier (its score layer has no bias)."""
-    h, a, g, d, size = shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, 0
+    return root_parameter_count(shape) + shape.num_hidden_layers * block_parameter_count(shape)
+
+
+def block_parameter_count(shape: ModelShape) -> int:
+    """One transformer block's parameters: attention + mlp + 2h norms (see parameter_count)."""
+    h, a, g, d = shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
     attention = h * a * d + 2 * h * g * d + a * d * h
     attention += (a * d + 2 * g * d) * shape.qkv_bias + h * shape.output_bias + 2 * d * shape.qk_norm
     mlp = 3 * h * shape.intermediate_size + (2 * shape.intermediate_size + h) * shape.mlp_bias
+    return attention + mlp + 2 * h
+
+
+def root_parameter_count(shape: ModelShape) -> int:
+    """The parameters outside the blocks: embeddings V*h, final norm h, and the head (see parameter_count)."""
+    h, head = shape.hidden_size, 0
     if shape.num_labels:
-        size = h * shape.num_labels
+        head = h * shape.num_labels
     elif not shape.tie_word_embeddings:
-        size = shape.vocab_size * h
-    return shape.vocab_size * h + shape.num_hidden_layers * (attention + mlp + 2 * h) + h + size
+        head = shape.vocab_size * h
+    return shape.vocab_size * h + h + head
 
 
 def kv_cache_bytes(shape: ModelShape, rows: int, tokens: int, dtype_bytes: int) -> int:
@@ -229,23 +240,37 @@ def trainer_plan(
     logprob_positions: int,
     full_batch_positions: int,
     device: str,
+    shards: int = 1,
 ) -> ServicePlan:
     """The trainer: float32 master weights 4P, gradients 4P, AdamW's two moments 8P, the serving
     copy it publishes P * e (none when it trains in float32: the master weights are served);
     activations over minibatch_tokens (= minibatch_size * (prompt_tokens + new_tokens)) tokens, see
     training_activation_bytes; the log-prob chunk logprob_positions * V * 4 * LOGPROB_COPIES
     (positions = minibatch_tokens until log-probs are chunked); and, with GAE or the full KL, the
-    no-grad pass over the whole batch, full_batch_positions * V * 4 * LOGPROB_COPIES."""
+    no-grad pass over the whole batch, full_batch_positions * V * 4 * LOGPROB_COPIES.
+
+    shards > 1 (trainer.parallelism fsdp over that many ranks): one rank's plan. Weights, gradients
+    and moments are 1/shards each (rounded up), plus what FSDP2 gathers whole in float32 while it
+    computes: the root's parameters (embeddings, head, final norm) for the whole forward and
+    backward, and two blocks at a time (the one computing and the one prefetched)."""
     parameters = parameter_count(shape)
     model_hint = "a smaller model, or the trainer on a device of its own"
+    if shards > 1:
+        model_hint = "more ranks (trainer.parallelism: fsdp shards the model across them)"
     minibatch_hint = "lower trainer.minibatch_size"
+    share = f" (1/{shards} per rank)" if shards > 1 else ""
     return service_plan(
         "trainer",
         device,
         [
-            MemoryItem("trainer float32 master weights", 4 * parameters, model_hint),
-            MemoryItem("trainer gradients", 4 * parameters, model_hint),
-            MemoryItem("trainer AdamW moments", 8 * parameters, model_hint),
+            MemoryItem(f"trainer float32 master weights{share}", -(-4 * parameters // shards), model_hint),
+            MemoryItem(f"trainer gradients{share}", -(-4 * parameters // shards), model_hint),
+            MemoryItem(f"trainer AdamW moments{share}", -(-8 * parameters // shards), model_hint),
+            MemoryItem(
+                "trainer FSDP2 gathered root and two blocks",
+                4 * (root_parameter_count(shape) + 2 * block_parameter_count(shape)) * (shards > 1),
+                model_hint,
+            ),
             MemoryItem(
                 "trainer serving copy", parameters * dtype_bytes * (dtype_bytes != 4), "set trainer.dtype: float32"
             ),

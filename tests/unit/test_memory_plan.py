@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import types
 
 import pytest
 import torch
@@ -158,6 +159,38 @@ def test_trainer_plan_items_follow_their_formulas():
     assert checkpointed["trainer activations"] == tokens * 1536 * 34 * 2 + 28 * tokens * 1536 * 4
     assert checkpointed["trainer log-prob chunk"] == 1024 * 151936 * 4 * 4
     assert "trainer serving copy" not in checkpointed  # float32 training serves its master weights
+
+
+def test_an_fsdp_ranks_plan_holds_its_shard_and_what_fsdp2_gathers_whole():
+    shape, parameters = model_shape(QWEN25_15B), 1_543_714_304
+    tokens = 8 * 1152
+    one = {i.name: i.bytes for i in trainer_plan(shape, 4, tokens, True, 1024, 0, "cuda:0").items}
+    two = {i.name: i.bytes for i in trainer_plan(shape, 4, tokens, True, 1024, 0, "cuda:0", shards=2).items}
+    assert "trainer FSDP2 gathered root and two blocks" not in one
+    assert two["trainer float32 master weights (1/2 per rank)"] == 4 * parameters // 2
+    assert two["trainer gradients (1/2 per rank)"] == 4 * parameters // 2
+    assert two["trainer AdamW moments (1/2 per rank)"] == 8 * parameters // 2
+    # Qwen2.5-1.5B, written out: tied embeddings V*h plus the final norm h; a block is attention with
+    # q/k/v biases (12 heads and 2 KV heads of 128) + the 3-matrix MLP + two norms
+    h, intermediate, vocab = 1536, 8960, 151936
+    block = (h * 12 * 128 + 2 * h * 2 * 128 + 12 * 128 * h) + (12 * 128 + 2 * 2 * 128) + 3 * h * intermediate + 2 * h
+    assert two["trainer FSDP2 gathered root and two blocks"] == 4 * (vocab * h + h + 2 * block)
+    assert vocab * h + h + 28 * block == parameters  # the split adds up to the whole model
+    weights_grads_moments = ("master weights", "gradients", "AdamW moments")
+    ones = sum(b for n, b in one.items() if any(w in n for w in weights_grads_moments))
+    twos = sum(b for n, b in two.items() if any(w in n for w in weights_grads_moments))
+    assert twos / ones == 0.5  # issue #15: at most 60 % per rank at 2 ranks
+
+
+def test_the_trainers_plan_is_sharded_only_under_fsdp_with_more_than_one_rank(monkeypatch):
+    from services.common.memory_check import fsdp_ranks
+
+    section = types.SimpleNamespace(parallelism="fsdp")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert fsdp_ranks(section) == 4
+    assert fsdp_ranks(types.SimpleNamespace(parallelism="ddp")) == 1  # every ddp rank holds a whole copy
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert fsdp_ranks(section) == 1
 
 
 def write_model_configs(directory: pathlib.Path, shape: dict) -> tuple[str, str]:
