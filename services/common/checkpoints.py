@@ -30,6 +30,14 @@ VERSION_DIR = re.compile(r"^v(\d{6})$")
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 MANIFEST = "MANIFEST.json"
+# The trainer's resume state: trainer_state.safetensors, trainer_state.json, and under fsdp one
+# trainer_state.rankRRRRR-of-WWWWW.safetensors per rank with trainer_state.shards.json (trainer/shards.py).
+STATE_PREFIX = "trainer_state."
+
+
+def weight_files(directory: str | os.PathLike) -> list[pathlib.Path]:
+    """A checkpoint's weight (or adapter) *.safetensors files: every one but the trainer's resume state."""
+    return sorted(p for p in pathlib.Path(directory).glob("*.safetensors") if not p.name.startswith(STATE_PREFIX))
 
 
 def version_dir_name(version: int) -> str:
@@ -52,10 +60,23 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
+def temp_dir(root: str | os.PathLike, version: int, owner: int | None = None) -> pathlib.Path:
+    """Where version `version` is written before its rename: named after the writing process (`owner`,
+    a pid; this one's by default), so that the ranks of one run can all compute it from rank 0's pid."""
+    return pathlib.Path(root) / f".tmp-{version_dir_name(version)}-{os.getpid() if owner is None else owner}"
+
+
 def write_checkpoint(
-    root: str | os.PathLike, version: int, write_files: Callable[[pathlib.Path], None], durable: bool = True
+    root: str | os.PathLike,
+    version: int,
+    write_files: Callable[[pathlib.Path], None],
+    durable: bool = True,
+    started: bool = False,
 ) -> pathlib.Path:
     """Call write_files(temp_dir), then commit it atomically as root/vNNNNNN. Never overwrites.
+
+    started=True: temp_dir(root, version) already holds files other processes wrote into it (the
+    per-rank shards under fsdp), so it is kept, not emptied; it is removed on failure all the same.
 
     durable=False skips the fsyncs and the checksums (published weights in a memory-backed directory:
     the rename alone makes them appear whole, the manifest's sizes catch a torn file, and a crash of
@@ -65,9 +86,12 @@ def write_checkpoint(
     final = root / version_dir_name(version)
     if final.exists():
         raise FileExistsError(f"checkpoint {final} already exists; versions are never overwritten")
-    temp = root / f".tmp-{version_dir_name(version)}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
+    temp = temp_dir(root, version)
+    if not started:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir()
+    elif not temp.is_dir():
+        raise FileNotFoundError(f"{temp} should hold the files the other ranks wrote, and is not there")
     try:
         write_files(temp)
         write_checksum_manifest(temp, version, checksums=durable)
@@ -218,7 +242,7 @@ def load_weights_into(model: torch.nn.Module, checkpoint: str | os.PathLike) -> 
     holds a second copy of the model: every key and shape is checked from the headers first.
     """
     checkpoint = pathlib.Path(checkpoint)
-    files = sorted(p for p in checkpoint.glob("*.safetensors") if p.name != STATE_TENSORS)
+    files = weight_files(checkpoint)
     if not files:
         raise FileNotFoundError(f"{checkpoint} holds no model *.safetensors")
     shapes: dict[str, tuple[int, ...]] = {}

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import grpc
 import torch
 
-from ..common.checkpoints import STATE_TENSORS, VERSION_DIR
+from ..common.checkpoints import STATE_PREFIX, VERSION_DIR
 from ..common.config import RunConfig
 from ..common.published import published_dir
 from ..common.rpc import RequestError, invalid
@@ -73,7 +73,7 @@ def checked_checkpoint_path(root: str | pathlib.Path, version: int, path: str) -
             raise invalid(f"checkpoint_path {shown}: {entry.name} cannot be resolved: {error}") from None
         if candidate not in target.parents:
             raise invalid(f"checkpoint_path {shown}: {entry.name} is a symlink to {target}, outside the checkpoint")
-    if not any(e.name.endswith(".safetensors") and e.name != STATE_TENSORS for e in entries):
+    if not any(e.name.endswith(".safetensors") and not e.name.startswith(STATE_PREFIX) for e in entries):
         pickles = sorted(e.name for e in entries if e.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         found = f" (only {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
         raise RequestError(

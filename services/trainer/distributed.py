@@ -53,6 +53,12 @@ class Distributed:
         dist.broadcast(value, src=0)
         return bool(value.item())
 
+    def broadcast_ints(self, values: list[int]) -> list[int]:
+        """Rank 0's `values`, on every rank (the others pass as many, ignored): int64s, never *_object's pickles."""
+        tensor = torch.tensor(values, dtype=torch.long)
+        dist.broadcast(tensor, src=0)
+        return tensor.tolist()
+
     def all_true(self, flag: bool) -> bool:
         value = torch.tensor([1 if flag else 0], dtype=torch.long)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)

@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun: rank 0 reads Redis, publishes and persists; every other
 rank trains on the batches rank 0 broadcasts, its share of each minibatch (DDP or FSDP2 reduce the
-gradients), and under fsdp joins the gathers of the whole weights (and of AdamW when persisting)."""
+gradients), and under fsdp joins the gathers of the whole weights and, when rank 0 persists, writes
+its own shard of AdamW and the critic (sharded_persist.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..common.models import weights_fingerprint
-from . import gathering, rails
+from . import gathering, rails, sharded_persist
 from .distributed import decode_rollouts
 
 if TYPE_CHECKING:
@@ -26,12 +27,12 @@ def follow_rank_zero(trainer: Trainer) -> None:
             rails.follow_roll_back(trainer, decision["roll_back_to"])
         elif trainer.update(decode_rollouts(payload)).optimizer_steps:
             trainer.version += 1
-            if trainer.sharded:  # rank 0's gathers in Trainer.step: the weights it publishes, AdamW when persisting
+            if trainer.sharded:  # as rank 0 in Trainer.step: the weights it publishes, this rank's shards
                 gathering.gather_weights(trainer)
-                gathering.gather_optimizer(trainer, None)
+                sharded_persist.persist_together(trainer, None)
         after_distributed_step(trainer)
     if trainer.sharded:  # rank 0's last persist, in Trainer.finish
-        gathering.gather_optimizer(trainer, None)
+        sharded_persist.persist_together(trainer, None)
 
 
 def after_distributed_step(trainer: Trainer) -> None:

@@ -1,11 +1,8 @@
 """Whole weights out of an FSDP2-sharded learner, and back in: every rank takes part in each gather
-(collectives), rank 0 alone keeps the result. The weights are gathered after every update for
-publishing; the optimizer state only when a persist is due, never for publishing.
-
-Until the sharded checkpoint format lands (issue #15, per-rank shards without pickle), a persist
-under fsdp gathers the whole AdamW state to rank 0 as well and writes it in the one-rank format
-(integer-indexed, in Trainer.parameters' order): such a checkpoint resumes at any rank count, but
-rank 0 then holds the whole optimizer state for a moment, which sharding was meant to avoid."""
+(collectives), rank 0 alone keeps the result. The weights are gathered after every update, for
+publishing and for the persisted Hugging Face directory. The AdamW state and the critic are never
+gathered: a persist writes them as per-rank shards (sharded_persist.py). load_whole reads a checkpoint
+persisted by one rank or under ddp (whole AdamW state, in the one-rank format) into this rank's shards."""
 
 from __future__ import annotations
 
@@ -17,12 +14,11 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
-from ..common.checkpoints import STATE_TENSORS
+from ..common.checkpoints import weight_files
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -60,30 +56,13 @@ def split(trainer: Trainer, learner_state: dict[str, torch.Tensor]):
 
 def gather_weights(trainer: Trainer, everywhere: bool = False) -> GatheredModel | None:
     """All ranks: the whole policy, on rank 0 (on every rank with `everywhere`, for checking that
-    replicas agree). Rank 0 keeps it as trainer.full_model (what publishing and persisting read)
-    and the critic's as trainer.full_value_head."""
+    replicas agree). Rank 0 keeps it as trainer.full_model (what publishing and persisting read)."""
     options = StateDictOptions(full_state_dict=True) if everywhere else TO_RANK_0
-    model, critic = split(trainer, get_model_state_dict(trainer.learner, options=options))
+    model, _ = split(trainer, get_model_state_dict(trainer.learner, options=options))
     gathered = GatheredModel(trainer.model, model)
     if trainer.main_rank:
-        trainer.full_model, trainer.full_value_head = gathered, critic
+        trainer.full_model = gathered
     return gathered if (everywhere or trainer.main_rank) else None
-
-
-def gather_optimizer(trainer: Trainer, wanted: bool | None) -> None:
-    """All ranks, between updates: rank 0 says whether it persists now (`wanted`; None on the other
-    ranks); if so, the whole AdamW state is gathered to rank 0 as trainer.full_optimizer_state, in
-    the one-rank format."""
-    if not trainer.distributed.decide(bool(wanted)):
-        return
-    state = get_optimizer_state_dict(trainer.learner, trainer.optimizer, options=TO_RANK_0)
-    if trainer.main_rank:
-        index = parameter_indices(trainer)
-        groups = [{**g, "params": [index[name] for name in g["params"]]} for g in state["param_groups"]]
-        trainer.full_optimizer_state = {
-            "state": {index[name]: values for name, values in state["state"].items()},
-            "param_groups": groups,
-        }
 
 
 def parameter_indices(trainer: Trainer) -> dict[str, int]:
@@ -127,6 +106,6 @@ def persisted_name(trainer: Trainer, learner_key: str) -> str:
 def persisted_weights(path: pathlib.Path) -> dict[str, torch.Tensor]:
     """A checkpoint's weights (or adapter) files, whole, as plain safetensors reads them."""
     weights = {}
-    for file in sorted(p for p in path.glob("*.safetensors") if p.name != STATE_TENSORS):
+    for file in weight_files(path):
         weights.update(load_file(str(file)))
     return weights

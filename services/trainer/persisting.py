@@ -8,6 +8,10 @@ parameter with AdamW in float32, the memory this costs), and a writer thread com
 atomically with checkpoints.write_checkpoint (temp dir, fsync, rename). Only once it is committed
 are the rollouts it includes acknowledged (XACK): a crash before that redelivers them, and the
 resumed trainer trains them once into its lineage. One persist is in flight at a time.
+
+Under trainer.parallelism fsdp the AdamW state and the critic are not in the snapshot: every rank has
+already written its shard of them into the version's temp directory (sharded_persist.py), and the
+writer adds the gathered weights and the rest before committing it (Snapshot.shards_written).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Snapshot:
     state: dict[str, torch.Tensor]  # optimizer/..., value_head/..., rng/...
     meta: dict  # the JSON half of the resume state
     adapter_config: dict | None = None
+    shards_written: bool = False  # under fsdp: every rank's shard file is already in the temp directory
     entry_ids: list[str] = field(default_factory=list)  # stream entries trained into versions <= this one
 
 
@@ -141,7 +146,12 @@ class Persister:
     def _write(self, snapshot: Snapshot) -> None:
         started = time.perf_counter()
         try:
-            path = write_checkpoint(self.root, snapshot.version, lambda directory: self._files(directory, snapshot))
+            path = write_checkpoint(
+                self.root,
+                snapshot.version,
+                lambda directory: self._files(directory, snapshot),
+                started=snapshot.shards_written,
+            )
         except Exception:  # noqa: BLE001 - any failure keeps the rollouts pending for the next persist
             log.exception("persisting version %d failed; its rollouts stay unacknowledged", snapshot.version)
             with self.lock:

@@ -20,7 +20,7 @@ from ..common.checkpoints import committed_versions
 from ..common.lora import load_weights_or_adapter
 from ..common.rollout_queue import Rollout
 from ..common.step_records import RollbackRecord
-from . import gathering
+from . import gathering, sharded_persist
 from .retry import until_redis_answers
 
 if TYPE_CHECKING:
@@ -78,9 +78,11 @@ def roll_back(trainer: Trainer, entries: list[Entry], kl: float, degenerate: int
     if trainer.sharded:
         gathering.gather_weights(trainer)
     trainer.publish(version)
-    if trainer.sharded:
-        gathering.gather_optimizer(trainer, True)
-    trainer.persist()  # at once: the restored weights and the raised β or lowered lr are the new base
+    # At once: the restored weights and the raised β or lowered lr are the new base.
+    if trainer.sharded:  # every rank writes its shards first (follow_roll_back joins)
+        sharded_persist.persist_together(trainer, True)
+    else:
+        trainer.persist()
     for entry_id, _ in entries:
         trainer.intake.drop(entry_id, reason, detail)
     trainer.metrics.rollbacks.inc()
@@ -119,7 +121,7 @@ def follow_roll_back(trainer: Trainer, target: int) -> None:
     trainer.version += 1
     if trainer.sharded:
         gathering.gather_weights(trainer)
-        gathering.gather_optimizer(trainer, None)
+        sharded_persist.persist_together(trainer, None)
 
 
 def rollback_target(trainer: Trainer, worst: int, checkpoints: dict[int, pathlib.Path], good: set[int]) -> int:

@@ -19,7 +19,7 @@ from ..common.checkpoints import (
     remove_unfinished,
 )
 from ..common.lora import adapter_config, load_weights_or_adapter
-from . import gathering
+from . import gathering, sharded_persist
 from .lineage import Lineage
 from .persisting import Snapshot
 from .publishing import serving_tensors
@@ -55,7 +55,9 @@ def restore(trainer: Trainer) -> int:
             f"trainer reads formats 1 to {CHECKPOINT_FORMAT}: resume it with that version or newer"
         )
     optimizer_state = optimizer_state_from_flat(prefixed(tensors, "optimizer/"), meta["optimizer"])
-    if trainer.sharded:  # every rank reads the whole checkpoint and keeps its shards (gathering.py)
+    if sharded_persist.is_sharded_checkpoint(path):  # persisted under fsdp: each rank reads its rows
+        sharded_persist.restore_sharded(trainer, path, meta)
+    elif trainer.sharded:  # persisted whole (one rank, ddp): every rank reads it all and keeps its shards
         weights = gathering.persisted_weights(path)
         gathering.load_whole(trainer, weights, prefixed(tensors, "value_head/"), optimizer_state)
     else:
@@ -102,13 +104,15 @@ def publish_at_start(trainer: Trainer) -> None:
 
 def snapshot(trainer: Trainer, version: int) -> Snapshot:
     """Copies of everything the checkpoint holds, taken between updates (the persist writes them later)."""
-    # Under fsdp: what gathering.py gathered to rank 0 after this update (whole weights, critic, AdamW).
-    optimizer_state = trainer.full_optimizer_state if trainer.sharded else trainer.optimizer.state_dict()
-    optimizer_tensors, optimizer_rest = optimizer_state_to_flat(optimizer_state)
-    state = {f"optimizer/{k}": v for k, v in optimizer_tensors.items()}
-    if trainer.value_head is not None:
-        critic = trainer.full_value_head if trainer.sharded else trainer.value_head.state_dict()
-        state.update({f"value_head/{k}": v for k, v in critic.items()})
+    if trainer.sharded:  # AdamW and the critic: already in every rank's shard file (sharded_persist.py)
+        if trainer.sharded_optimizer_rest is None:
+            raise RuntimeError("under fsdp a persist goes through sharded_persist.persist_together (all ranks)")
+        optimizer_rest, trainer.sharded_optimizer_rest, state = trainer.sharded_optimizer_rest, None, {}
+    else:
+        optimizer_tensors, optimizer_rest = optimizer_state_to_flat(trainer.optimizer.state_dict())
+        state = {f"optimizer/{k}": v for k, v in optimizer_tensors.items()}
+        if trainer.value_head is not None:
+            state.update({f"value_head/{k}": v for k, v in trainer.value_head.state_dict().items()})
     lora = trainer.config.lora.enabled
     weights = serving_tensors(trainer.full_model, lora)
     copied = trainer.persister.buffers.copy({**{f"weights/{k}": v for k, v in weights.items()}, **state})
@@ -130,6 +134,7 @@ def snapshot(trainer: Trainer, version: int) -> Snapshot:
     }
     return Snapshot(
         version=version,
+        shards_written=trainer.sharded,
         weights={k: copied[f"weights/{k}"] for k in weights},
         state=state,
         meta=meta,

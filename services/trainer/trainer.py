@@ -32,7 +32,7 @@ from ..common.models import own_weights, resolve_dtype, weights_fingerprint
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from ..common.step_records import RollbackRecord, Sample, StageSeconds, StepRecord, UpdateStats
-from . import following, gathering, monitoring, parallel, ppo, rails, resume, update
+from . import following, gathering, monitoring, parallel, ppo, rails, resume, sharded_persist, update
 from .best_version import BestVersion
 from .detectors import Detectors
 from .distributed import Distributed, encode_rollouts
@@ -78,9 +78,10 @@ class Trainer:
                 "trainer.weight_transport 'cuda_ipc' sends CUDA tensors, but under trainer.parallelism 'fsdp' the "
                 "whole weights are gathered to rank 0's CPU memory: use weight_transport 'file' or 'broadcast'"
             )
-        # What publishing and persisting read: the live model, or under fsdp the whole weights (and
-        # critic, and, when persisting, AdamW state) gathered to rank 0 after each update (gathering.py).
-        self.full_model, self.full_value_head, self.full_optimizer_state = self.model, None, None
+        # What publishing and persisting read: the live model, or under fsdp the whole weights gathered to
+        # rank 0 after each update (gathering.py). Under fsdp AdamW and the critic persist as each rank's
+        # shards (sharded_persist.py): the optimizer's JSON half waits here for rank 0's snapshot.
+        self.full_model, self.sharded_optimizer_rest, self.shard_write_seconds = self.model, None, 0.0
         self.version = 0
         self.lineage = Lineage()  # staleness in updates along this trainer's history, not version numbers
         self.good_versions: set[int] = {0}  # versions whose samples stayed under kl_hard_limit (0: the SFT model)
@@ -229,9 +230,10 @@ class Trainer:
             gathering.gather_weights(self)
         publication = self.publish(version)
         due = self.persister.due()
-        if self.sharded:
-            gathering.gather_optimizer(self, due)
-        persist_seconds = self.persist() if due else 0.0
+        if self.sharded:  # every rank writes its shards (following.follow joins), then rank 0 persists
+            persist_seconds = sharded_persist.persist_together(self, due)
+        else:
+            persist_seconds = self.persist() if due else 0.0
         seconds = StageSeconds(
             update=update_seconds,
             publish=publication.seconds,
@@ -334,10 +336,10 @@ class Trainer:
         published copies can go (a restarted policy loads the persisted version)."""
         needed = self.persister.persisted_version != self.version or bool(self.persister.awaiting())
         if self.sharded:  # the other ranks join after their last batch (following.follow)
-            gathering.gather_optimizer(self, needed)
-        if needed:
+            sharded_persist.persist_together(self, needed, wait=True)
+        elif needed:
             self.persist(wait=True)
-        else:
+        if not needed:
             self.persister.wait()
         if self.publisher is not None:
             self.publisher.close(remove=self.persister.persisted_version == self.version, newest=self.version)

@@ -1,7 +1,9 @@
 """One rank of a data-parallel update, for test_parallel_update.py: spawned by torch.multiprocessing
 (gloo on CPU), it builds a real Trainer on the tiny model, runs one update on a fixed batch and
 writes its full weights (the critic's too) as safetensors, for the test to compare with one rank.
-options 'task': 'persist' (persist version 1 after the update) or 'resume' (resume it before).
+options 'task': 'persist' (persist version 1 after the update through the trainer's own persist path,
+then one more update as if nothing had happened) or 'resume' (resume version 1 before the update,
+refusing any unpickling); both write the whole AdamW state too (rank{r}-optimizer*.safetensors).
 `mutation`: 'no_reduction' turns the gradient reduction off (DDP: a comm hook that returns this
 rank's own gradients; FSDP2: no gradient sync), 'nan_on_rank_1' makes rank 1's loss NaN."""
 
@@ -14,17 +16,20 @@ import pathlib
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from prometheus_client import CollectorRegistry
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.rollout_queue import Rollout
-from services.trainer import gathering, update
+from services.trainer import gathering, sharded_persist, update
 from services.trainer.distributed import Distributed
 from services.trainer.trainer import Trainer
 from services.trainer.trainer_metrics import TrainerMetrics
+from tests.conftest import free_port
+from tests.pickle_trap import refusing_unpickling
 
 from .conftest import make_config
 
@@ -96,16 +101,30 @@ def training_bytes(trainer: Trainer) -> int:
     return total + sum(size(v) for state in trainer.optimizer.state.values() for v in state.values() if v.dim())
 
 
-def persist_version_1(trainer: Trainer) -> None:
-    """As Trainer.step and following.follow do under fsdp: every rank joins the gathers, rank 0 persists."""
+def persist_version_1(trainer: Trainer) -> float:
+    """As Trainer.step and following.follow do under fsdp: every rank joins the gather of the weights and
+    writes its shards, rank 0 persists the rest. Returns this rank's seconds writing its shard file."""
     trainer.version = 1
     if trainer.sharded:
         gathering.gather_weights(trainer)
-        gathering.gather_optimizer(trainer, True)
-    if trainer.main_rank:
+        sharded_persist.persist_together(trainer, True if trainer.main_rank else None, wait=True)
+    elif trainer.main_rank:
         trainer.persist(wait=True)
     if trainer.distributed is not None:
         trainer.distributed.barrier()
+    return trainer.shard_write_seconds
+
+
+def full_optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """AdamW's state, whole on this rank ('<parameter name>/<exp_avg|exp_avg_sq|step>'; full_tensor is
+    collective: every rank walks the parameters in the same order)."""
+    names = sharded_persist.parameter_names(trainer)
+    found = {}
+    for name, parameter in zip(names, trainer.parameters):
+        for key, value in sorted(trainer.optimizer.state.get(parameter, {}).items()):
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            found[f"{name}/{key}"] = whole.detach().clone().contiguous()
+    return found
 
 
 def own_gradients(bucket) -> torch.futures.Future:
@@ -127,23 +146,47 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
     task = options.pop("task", "update")  # 'persist': then persist as version 1; 'resume': resume it first
     checkpoints = options.pop("checkpoint_dir", str(pathlib.Path(out) / f"checkpoints{rank}"))
     trainer = build_trainer(model_dir, checkpoints, options, distributed)
+    out = pathlib.Path(out)
     if task == "resume":
-        assert trainer.resume() == 1
-        save_file(full_weights(trainer), str(pathlib.Path(out) / f"rank{rank}-resumed.safetensors"))
+        with refusing_unpickling():
+            assert trainer.resume() == 1
+        save_file(full_weights(trainer), str(out / f"rank{rank}-resumed.safetensors"))
+        save_file(full_optimizer_state(trainer), str(out / f"rank{rank}-optimizer-resumed.safetensors"))
     before = full_weights(trainer)
     mutate(trainer, mutation, rank)
     stats = trainer.update(fixed_rollouts(trainer.model.config.vocab_size))
     after = full_weights(trainer)
-    if task == "persist":
-        persist_version_1(trainer)
-    save_file(after, str(pathlib.Path(out) / f"rank{rank}.safetensors"))
+    summary = {"persist_seconds": persist_version_1(trainer)} if task == "persist" else {}
+    if task == "persist":  # then the update a resumed trainer makes, without the interruption
+        save_file(full_optimizer_state(trainer), str(out / f"rank{rank}-optimizer.safetensors"))
+        trainer.update(fixed_rollouts(trainer.model.config.vocab_size))
+        save_file(full_weights(trainer), str(out / f"rank{rank}-next.safetensors"))
+    save_file(after, str(out / f"rank{rank}.safetensors"))
     moved = max(float((after[k] - before[k]).abs().max()) for k in after)
-    summary = {
+    summary |= {
         "optimizer_steps": stats.optimizer_steps,
         "skipped": stats.skipped_minibatches,
         "moved": moved,
         "bytes": training_bytes(trainer),
     }
-    (pathlib.Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
+    (out / f"rank{rank}.json").write_text(json.dumps(summary))
     if distributed is not None:
         distributed.close()
+
+
+def run_ranks(world: int, model_dir, out, options: dict, mutation: str | None = None) -> list[dict]:
+    """run() at `world` ranks (1: in this process, no process group); each rank's weights and summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    if world == 1:
+        run(0, 1, 0, str(model_dir), str(out), options, mutation)
+    else:
+        mp.spawn(run, args=(world, free_port(), str(model_dir), str(out), options, mutation), nprocs=world, join=True)
+    return [
+        {"weights": load_file(str(out / f"rank{r}.safetensors")), **json.loads((out / f"rank{r}.json").read_text())}
+        for r in range(world)
+    ]
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((float((a[k] - b[k]).abs().max()) for k in a), default=0.0)

@@ -5,36 +5,11 @@ the step on all of them."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
-import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
-from tests.conftest import free_port
-
-from . import parallel_worker
+from .parallel_worker import max_abs_diff, run_ranks
 
 TOLERANCE = 1e-5  # float32: the ranks sum gradients in another order than one rank does
-
-
-def run_ranks(world: int, model_dir, out, options: dict, mutation: str | None = None) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    if world == 1:
-        parallel_worker.run(0, 1, 0, str(model_dir), str(out), options, mutation)
-    else:
-        args = (world, free_port(), str(model_dir), str(out), options, mutation)
-        mp.spawn(parallel_worker.run, args=args, nprocs=world, join=True)
-    return [
-        {"weights": load_file(str(out / f"rank{r}.safetensors")), **json.loads((out / f"rank{r}.json").read_text())}
-        for r in range(world)
-    ]
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.mark.parametrize(
@@ -78,29 +53,3 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(parallelism, tiny_lm_dir
     ranks = run_ranks(2, tiny_lm_dir, tmp_path / "many", {"parallelism": parallelism}, "nan_on_rank_1")
     for rank in ranks:
         assert rank["optimizer_steps"] == 0 and rank["skipped"] == 2 and rank["moved"] == 0.0
-
-
-@pytest.mark.parametrize("extra", [{"advantage": "gae"}, {"lora": {"enabled": True, "r": 4, "alpha": 8}}])
-def test_a_checkpoint_persisted_at_2_fsdp_ranks_resumes_at_1_2_and_4_ranks(extra, tiny_lm_dir, tmp_path):
-    """Until the sharded checkpoint format: rank 0 gathers the whole weights and AdamW state and persists
-    them in the one-rank format. Resumed at 1 rank and at 2 (and, with the critic, 4) fsdp ranks, the
-    weights are those persisted, and one more update (AdamW's moments restored) lands on the same weights."""
-    checkpoints = str(tmp_path / "checkpoints")
-    options = {**extra, "checkpoint_dir": checkpoints}
-    persisted = run_ranks(2, tiny_lm_dir, tmp_path / "persist", {**options, "parallelism": "fsdp", "task": "persist"})
-    one = run_ranks(1, tiny_lm_dir, tmp_path / "one", {**options, "task": "resume"})[0]
-    two = run_ranks(2, tiny_lm_dir, tmp_path / "two", {**options, "parallelism": "fsdp", "task": "resume"})
-    for rank in range(2):
-        resumed = load_file(str(tmp_path / "two" / f"rank{rank}-resumed.safetensors"))
-        assert max_abs_diff(resumed, persisted[0]["weights"]) == 0.0
-        diff = max_abs_diff(two[rank]["weights"], one["weights"])
-        print(f"resumed at 2 fsdp ranks vs 1: max abs diff {diff:.2e}")
-        assert diff < TOLERANCE and two[rank]["moved"] > 1e-4
-    assert max_abs_diff(load_file(str(tmp_path / "one" / "rank0-resumed.safetensors")), persisted[0]["weights"]) == 0.0
-    if "lora" in extra:
-        return
-    four = run_ranks(4, tiny_lm_dir, tmp_path / "four", {**options, "parallelism": "fsdp", "task": "resume"})
-    for rank in range(4):
-        resumed = load_file(str(tmp_path / "four" / f"rank{rank}-resumed.safetensors"))
-        assert max_abs_diff(resumed, persisted[0]["weights"]) == 0.0
-        assert max_abs_diff(four[rank]["weights"], one["weights"]) < TOLERANCE

@@ -450,3 +450,28 @@ def test_manifest_checksums_are_xxh3_and_older_sha256_manifests_still_verify(tmp
     assert checkpoint_problem(path) is None
     (path / "model.safetensors").write_bytes(payload[:-1] + b"?")
     assert "sha256 checksum (corrupt)" in checkpoint_problem(path)
+
+
+def test_load_weights_into_skips_the_trainer_state_and_the_rank_shards(tiny_lm_dir, tmp_path):
+    """A checkpoint persisted under fsdp holds trainer_state.rankRRRRR-of-WWWWW.safetensors beside the weights:
+    tensors no model has (optimizer/state/...), which a loader globbing *.safetensors would refuse."""
+    directory = checkpoint_with(tmp_path, saved_weights(tiny_lm_dir))
+    for name in ("trainer_state.safetensors", "trainer_state.rank00000-of-00002.safetensors"):
+        save_file({"optimizer/state/0/exp_avg": torch.ones(3)}, str(directory / name))
+    assert [p.name for p in checkpoints.weight_files(directory)] == ["model.safetensors"]
+    other = fresh_model(tiny_lm_dir, seed=5)
+    load_weights_into(other, directory)
+    assert_unchanged(other, LlamaForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).state_dict())
+
+
+def test_a_started_write_keeps_what_other_ranks_wrote_into_the_temp_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"\.tmp-v000003-\d+ should hold the files the other ranks wrote"):
+        write_checkpoint(tmp_path, 3, write_marker("x"), started=True)
+    temp = checkpoints.temp_dir(tmp_path, 3, owner=os.getpid())
+    assert temp == checkpoints.temp_dir(tmp_path, 3)
+    temp.mkdir()
+    (temp / "trainer_state.rank00001-of-00002.safetensors").write_bytes(b"rank 1")
+    final = write_checkpoint(tmp_path, 3, write_marker("x"), started=True)
+    assert (final / "trainer_state.rank00001-of-00002.safetensors").read_bytes() == b"rank 1"
+    assert "trainer_state.rank00001-of-00002.safetensors" in json.loads((final / "MANIFEST.json").read_text())["files"]
+    assert entries(tmp_path) == ["v000003"]
