@@ -18,7 +18,7 @@ from ..common.rollout_queue import RolloutQueue
 from ..common.rpc import channel
 from ..common.service_main import start
 from . import review
-from .distributed import Distributed
+from .distributed import Distributed, rank_device
 from .trainer import Trainer
 from .trainer_metrics import TrainerMetrics
 
@@ -27,7 +27,8 @@ config = start("Belay trainer service (PPO)", torch_threads="trainer")
 section = config.trainer
 cap_process_memory(*log_memory_plan(config, "trainer"))  # logs the plan; caps this process to its share
 torch.manual_seed(section.seed)
-distributed = Distributed.from_environment(resolve_device(section.device))  # under torchrun
+device = rank_device(resolve_device(section.device))  # under torchrun on CUDA: cuda:LOCAL_RANK
+distributed = Distributed.from_environment(device)  # under torchrun
 main_rank = distributed is None or distributed.is_main
 registry = CollectorRegistry()
 metrics = TrainerMetrics(registry)
@@ -49,7 +50,7 @@ stop = threading.Event()
 for signum in (signal.SIGTERM, signal.SIGINT):  # finish the step in hand (its checkpoint), then exit
     signal.signal(signum, lambda *_: stop.set())
 
-device = resolve_device(section.device)  # float32 master weights; trainer.dtype is the autocast dtype
+# float32 master weights on `device`; trainer.dtype is the autocast dtype
 model = load_causal_lm(
     section.model_dir,
     device,

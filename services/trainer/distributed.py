@@ -27,7 +27,9 @@ class Distributed:
         """Join the process group torchrun describes (WORLD_SIZE > 1); None for a single process."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return None
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # this rank's GPU (rank_device), which NCCL's collectives use
+        dist.init_process_group(backend=backend_for(device))
         return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
 
     @property
@@ -76,6 +78,21 @@ class Distributed:
         """Leave the process group together: a rank that exits with gloo's threads still up aborts."""
         dist.barrier()
         dist.destroy_process_group()
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo on the CPU; on CUDA, NCCL for CUDA tensors (FSDP2, DDP) and gloo for the CPU tensors the
+    decisions and rollouts travel in (plain "nccl" refuses CPU tensors)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun on CUDA each rank takes its own GPU: trainer.device "cuda" becomes
+    cuda:LOCAL_RANK. A device given with an index, the CPU, and a single process are left as they are."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type != "cuda" or device.index is not None or local_rank is None:
+        return device
+    return torch.device("cuda", int(local_rank))
 
 
 def encode_rollouts(rollouts: list[Rollout]) -> bytes:

@@ -136,7 +136,9 @@ def test_written_files_are_safetensors_and_json_with_each_rank_a_piece(written):
             assert sum(p["shape"][0] for p in pieces) == rows, name
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+# At 1 rank here; the trainer's own resume at 1 and at 4 ranks is tests/integration/test_sharded_checkpoint.py
+# (every spawned rank costs CI about 15 s on 2 cores, a 4-rank read alone 54 s).
+@pytest.mark.parametrize("world_size", [1])
 def test_two_rank_state_resumes_bit_identically_at_any_rank_count(written, tiny_lm_dir, world_size):
     out = written / f"at-{world_size}"
     shutil.copytree(written, out, ignore=shutil.ignore_patterns("at-*"))
