@@ -62,9 +62,13 @@ class Distributed:
         return tensor.tolist()
 
     def all_true(self, flag: bool) -> bool:
-        value = torch.tensor([1 if flag else 0], dtype=torch.long)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
+        return self.all_true_each([flag])[0]
+
+    def all_true_each(self, flags: list[bool]) -> list[bool]:
+        """For each flag, whether it is true on every rank (one all-reduce for all of them)."""
+        values = torch.tensor([1 if flag else 0 for flag in flags], dtype=torch.long)
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        return [bool(v) for v in values.tolist()]
 
     def mean(self, value: float) -> float:
         tensor = torch.tensor([value], dtype=torch.float64)

@@ -65,7 +65,12 @@ def wrap(
     if parallelism is None:
         return learner
     if parallelism == "ddp":
-        return DistributedDataParallel(learner, device_ids=[device.index or 0] if device.type == "cuda" else None)
+        # No buffer broadcast before each forward: a causal LM's buffers (rotary frequencies) are the
+        # same on every rank, and a forward free of collectives lets one rank's out-of-memory there be
+        # told to the others before the backward (update.minibatch_step) instead of hanging them.
+        return DistributedDataParallel(
+            learner, device_ids=[device.index or 0] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if parallelism != "fsdp":
         raise ValueError(f"trainer.parallelism must be 'ddp' or 'fsdp', got {parallelism!r}")
     policy = mixed_precision(device, compute_dtype)

@@ -301,13 +301,24 @@ def minibatch_step(
 ) -> None:
     """Loss, backward (DDP / FSDP2 reduce the gradients there: the mean over ranks), gradient clipping
     and one optimizer step; skipped (and counted) when the loss or the gradient norm is not finite,
-    on every rank when on any. `weight`: this rank's share of the minibatch (rank_share)."""
+    on every rank when on any. Under ddp an out-of-memory in one rank's forward stops the epochs on
+    every rank (ppo_epochs): its forward holds no collective. Under fsdp (whose forward gathers each
+    block) and in any backward, the other ranks wait in a collective the failed rank never joins,
+    until the process group times out. `weight`: this rank's share of the minibatch (rank_share)."""
     distributed, optimizer = trainer.distributed, trainer.optimizer
-    loss, info, entropy = minibatch_loss(trainer, data, targets, beta, figures)
+    out_of_memory = None
+    try:
+        loss, info, entropy = minibatch_loss(trainer, data, targets, beta, figures)
+    except torch.OutOfMemoryError as error:
+        if distributed is None:
+            raise
+        out_of_memory, loss = error, torch.tensor(float("nan"))  # the other ranks must hear of it first
     optimizer.zero_grad(set_to_none=True)
     finite = bool(torch.isfinite(loss))
-    if distributed is not None:
-        finite = distributed.all_true(finite)  # one rank's NaN skips the step on all of them
+    if distributed is not None:  # one rank's out-of-memory or NaN stops or skips every rank's step
+        fits, finite = distributed.all_true_each([out_of_memory is None, finite])
+        if not fits:  # before the backward and its gradient reduction, which a rank gone would hang
+            raise out_of_memory or torch.OutOfMemoryError("out of memory on another rank in this minibatch")
     if not finite:
         return skip(trainer, figures, f"loss is {loss.item()}")
     (loss * weight).backward()

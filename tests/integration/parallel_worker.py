@@ -5,10 +5,12 @@ options 'task': 'persist' (persist version 1 after the update through the traine
 then one more update as if nothing had happened) or 'resume' (resume version 1 before the update,
 refusing any unpickling); both write the whole AdamW state too (rank{r}-optimizer*.safetensors).
 `mutation`: 'no_reduction' turns the gradient reduction off (DDP: a comm hook that returns this
-rank's own gradients; FSDP2: no gradient sync), 'nan_on_rank_1' makes rank 1's loss NaN."""
+rank's own gradients; FSDP2: no gradient sync), 'nan_on_rank_1' makes rank 1's loss NaN,
+'oom_on_rank_1' makes rank 1's forward raise an out-of-memory error."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
@@ -79,6 +81,12 @@ def mutate(trainer: Trainer, mutation: str | None, rank: int) -> None:
             trainer.learner.register_comm_hook(None, lambda _, bucket: own_gradients(bucket))
         else:
             trainer.learner.set_requires_gradient_sync(False)
+    elif mutation == "oom_on_rank_1" and rank == 1:  # as a CUDA allocator would in this rank's first forward
+
+        def out_of_memory(*args):
+            raise torch.OutOfMemoryError("CUDA out of memory (provoked on rank 1)")
+
+        update.minibatch_loss = out_of_memory
     elif mutation == "nan_on_rank_1" and rank == 1:
         original = update.minibatch_loss
 
@@ -140,7 +148,8 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
     distributed = None
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # A collective one rank never joins fails after 2 minutes instead of hanging the test.
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
         distributed = Distributed(rank=rank, world_size=world)
     options = dict(options)
     task = options.pop("task", "update")  # 'persist': then persist as version 1; 'resume': resume it first
@@ -166,6 +175,7 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
     summary |= {
         "optimizer_steps": stats.optimizer_steps,
         "skipped": stats.skipped_minibatches,
+        "out_of_memory": stats.out_of_memory,
         "moved": moved,
         "bytes": training_bytes(trainer),
     }

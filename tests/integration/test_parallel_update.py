@@ -53,3 +53,11 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(parallelism, tiny_lm_dir
     ranks = run_ranks(2, tiny_lm_dir, tmp_path / "many", {"parallelism": parallelism}, "nan_on_rank_1")
     for rank in ranks:
         assert rank["optimizer_steps"] == 0 and rank["skipped"] == 2 and rank["moved"] == 0.0
+
+
+def test_an_out_of_memory_on_one_rank_stops_the_update_on_every_rank(tiny_lm_dir, tmp_path):
+    """Without telling the others, rank 0 would wait in the backward's gradient reduction for a rank
+    that left the update (here the group's 2-minute timeout would fail the test)."""
+    ranks = run_ranks(2, tiny_lm_dir, tmp_path / "many", {"parallelism": "ddp"}, "oom_on_rank_1")
+    for rank in ranks:
+        assert rank["out_of_memory"] and rank["optimizer_steps"] == 0 and rank["moved"] == 0.0
