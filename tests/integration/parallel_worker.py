@@ -187,8 +187,12 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
 def run_ranks(world: int, model_dir, out, options: dict, mutation: str | None = None) -> list[dict]:
     """run() at `world` ranks (1: in this process, no process group); each rank's weights and summary."""
     out.mkdir(parents=True, exist_ok=True)
-    if world == 1:
-        run(0, 1, 0, str(model_dir), str(out), options, mutation)
+    if world == 1:  # run() sets one torch thread: give the pytest process its own count back after
+        threads = torch.get_num_threads()
+        try:
+            run(0, 1, 0, str(model_dir), str(out), options, mutation)
+        finally:
+            torch.set_num_threads(threads)
     else:
         mp.spawn(run, args=(world, free_port(), str(model_dir), str(out), options, mutation), nprocs=world, join=True)
     return [

@@ -3,6 +3,8 @@ every raw step is a BenchStep (versions in order, every stage timed), and its fi
 
 import json
 
+import torch
+
 from services.bench.bench_step import STAGES, BenchStep
 from services.bench.figures import mode_figures
 from services.bench.in_process import run_in_process
@@ -19,7 +21,9 @@ def test_in_process_run_gives_bench_steps_and_figures(tiny_lm_dir, tiny_reward_d
         max_new_tokens=4,
         prompts_per_batch=4,
         minibatch_size=2,
-        torch_threads=1,
+        # the pytest process's own count: run_in_process sets it, and a changed count would change the
+        # numerics of every later test in this process (test_failure_detectors' provocations among them)
+        torch_threads=torch.get_num_threads(),
     )
     run = json.loads(strict_json(run_in_process(workload, tmp_path / "run")))
     steps = [BenchStep.from_dict(step) for step in run["steps"]]
