@@ -77,3 +77,15 @@ def other_tokenizer_lm_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_reward_dir(tmp_path_factory) -> pathlib.Path:
     return build_reward_model(tmp_path_factory.mktemp("tiny_rm"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def publish_dirs_left_in_shared_memory():
+    """Remove, after the session, the /dev/shm/belay-* publish directories its trainers made (a
+    trainer killed on purpose never removes its own; tmp_path cleans the rest). Only directories that
+    were not there before the session go."""
+    shared = pathlib.Path("/dev/shm")
+    before = set(shared.glob("belay-*")) if shared.is_dir() else set()
+    yield
+    for path in set(shared.glob("belay-*")) - before if shared.is_dir() else ():
+        shutil.rmtree(path, ignore_errors=True)
