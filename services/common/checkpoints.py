@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .safetensors_file import write_safetensors
 
@@ -283,7 +283,7 @@ def load_tensors_into(own: dict[str, torch.Tensor], tensors: dict[str, torch.Ten
 
 
 def save_trainer_state(directory: pathlib.Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / STATE_TENSORS))
+    write_safetensors(directory / STATE_TENSORS, tensors)
     (directory / STATE_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 

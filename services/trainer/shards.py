@@ -27,11 +27,11 @@ import zlib
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, Partial, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..common.checkpoints import optimizer_state_from_flat, optimizer_state_to_flat
+from ..common.safetensors_file import write_safetensors
 
 SHARD_INDEX = "trainer_state.shards.json"
 SHARD_FORMAT = 1
@@ -87,9 +87,9 @@ def write_shards(
         tensor, (shape, _, writes) = tensors[name], boxes[name]
         if writes and tensor.numel() > 0 and all(shape):
             piece = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-            local[name] = piece.detach().cpu().contiguous()
+            local[name] = piece.detach()
     path = directory / shard_file_name(rank, world_size)
-    save_file(local, str(path), metadata={"format": "pt"})
+    write_safetensors(path, local, {"format": "pt"})  # straight from the shards: no second copy in memory
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
     # One row per rank: a checksum of the names (every rank must write the same tensors), then per
