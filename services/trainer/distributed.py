@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: rank 0 reads rollouts and writes checkpoints; every rank
 trains on its share of each minibatch, and DDP or FSDP2 (parallel.py) reduce the gradients in backward,
 so all ranks hold the same weights (or shards of them) after every optimizer step. Here: the process
-group (gloo on CPU, nccl on GPU) and the decisions ranks take together (all_true, mean, broadcasts
+group (gloo on CPU, nccl on GPU) and the decisions ranks take together (all_true, sums, broadcasts
 from rank 0), not gradients. Rollouts travel between ranks as JSON bytes in a uint8 tensor, never as pickles."""
 
 from __future__ import annotations
@@ -70,10 +70,16 @@ class Distributed:
         dist.all_reduce(values, op=dist.ReduceOp.MIN)
         return [bool(v) for v in values.tolist()]
 
-    def mean(self, value: float) -> float:
-        tensor = torch.tensor([value], dtype=torch.float64)
+    def sum_each(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks (one all-reduce, float64)."""
+        tensor = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return float(tensor.item()) / self.world_size
+        return tensor.tolist()
+
+    def max(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
 
     def barrier(self) -> None:
         dist.barrier()

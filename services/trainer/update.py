@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +35,7 @@ from .batch import PPOBatch, collate
 from .kl import exact_kl_from_rows, per_token_kl
 from .masking import masked_mean, where_mask
 from .mismatch import logprob_mismatch, truncated_importance_weights
+from .rank_share import Share, rank_share, reduced_figures
 from .reward_shaping import (
     RunningMoments,
     clip_reward,
@@ -194,10 +196,15 @@ def ppo_epochs(
     figures and whether it stopped early."""
     figures = collections.defaultdict(list)
     try:
-        return epochs(trainer, data, size, targets, beta, figures)
+        stopped_early = epochs(trainer, data, size, targets, beta, figures)
     except torch.OutOfMemoryError as error:
         out_of_memory(trainer, figures, error)
-        return figures, True
+        stopped_early = True
+    if trainer.distributed is not None:  # the first minibatch's largest gap over every rank's rows
+        mine = figures["first_minibatch_max_log_ratio"]
+        largest = trainer.distributed.max(mine[0] if mine else -math.inf)
+        figures["first_minibatch_max_log_ratio"] = [largest] if largest > -math.inf else []
+    return figures, stopped_early
 
 
 def out_of_memory(trainer: Trainer, figures: dict, error: Exception) -> None:
@@ -218,51 +225,36 @@ def out_of_memory(trainer: Trainer, figures: dict, error: Exception) -> None:
     )
 
 
-def epochs(
-    trainer: Trainer, data: PPOBatch, size: int, targets: dict, beta: float, figures: dict
-) -> tuple[dict[str, list[float]], bool]:
-    section, distributed = trainer.section, trainer.distributed
+def epochs(trainer: Trainer, data: PPOBatch, size: int, targets: dict, beta: float, figures: dict) -> bool:
+    """The epochs' minibatches, each rank on its share (rank_share.py); True when stopped early."""
+    section = trainer.section
+    tokens_per_row = data.response_mask.sum(dim=-1).cpu()
     for _epoch in range(section.ppo_epochs):
         order = torch.randperm(size, generator=trainer.shuffle)
         for start in range(0, size, section.minibatch_size):
-            rows, weight = rank_share(order[start : start + section.minibatch_size], distributed)
-            rows = rows.to(trainer.device)
+            share = rank_share(order[start : start + section.minibatch_size], trainer.distributed, tokens_per_row)
+            rows = share.rows.to(trainer.device)
             minibatch_step(
                 trainer,
                 data.select(rows),
                 {k: None if v is None else v[rows] for k, v in targets.items()},
                 beta,
                 figures,
-                weight,
+                share,
             )
+            # approx_kl is the whole minibatch's on every rank (reduced_figures): one decision for all
             if section.early_stop_kl is not None and figures["approx_kl"]:
-                approx_kl = figures["approx_kl"][-1]
-                if distributed is not None:  # every rank must take the same decision
-                    approx_kl = distributed.mean(approx_kl)
-                if approx_kl > section.early_stop_kl:
-                    return figures, True
-    return figures, False
-
-
-def rank_share(rows: torch.Tensor, distributed) -> tuple[torch.Tensor, float]:
-    """This rank's rows of a minibatch (rows[rank::world]) and the weight of its loss. DDP and FSDP2
-    reduce gradients as the mean over ranks, so a rank's loss counts share·world/rows: the mean of
-    the weighted per-rank losses is then the row-weighted mean over the whole minibatch, as on one
-    rank. A rank with no rows (a minibatch smaller than the world) still joins the forward and the
-    reduction, on one row weighted 0."""
-    if distributed is None:
-        return rows, 1.0
-    share = rows[distributed.rank :: distributed.world_size]
-    if len(share) == 0:
-        return rows[:1], 0.0
-    return share, len(share) * distributed.world_size / len(rows)
+                if figures["approx_kl"][-1] > section.early_stop_kl:
+                    return True
+    return False
 
 
 def minibatch_loss(
-    trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict
+    trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict, share: Share
 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """The clipped policy loss (+ β·KL under kl_placement 'loss', − c·entropy with entropy_coef,
-    + the value loss under GAE) on one minibatch. Returns (loss, the policy loss's info, entropy (B, T))."""
+    + the value loss under GAE) on one minibatch, each term weighted by this rank's share (1 in one
+    process). Returns (loss, the policy loss's info (+ 'value_loss' under GAE), entropy (B, T))."""
     section, mask = trainer.section, data.response_mask
     new_logprobs, entropy, policy_rows, values = forward(trainer, data)
     vocab_size = trainer.model.get_output_embeddings().weight.shape[0]
@@ -287,28 +279,27 @@ def minibatch_loss(
         loss = loss + beta * kl_loss
     if section.entropy_coef:  # exploration bonus (Schulman et al. 2017, eq. 9): higher entropy, lower loss
         loss = loss - section.entropy_coef * ppo.aggregate_loss(entropy, mask, section.loss_aggregation)
-    if values is not None:
+    loss = share.weight(section.loss_aggregation) * loss
+    if values is not None:  # a mean over response tokens
         value_loss, _ = ppo.clipped_value_loss(
             values, targets["old_values"], targets["returns"], mask, section.value_clip
         )
-        loss = loss + section.value_coef * value_loss
-        figures["value_loss"].append(value_loss.item())
+        loss = loss + share.per_token * section.value_coef * value_loss
+        info["value_loss"] = value_loss.detach()
     return loss, info, entropy
 
 
-def minibatch_step(
-    trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict, weight: float = 1.0
-) -> None:
+def minibatch_step(trainer: Trainer, data: PPOBatch, targets: dict, beta: float, figures: dict, share: Share) -> None:
     """Loss, backward (DDP / FSDP2 reduce the gradients there: the mean over ranks), gradient clipping
     and one optimizer step; skipped (and counted) when the loss or the gradient norm is not finite,
     on every rank when on any. Under ddp an out-of-memory in one rank's forward stops the epochs on
     every rank (ppo_epochs): its forward holds no collective. Under fsdp (whose forward gathers each
     block) and in any backward, the other ranks wait in a collective the failed rank never joins,
-    until the process group times out. `weight`: this rank's share of the minibatch (rank_share)."""
+    until the process group times out. `share`: this rank's rows and their weights (rank_share.py)."""
     distributed, optimizer = trainer.distributed, trainer.optimizer
     out_of_memory = None
     try:
-        loss, info, entropy = minibatch_loss(trainer, data, targets, beta, figures)
+        loss, info, entropy = minibatch_loss(trainer, data, targets, beta, figures, share)
     except torch.OutOfMemoryError as error:
         if distributed is None:
             raise
@@ -321,7 +312,7 @@ def minibatch_step(
             raise out_of_memory or torch.OutOfMemoryError("out of memory on another rank in this minibatch")
     if not finite:
         return skip(trainer, figures, f"loss is {loss.item()}")
-    (loss * weight).backward()
+    loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.section.max_grad_norm)
     if isinstance(grad_norm, torch.distributed.tensor.DTensor):  # FSDP2: the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
@@ -330,12 +321,22 @@ def minibatch_step(
         return skip(trainer, figures, f"gradient norm is {grad_norm.item()}")
     optimizer.step()
     trainer.scheduler.step()
-    figures["loss"].append(loss.item())
+    record(figures, trainer.distributed, loss, info, masked_mean(entropy.detach(), data.response_mask), share)
     figures["grad_norm"].append(grad_norm.item())
-    figures["clip_fraction"].append(info["clip_fraction"].item())
-    figures["approx_kl"].append(info["approx_kl"].item())
-    figures["entropy"].append(masked_mean(entropy.detach(), data.response_mask).item())
     figures["skipped"].append(0)
+
+
+def record(figures: dict, distributed, loss: torch.Tensor, info: dict, entropy: torch.Tensor, share: Share) -> None:
+    """A stepped minibatch's figures, the whole minibatch's on every rank (rank_share.reduced_figures):
+    the loss already carries its share's weight; the token means (approx_kl, clip fraction, entropy,
+    the value loss) get the share's token weight."""
+    values = {"loss": loss.item(), "approx_kl": info["approx_kl"].item()}
+    values |= {"clip_fraction": info["clip_fraction"].item(), "entropy": entropy.item()}
+    if "value_loss" in info:
+        values["value_loss"] = info["value_loss"].item()
+    weights = {name: 1.0 if name == "loss" else share.per_token for name in values}
+    for name, value in reduced_figures(values, weights, distributed).items():
+        figures[name].append(value)
 
 
 def skip(trainer: Trainer, figures: dict, why: str) -> None:

@@ -35,18 +35,32 @@ from tests.pickle_trap import refusing_unpickling
 
 from .conftest import make_config
 
+# What the update reports, compared across rank counts (services/trainer/rank_share.py).
+REPORTED = (
+    "loss",
+    "approx_kl",
+    "clip_fraction",
+    "entropy",
+    "value_loss",
+    "first_minibatch_max_log_ratio",
+    "kl_coef_next",
+    "early_stopped",
+)
 
-def fixed_rollouts(vocab_size: int, rows: int = 8, prompt: int = 5, response: int = 6) -> list[Rollout]:
-    """`rows` rollouts of equal lengths (so every rank's share has the same token count), fixed ids."""
+
+def fixed_rollouts(vocab_size: int, rows: int = 8, prompt: int = 5) -> list[Rollout]:
+    """`rows` rollouts with fixed ids and responses of 2 to 9 tokens: the ranks' shares hold unequal
+    token counts, which a per-token mean must weigh (services/trainer/rank_share.py)."""
     generator = np.random.default_rng(0)
+    lengths = [2 + (row * 5) % 8 for row in range(rows)]
     return [
         Rollout(
             prompt_text="p",
             response_text="r",
             prompt_ids=generator.integers(3, vocab_size, prompt),
-            response_ids=generator.integers(3, vocab_size, response),
-            logprobs=generator.uniform(-6, -3, response).astype(np.float32),
-            ref_logprobs=generator.uniform(-6, -3, response).astype(np.float32),
+            response_ids=generator.integers(3, vocab_size, lengths[row]),
+            logprobs=generator.uniform(-6, -3, lengths[row]).astype(np.float32),
+            ref_logprobs=generator.uniform(-6, -3, lengths[row]).astype(np.float32),
             reward=float(row % 3) - 1.0 + 0.1 * row,
             policy_version=0,
             finish_reason="length",
@@ -176,6 +190,7 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
         "optimizer_steps": stats.optimizer_steps,
         "skipped": stats.skipped_minibatches,
         "out_of_memory": stats.out_of_memory,
+        **{name: getattr(stats, name) for name in REPORTED},
         "moved": moved,
         "bytes": training_bytes(trainer),
     }

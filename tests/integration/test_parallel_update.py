@@ -1,22 +1,29 @@
 """Data parallelism under real torch.distributed (gloo, spawned processes): one update on a fixed
-batch at 2 and 4 ranks, with DDP and with FSDP2, leaves every rank with the weights one rank
-reaches on the whole batch; without the gradient reduction it does not; a NaN on one rank skips
-the step on all of them."""
+batch of unequal response lengths at 2 and 4 ranks, with DDP and with FSDP2, leaves every rank with
+the weights one rank reaches on the whole batch, and reports the same figures (loss, approx_kl,
+entropy, the next adaptive β, the early stop); without the gradient reduction it does not; a NaN on
+one rank skips the step on all of them."""
 
 from __future__ import annotations
 
 import pytest
 
-from .parallel_worker import max_abs_diff, run_ranks
+from .parallel_worker import REPORTED, max_abs_diff, run_ranks
 
 TOLERANCE = 1e-5  # float32: the ranks sum gradients in another order than one rank does
+
+# Adaptive β and early stopping, decided from the whole minibatch's approx_kl on every rank: at lr 0.03
+# one rank's approx_kl per minibatch reads 0.76, 0.73, 0.45, 0.82, ... so 0.8 stops the epochs after 4 steps.
+ADAPTIVE_EARLY_STOP = {"ppo_epochs": 3, "lr": 0.03, "kl_controller": "adaptive", "kl_target": 1.0}
+ADAPTIVE_EARLY_STOP |= {"kl_horizon": 100, "early_stop_kl": 0.8}
 
 
 @pytest.mark.parametrize(
     "parallelism,world,options",
     [
-        ("fsdp", 2, {}),  # ddp at 2 ranks: tests/system/test_torchrun.py end to end, and ddp x4 below
-        ("ddp", 4, {"advantage": "gae", "minibatch_size": 3}),  # 3 rows on 4 ranks: one rank has none
+        ("fsdp", 2, ADAPTIVE_EARLY_STOP),  # ddp at 2 ranks: tests/system/test_torchrun.py, and ddp x4 below
+        # 3 rows on 4 ranks: one rank has none; a mean over sequences weighs rows, not tokens
+        ("ddp", 4, {"advantage": "gae", "minibatch_size": 3, "loss_aggregation": "sequence_mean"}),
         ("fsdp", 4, {"advantage": "gae"}),
         ("fsdp", 2, {"lora": {"enabled": True, "r": 4, "alpha": 8}}),
     ],
@@ -25,11 +32,15 @@ def test_one_update_across_ranks_equals_it_on_one_rank(parallelism, world, optio
     single = run_ranks(1, tiny_lm_dir, tmp_path / "one", options)[0]
     ranks = run_ranks(world, tiny_lm_dir, tmp_path / "many", {**options, "parallelism": parallelism})
     assert single["optimizer_steps"] >= 2 and single["moved"] > 1e-4  # the update did move the weights
+    if "early_stop_kl" in options:  # the case does what it is there for
+        assert single["early_stopped"] and single["optimizer_steps"] == 4 and single["kl_coef_next"] != 0.05
     for rank in ranks:
         assert rank["optimizer_steps"] == single["optimizer_steps"]
         diff = max_abs_diff(rank["weights"], single["weights"])
         print(f"{parallelism} x{world} {options}: max abs diff {diff:.2e}")
         assert diff < TOLERANCE
+        for name in REPORTED:  # what the update reports is the whole batch's, on every rank
+            assert rank[name] == pytest.approx(single[name], rel=1e-4, nan_ok=True), name
     shares = [rank["bytes"] / single["bytes"] for rank in ranks]
     print(f"{parallelism} x{world}: parameter + gradient + AdamW bytes per rank / one rank's: {shares}")
     if parallelism == "fsdp":  # sharded: about 1/world each (issue #15: at most 60 % at 2 ranks)
