@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..common.metrics import LLM_SECONDS_BUCKETS
 from ..common.step_records import DetectorValues, StepRecord
@@ -239,6 +239,30 @@ class TrainerMetrics:
         self.updates_since_persist.set_function(lambda: persister.updates_since)
         self.seconds_since_persist.set_function(persister.seconds_since)
         self.persisted_version.set_function(lambda: persister.persisted_version)
+
+    def watch_loss_scale(self, loss_scale) -> None:
+        """belay_trainer_loss_scale and belay_trainer_loss_scale_overflows_total, read at each scrape."""
+        self.registry.register(LossScaleFigures(loss_scale))
+
+
+class LossScaleFigures:
+    """A collector: the float16 loss scale S (1 when the trainer is not float16: nothing is scaled) and
+    how many optimizer steps it skipped since the trainer started because the scaled gradients
+    overflowed float16 (each halving S). A few while S settles after a start are expected; these are
+    not belay_trainer_nonfinite_skips_total, which counts NaN/Inf losses and unscaled overflows."""
+
+    def __init__(self, loss_scale):
+        self.loss_scale = loss_scale
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "belay_trainer_loss_scale", "float16 dynamic loss scale S (1: off)", value=self.loss_scale.scale
+        )
+        yield CounterMetricFamily(
+            "belay_trainer_loss_scale_overflows",
+            "Optimizer steps skipped because float16 gradients overflowed at loss scale S > 1 (S halved)",
+            value=self.loss_scale.overflows,
+        )
 
 
 class ReplicaDrops:

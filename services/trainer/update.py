@@ -321,13 +321,20 @@ def minibatch_step(
             raise out_of_memory or torch.OutOfMemoryError("out of memory on another rank in this minibatch")
     if not finite:
         return skip(trainer, figures, f"loss is {loss.item()}")
-    (loss * weight).backward()
+    loss_scale = trainer.loss_scale  # float16: S·loss in backward, gradients / S before clipping (loss_scale.py)
+    loss_scale.scaled(loss * weight).backward()
+    loss_scale.unscale_(trainer.parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.section.max_grad_norm)
     if isinstance(grad_norm, torch.distributed.tensor.DTensor):  # FSDP2: the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
     if not torch.isfinite(grad_norm):  # the same norm on every rank (reduced gradients): all skip together
         optimizer.zero_grad(set_to_none=True)
-        return skip(trainer, figures, f"gradient norm is {grad_norm.item()}")
+        if not loss_scale.can_back_off():
+            return skip(trainer, figures, f"gradient norm is {grad_norm.item()}")
+        loss_scale.overflowed()  # a finite loss, its scaled float16 gradients overflowed: S halves, not a NaN
+        figures["skipped"].append(1)
+        return
+    loss_scale.stepped()
     optimizer.step()
     trainer.scheduler.step()
     figures["loss"].append(loss.item())
