@@ -115,6 +115,8 @@ class TrainerMetrics:
             registry=registry,
         )
         self.ready = Gauge("belay_trainer_ready", "1 once the trainer has loaded and resumed", registry=registry)
+        self.loss_scale = LossScaleFigures()  # read from the trainer's LossScale once watch_loss_scale is called
+        registry.register(self.loss_scale)
 
     def define_reward_model_metrics(self, registry: CollectorRegistry) -> None:
         """Which reward model(s) scored the last batch, and the parts of a combined reward."""
@@ -242,7 +244,7 @@ class TrainerMetrics:
 
     def watch_loss_scale(self, loss_scale) -> None:
         """belay_trainer_loss_scale and belay_trainer_loss_scale_overflows_total, read at each scrape."""
-        self.registry.register(LossScaleFigures(loss_scale))
+        self.loss_scale.source = loss_scale
 
 
 class LossScaleFigures:
@@ -251,17 +253,20 @@ class LossScaleFigures:
     overflowed float16 (each halving S). A few while S settles after a start are expected; these are
     not belay_trainer_nonfinite_skips_total, which counts NaN/Inf losses and unscaled overflows."""
 
-    def __init__(self, loss_scale):
-        self.loss_scale = loss_scale
+    def __init__(self):
+        self.source = None  # the trainer's LossScale (loss_scale.py); None: S = 1, no overflow yet
 
     def collect(self):
+        source = self.source
         yield GaugeMetricFamily(
-            "belay_trainer_loss_scale", "float16 dynamic loss scale S (1: off)", value=self.loss_scale.scale
+            "belay_trainer_loss_scale",
+            "float16 dynamic loss scale S (1: off)",
+            value=source.scale if source is not None else 1.0,
         )
         yield CounterMetricFamily(
             "belay_trainer_loss_scale_overflows",
             "Optimizer steps skipped because float16 gradients overflowed at loss scale S > 1 (S halved)",
-            value=self.loss_scale.overflows,
+            value=source.overflows if source is not None else 0,
         )
 
 
