@@ -1,7 +1,7 @@
-"""Dynamic loss scaling for a float16 trainer (Micikevicius et al. 2018, "Mixed Precision Training", §3.3).
+"""Dynamic loss scaling for a float16 trainer (Micikevicius et al. 2018, "Mixed Precision Training").
 
 float16 has 5 exponent bits: gradients below 2^-24 ≈ 6e-8 flush to zero in the backward through its
-activations, and PPO's per-token gradients (advantage / tokens in the minibatch) often sit there. The
+activations, and PPO's per-token gradients (advantage / tokens in the minibatch) can sit there. The
 loss is multiplied by S before backward, so every gradient in the backward is S times larger; the float32
 master gradients are divided by S again before clipping and the step. The textbook rule for S, with
 torch.amp.GradScaler's defaults: start at 2^16; a non-finite gradient norm halves S and skips the step;
