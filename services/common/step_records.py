@@ -52,7 +52,7 @@ class UpdateStats:
     logprob_mismatch_k3: float  # k3 estimate of KL(pi_behaviour || pi_trainer_old) (NaN: not measured)
     early_stopped: bool  # approx_kl passed early_stop_kl
     optimizer_steps: int  # 0: every minibatch was non-finite, nothing to publish
-    skipped_minibatches: int  # minibatches skipped for a non-finite loss or gradient
+    skipped_minibatches: int  # minibatches skipped for a non-finite loss or gradient (float16 overflows too)
     out_of_memory: bool = False  # a CUDA out-of-memory cut the update short
 
 

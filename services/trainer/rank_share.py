@@ -56,3 +56,18 @@ def reduced_figures(
     names = list(values)
     sums = distributed.sum_each([values[name] * weights[name] for name in names])
     return {name: total / distributed.world_size for name, total in zip(names, sums)}
+
+
+def record_figures(
+    figures: dict, distributed, loss: torch.Tensor, info: dict, entropy: torch.Tensor, share: Share
+) -> None:
+    """A stepped minibatch's figures, the whole minibatch's on every rank (rank_share.reduced_figures):
+    the loss already carries its share's weight; the token means (approx_kl, clip fraction, entropy,
+    the value loss) get the share's token weight."""
+    values = {"loss": loss.item(), "approx_kl": info["approx_kl"].item()}
+    values |= {"clip_fraction": info["clip_fraction"].item(), "entropy": entropy.item()}
+    if "value_loss" in info:
+        values["value_loss"] = info["value_loss"].item()
+    weights = {name: 1.0 if name == "loss" else share.per_token for name in values}
+    for name, value in reduced_figures(values, weights, distributed).items():
+        figures[name].append(value)

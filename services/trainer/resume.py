@@ -1,6 +1,6 @@
 """What a checkpoint holds of the trainer and how a trainer comes back from one: the snapshot a
-persist writes (weights, optimizer, critic, RNG, β, reward moments, lineage, the rollout ids
-trained on), restoring it on start, and publishing at once after a restart."""
+persist writes (weights, optimizer, critic, RNG, β, reward moments, float16 loss scale, lineage,
+the rollout ids trained on), restoring it on start, and publishing at once after a restart."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def restore(trainer: Trainer) -> int:
     trainer.scheduler.load_state_dict(meta["scheduler"])
     trainer.kl_controller.load_state_dict(meta["kl_controller"])
     trainer.reward_moments.load_state_dict(meta["reward_moments"])
+    trainer.loss_scale.load_state_dict(meta.get("loss_scale"))  # absent before loss scaling: the initial S
     trainer.good_versions = set(meta.get("good_versions", [0]))
     trainer.rolled_back_at = meta.get("rolled_back_at", 0)
     torch.set_rng_state(tensors["rng/torch"])
@@ -126,6 +127,7 @@ def snapshot(trainer: Trainer, version: int) -> Snapshot:
         "scheduler": trainer.scheduler.state_dict(),
         "kl_controller": trainer.kl_controller.state_dict(),
         "reward_moments": trainer.reward_moments.state_dict(),
+        "loss_scale": trainer.loss_scale.state_dict(),  # the same on every rank: rank 0's JSON is enough
         "good_versions": sorted(trainer.good_versions),
         "rolled_back_at": trainer.rolled_back_at,
         "lineage": trainer.lineage.state(),

@@ -39,6 +39,7 @@ from .distributed import Distributed, encode_rollouts
 from .intake import Entry, Intake
 from .kl import AdaptiveKLController, FixedKLController
 from .lineage import Lineage
+from .loss_scale import LossScale
 from .parallel import Learner
 from .persisting import Persister
 from .publishing import Publication, Publisher, make_transport
@@ -97,6 +98,7 @@ class Trainer:
         )
         self.detectors = Detectors.from_config(self.section)  # the seed's quiet failure modes, over recent updates
         metrics.record_detector_bounds(self.detectors.bounds)
+        metrics.watch_loss_scale(self.loss_scale)
 
     def build_learner(self) -> None:
         """What the update changes: the policy's trainable weights, the critic, AdamW, the schedule,
@@ -110,6 +112,7 @@ class Trainer:
         # under autocast in it (update.forward). Why: AdamW's update lr*m/sqrt(v) is ~1e-5 of a weight,
         # below bfloat16's 8-bit mantissa, so updates applied to bf16 weights would mostly round away.
         self.compute_dtype = resolve_dtype(section.dtype, self.device)
+        self.loss_scale = LossScale.for_dtype(self.compute_dtype)  # float16 only (loss_scale.py)
         if section.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Under torchrun: DDP or FSDP2 (parallel.py), which reduce the gradients in backward. The
@@ -208,14 +211,15 @@ class Trainer:
             self.distributed.broadcast_bytes(json.dumps({"roll_back_to": None}).encode())
         if self.publisher is not None:
             self.publisher.transport.prepare()  # e.g. the next publish's file, allocated while the update runs
-        started = time.perf_counter()
+        started, overflows = time.perf_counter(), self.loss_scale.overflows
         stats = self.update(rollouts)
         update_seconds = time.perf_counter() - started
         if stats.optimizer_steps == 0:  # nothing to publish: the rollouts go to the dropped stream, kept there
+            overflows = self.loss_scale.overflows - overflows  # float16's loss scale settling, not NaNs
             reason, detail = (
                 ("out_of_memory", "its update ran out of device memory before any optimizer step")
                 if stats.out_of_memory
-                else ("nonfinite", "every minibatch of its update was non-finite")
+                else ("nonfinite", f"every minibatch of its update was non-finite ({overflows} float16 overflows)")
             )
             for entry_id, _ in entries:
                 self.intake.drop(entry_id, reason, detail)

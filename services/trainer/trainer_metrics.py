@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..common.metrics import LLM_SECONDS_BUCKETS
 from ..common.step_records import DetectorValues, StepRecord
@@ -115,6 +115,8 @@ class TrainerMetrics:
             registry=registry,
         )
         self.ready = Gauge("belay_trainer_ready", "1 once the trainer has loaded and resumed", registry=registry)
+        self.loss_scale = LossScaleFigures()  # read from the trainer's LossScale once watch_loss_scale is called
+        registry.register(self.loss_scale)
 
     def define_reward_model_metrics(self, registry: CollectorRegistry) -> None:
         """Which reward model(s) scored the last batch, and the parts of a combined reward."""
@@ -239,6 +241,33 @@ class TrainerMetrics:
         self.updates_since_persist.set_function(lambda: persister.updates_since)
         self.seconds_since_persist.set_function(persister.seconds_since)
         self.persisted_version.set_function(lambda: persister.persisted_version)
+
+    def watch_loss_scale(self, loss_scale) -> None:
+        """belay_trainer_loss_scale and belay_trainer_loss_scale_overflows_total, read at each scrape."""
+        self.loss_scale.source = loss_scale
+
+
+class LossScaleFigures:
+    """A collector: the float16 loss scale S (1 when the trainer is not float16: nothing is scaled) and
+    how many optimizer steps it skipped since the trainer started because the scaled gradients
+    overflowed float16 (each halving S). A few while S settles after a start are expected; these are
+    not belay_trainer_nonfinite_skips_total, which counts NaN/Inf losses and unscaled overflows."""
+
+    def __init__(self):
+        self.source = None  # the trainer's LossScale (loss_scale.py); None: S = 1, no overflow yet
+
+    def collect(self):
+        source = self.source
+        yield GaugeMetricFamily(
+            "belay_trainer_loss_scale",
+            "float16 dynamic loss scale S (1: off)",
+            value=source.scale if source is not None else 1.0,
+        )
+        yield CounterMetricFamily(
+            "belay_trainer_loss_scale_overflows",
+            "Optimizer steps skipped because float16 gradients overflowed at loss scale S > 1 (S halved)",
+            value=source.overflows if source is not None else 0,
+        )
 
 
 class ReplicaDrops:

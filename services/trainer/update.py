@@ -35,7 +35,7 @@ from .batch import PPOBatch, collate
 from .kl import exact_kl_from_rows, per_token_kl
 from .masking import masked_mean, where_mask
 from .mismatch import logprob_mismatch, truncated_importance_weights
-from .rank_share import Share, rank_share, reduced_figures
+from .rank_share import Share, rank_share, record_figures
 from .reward_shaping import (
     RunningMoments,
     clip_reward,
@@ -312,31 +312,25 @@ def minibatch_step(trainer: Trainer, data: PPOBatch, targets: dict, beta: float,
             raise out_of_memory or torch.OutOfMemoryError("out of memory on another rank in this minibatch")
     if not finite:
         return skip(trainer, figures, f"loss is {loss.item()}")
-    loss.backward()
+    loss_scale = trainer.loss_scale  # float16: S·loss in backward, gradients / S before clipping (loss_scale.py)
+    loss_scale.scaled(loss).backward()
+    loss_scale.unscale_(trainer.parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.section.max_grad_norm)
     if isinstance(grad_norm, torch.distributed.tensor.DTensor):  # FSDP2: the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
     if not torch.isfinite(grad_norm):  # the same norm on every rank (reduced gradients): all skip together
         optimizer.zero_grad(set_to_none=True)
-        return skip(trainer, figures, f"gradient norm is {grad_norm.item()}")
+        if not loss_scale.can_back_off():
+            return skip(trainer, figures, f"gradient norm is {grad_norm.item()}")
+        loss_scale.overflowed()  # a finite loss, its scaled float16 gradients overflowed: S halves, not a NaN
+        figures["skipped"].append(1)
+        return
+    loss_scale.stepped()
     optimizer.step()
     trainer.scheduler.step()
-    record(figures, trainer.distributed, loss, info, masked_mean(entropy.detach(), data.response_mask), share)
+    record_figures(figures, trainer.distributed, loss, info, masked_mean(entropy.detach(), data.response_mask), share)
     figures["grad_norm"].append(grad_norm.item())
     figures["skipped"].append(0)
-
-
-def record(figures: dict, distributed, loss: torch.Tensor, info: dict, entropy: torch.Tensor, share: Share) -> None:
-    """A stepped minibatch's figures, the whole minibatch's on every rank (rank_share.reduced_figures):
-    the loss already carries its share's weight; the token means (approx_kl, clip fraction, entropy,
-    the value loss) get the share's token weight."""
-    values = {"loss": loss.item(), "approx_kl": info["approx_kl"].item()}
-    values |= {"clip_fraction": info["clip_fraction"].item(), "entropy": entropy.item()}
-    if "value_loss" in info:
-        values["value_loss"] = info["value_loss"].item()
-    weights = {name: 1.0 if name == "loss" else share.per_token for name in values}
-    for name, value in reduced_figures(values, weights, distributed).items():
-        figures[name].append(value)
 
 
 def skip(trainer: Trainer, figures: dict, why: str) -> None:

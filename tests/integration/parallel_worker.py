@@ -6,7 +6,8 @@ then one more update as if nothing had happened) or 'resume' (resume version 1 b
 refusing any unpickling); both write the whole AdamW state too (rank{r}-optimizer*.safetensors).
 `mutation`: 'no_reduction' turns the gradient reduction off (DDP: a comm hook that returns this
 rank's own gradients; FSDP2: no gradient sync), 'nan_on_rank_1' makes rank 1's loss NaN,
-'oom_on_rank_1' makes rank 1's forward raise an out-of-memory error."""
+'oom_on_rank_1' makes rank 1's forward raise an out-of-memory error, 'loss_scale_2^40' starts a
+float16 trainer's loss scale at 2^40 on every rank. options 'reward_factor' scales the rewards."""
 
 from __future__ import annotations
 
@@ -48,9 +49,10 @@ REPORTED = (
 )
 
 
-def fixed_rollouts(vocab_size: int, rows: int = 8, prompt: int = 5) -> list[Rollout]:
+def fixed_rollouts(vocab_size: int, rows: int = 8, prompt: int = 5, reward_factor: float = 1.0) -> list[Rollout]:
     """`rows` rollouts with fixed ids and responses of 2 to 9 tokens: the ranks' shares hold unequal
-    token counts, which a per-token mean must weigh (services/trainer/rank_share.py)."""
+    token counts, which a per-token mean must weigh (services/trainer/rank_share.py); rewards times
+    reward_factor (tiny: gradients that underflow in a float16 backward)."""
     generator = np.random.default_rng(0)
     lengths = [2 + (row * 5) % 8 for row in range(rows)]
     return [
@@ -61,7 +63,7 @@ def fixed_rollouts(vocab_size: int, rows: int = 8, prompt: int = 5) -> list[Roll
             response_ids=generator.integers(3, vocab_size, lengths[row]),
             logprobs=generator.uniform(-6, -3, lengths[row]).astype(np.float32),
             ref_logprobs=generator.uniform(-6, -3, lengths[row]).astype(np.float32),
-            reward=float(row % 3) - 1.0 + 0.1 * row,
+            reward=(float(row % 3) - 1.0 + 0.1 * row) * reward_factor,
             policy_version=0,
             finish_reason="length",
             group_id=f"g{row // 2}",
@@ -109,6 +111,8 @@ def mutate(trainer: Trainer, mutation: str | None, rank: int) -> None:
             return loss * float("nan"), info, entropy
 
         update.minibatch_loss = nan_loss
+    elif mutation == "loss_scale_2^40":  # float16: scaled gradients overflow on every rank
+        trainer.loss_scale.scale = 2.0**40
 
 
 def training_bytes(trainer: Trainer) -> int:
@@ -166,6 +170,7 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
         distributed = Distributed(rank=rank, world_size=world)
     options = dict(options)
+    reward_factor = options.pop("reward_factor", 1.0)
     task = options.pop("task", "update")  # 'persist': then persist as version 1; 'resume': resume it first
     checkpoints = options.pop("checkpoint_dir", str(pathlib.Path(out) / f"checkpoints{rank}"))
     trainer = build_trainer(model_dir, checkpoints, options, distributed)
@@ -177,7 +182,7 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
         save_file(full_optimizer_state(trainer), str(out / f"rank{rank}-optimizer-resumed.safetensors"))
     before = full_weights(trainer)
     mutate(trainer, mutation, rank)
-    stats = trainer.update(fixed_rollouts(trainer.model.config.vocab_size))
+    stats = trainer.update(fixed_rollouts(trainer.model.config.vocab_size, reward_factor=reward_factor))
     after = full_weights(trainer)
     summary = {"persist_seconds": persist_version_1(trainer)} if task == "persist" else {}
     if task == "persist":  # then the update a resumed trainer makes, without the interruption
@@ -193,6 +198,8 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
         **{name: getattr(stats, name) for name in REPORTED},
         "moved": moved,
         "bytes": training_bytes(trainer),
+        "loss_scale": trainer.loss_scale.scale,
+        "nonfinite_skips": trainer.metrics.nonfinite_skips._value.get(),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
     if distributed is not None:

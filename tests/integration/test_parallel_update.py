@@ -11,6 +11,7 @@ import pytest
 from .parallel_worker import REPORTED, max_abs_diff, run_ranks
 
 TOLERANCE = 1e-5  # float32: the ranks sum gradients in another order than one rank does
+FLOAT16_TOLERANCE = 1e-4  # float16 forwards (11-bit mantissa): 1.9e-5 measured, the largest move 9e-4
 
 # Adaptive β and early stopping, decided from the whole minibatch's approx_kl on every rank: at lr 0.03
 # one rank's approx_kl per minibatch reads 0.76, 0.73, 0.45, 0.82, ... so 0.8 stops the epochs after 4 steps.
@@ -72,3 +73,22 @@ def test_an_out_of_memory_on_one_rank_stops_the_update_on_every_rank(tiny_lm_dir
     ranks = run_ranks(2, tiny_lm_dir, tmp_path / "many", {"parallelism": "ddp"}, "oom_on_rank_1")
     for rank in ranks:
         assert rank["out_of_memory"] and rank["optimizer_steps"] == 0 and rank["moved"] == 0.0
+
+
+def test_float16_loss_scaling_takes_the_same_decisions_on_every_rank(tiny_lm_dir, tmp_path):
+    """FSDP2's gradients are DTensor shards: unscaled in place, judged by the full norm. Rewards tiny
+    enough that float16 flushes the unscaled gradients to zero still train, as on one rank; a scale
+    of 2^40 overflows: every rank skips both minibatches and halves its scale twice, no NaN counted."""
+    options = {"dtype": "float16", "kl_coef": 0.0, "reward_factor": 1e-7}
+    single = run_ranks(1, tiny_lm_dir, tmp_path / "one", options)[0]
+    ranks = run_ranks(2, tiny_lm_dir, tmp_path / "many", {**options, "parallelism": "fsdp"})
+    assert single["optimizer_steps"] == 2 and single["moved"] > 5e-4  # 9e-4 measured
+    for rank in ranks:
+        assert rank["optimizer_steps"] == 2 and rank["loss_scale"] == 2.0**16
+        diff = max_abs_diff(rank["weights"], single["weights"])
+        print(f"fsdp x2 float16, rewards x 1e-7: max abs diff {diff:.2e}")
+        assert diff < FLOAT16_TOLERANCE
+    ranks = run_ranks(2, tiny_lm_dir, tmp_path / "over", {"dtype": "float16", "parallelism": "fsdp"}, "loss_scale_2^40")
+    for rank in ranks:
+        assert rank["optimizer_steps"] == 0 and rank["skipped"] == 2 and rank["moved"] == 0.0
+        assert rank["loss_scale"] == 2.0**38 and rank["nonfinite_skips"] == 0
