@@ -146,9 +146,9 @@ def restore_weights(trainer: Trainer, target: int, checkpoints: dict[int, pathli
             for name, parameter in trainer.model.named_parameters():
                 if "lora_B" in name:
                     parameter.zero_()
-    elif trainer.sharded:  # every rank reads the whole weights and keeps its shards
+    elif trainer.sharded:  # each rank reads only its rows of the weights
         source = pathlib.Path(trainer.section.model_dir if target == 0 else checkpoints[target])
-        gathering.load_weights(trainer, gathering.persisted_weights(source))
+        gathering.load_weight_rows(trainer, source)
     else:
         load_weights_or_adapter(trainer.model, trainer.section.model_dir if target == 0 else checkpoints[target])
 

@@ -57,9 +57,8 @@ def restore(trainer: Trainer) -> int:
     optimizer_state = optimizer_state_from_flat(prefixed(tensors, "optimizer/"), meta["optimizer"])
     if sharded_persist.is_sharded_checkpoint(path):  # persisted under fsdp: each rank reads its rows
         sharded_persist.restore_sharded(trainer, path, meta)
-    elif trainer.sharded:  # persisted whole (one rank, ddp): every rank reads it all and keeps its shards
-        weights = gathering.persisted_weights(path)
-        gathering.load_whole(trainer, weights, prefixed(tensors, "value_head/"), optimizer_state)
+    elif trainer.sharded:  # persisted whole (one rank, ddp): each rank keeps its rows
+        gathering.load_whole(trainer, path, prefixed(tensors, "value_head/"), optimizer_state)
     else:
         load_weights_or_adapter(trainer.model, path)
         if trainer.value_head is not None:

@@ -17,7 +17,7 @@ logged per rank at INFO and counted in the step's persist seconds.
 
 On resume, a checkpoint with trainer_state.shards.json gives each rank exactly its rows of the AdamW
 state and the critic, at any rank count (a plain single process too); the policy's weights come from
-the Hugging Face files as for any checkpoint."""
+the Hugging Face files, each fsdp rank reading only its rows of them (gathering.load_weight_rows)."""
 
 from __future__ import annotations
 
@@ -97,10 +97,10 @@ def is_sharded_checkpoint(path: pathlib.Path) -> bool:
 
 
 def restore_sharded(trainer: Trainer, path: pathlib.Path, meta: dict) -> None:
-    """A checkpoint persisted under fsdp, at any rank count: the policy's weights from its Hugging Face
-    files; this rank's rows of the critic and of the AdamW state from the shards."""
+    """A checkpoint persisted under fsdp, at any rank count: this rank's rows of the policy's weights from
+    its Hugging Face files (all of them in one process), of the critic and of the AdamW state from the shards."""
     if trainer.sharded:
-        gathering.load_weights(trainer, gathering.persisted_weights(path))
+        gathering.load_weight_rows(trainer, path)
     else:
         load_weights_or_adapter(trainer.model, path)
     index = shards.read_shard_index(path)

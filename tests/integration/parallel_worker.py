@@ -3,7 +3,9 @@
 writes its full weights (the critic's too) as safetensors, for the test to compare with one rank.
 options 'task': 'persist' (persist version 1 after the update through the trainer's own persist path,
 then one more update as if nothing had happened) or 'resume' (resume version 1 before the update,
-refusing any unpickling); both write the whole AdamW state too (rank{r}-optimizer*.safetensors).
+refusing any unpickling, and counting the bytes it reads from the weights' files through
+gathering.safe_open: rank{r}-weight-reads.json); both write the whole AdamW state too
+(rank{r}-optimizer*.safetensors).
 `mutation`: 'no_reduction' turns the gradient reduction off (DDP: a comm hook that returns this
 rank's own gradients; FSDP2: no gradient sync), 'nan_on_rank_1' makes rank 1's loss NaN,
 'oom_on_rank_1' makes rank 1's forward raise an out-of-memory error, 'loss_scale_2^40' starts a
@@ -35,6 +37,7 @@ from tests.conftest import free_port
 from tests.pickle_trap import refusing_unpickling
 
 from .conftest import make_config
+from .read_counting import counting_reads
 
 # What the update reports, compared across rank counts (services/trainer/rank_share.py).
 REPORTED = (
@@ -176,8 +179,9 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
     trainer = build_trainer(model_dir, checkpoints, options, distributed)
     out = pathlib.Path(out)
     if task == "resume":
-        with refusing_unpickling():
+        with refusing_unpickling(), counting_reads(gathering) as read:  # what resume takes of the weights' files
             assert trainer.resume() == 1
+        (out / f"rank{rank}-weight-reads.json").write_text(json.dumps(read))
         save_file(full_weights(trainer), str(out / f"rank{rank}-resumed.safetensors"))
         save_file(full_optimizer_state(trainer), str(out / f"rank{rank}-optimizer-resumed.safetensors"))
     before = full_weights(trainer)

@@ -3,24 +3,27 @@ the trainer's own persist path, the AdamW state and the critic land as one shard
 gathered), the weights as a plain Hugging Face model directory. Resumed by a plain process (no process
 group) and at 4 fsdp ranks (LoRA: by a plain process), weights, AdamW moments and critic equal the
 persisted ones, and one more update equals the one the persisting trainer made without the
-interruption; nothing read back is a pickle."""
+interruption; nothing read back is a pickle. At 4 ranks each rank read exactly its rows of
+model.safetensors (a quarter), never the whole file."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from services.common.checkpoints import checkpoint_problem, load_weights_into
+from services.common.checkpoints import checkpoint_problem, load_weights_into, weight_files
+from services.trainer import gathering
 from services.trainer.shards import SHARD_INDEX, shard_file_name
 from tests.pickle_trap import trap_bytes
 
-from .parallel_worker import max_abs_diff, run_ranks
+from .parallel_worker import build_trainer, max_abs_diff, run_ranks
 
 TOLERANCE = 1e-5  # one more update: float32 sums in another order at another rank count
 EXTRAS = {"gae": {"advantage": "gae"}, "lora": {"lora": {"enabled": True, "r": 4, "alpha": 8}}}
@@ -96,5 +99,50 @@ def test_a_checkpoint_resumes_at_another_rank_count(persisted, tiny_lm_dir, extr
         )
         assert weights == 0.0 and moments == 0.0
         assert next_update < TOLERANCE and ranks[rank]["moved"] > 1e-4
+    if world > 1:  # each fsdp rank read only its rows of the weights (model.safetensors), never the whole file
+        assert_each_rank_read_its_rows(root / "checkpoints" / "v000001", out, world)
     assert not (root / "unpickled").exists()
     assert pathlib.Path(options["checkpoint_dir"], "v000001").is_dir()
+
+
+def assert_each_rank_read_its_rows(version: pathlib.Path, out: pathlib.Path, world: int) -> None:
+    """The bytes each rank read from the checkpoint's weight files (the worker counts them through
+    gathering.safe_open) are exactly those of its rows: FSDP2's Shard(0), cut as torch.chunk cuts
+    (a rank past the last chunk holds none)."""
+    for file in weight_files(version):
+        whole = load_file(str(file))
+        total = sum(tensor.numel() * tensor.element_size() for tensor in whole.values())
+        for rank in range(world):
+            chunks = [torch.chunk(tensor, world, dim=0) for tensor in whole.values()]
+            rows = sum(c[rank].numel() * c[rank].element_size() for c in chunks if rank < len(c))
+            read = json.loads((out / f"rank{rank}-weight-reads.json").read_text()).get(file.name)
+            print(f"rank {rank} of {world} read {read} bytes of {file.name}'s {total} ({rows / total:.3f} of it)")
+            assert read == rows
+            assert rows <= total / world * 1.2  # a quarter of the file at 4 ranks, give or take a chunk's rounding
+
+
+def test_reading_weight_rows_refuses_a_misfit_before_copying_anything(tiny_lm_dir, tmp_path):
+    """gathering.load_weight_rows (one process: every row) loads a model directory exactly, and refuses a
+    file lacking a weight, holding a stranger or a wrong shape, naming it, with the weights unchanged."""
+    trainer = build_trainer(str(tiny_lm_dir), str(tmp_path / "checkpoints"), {}, None)
+    whole = load_file(str(tiny_lm_dir / "model.safetensors"))
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            parameter.zero_()
+    assert gathering.load_weight_rows(trainer, tiny_lm_dir) == sum(t.numel() * t.element_size() for t in whole.values())
+    state = trainer.model.state_dict()
+    assert max_abs_diff({k: state[k] for k in whole}, whole) == 0.0
+    lacking = {k: v for k, v in whole.items() if k != "model.norm.weight"}
+    for number, (tensors, message) in enumerate(
+        [
+            (lacking, "lacks 1 of the model's weights: ['model.norm.weight']"),
+            ({**whole, "model.stranger": torch.ones(2)}, "holds model.stranger, which the trainer's model has no"),
+            ({**whole, "model.norm.weight": torch.ones(5)}, "model.norm.weight has shape (5,), the trainer"),
+        ]
+    ):
+        directory = tmp_path / f"misfit{number}"
+        directory.mkdir()
+        save_file({k: v + 1 for k, v in tensors.items()}, str(directory / "model.safetensors"))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            gathering.load_weight_rows(trainer, directory)
+        assert max_abs_diff({k: state[k] for k in whole}, whole) == 0.0  # nothing copied
