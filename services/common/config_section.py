@@ -34,7 +34,8 @@ class ModelRuntime(Section):
         "auto",
         description="weights and compute: 'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16' or "
         "'float16'. The trainer keeps float32 master weights and AdamW state whatever this says and runs its "
-        "forward passes under autocast in this dtype",
+        "forward passes under autocast in this dtype; under trainer.parallelism 'fsdp' FSDP2 also gathers the "
+        "parameters in it and reduces the gradients in float32",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="'auto': flash_attention_2 on CUDA where the flash-attn package is installed, else sdpa"

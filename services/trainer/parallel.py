@@ -49,10 +49,16 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def mixed_precision(device: torch.device, compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
-    """On CUDA with a 16-bit trainer.dtype: parameters gathered in it, gradients reduced in float32;
-    else FSDP2's default (everything in the parameters' float32)."""
-    if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
+def mixed_precision(compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
+    """FSDP2's policy for trainer.dtype, on any device (CUDA with NCCL, the CPU with gloo): with a 16-bit
+    dtype each FSDP group's parameters are gathered in it for the forward and backward, and the gradients
+    reduce-scattered in float32 into the float32 shards AdamW steps; with float32, FSDP2's default
+    (everything in float32). update.forward's autocast still wraps the forward and composes with it: the
+    matmuls run in the 16-bit dtype either way, and the ops autocast keeps in float32 upcast their
+    inputs. One process and ddp have no such policy: their weights stay float32 and that autocast alone
+    computes in the 16-bit dtype, so norms, embeddings and the residual stream stay float32 there.
+    Master weights and AdamW are float32 in every case."""
+    if compute_dtype in (torch.bfloat16, torch.float16):
         return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
@@ -73,10 +79,13 @@ def wrap(
         )
     if parallelism != "fsdp":
         raise ValueError(f"trainer.parallelism must be 'ddp' or 'fsdp', got {parallelism!r}")
-    policy = mixed_precision(device, compute_dtype)
+    policy = mixed_precision(compute_dtype)
     for block in transformer_blocks(learner.model):
         fully_shard(block, mp_policy=policy)
-    fully_shard(learner, mp_policy=policy)  # the root: embeddings, final norm, output head, critic
+    if learner.value_head is not None:  # the critic computes in float32 (ValueHead): gathered in float32,
+        # in a group of its own, rather than rounded to the 16-bit dtype with the root.
+        fully_shard(learner.value_head, mp_policy=MixedPrecisionPolicy())
+    fully_shard(learner, mp_policy=policy)  # the root: embeddings, final norm, output head
     return learner
 
 

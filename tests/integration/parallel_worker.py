@@ -7,9 +7,11 @@ refusing any unpickling, and counting the bytes it reads from the weights' files
 gathering.safe_open: rank{r}-weight-reads.json); both write the whole AdamW state too
 (rank{r}-optimizer*.safetensors).
 `mutation`: 'no_reduction' turns the gradient reduction off (DDP: a comm hook that returns this
-rank's own gradients; FSDP2: no gradient sync), 'nan_on_rank_1' makes rank 1's loss NaN,
-'oom_on_rank_1' makes rank 1's forward raise an out-of-memory error, 'loss_scale_2^40' starts a
-float16 trainer's loss scale at 2^40 on every rank. options 'reward_factor' scales the rewards."""
+rank's own gradients; FSDP2: a reduce-scatter that keeps this rank's rows of its own gradients),
+'nan_on_rank_1' makes rank 1's loss NaN, 'oom_on_rank_1' makes rank 1's forward raise an out-of-memory
+error, 'loss_scale_2^40' starts a float16 trainer's loss scale at 2^40 on every rank. options
+'reward_factor' scales the rewards. The summary also records the dtype the first block's weights had
+in each forward."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.multiprocessing as mp
 from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from services.common.models import load_causal_lm, load_tokenizer
@@ -98,8 +101,10 @@ def mutate(trainer: Trainer, mutation: str | None, rank: int) -> None:
     if mutation == "no_reduction":
         if trainer.section.parallelism == "ddp":
             trainer.learner.register_comm_hook(None, lambda _, bucket: own_gradients(bucket))
-        else:
-            trainer.learner.set_requires_gradient_sync(False)
+        else:  # (set_requires_gradient_sync(False) would leave the shards without gradients: no step at all)
+            for module in trainer.learner.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_custom_reduce_scatter(OwnRowsOnly())
     elif mutation == "oom_on_rank_1" and rank == 1:  # as a CUDA allocator would in this rank's first forward
 
         def out_of_memory(*args):
@@ -156,6 +161,32 @@ def full_optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return found
 
 
+def record_compute_dtypes(trainer: Trainer) -> dict[str, set[str]]:
+    """The dtypes the weights have as the layers compute, at each forward: 'block', the first block's first
+    linear (under fsdp as FSDP2 gathered it: its MixedPrecisionPolicy's param_dtype); 'critic', the value head."""
+    names = trainer.model.named_modules()  # the tiny Llama's (a PEFT wrapper's too): *.layers.0.self_attn.*
+    block = next(module for name, module in names if ".layers.0." in name and isinstance(module, torch.nn.Linear))
+    modules = {"block": (block, block)}
+    if trainer.value_head is not None:  # ValueHead.forward reads linear.weight without calling linear
+        modules["critic"] = (trainer.value_head, trainer.value_head.linear)
+    seen: dict[str, set[str]] = {part: set() for part in modules}
+    for part, (module, linear) in modules.items():
+        module.register_forward_pre_hook(
+            lambda _, args, part=part, linear=linear: seen[part].add(str(linear.weight.dtype))
+        )
+    return seen
+
+
+class OwnRowsOnly:
+    """FSDP2's reduce-scatter without the reduction: each rank keeps its own rows of its own gradients."""
+
+    def allocate(self, size, *, dtype, device) -> torch.Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False) -> None:
+        output_tensor.copy_(input_tensor.chunk(group.size())[group.rank()])
+
+
 def own_gradients(bucket) -> torch.futures.Future:
     future = torch.futures.Future()
     future.set_result(bucket.buffer())
@@ -186,6 +217,7 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
         save_file(full_optimizer_state(trainer), str(out / f"rank{rank}-optimizer-resumed.safetensors"))
     before = full_weights(trainer)
     mutate(trainer, mutation, rank)
+    compute_dtypes = record_compute_dtypes(trainer)
     stats = trainer.update(fixed_rollouts(trainer.model.config.vocab_size, reward_factor=reward_factor))
     after = full_weights(trainer)
     summary = {"persist_seconds": persist_version_1(trainer)} if task == "persist" else {}
@@ -195,15 +227,18 @@ def run(rank: int, world: int, port: int, model_dir: str, out: str, options: dic
         save_file(full_weights(trainer), str(out / f"rank{rank}-next.safetensors"))
     save_file(after, str(out / f"rank{rank}.safetensors"))
     moved = max(float((after[k] - before[k]).abs().max()) for k in after)
+    moved_norm = float(torch.cat([(after[k] - before[k]).flatten() for k in after]).norm())
     summary |= {
         "optimizer_steps": stats.optimizer_steps,
         "skipped": stats.skipped_minibatches,
         "out_of_memory": stats.out_of_memory,
         **{name: getattr(stats, name) for name in REPORTED},
         "moved": moved,
+        "moved_norm": moved_norm,  # the update's L2 norm over every weight
         "bytes": training_bytes(trainer),
         "loss_scale": trainer.loss_scale.scale,
         "nonfinite_skips": trainer.metrics.nonfinite_skips._value.get(),
+        "compute_dtypes": {part: sorted(dtypes) for part, dtypes in compute_dtypes.items()},
     }
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
     if distributed is not None:
@@ -230,3 +265,9 @@ def run_ranks(world: int, model_dir, out, options: dict, mutation: str | None = 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((float((a[k] - b[k]).abs().max()) for k in a), default=0.0)
+
+
+def l2_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of a - b over every weight."""
+    assert a.keys() == b.keys()
+    return float(torch.cat([(a[k] - b[k]).flatten() for k in a]).norm())

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from .parallel_worker import REPORTED, max_abs_diff, run_ranks
+from .parallel_worker import REPORTED, l2_distance, max_abs_diff, run_ranks
 
+LORA = {"lora": {"enabled": True, "r": 4, "alpha": 8}}
 TOLERANCE = 1e-5  # float32: the ranks sum gradients in another order than one rank does
 FLOAT16_TOLERANCE = 1e-4  # float16 forwards (11-bit mantissa): 1.9e-5 measured, the largest move 9e-4
 
@@ -23,8 +24,9 @@ ADAPTIVE_EARLY_STOP |= {"kl_horizon": 100, "early_stop_kl": 0.8}
     "parallelism,world,options",
     [
         ("fsdp", 2, ADAPTIVE_EARLY_STOP),  # ddp at 2 ranks: tests/system/test_torchrun.py, and ddp x4 below
-        # 3 rows on 4 ranks: one rank has none; a mean over sequences weighs rows, not tokens
-        ("ddp", 4, {"advantage": "gae", "minibatch_size": 3, "loss_aggregation": "sequence_mean"}),
+        # 3 rows on 4 ranks: one rank has none; a mean over sequences weighs rows, not tokens; LoRA under
+        # ddp: only the adapters and the critic train
+        ("ddp", 4, {"advantage": "gae", "minibatch_size": 3, "loss_aggregation": "sequence_mean"} | LORA),
         ("fsdp", 4, {"advantage": "gae"}),
         ("fsdp", 2, {"lora": {"enabled": True, "r": 4, "alpha": 8}}),
     ],
@@ -48,6 +50,33 @@ def test_one_update_across_ranks_equals_it_on_one_rank(parallelism, world, optio
         assert max(shares) <= 0.6 if world == 2 else max(shares) <= 0.35
     else:
         assert shares == [1.0] * world
+
+
+# bfloat16 compute differs from one rank's, not by summation order alone: one rank keeps float32
+# weights under autocast (norms, embeddings, the residual stream in float32), FSDP2 gathers bfloat16
+# ones. Both round to bf16's 8-bit mantissa, which flips AdamW's first steps (about ±lr each, whatever
+# the gradient's size) on weights whose gradient is near zero. So the measure is the distance from the
+# one-rank weights over the length of the one-rank update, both L2 over every weight. Measured
+# (2026-11-30, torch 2.13, gloo): 0.045 here (0.051 without the critic, 0.019 with LoRA); one rank in
+# bfloat16 against one rank in float32 differs by 0.040, so this is bf16's own noise; float32 fsdp is
+# at 3.5e-7. Without the gradient reduction (mutation no_reduction) the same case is at 0.90 (LoRA
+# 1.00). 0.2 lies 4x above the first and 4x below the second.
+BFLOAT16_TOLERANCE = 0.2
+
+
+def test_fsdp_in_bfloat16_gathers_bfloat16_weights_and_makes_the_one_rank_update(tiny_lm_dir, tmp_path):
+    options = {"dtype": "bfloat16", "advantage": "gae"}  # with the critic: float32, in a group of its own
+    single = run_ranks(1, tiny_lm_dir, tmp_path / "one", options)[0]
+    ranks = run_ranks(2, tiny_lm_dir, tmp_path / "many", {**options, "parallelism": "fsdp"})
+    float32, bfloat16 = ["torch.float32"], ["torch.bfloat16"]
+    assert single["compute_dtypes"] == {"block": float32, "critic": float32}  # one rank: bf16 by autocast only
+    assert single["optimizer_steps"] >= 2 and single["moved_norm"] > 1e-2
+    for rank in ranks:
+        assert rank["compute_dtypes"] == {"block": bfloat16, "critic": float32}  # as FSDP2 gathered them
+        assert rank["optimizer_steps"] == single["optimizer_steps"]
+        distance = l2_distance(rank["weights"], single["weights"]) / single["moved_norm"]
+        print(f"fsdp x2 bfloat16: distance / one rank's update {distance:.3f}")
+        assert distance < BFLOAT16_TOLERANCE
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
