@@ -250,9 +250,10 @@ def trainer_plan(
     no-grad pass over the whole batch, full_batch_positions * V * 4 * LOGPROB_COPIES.
 
     shards > 1 (trainer.parallelism fsdp over that many ranks): one rank's plan. Weights, gradients
-    and moments are 1/shards each (rounded up), plus what FSDP2 gathers whole in float32 while it
-    computes: the root's parameters (embeddings, head, final norm) for the whole forward and
-    backward, and two blocks at a time (the one computing and the one prefetched)."""
+    and moments are 1/shards each (rounded up), plus what FSDP2 gathers whole in the compute dtype
+    (MixedPrecisionPolicy: dtype_bytes each) while it computes: the root's parameters (embeddings,
+    head, final norm) for the whole forward and backward, and two blocks at a time (the one computing
+    and the one prefetched)."""
     parameters = parameter_count(shape)
     model_hint = "a smaller model, or the trainer on a device of its own"
     if shards > 1:
@@ -268,7 +269,7 @@ def trainer_plan(
             MemoryItem(f"trainer AdamW moments{share}", -(-8 * parameters // shards), model_hint),
             MemoryItem(
                 "trainer FSDP2 gathered root and two blocks",
-                4 * (root_parameter_count(shape) + 2 * block_parameter_count(shape)) * (shards > 1),
+                dtype_bytes * (root_parameter_count(shape) + 2 * block_parameter_count(shape)) * (shards > 1),
                 model_hint,
             ),
             MemoryItem(

@@ -175,6 +175,8 @@ def test_an_fsdp_ranks_plan_holds_its_shard_and_what_fsdp2_gathers_whole():
     h, intermediate, vocab = 1536, 8960, 151936
     block = (h * 12 * 128 + 2 * h * 2 * 128 + 12 * 128 * h) + (12 * 128 + 2 * 2 * 128) + 3 * h * intermediate + 2 * h
     assert two["trainer FSDP2 gathered root and two blocks"] == 4 * (vocab * h + h + 2 * block)
+    bf16 = {i.name: i.bytes for i in trainer_plan(shape, 2, tokens, True, 1024, 0, "cuda:0", shards=2).items}
+    assert bf16["trainer FSDP2 gathered root and two blocks"] == 2 * (vocab * h + h + 2 * block)  # gathered in bf16
     assert vocab * h + h + 28 * block == parameters  # the split adds up to the whole model
     weights_grads_moments = ("master weights", "gradients", "AdamW moments")
     ones = sum(b for n, b in one.items() if any(w in n for w in weights_grads_moments))
