@@ -54,7 +54,6 @@ def tiny_lm(tiny_lm_dir):
 
 @pytest.fixture(scope="module")
 def engines(tiny_lm_dir):
-    torch.set_num_threads(1)
     return {kind: engine_on(tiny_lm(tiny_lm_dir), tiny_lm_dir, kind) for kind in ("dynamic", "static")}
 
 
@@ -155,14 +154,16 @@ def test_a_compiled_decode_step_keeps_exact_logprobs_and_a_hot_swap_does_not_rec
     compile_config = CompileConfig(backend=recording_backend, mode=None)
     compile_config._compile_all_devices = True  # transformers' own switch to compile on a CPU (its tests use it)
     engine = engine_on(tiny_lm(tiny_lm_dir), tiny_lm_dir, "static", compile_config=compile_config)
-    torch._dynamo.reset()
     sampling = Sampling(temperature=0.7, max_new_tokens=8, seed=9)
-    assert_teacher_forced(engine.generate(PROMPTS, 2, sampling), tiny_lm(tiny_lm_dir), 0.7)
-    assert graphs, "the decode step was not compiled"
-    new = swapped_in(engine, tmp_path, tiny_lm_dir, seed=10)
-    compiled = len(graphs)
-    with torch.compiler.set_stance("fail_on_recompile"):
-        batch = engine.generate(PROMPTS, 2, sampling)
-    assert len(graphs) == compiled
-    assert_teacher_forced(batch, new, 0.7)
     torch._dynamo.reset()
+    try:
+        assert_teacher_forced(engine.generate(PROMPTS, 2, sampling), tiny_lm(tiny_lm_dir), 0.7)
+        assert graphs, "the decode step was not compiled"
+        new = swapped_in(engine, tmp_path, tiny_lm_dir, seed=10)
+        compiled = len(graphs)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            batch = engine.generate(PROMPTS, 2, sampling)
+        assert len(graphs) == compiled
+        assert_teacher_forced(batch, new, 0.7)
+    finally:
+        torch._dynamo.reset()  # no compiled code left for the tests after this one
