@@ -94,9 +94,10 @@ class BehaviourLogprobs(LogitsProcessor):
     They equal the teacher-forced log-probs up to float rounding (tests check 1e-5).
 
     It runs in generate()'s loop, outside the model's forward, so a compiled decode step (the static
-    KV cache on CUDA) serves it as an eager one does. A forward hook on the model does not survive
-    that: it runs inside the compiled call, where Dynamo breaks the graph at it and recompiles it at
-    every step (it guards on the length of the list of steps). Being first needs generate()'s own
+    KV cache on CUDA) serves it as an eager one does. A forward hook on the model runs inside the
+    compiled call instead: Dynamo compiled it as a frame of its own and recompiled that frame at
+    every step (it guards on the length of the list of steps) until its recompile limit (8), then
+    ran it eagerly. Being first needs generate()'s own
     processors that come before custom ones (repetition penalty, bad words, min length ...) off: the
     engine's GenerationConfig sets none, and generate() is called with use_model_defaults=False so
     that a model's generation_config.json cannot add one."""
