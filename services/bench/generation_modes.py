@@ -8,9 +8,12 @@ One mode a process (a compiled or CUDA-graphed model keeps its state). Each mode
 prompts (temperature 1, top_p 0.9) for max_new_tokens; the first call (compilation, graph capture,
 allocation) is timed apart from the measured ones. A random model rarely samples EOS, so every row
 runs to max_new_tokens and tokens/s compare like with like. None of these modes reads behaviour
-log-probs: the engine's forward hook is measured by services.bench.gpu; `teacher_forced_seconds` is
-what a separate exact log-prob pass over the generated rows costs, the price any mode pays whose
-sampler cannot hand its log-probs back (continuous batching packs rows, which breaks the hook)."""
+log-probs: the engine, which reads them off the sampling passes (a logits processor, one row per
+sequence), is measured by `services.bench.gpu --generation-only --kv-cache dynamic|static` on the same
+rows and lengths (stack_bench.sh's `engine` stage); `teacher_forced_seconds` is what a separate exact
+log-prob pass over the generated rows costs, the price any mode pays whose sampler cannot hand its
+log-probs back (continuous batching packs the rows of many sequences into each step, which that
+recorder, one row per sequence, does not follow)."""
 
 from __future__ import annotations
 

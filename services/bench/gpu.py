@@ -1,8 +1,9 @@
 """The GPU path of `belay bench` (issue #7): Belay's own code on a larger, randomly initialised Llama
 in bf16. It measures
-- generation: tokens/s of PolicyEngine.generate (sampling plus the teacher-forced behaviour
-  log-prob pass, as the policy serves a batch), batch x max_new_tokens from random prompts of a
-  fixed length;
+- generation: tokens/s of PolicyEngine.generate (sampling with the behaviour log-probs read off the
+  sampling passes, as the policy serves a batch), batch x max_new_tokens from random prompts of a
+  fixed length, with the KV cache policy.kv_cache names (--kv-cache: dynamic, or static, which
+  transformers compiles on CUDA; the warm-up calls, compilation included, are timed apart);
 - the update: seconds of Trainer.update (the seed recipe: batch-mean advantage, k1 KL, clipped PPO,
   forward + backward + AdamW step per minibatch) and its model-FLOPs utilisation
   MFU = 6 * n_params * tokens_processed / seconds / peak_flops, where n_params counts the weights of
@@ -11,6 +12,7 @@ in bf16. It measures
 - the hot swap: PolicyEngine.swap_to from the checkpoint Trainer.save wrote after the update.
 
     python -m services.bench.gpu --json OUT [--size SHAPE] [--device cuda] [--dtype bf16]   (SHAPE: shapes.py)
+        [--kv-cache dynamic|static] [--generation-only]
 
 The shapes are in shapes.py (1b is TinyLlama-1.1B's, qwen2.5-* Qwen2.5's). The model is built, saved as
 safetensors in a temporary directory with a word-level tokenizer ("w4" .. "wN", one token a word,
@@ -34,11 +36,12 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import PreTrainedTokenizerFast
 
-from ..common.config import BelayConfig, GrpcConfig
+from ..common.config import BelayConfig, GrpcConfig, PolicyConfig
 from ..common.models import load_causal_lm, weights_fingerprint
 from ..common.rollout_queue import Rollout
 from ..common.strict_json import strict_json
 from ..policy.engine import PolicyEngine, Sampling
+from ..policy.kv_cache import KV_CACHES
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
@@ -46,6 +49,8 @@ from .timing import timed
 from .workload import Workload
 
 log = logging.getLogger(__name__)
+KV_CACHE_DEFAULT = PolicyConfig.model_fields["kv_cache"].default
+MAX_PROMPT_TOKENS_DEFAULT = PolicyConfig.model_fields["max_prompt_tokens"].default
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 # (name contains, and also contains, dense bf16 FLOP/s): the first match wins, so PCIe comes before SXM.
 PEAK_BF16_FLOPS = [("H100", "PCIe", 756e12), ("H100", "", 989e12), ("H200", "", 989e12), ("A100", "", 312e12)]
@@ -139,8 +144,9 @@ def bench_trainer(
 def measure_generation(
     engine: PolicyEngine, prompts: list[str], workload: Workload, device: torch.device, iterations: int, warmup: int
 ):
-    """Warm-up calls first (CUDA context, kernels), then the measured ones. Returns (figures, last batch)."""
-    seconds_each, tokens_each = [], []
+    """Warm-up calls first (CUDA context, kernels, a static cache's compilation), then the measured
+    ones. Returns (figures, last batch)."""
+    seconds_each, tokens_each, warmup_seconds = [], [], []
     for call in range(warmup + iterations):
         sampling = Sampling(
             temperature=workload.temperature, max_new_tokens=workload.max_new_tokens, seed=workload.seed + call
@@ -149,11 +155,17 @@ def measure_generation(
         if call >= warmup:
             seconds_each.append(seconds)
             tokens_each.append(sum(len(r) for r in batch.response_ids))
+        else:
+            warmup_seconds.append(seconds)
     figures = {
+        "kv_cache": engine.sampling_cache.kind,
+        "cache_positions": engine.cache_positions(workload.max_new_tokens),  # what a static cache holds
+        "max_prompt_tokens": engine.max_prompt_tokens,
         "rows": len(prompts),
         "max_new_tokens": workload.max_new_tokens,
         "temperature": workload.temperature,
         "top_p": Sampling.top_p,
+        "warmup_seconds": warmup_seconds,
         "seconds": seconds_each,
         "response_tokens": tokens_each,
         "tokens_per_second": sum(tokens_each) / sum(seconds_each),
@@ -224,6 +236,29 @@ def measure_hot_swap(trainer: Trainer, engine: PolicyEngine, device: torch.devic
     }
 
 
+def measure_training(
+    base: pathlib.Path,
+    temp: pathlib.Path,
+    engine: PolicyEngine,
+    batch,
+    workload: Workload,
+    device: torch.device,
+    dtype: torch.dtype,
+    iterations: int,
+    warmup: int,
+) -> dict:
+    """The update on the generated batch, then the hot swap of the checkpoint it saves into the engine."""
+    trainer = bench_trainer(base, temp / "checkpoints", device, dtype, workload, engine.tokenizer)
+    rollouts = rollouts_from(batch, np.random.default_rng(workload.seed).normal(size=workload.batch_size))
+    update = measure_update(trainer, rollouts, workload, device, dtype, iterations, warmup)
+    hot_swap = measure_hot_swap(trainer, engine, device, dtype)
+    return {
+        "update": update,
+        "checkpoint_write_seconds": hot_swap.pop("checkpoint_write_seconds"),
+        "hot_swap": hot_swap,
+    }
+
+
 def run_gpu_bench(
     size: str = "1b",
     device: str = "cuda",
@@ -232,8 +267,13 @@ def run_gpu_bench(
     warmup: int = 1,
     prompt_tokens: int = 64,
     workload: Workload | None = None,
+    kv_cache: str = KV_CACHE_DEFAULT,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS_DEFAULT,
+    generation_only: bool = False,
 ) -> dict:
-    """Generation, the update and the hot swap on a random model of `size`, in one process."""
+    """Generation, then (unless generation_only) the update and the hot swap, on a random model of
+    `size`, in one process. The engine samples as the policy service does with policy.kv_cache =
+    kv_cache and policy.max_prompt_tokens = max_prompt_tokens (which sizes a static cache)."""
     workload = workload or Workload()
     check_arguments(device, dtype, iterations, warmup)
     torch_device, torch_dtype = torch.device(device), DTYPES[dtype]
@@ -243,15 +283,15 @@ def run_gpu_bench(
         base = build_random_model(size, pathlib.Path(temp) / "base", workload.seed, torch_dtype, device)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base, local_files_only=True)
         policy_model = load_causal_lm(str(base), torch_device, "bench policy", torch_dtype)
-        engine = PolicyEngine(policy_model, tokenizer, GrpcConfig(max_batch_size=max(256, workload.batch_size)))
-        trainer = bench_trainer(
-            base, pathlib.Path(temp) / "checkpoints", torch_device, torch_dtype, workload, tokenizer
-        )
+        limits = GrpcConfig(max_batch_size=max(256, workload.batch_size))
+        engine = PolicyEngine(policy_model, tokenizer, limits, max_prompt_tokens=max_prompt_tokens, kv_cache=kv_cache)
         prompts = random_prompts(workload.batch_size, prompt_tokens, shape_fields(size)["vocab_size"], workload.seed)
         generation, batch = measure_generation(engine, prompts, workload, torch_device, iterations, warmup)
-        rollouts = rollouts_from(batch, np.random.default_rng(workload.seed).normal(size=workload.batch_size))
-        update = measure_update(trainer, rollouts, workload, torch_device, torch_dtype, iterations, warmup)
-        hot_swap = measure_hot_swap(trainer, engine, torch_device, torch_dtype)
+        training = {"update": None, "checkpoint_write_seconds": None, "hot_swap": None}
+        if not generation_only:
+            training = measure_training(
+                base, pathlib.Path(temp), engine, batch, workload, torch_device, torch_dtype, iterations, warmup
+            )
     return {
         "size": size,
         "device": str(torch_device),
@@ -259,13 +299,11 @@ def run_gpu_bench(
         "dtype": str(torch_dtype),
         "model": {
             **shape_fields(size),
-            "parameters": sum(p.numel() for p in trainer.model.parameters()),
-            "matmul_parameters": update["n_params"],
+            "parameters": sum(p.numel() for p in policy_model.parameters()),
+            "matmul_parameters": matmul_parameters(policy_model),
         },
         "generation": {**generation, "prompt_tokens": prompt_tokens},
-        "update": update,
-        "checkpoint_write_seconds": hot_swap.pop("checkpoint_write_seconds"),
-        "hot_swap": hot_swap,
+        **training,
         "peak_memory_bytes": {
             "process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "device": torch.cuda.max_memory_allocated(torch_device) if torch_device.type == "cuda" else None,
@@ -287,24 +325,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=Workload.prompts_per_batch)
     parser.add_argument("--max-new-tokens", type=int, default=Workload.max_new_tokens)
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--kv-cache", choices=KV_CACHES, default=KV_CACHE_DEFAULT, help="the engine's policy.kv_cache")
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=MAX_PROMPT_TOKENS_DEFAULT,
+        help="the engine's policy.max_prompt_tokens (a static cache holds it + max_new_tokens positions)",
+    )
+    parser.add_argument("--generation-only", action="store_true", help="measure generation; no update, no swap")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s gpu_bench %(message)s")
     workload = Workload(prompts_per_batch=args.batch, max_new_tokens=args.max_new_tokens)
     figures = run_gpu_bench(
-        args.size, args.device, args.dtype, args.iterations, args.warmup, args.prompt_tokens, workload
+        args.size,
+        args.device,
+        args.dtype,
+        args.iterations,
+        args.warmup,
+        args.prompt_tokens,
+        workload,
+        args.kv_cache,
+        args.max_prompt_tokens,
+        args.generation_only,
     )
     pathlib.Path(args.json).write_text(strict_json(figures, indent=2))
+    generation = figures["generation"]
     log.info(
-        "%s %s on %s: generation %.1f tokens/s, update %.3f s (MFU %s), hot swap %.3f s -> %s",
+        "%s %s on %s, %s KV cache: generation %.1f tokens/s (first call %.1f s) -> %s",
         args.size,
         figures["dtype"],
         figures["device_name"],
-        figures["generation"]["tokens_per_second"],
-        figures["update"]["seconds_mean"],
-        figures["update"]["mfu"],
-        figures["hot_swap"]["seconds"],
+        args.kv_cache,
+        generation["tokens_per_second"],
+        generation["warmup_seconds"][0] if generation["warmup_seconds"] else float("nan"),
         args.json,
     )
+    if figures["update"] is not None:
+        log.info(
+            "update %.3f s (MFU %s), hot swap %.3f s",
+            figures["update"]["seconds_mean"],
+            figures["update"]["mfu"],
+            figures["hot_swap"]["seconds"],
+        )
 
 
 if __name__ == "__main__":

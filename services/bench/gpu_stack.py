@@ -4,14 +4,16 @@ master weights under bfloat16 autocast), on a randomly initialised model of a gi
 weights can be fetched on a GPU machine), with the reward a sequence classifier of the same shape.
 
     python -m services.bench.gpu_stack --json OUT [--shape qwen2.5-1.5b] [--rows 256] [--steps 3]
+        [--kv-cache dynamic|static]
 
 It prints, from the trainer's step records after the warm-up step: generation tokens/s (the
-policy's sampling with its behaviour log-probs), reference and reward seconds, update seconds and
-MFU (6 * matmul parameters * trained tokens / seconds, against 989 TFLOP/s dense bf16 and against
-the ~790 TFLOP/s an 8192^3 bf16 matmul measures on the H200), publish and swap seconds, end-to-end
-samples/s and tokens/s over the measured window, and peak GPU memory per service (nvidia-smi's
-per-process figure, CUDA context included). The overlap is Belay's default (max_staleness 1).
-On an H200 with a 1.5B shape it takes about 4 minutes, start-up included."""
+policy's sampling with its behaviour log-probs, on the KV cache --kv-cache names), reference and
+reward seconds, update seconds and MFU (6 * matmul parameters * trained tokens / seconds, against
+989 TFLOP/s dense bf16 and against the ~790 TFLOP/s an 8192^3 bf16 matmul measures on the H200),
+publish and swap seconds, end-to-end samples/s and tokens/s over the measured window, and peak GPU
+memory per service (nvidia-smi's per-process figure, CUDA context included). The overlap is
+Belay's default (max_staleness 1). On an H200 with a 1.5B shape it takes about 4 minutes, start-up
+included."""
 
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from ..common.step_records import StepRecord
 from ..common.strict_json import strict_json
 from ..launcher import follow
 from ..local_stack import LocalStack
-from .gpu import matmul_parameters
+from ..policy.kv_cache import KV_CACHES
+from .gpu import KV_CACHE_DEFAULT, matmul_parameters
 from .reward_model import ensure_reward_model
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
 from .workload import Workload, belay_config
@@ -47,12 +50,16 @@ TARGETS = {  # issue #14, one H200, the 1.5B shape
 }
 
 
-def stack_config(workload: Workload, run_dir: pathlib.Path, device: str, dtype: str) -> BelayConfig:
+def stack_config(
+    workload: Workload, run_dir: pathlib.Path, device: str, dtype: str, kv_cache: str = KV_CACHE_DEFAULT
+) -> BelayConfig:
     """belay bench's config (one actor batch is one trainer batch; overlap on) with every model on
-    `device` in `dtype`, the persist cadence past the run (it persists once, at the end)."""
+    `device` in `dtype`, the persist cadence past the run (it persists once, at the end), the
+    policy sampling with policy.kv_cache = kv_cache."""
     data = belay_config(workload, run_dir, max_staleness=1).model_dump()
     for section in ("policy", "reference", "reward", "trainer"):
         data[section].update(device=device, dtype=dtype, torch_threads=4)
+    data["policy"]["kv_cache"] = kv_cache
     data["trainer"]["checkpoint_every_steps"] = 1000
     data["reward"]["max_length"] = 4096
     data["grpc"]["max_batch_size"] = max(256, workload.batch_size)
@@ -201,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured trainer steps (after one warm-up step)")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-cache", choices=KV_CACHES, default=KV_CACHE_DEFAULT, help="the policy's policy.kv_cache")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device (pass --device cpu on a CPU machine)")
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="belay-gpu-stack-") as temp:
         workload, matmul = prepare(args.shape, pathlib.Path(temp), workload, args.prompt_tokens)
         say(f"{args.shape}: models built in {time.perf_counter() - started:.0f} s")
-        config = stack_config(workload, pathlib.Path(temp) / "run", args.device, args.dtype)
+        config = stack_config(workload, pathlib.Path(temp) / "run", args.device, args.dtype, args.kv_cache)
         records, peaks = run_stack(config, pathlib.Path(temp) / "run", 1 + args.steps, say, started)
     result = figures(records, 1, workload, matmul, args.prompt_tokens)
     result |= {
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_new_tokens": args.max_new_tokens,
         "minibatch": args.minibatch,
         "dtype": args.dtype,
+        "kv_cache": args.kv_cache,
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "peak_gpu_memory_bytes": peaks,
@@ -243,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
 def format_result(result: dict) -> str:
     """The result for a person: its figures, peak GPU memory per service, each target's verdict."""
     lines = [
-        f"{result['shape']} on {result['device_name']} ({result['dtype']}), {result['rows']} rows x "
-        f"{result['max_new_tokens']} new tokens, {result['steps_measured']} measured steps:"
+        f"{result['shape']} on {result['device_name']} ({result['dtype']}, {result['kv_cache']} KV cache), "
+        f"{result['rows']} rows x {result['max_new_tokens']} new tokens, {result['steps_measured']} measured steps:"
     ]
     for key in (
         "generation_tokens_per_second",

@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    CompileConfig,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..common.checkpoints import checkpoint_problem, load_tensors_into
 from ..common.config import GrpcConfig
@@ -21,6 +28,7 @@ from ..common.logprob_service import LoadedModel, context_limit
 from ..common.lora import adapter_tensors, load_weights_or_adapter
 from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights
 from ..common.rpc import invalid, too_big
+from .kv_cache import SamplingCache
 
 log = logging.getLogger(__name__)
 
@@ -76,31 +84,36 @@ def prompt_chars(prompt: Prompt) -> int:
     return len(prompt) if isinstance(prompt, str) else sum(len(message["content"]) for message in prompt)
 
 
-class BehaviourLogprobs:
+class BehaviourLogprobs(LogitsProcessor):
     """Behaviour log-probabilities log pi(a_t|s_t) at the sampling temperature, read off the very
     forward passes that sampled the tokens: one forward, not a second teacher-forced pass. The
-    sampler's own scores are warped by top_p (not pi), so a forward hook keeps the raw last-position
-    logits of each step as log_softmax(logits / T), and the next step's input (the token just
-    sampled) picks its entry. Memory: one (B, V) row per step, never the whole (B, T, V).
-    They equal the teacher-forced log-probs up to float rounding (tests check 1e-5)."""
+    sampler's own scores are warped by top_p (not pi), so this is the first of generate()'s logits
+    processors: each step it gets the raw last-position logits (generate's float32 copy of the
+    model's output) and keeps log_softmax(logits / T); the next step's input_ids end with the token
+    just sampled, which picks its entry. Memory: one (B, V) row per step, never the whole (B, T, V).
+    They equal the teacher-forced log-probs up to float rounding (tests check 1e-5).
 
-    def __init__(self, model: torch.nn.Module, temperature: float):
+    It runs in generate()'s loop, outside the model's forward, so a compiled decode step (the static
+    KV cache on CUDA) serves it as an eager one does. A forward hook on the model runs inside the
+    compiled call instead: Dynamo compiled it as a frame of its own and recompiled that frame at
+    every step (it guards on the length of the list of steps) until its recompile limit (8), then
+    ran it eagerly. Being first needs generate()'s own
+    processors that come before custom ones (repetition penalty, bad words, min length ...) off: the
+    engine's GenerationConfig sets none, and generate() is called with use_model_defaults=False so
+    that a model's generation_config.json cannot add one."""
+
+    def __init__(self, temperature: float):
         self.temperature = temperature
-        self.target = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: the causal LM
         self.previous: torch.Tensor | None = None  # (B, V) log-probs of the step in flight
         self.chosen: list[torch.Tensor] = []  # (B,) per sampled token
 
-    def _hook(self, module, args, kwargs, output):
-        if self.previous is not None:  # this step's input is the token the previous step sampled
-            self.chosen.append(self.previous.gather(-1, kwargs["input_ids"][:, -1:]).squeeze(-1))
-        self.previous = torch.log_softmax(output.logits[:, -1, :].float() / self.temperature, dim=-1)
-
-    def __enter__(self):
-        self.handle = self.target.register_forward_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, W + t): the prompt and the t tokens sampled so far; scores (B, V): the raw
+        logits of step t. Returns the scores untouched."""
+        if self.previous is not None:  # input_ids end with the token the previous step sampled
+            self.chosen.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
 
     def finish(self, new_tokens: torch.Tensor) -> list[list[float]]:
         """Per row, the log-prob of every sampled token (the last one from the last step)."""
@@ -143,10 +156,13 @@ class PolicyEngine:
         limits: GrpcConfig,
         version: int = 0,
         max_prompt_tokens: int | None = None,
+        kv_cache: str = "dynamic",
+        compile_config: CompileConfig | None = None,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_prompt_tokens = max_prompt_tokens  # policy.max_prompt_tokens: what the memory plan counts
+        self.sampling_cache = SamplingCache(kv_cache, compile_config)  # policy.kv_cache
         self.loaded = LoadedModel(model=own_weights(model).eval(), version=version)  # swapped into in place
         self.lock = threading.RLock()
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
@@ -213,9 +229,16 @@ class PolicyEngine:
                     f"max_text_chars={self.limits.max_text_chars}"
                 )
 
+    def cache_positions(self, max_new_tokens: int) -> int:
+        """Positions a static KV cache holds: the longest prompt Generate accepts
+        (policy.max_prompt_tokens, the model's context when unset) plus the response."""
+        limit = context_limit(self.loaded.model, self.limits)
+        return limit if self.max_prompt_tokens is None else min(limit, self.max_prompt_tokens + max_new_tokens)
+
     def generation_config(self, sampling: Sampling) -> GenerationConfig:
         """Plain sampling at the temperature and top-p asked for (top-k off), or greedy at temperature 0."""
         greedy = sampling.temperature == 0
+        static = self.sampling_cache.kind == "static"
         return GenerationConfig(
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
@@ -225,6 +248,7 @@ class PolicyEngine:
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id,
+            compile_config=self.sampling_cache.compile_config if static else None,
         )
 
     def generate(self, prompts: list[Prompt], samples_per_prompt: int, sampling: Sampling) -> GenerationBatch:
@@ -243,10 +267,18 @@ class PolicyEngine:
             config = self.generation_config(sampling)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            recorder = BehaviourLogprobs(loaded.model, sampling.temperature or 1.0)
-            with torch.no_grad(), recorder:
+            recorder = BehaviourLogprobs(sampling.temperature or 1.0)
+            cache = self.sampling_cache.generate_kwargs(
+                loaded.model, len(rows), self.cache_positions(sampling.max_new_tokens)
+            )
+            with torch.no_grad():
                 output = loaded.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList([recorder]),
+                    use_model_defaults=False,  # only this config's processors, the recorder first
+                    **cache,
                 )
             sampled = time.perf_counter()
             chosen = recorder.finish(output[:, width:])  # (B, new tokens)

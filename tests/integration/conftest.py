@@ -90,6 +90,7 @@ def build_policy(config: BelayConfig) -> tuple[ServiceServer, PolicyServicer]:
         load_causal_lm(model_dir, torch.device("cpu"), "policy.model_dir"),
         load_tokenizer(model_dir),
         config.grpc,
+        kv_cache=config.policy.kv_cache,
     )
     servicer = PolicyServicer(config, engine, SwapRequests(), PolicyMetrics(CollectorRegistry()))
     return build_policy_server(config, servicer), servicer

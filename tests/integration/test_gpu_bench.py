@@ -9,8 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from services.bench.gpu import peak_bf16_flops
+from services.bench.gpu import run_gpu_bench as run_gpu_bench_in_process
+from services.bench.workload import Workload
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ROWS, NEW_TOKENS, PROMPT_TOKENS = 8, 8, 8
@@ -22,7 +25,11 @@ def run_gpu_bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+# (dtype, engine options): the static KV cache rides on the bfloat16 run, so it costs no run of its own
+RUNS = {"float32": [], "bfloat16": ["--kv-cache", "static", "--max-prompt-tokens", "32"]}
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
 def figures(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu") / "gpu.json"
     done = run_gpu_bench(
@@ -44,6 +51,7 @@ def figures(request, tmp_path_factory) -> dict:
         str(NEW_TOKENS),
         "--prompt-tokens",
         str(PROMPT_TOKENS),
+        *RUNS[request.param],
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == ""
@@ -64,8 +72,19 @@ def test_the_run_used_the_asked_dtype_and_device(figures):
     assert figures["device"] == "cpu" and figures["size"] == "tiny"
 
 
+def test_the_engine_sampled_with_the_asked_kv_cache_sized_from_the_prompt_limit(figures):
+    generation = figures["generation"]
+    if figures["_asked_dtype"] == "bfloat16":
+        assert (generation["kv_cache"], generation["max_prompt_tokens"]) == ("static", 32)
+        assert generation["cache_positions"] == 32 + NEW_TOKENS
+    else:  # the config's defaults: dynamic, 1024 prompt tokens; positions capped by the tiny model's 256
+        assert (generation["kv_cache"], generation["max_prompt_tokens"]) == ("dynamic", 1024)
+        assert generation["cache_positions"] == figures["model"]["max_position_embeddings"] == 256
+
+
 def test_generation_rate_is_tokens_over_seconds(figures):
     generation = figures["generation"]
+    assert len(generation["warmup_seconds"]) == 1 and generation["warmup_seconds"][0] > 0
     assert len(generation["seconds"]) == len(generation["response_tokens"]) == 2
     for tokens in generation["response_tokens"]:
         assert ROWS <= tokens <= ROWS * NEW_TOKENS
@@ -94,6 +113,14 @@ def test_hot_swap_moves_the_engine_to_the_trained_weights(figures):
     assert swap["engine_fingerprint_after"] == swap["trainer_fingerprint"]
     assert 0 < swap["engine_seconds"] <= swap["seconds"]
     assert swap["checkpoint_bytes"] > 0 and figures["checkpoint_write_seconds"] > 0
+
+
+def test_generation_only_measures_generation_and_nothing_else():
+    workload = Workload(prompts_per_batch=2, max_new_tokens=4, torch_threads=torch.get_num_threads())
+    figures = run_gpu_bench_in_process("tiny", "cpu", "float32", 1, 0, 4, workload, generation_only=True)
+    assert figures["update"] is None and figures["hot_swap"] is None and figures["checkpoint_write_seconds"] is None
+    assert figures["generation"]["warmup_seconds"] == [] and len(figures["generation"]["seconds"]) == 1
+    assert figures["model"]["matmul_parameters"] == matmul_weights(figures["model"])
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path):

@@ -45,10 +45,10 @@ def policy_logprobs(stub, prompts, responses, temperature=1.0):
     return unpack_float32(stub.LogProbs(request, timeout=RPC_TIMEOUT).logprobs)
 
 
-def policy_config(model_dir, checkpoint_dir, **grpc_limits):
+def policy_config(model_dir, checkpoint_dir, kv_cache="dynamic", **grpc_limits):
     return make_config(
         {"max_batch_size": 9, **grpc_limits},
-        policy={"model_dir": str(model_dir), "run_actor": False},
+        policy={"model_dir": str(model_dir), "run_actor": False, "kv_cache": kv_cache},
         run={"checkpoint_dir": str(checkpoint_dir)},
     )
 
@@ -56,6 +56,13 @@ def policy_config(model_dir, checkpoint_dir, **grpc_limits):
 @pytest.fixture(scope="module")
 def policy(tiny_lm_dir, tmp_path_factory):
     with running_policy(policy_config(tiny_lm_dir, tmp_path_factory.mktemp("ckpt"))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def static_policy(tiny_lm_dir, tmp_path_factory):
+    """The same policy sampling with policy.kv_cache: static."""
+    with running_policy(policy_config(tiny_lm_dir, tmp_path_factory.mktemp("ckpt_static"), "static")) as running:
         yield running
 
 
@@ -119,8 +126,13 @@ def test_samples_per_prompt_gives_that_many_rows_per_prompt_in_order(policy):
     assert reply.policy_version == 0
 
 
+@pytest.mark.parametrize("served_by, kv_cache", [("policy", "dynamic"), ("static_policy", "static")])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_behaviour_logprobs_equal_the_logprobs_rpc_and_a_direct_forward_pass(policy, direct_model, temperature):
+def test_behaviour_logprobs_equal_the_logprobs_rpc_and_a_direct_forward_pass(
+    request, served_by, kv_cache, direct_model, temperature
+):
+    policy = request.getfixturevalue(served_by)
+    assert policy.servicer.engine.sampling_cache.kind == kv_cache
     reply = generate(policy.stub, samples=2, temperature=temperature, top_p=0.9, max_new_tokens=6, seed=5)
     prompts, responses, behaviour = rows_of(reply)
     served = policy_logprobs(policy.stub, prompts, responses, temperature)

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # The GPU measurement of issue #14, in one command on a GPU machine with Python 3.12, torch and CUDA
 # and no network: installs the kit that services/bench/gpu_kit/make_kit.sh built (carried in .gpukit/), then
-# runs the whole services stack on one GPU (services/bench/gpu_stack.py) and the generation modes
-# (services/bench/generation_modes.py). About 5 minutes on an H200. Figures go to $OUT (default ./gpu-out).
+# runs, stage by stage:
+#   stack   the whole services stack on one GPU (services/bench/gpu_stack.py), the policy sampling with
+#           policy.kv_cache = $KV_CACHE (default dynamic);
+#   modes   the generation modes without log-probs (services/bench/generation_modes.py);
+#   engine  Belay's PolicyEngine.generate with its behaviour log-probs, once per KV cache, dynamic then
+#           static (services/bench/gpu.py --generation-only): the figures that decide policy.kv_cache's
+#           CUDA default (docs/gpu.md).
+# All three: about 8 minutes on an H200. Figures go to $OUT (default ./gpu-out).
 #
-#   services/bench/gpu_kit/stack_bench.sh [SHAPE]        (default qwen2.5-1.5b)
+#   [STAGES="stack modes engine"] [KV_CACHE=dynamic] services/bench/gpu_kit/stack_bench.sh [SHAPE]
+#   (SHAPE default qwen2.5-1.5b; e.g. STAGES=engine measures only the KV cache decision, about 3 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 SHAPE=${1:-qwen2.5-1.5b}
 OUT=${OUT:-gpu-out}
+STAGES=${STAGES:-stack modes engine}
+KV_CACHE=${KV_CACHE:-dynamic}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/belay-site \
@@ -16,11 +25,23 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/belay-site:$PWD:$PWD/gen" PATH="$PWD/.gpukit/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /dev/shm | tail -1
-echo "== the services stack, $SHAPE"
-timeout "${STACK_SECONDS:-330}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE.json" --shape "$SHAPE" \
-  2> >(tee "$OUT/stack-$SHAPE.log" >&2)
-for mode in generate static continuous; do
-  echo "== generation: $mode"
-  timeout "${MODE_SECONDS:-100}" python3 -m services.bench.generation_modes --json "$OUT/gen-$mode.json" \
-    --shape "$SHAPE" --mode "$mode" --repeats 1 2>&1 | grep -v Warning | tail -4
-done
+if [[ " $STAGES " == *" stack "* ]]; then
+  echo "== the services stack, $SHAPE, $KV_CACHE KV cache"
+  timeout "${STACK_SECONDS:-330}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE-$KV_CACHE.json" \
+    --shape "$SHAPE" --kv-cache "$KV_CACHE" 2> >(tee "$OUT/stack-$SHAPE-$KV_CACHE.log" >&2)
+fi
+if [[ " $STAGES " == *" modes "* ]]; then
+  for mode in generate static continuous; do
+    echo "== generation: $mode"
+    timeout "${MODE_SECONDS:-100}" python3 -m services.bench.generation_modes --json "$OUT/gen-$mode.json" \
+      --shape "$SHAPE" --mode "$mode" --repeats 1 2>&1 | grep -v Warning | tail -4
+  done
+fi
+if [[ " $STAGES " == *" engine "* ]]; then
+  for kv_cache in dynamic static; do  # the rows, prompt and response lengths of generation_modes' defaults
+    echo "== PolicyEngine.generate with behaviour log-probs: $kv_cache KV cache"
+    timeout "${ENGINE_SECONDS:-150}" python3 -m services.bench.gpu --json "$OUT/engine-$kv_cache.json" \
+      --size "$SHAPE" --device cuda --dtype bf16 --generation-only --kv-cache "$kv_cache" --batch 256 \
+      --prompt-tokens 64 --max-new-tokens 128 --warmup 1 --iterations 2 2>&1 | grep -v Warning | tail -4
+  done
+fi
