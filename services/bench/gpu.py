@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from transformers import PreTrainedTokenizerFast
 
 from ..common.config import BelayConfig, GrpcConfig, PolicyConfig
-from ..common.models import load_causal_lm, weights_fingerprint
+from ..common.models import load_causal_lm, response_logprobs, weights_fingerprint
 from ..common.rollout_queue import Rollout
 from ..common.strict_json import strict_json
 from ..policy.engine import PolicyEngine, Sampling
@@ -259,6 +259,16 @@ def measure_training(
     }
 
 
+def behaviour_gap(engine: PolicyEngine, batch, temperature: float) -> dict:
+    """How far the behaviour log-probs the sampler recorded are from a teacher-forced pass over the
+    same tokens on the same weights (one full forward, another kernel): on a GPU, the exactness of the
+    KV cache's log-probs (docs/gpu.md)."""
+    pad = engine.tokenizer.pad_token_id
+    forced = response_logprobs(engine.loaded.model, batch.prompt_ids, batch.response_ids, pad, temperature)
+    gaps = torch.cat([(f.float().cpu() - torch.tensor(b)).abs() for f, b in zip(forced, batch.logprobs) if len(b)])
+    return {"max_abs": float(gaps.max()), "mean_abs": float(gaps.mean()), "tokens": int(gaps.numel())}
+
+
 def run_gpu_bench(
     size: str = "1b",
     device: str = "cuda",
@@ -287,6 +297,7 @@ def run_gpu_bench(
         engine = PolicyEngine(policy_model, tokenizer, limits, max_prompt_tokens=max_prompt_tokens, kv_cache=kv_cache)
         prompts = random_prompts(workload.batch_size, prompt_tokens, shape_fields(size)["vocab_size"], workload.seed)
         generation, batch = measure_generation(engine, prompts, workload, torch_device, iterations, warmup)
+        generation["behaviour_vs_teacher_forced"] = behaviour_gap(engine, batch, workload.temperature)
         training = {"update": None, "checkpoint_write_seconds": None, "hot_swap": None}
         if not generation_only:
             training = measure_training(

@@ -51,7 +51,12 @@ TARGETS = {  # issue #14, one H200, the 1.5B shape
 
 
 def stack_config(
-    workload: Workload, run_dir: pathlib.Path, device: str, dtype: str, kv_cache: str = KV_CACHE_DEFAULT
+    workload: Workload,
+    run_dir: pathlib.Path,
+    device: str,
+    dtype: str,
+    kv_cache: str = KV_CACHE_DEFAULT,
+    transport: str = "file",
 ) -> BelayConfig:
     """belay bench's config (one actor batch is one trainer batch; overlap on) with every model on
     `device` in `dtype`, the persist cadence past the run (it persists once, at the end), the
@@ -60,6 +65,7 @@ def stack_config(
     for section in ("policy", "reference", "reward", "trainer"):
         data[section].update(device=device, dtype=dtype, torch_threads=4)
     data["policy"]["kv_cache"] = kv_cache
+    data["trainer"]["weight_transport"] = transport  # cuda_ipc: the trainer's device buffers, on one GPU
     data["trainer"]["checkpoint_every_steps"] = 1000
     data["reward"]["max_length"] = 4096
     data["grpc"]["max_batch_size"] = max(256, workload.batch_size)
@@ -208,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured trainer steps (after one warm-up step)")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--transport", choices=("file", "broadcast", "cuda_ipc"), default="file")
     parser.add_argument("--kv-cache", choices=KV_CACHES, default=KV_CACHE_DEFAULT, help="the policy's policy.kv_cache")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -225,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="belay-gpu-stack-") as temp:
         workload, matmul = prepare(args.shape, pathlib.Path(temp), workload, args.prompt_tokens)
         say(f"{args.shape}: models built in {time.perf_counter() - started:.0f} s")
-        config = stack_config(workload, pathlib.Path(temp) / "run", args.device, args.dtype, args.kv_cache)
+        config = stack_config(
+            workload, pathlib.Path(temp) / "run", args.device, args.dtype, args.kv_cache, args.transport
+        )
         records, peaks = run_stack(config, pathlib.Path(temp) / "run", 1 + args.steps, say, started)
     result = figures(records, 1, workload, matmul, args.prompt_tokens)
     result |= {
@@ -237,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         "minibatch": args.minibatch,
         "dtype": args.dtype,
         "kv_cache": args.kv_cache,
+        "transport": args.transport,
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "peak_gpu_memory_bytes": peaks,

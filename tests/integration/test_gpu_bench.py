@@ -121,6 +121,8 @@ def test_generation_only_measures_generation_and_nothing_else():
     assert figures["update"] is None and figures["hot_swap"] is None and figures["checkpoint_write_seconds"] is None
     assert figures["generation"]["warmup_seconds"] == [] and len(figures["generation"]["seconds"]) == 1
     assert figures["model"]["matmul_parameters"] == matmul_weights(figures["model"])
+    gap = figures["generation"]["behaviour_vs_teacher_forced"]  # float32 on the CPU: the same numbers
+    assert gap["tokens"] == sum(figures["generation"]["response_tokens"]) and gap["max_abs"] < 1e-5
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path):

@@ -5,12 +5,15 @@
 #   stack   the whole services stack on one GPU (services/bench/gpu_stack.py), the policy sampling with
 #           policy.kv_cache = $KV_CACHE (default dynamic);
 #   modes   the generation modes without log-probs (services/bench/generation_modes.py);
+#   fsdp    the trainer's fsdp update on one GPU under torchrun (NCCL, MixedPrecisionPolicy) against one
+#           plain process (services/bench/fsdp_check.py, Qwen2.5-0.5B's shape; issue #15);
 #   engine  Belay's PolicyEngine.generate with its behaviour log-probs, once per KV cache, dynamic then
 #           static (services/bench/gpu.py --generation-only): the figures that decide policy.kv_cache's
 #           CUDA default (docs/gpu.md).
 # All three: about 8 minutes on an H200. Figures go to $OUT (default ./gpu-out).
 #
-#   [STAGES="stack modes engine"] [KV_CACHE=dynamic] services/bench/gpu_kit/stack_bench.sh [SHAPE]
+#   [STAGES="stack modes engine fsdp"] [KV_CACHE=dynamic] [TRANSPORT=file] [MINIBATCH=16]
+#     services/bench/gpu_kit/stack_bench.sh [SHAPE]
 #   (SHAPE default qwen2.5-1.5b; e.g. STAGES=engine measures only the KV cache decision, about 3 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
@@ -18,6 +21,8 @@ SHAPE=${1:-qwen2.5-1.5b}
 OUT=${OUT:-gpu-out}
 STAGES=${STAGES:-stack modes engine}
 KV_CACHE=${KV_CACHE:-dynamic}
+TRANSPORT=${TRANSPORT:-file}
+MINIBATCH=${MINIBATCH:-16}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/belay-site \
@@ -25,10 +30,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/belay-site:$PWD:$PWD/gen" PATH="$PWD/.gpukit/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /dev/shm | tail -1
+if [[ " $STAGES " == *" fsdp "* ]]; then
+  echo "== the trainer's fsdp update on one GPU (torchrun, NCCL)"
+  timeout "${FSDP_SECONDS:-100}" python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
+    -m services.bench.fsdp_check --shape qwen2.5-0.5b --device cuda --json "$OUT/fsdp-check.json" 2>&1 \
+    | grep -v Warning | tail -6
+fi
 if [[ " $STAGES " == *" stack "* ]]; then
-  echo "== the services stack, $SHAPE, $KV_CACHE KV cache"
+  echo "== the services stack, $SHAPE, $KV_CACHE KV cache, $TRANSPORT transport, minibatch $MINIBATCH"
   timeout "${STACK_SECONDS:-330}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE-$KV_CACHE.json" \
-    --shape "$SHAPE" --kv-cache "$KV_CACHE" 2> >(tee "$OUT/stack-$SHAPE-$KV_CACHE.log" >&2)
+    --shape "$SHAPE" --kv-cache "$KV_CACHE" --transport "$TRANSPORT" --minibatch "$MINIBATCH" \
+    2> >(tee "$OUT/stack-$SHAPE-$KV_CACHE.log" >&2)
 fi
 if [[ " $STAGES " == *" modes "* ]]; then
   for mode in generate static continuous; do
