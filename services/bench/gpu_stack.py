@@ -30,6 +30,7 @@ import time
 import torch
 
 from ..common.config import BelayConfig
+from ..common.memory_check import memory_check
 from ..common.step_records import StepRecord
 from ..common.strict_json import strict_json
 from ..launcher import follow
@@ -57,6 +58,7 @@ def stack_config(
     dtype: str,
     kv_cache: str = KV_CACHE_DEFAULT,
     transport: str = "file",
+    prompt_tokens: int = 64,
 ) -> BelayConfig:
     """belay bench's config (one actor batch is one trainer batch; overlap on) with every model on
     `device` in `dtype`, the persist cadence past the run (it persists once, at the end), the
@@ -67,7 +69,11 @@ def stack_config(
     data["policy"]["kv_cache"] = kv_cache
     data["trainer"]["weight_transport"] = transport  # cuda_ipc: the trainer's device buffers, on one GPU
     data["trainer"]["checkpoint_every_steps"] = 1000
-    data["reward"]["max_length"] = 4096
+    # The lengths the memory plan reads (and a static cache is sized by): the prompts' own, not the
+    # defaults' 1024-token prompts and 4096-token reward inputs. With those the plans summed past the
+    # H200 and each service's memory cap shrank with them: the reference died at 3.5 GiB (2026-11-30).
+    data["policy"]["max_prompt_tokens"] = prompt_tokens
+    data["reward"]["max_length"] = prompt_tokens + workload.max_new_tokens + 64
     data["grpc"]["max_batch_size"] = max(256, workload.batch_size)
     # Published weights go to /dev/shm where it can hold three versions (a container's is often 64 MB).
     serving_bytes = 2 * sum(f.stat().st_size for f in pathlib.Path(workload.model_dir).glob("*.safetensors"))
@@ -233,8 +239,18 @@ def main(argv: list[str] | None = None) -> None:
         workload, matmul = prepare(args.shape, pathlib.Path(temp), workload, args.prompt_tokens)
         say(f"{args.shape}: models built in {time.perf_counter() - started:.0f} s")
         config = stack_config(
-            workload, pathlib.Path(temp) / "run", args.device, args.dtype, args.kv_cache, args.transport
+            workload,
+            pathlib.Path(temp) / "run",
+            args.device,
+            args.dtype,
+            args.kv_cache,
+            args.transport,
+            args.prompt_tokens,
         )
+        report, refused = memory_check(config)  # as `belay up` does: a plan that cannot fit is refused
+        say(report)
+        if refused:
+            raise SystemExit(refused)
         records, peaks = run_stack(config, pathlib.Path(temp) / "run", 1 + args.steps, say, started)
     result = figures(records, 1, workload, matmul, args.prompt_tokens)
     result |= {

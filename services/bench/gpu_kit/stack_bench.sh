@@ -12,7 +12,7 @@
 #           CUDA default (docs/gpu.md).
 # All three: about 8 minutes on an H200. Figures go to $OUT (default ./gpu-out).
 #
-#   [STAGES="stack modes engine fsdp"] [KV_CACHE=dynamic] [TRANSPORT=file] [MINIBATCH=16]
+#   [STAGES="stack modes engine fsdp"] [KV_CACHE=dynamic] [TRANSPORT=cuda_ipc] [MINIBATCH=64]
 #     services/bench/gpu_kit/stack_bench.sh [SHAPE]
 #   (SHAPE default qwen2.5-1.5b; e.g. STAGES=engine measures only the KV cache decision, about 3 minutes)
 set -uo pipefail
@@ -21,8 +21,8 @@ SHAPE=${1:-qwen2.5-1.5b}
 OUT=${OUT:-gpu-out}
 STAGES=${STAGES:-stack modes engine}
 KV_CACHE=${KV_CACHE:-dynamic}
-TRANSPORT=${TRANSPORT:-file}
-MINIBATCH=${MINIBATCH:-16}
+TRANSPORT=${TRANSPORT:-cuda_ipc}
+MINIBATCH=${MINIBATCH:-64}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/belay-site \
