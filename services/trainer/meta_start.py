@@ -2,7 +2,7 @@
 the policy is built with its parameters on the meta device (no memory; its buffers real, e.g. the
 rotary inv_freq), FSDP2 shards it (parallel.wrap), then each rank gives its shards memory on its
 device (to_empty) and reads into them only its rows of the SFT model's safetensors
-(gathering.load_weight_rows). At 8B in float32 that is 2 GB per rank at 16 ranks instead of 32 GB on
+(gathering.load_weight_rows). At 8B in float32 that is 4 GB per rank at 8 ranks instead of 32 GB on
 each. Everywhere else (one process, ddp, LoRA) the policy is loaded whole, as before.
 
 LoRA under fsdp loads whole: PEFT draws each adapter's initial values on the CPU and then moves the
