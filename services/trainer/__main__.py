@@ -12,13 +12,14 @@ from belay.v1 import belay_pb2_grpc
 
 from ..common.memory_check import cap_process_memory, log_memory_plan
 from ..common.metrics import run_info, serve_metrics
-from ..common.models import load_causal_lm, load_tokenizer, resolve_attention, resolve_device
+from ..common.models import load_tokenizer, resolve_device
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import RolloutQueue
 from ..common.rpc import channel
 from ..common.service_main import start
 from . import review
 from .distributed import Distributed, rank_device
+from .meta_start import start_policy
 from .trainer import Trainer
 from .trainer_metrics import TrainerMetrics
 
@@ -50,13 +51,9 @@ stop = threading.Event()
 for signum in (signal.SIGTERM, signal.SIGINT):  # finish the step in hand (its checkpoint), then exit
     signal.signal(signum, lambda *_: stop.set())
 
-# float32 master weights on `device`; trainer.dtype is the autocast dtype
-model = load_causal_lm(
-    section.model_dir,
-    device,
-    "trainer.model_dir",
-    attn_implementation=resolve_attention(section.attn_implementation, device),
-)
+# float32 master weights on `device` (under fsdp built empty, each rank reading its rows once sharded:
+# meta_start.py); trainer.dtype is the autocast dtype
+model = start_policy(config, device, distributed)
 policy = belay_pb2_grpc.PolicyStub(channel(section.policy_address, config.grpc)) if main_rank else None
 trainer = Trainer(
     config,

@@ -32,7 +32,7 @@ from ..common.models import own_weights, resolve_dtype, weights_fingerprint
 from ..common.review_store import ReviewStore
 from ..common.rollout_queue import REDIS_DOWN, Rollout, RolloutQueue
 from ..common.step_records import RollbackRecord, Sample, StageSeconds, StepRecord, UpdateStats
-from . import following, gathering, monitoring, parallel, ppo, rails, resume, sharded_persist, update
+from . import following, gathering, meta_start, monitoring, parallel, ppo, rails, resume, sharded_persist, update
 from .best_version import BestVersion
 from .detectors import Detectors
 from .distributed import Distributed, encode_rollouts
@@ -70,7 +70,7 @@ class Trainer:
         if config.lora.enabled:  # adapters only: the base weights stay frozen, checkpoints carry adapters
             model = wrap_with_lora(model, lora_settings(config.lora))
         self.model, self.tokenizer = own_weights(model).train(), tokenizer  # the optimizer writes in place
-        self.device = next(model.parameters()).device
+        self.device = meta_start.weights_device(model)  # under fsdp the parameters may be empty (meta_start.py)
         self.queue, self.metrics, self.policy = queue, metrics, policy
         self.main_rank = distributed is None or distributed.is_main
         self.build_learner()
@@ -120,6 +120,8 @@ class Trainer:
         parallelism = section.parallelism if self.distributed is not None else None
         self.learner = parallel.wrap(Learner(self.model, self.value_head), parallelism, self.device, self.compute_dtype)
         self.sharded = parallelism == "fsdp"
+        if meta_start.is_empty(self.model):  # built empty under fsdp: this rank's shards get memory and their rows
+            meta_start.fill(self, section.model_dir)
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         if self.value_head is not None:
             self.parameters += list(self.value_head.parameters())

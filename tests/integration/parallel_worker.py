@@ -30,10 +30,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from services.common.models import load_causal_lm, load_tokenizer
+from services.common.models import load_tokenizer
 from services.common.rollout_queue import Rollout
 from services.trainer import gathering, sharded_persist, update
 from services.trainer.distributed import Distributed
+from services.trainer.meta_start import start_policy
 from services.trainer.trainer import Trainer
 from services.trainer.trainer_metrics import TrainerMetrics
 from tests.conftest import free_port
@@ -83,7 +84,7 @@ def build_trainer(model_dir: str, checkpoint_dir: str, options: dict, distribute
     lora = options.pop("lora", None)
     settings = {"model_dir": model_dir, "batch_size": 8, "minibatch_size": 4, "lr": 1e-3, **options}
     config = make_config(run={"checkpoint_dir": checkpoint_dir}, trainer=settings, lora=lora or {})
-    model = load_causal_lm(model_dir, torch.device("cpu"), "trainer")
+    model = start_policy(config, torch.device("cpu"), distributed)  # as services/trainer/__main__.py starts it
     tokenizer = load_tokenizer(model_dir)
     return Trainer(config, model, tokenizer, None, TrainerMetrics(CollectorRegistry()), None, distributed)
 
