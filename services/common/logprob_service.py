@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 import threading
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from belay.v1 import belay_pb2
@@ -22,6 +25,8 @@ from .models import (
 )
 from .packing import PackingError, pack_float32, pack_int32, unpack_int32
 from .rpc import invalid, too_big
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,6 +96,25 @@ def parse_logprobs_request(
     return [p.tolist() for p in prompts], [r.tolist() for r in responses], temperature
 
 
+@contextlib.contextmanager
+def out_of_memory_refused(max_tokens_per_forward: int):
+    """A CUDA out-of-memory in a forward becomes RESOURCE_EXHAUSTED naming the setting that shrinks
+    the forward, logged, with the allocator's cache freed so the next (smaller) request can run;
+    left alone it was an INTERNAL error with a traceback, which callers retried without a word why."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = (
+            f"out of memory in a forward of up to {max_tokens_per_forward} tokens "
+            f"({str(error).splitlines()[0] if str(error) else 'OutOfMemoryError'}); lower this service's "
+            "max_tokens_per_forward, or give it more of the device (the memory plan at its start says how much)"
+        )
+        log.error("%s", message)
+        raise too_big(message) from error
+
+
 class LogProbsHandler:
     """Serves LogProbs from whatever LoadedModel `current()` returns at the time of the call."""
 
@@ -108,7 +132,7 @@ class LogProbsHandler:
             request, vocab_size, context_limit(loaded.model, self.limits), self.limits
         )
         reply = belay_pb2.LogProbsResponse(policy_version=loaded.version)
-        with self.lock:
+        with self.lock, out_of_memory_refused(self.max_tokens_per_forward):
             if request.top_k:
                 rows, top_rows = response_logprobs_with_top_k(
                     loaded.model,

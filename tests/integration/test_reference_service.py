@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -240,3 +241,22 @@ def test_concurrent_logprobs_calls_each_get_their_own_answer(reference):
         )
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_out_of_memory_forward_is_resource_exhausted_naming_the_setting_and_the_next_call_runs(
+    reference, monkeypatch
+):
+    """As on the H200, where a reference capped at 3.5 GiB failed every forward with an INTERNAL error."""
+    decoder = reference.servicer.loaded.model.get_decoder()  # the forward the log-probs run
+    real = decoder.forward
+
+    def full_card(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 280.00 MiB.")
+
+    monkeypatch.setattr(decoder, "forward", full_card)
+    with pytest.raises(grpc.RpcError) as caught:
+        reference.stub.LogProbs(logprobs_request(PROMPTS, RESPONSES), timeout=RPC_TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_tokens_per_forward" in caught.value.details() and "280.00 MiB" in caught.value.details()
+    monkeypatch.setattr(decoder, "forward", real)
+    good_call_succeeds(reference.stub)
