@@ -204,7 +204,16 @@ def prepare(shape: str, temp: pathlib.Path, workload: Workload, prompt_tokens: i
     return workload, matmul
 
 
-def main(argv: list[str] | None = None) -> None:
+def refuse_what_cannot_fit(config: BelayConfig, say) -> None:
+    """As `belay up` does before starting: print the memory plan, and stop on one that cannot fit (each
+    service would otherwise start capped to its share of an oversubscribed card, and fail inside)."""
+    report, refused = memory_check(config)
+    say(report)
+    if refused:
+        raise SystemExit(refused)
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.bench.gpu_stack", description=__doc__.split("\n")[0])
     parser.add_argument("--json", required=True, help="where the figures are written")
     parser.add_argument("--shape", default="qwen2.5-1.5b", help="a shape of services/bench/shapes.py")
@@ -214,15 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--minibatch",
         type=int,
-        default=16,
-        help="rows per optimizer step (64 ran out of memory at 1.5B on the H200 with the full log-softmax)",
+        default=64,
+        help="rows per optimizer step (64 ran out of memory at 1.5B on the H200 before log-probs were chunked)",
     )
     parser.add_argument("--steps", type=int, default=3, help="measured trainer steps (after one warm-up step)")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--transport", choices=("file", "broadcast", "cuda_ipc"), default="file")
     parser.add_argument("--kv-cache", choices=KV_CACHES, default=KV_CACHE_DEFAULT, help="the policy's policy.kv_cache")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device (pass --device cpu on a CPU machine)")
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -247,10 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             args.transport,
             args.prompt_tokens,
         )
-        report, refused = memory_check(config)  # as `belay up` does: a plan that cannot fit is refused
-        say(report)
-        if refused:
-            raise SystemExit(refused)
+        refuse_what_cannot_fit(config, say)
         records, peaks = run_stack(config, pathlib.Path(temp) / "run", 1 + args.steps, say, started)
     result = figures(records, 1, workload, matmul, args.prompt_tokens)
     result |= {

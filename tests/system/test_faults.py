@@ -59,9 +59,9 @@ def kill_inside(stack: LocalStack, directory: pathlib.Path, timeout: float) -> s
     raise AssertionError(f"the trainer wrote nothing into {directory} in {timeout:.0f} s")
 
 
-@pytest.mark.parametrize(
-    "victim", ["trainer", "trainer-mid-publish", "trainer-mid-persist", "policy", "reward", "redis"]
-)
+# The reward service's kill -9 is left out for CI time (65 s): a reward service gone and back is what
+# tests/system/test_reward_live_swap.py does mid-run, through the same retry in the actor.
+@pytest.mark.parametrize("victim", ["trainer", "trainer-mid-publish", "trainer-mid-persist", "policy", "redis"])
 def test_kill_9_and_recover_loses_no_rollout(victim, stack_config: BelayConfig, tmp_path):
     # run until stopped, persist every 2 updates; a killed trainer's unacknowledged rollouts are claimed after 3 s
     config = variant(

@@ -108,7 +108,9 @@ def test_two_gloo_ranks_finish_updates_with_identical_weights(
     assert queue.pending_count() == 0 and queue.latest_version()[0] == 2
 
 
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+# fsdp alone for CI time (17 s): the rollback's decision travels the same way under ddp, and a rollback
+# under fsdp also reads each rank's rows of the good version (gathering.load_weight_rows).
+@pytest.mark.parametrize("parallelism", ["fsdp"])
 def test_the_kl_rail_rolls_every_rank_back_to_the_same_weights(
     parallelism, stack_config, redis_url, tiny_lm_dir, tmp_path
 ):
