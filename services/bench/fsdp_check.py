@@ -29,6 +29,7 @@ from ..common.models import load_causal_lm, resolve_dtype
 from ..common.rollout_queue import Rollout
 from ..common.strict_json import strict_json
 from ..trainer.distributed import Distributed, backend_for, rank_device
+from ..trainer.meta_start import start_policy
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
 from .shapes import build_random_model, shape_fields, word_tokenizer
@@ -69,7 +70,7 @@ def trainer_for(model_dir: pathlib.Path, args, device: torch.device, distributed
             },
         }
     )
-    model = load_causal_lm(str(model_dir), device, "fsdp check")  # float32 master weights
+    model = start_policy(config, device, distributed)  # as the trainer starts: under fsdp, built empty
     tokenizer = word_tokenizer(shape_fields(args.shape)["vocab_size"])
     return Trainer(config, model, tokenizer, None, TrainerMetrics(CollectorRegistry()), None, distributed)
 
@@ -77,9 +78,10 @@ def trainer_for(model_dir: pathlib.Path, args, device: torch.device, distributed
 def one_update(trainer: Trainer, rollouts: list[Rollout], device: torch.device) -> tuple[dict, float]:
     """The update, then the whole weights on the CPU (a collective under fsdp) and its seconds."""
     _, seconds = timed(device, lambda: trainer.update(rollouts))
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(trainer.learner, options=options) if trainer.distributed else None
-    state = state if state is not None else {k: v.detach().cpu() for k, v in trainer.learner.state_dict().items()}
+    if trainer.distributed is None:
+        state = {k: v.detach().cpu() for k, v in trainer.learner.state_dict().items()}
+    else:  # whole on rank 0's CPU, empty elsewhere
+        state = get_model_state_dict(trainer.learner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # the learner's "model.<name>": the policy's own names, as load_causal_lm's state_dict has them
     return {k.removeprefix("model."): v.float().clone() for k, v in state.items()}, seconds
 
@@ -106,9 +108,6 @@ def run(args) -> dict | None:
     vocab = shape_fields(args.shape)["vocab_size"]
     rollouts = fixed_rollouts(vocab, args.rows, args.prompt_tokens, args.response_tokens)
     trainer = trainer_for(model_dir, args, device, distributed)
-    start = {
-        k: v.float().clone() for k, v in load_causal_lm(str(model_dir), torch.device("cpu"), "").state_dict().items()
-    }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sharded, sharded_seconds = one_update(trainer, rollouts, device)
@@ -121,9 +120,11 @@ def run(args) -> dict | None:
     if not distributed.is_main:
         return None
     plain, plain_seconds = one_update(trainer_for(model_dir, args, device, None), rollouts, device)
+    # The weights both updates started from: model_dir's, which neither trainer writes (read on rank 0 alone).
+    start = load_causal_lm(str(model_dir), torch.device("cpu"), "model_dir").state_dict()
     names = [k for k in plain if k in sharded and k in start]
     diff = max(float((sharded[k] - plain[k]).abs().max()) for k in names)
-    moved = max(float((plain[k] - start[k]).abs().max()) for k in names)
+    moved = max(float((plain[k] - start[k].float()).abs().max()) for k in names)
     return {
         "shape": args.shape,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

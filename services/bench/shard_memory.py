@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import socket
 import tempfile
 
 import torch
@@ -29,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .shapes import SHAPES
+from .workload import free_port
 
 SMOLLM2_CONFIG = pathlib.Path.home() / ".cache/belay/SmolLM2-135M-Instruct/config.json"
 KINDS = ("parameters", "gradients", "optimizer")
@@ -92,10 +92,7 @@ def measure(shape: str, world_size: int) -> list[dict[str, int]]:
         if world_size == 1:
             measure_rank(0, 1, 0, shape, out)
         else:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            mp.spawn(measure_rank, args=(world_size, port, shape, out), nprocs=world_size)
+            mp.spawn(measure_rank, args=(world_size, free_port(), shape, out), nprocs=world_size)
         return [json.loads((pathlib.Path(out) / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 

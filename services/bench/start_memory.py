@@ -16,7 +16,6 @@ import json
 import os
 import pathlib
 import resource
-import socket
 import tempfile
 
 import torch
@@ -30,6 +29,7 @@ from ..trainer.distributed import Distributed
 from ..trainer.meta_start import start_policy
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
+from .workload import free_port
 
 SMOLLM2 = pathlib.Path.home() / ".cache/belay/SmolLM2-135M-Instruct"
 MIB = 2**20
@@ -62,12 +62,6 @@ def rank_start(rank: int, world: int, port: int, model_dir: str, way: str, out: 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     pathlib.Path(out, f"{way}-rank{rank}.json").write_text(json.dumps({"before_model": before, "peak": peak}))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:
