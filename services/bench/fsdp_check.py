@@ -59,7 +59,7 @@ def fixed_rollouts(vocab_size: int, rows: int, prompt: int, response: int) -> li
 def trainer_for(model_dir: pathlib.Path, args, device: torch.device, distributed: Distributed | None) -> Trainer:
     config = BelayConfig.model_validate(
         {
-            "run": {"checkpoint_dir": tempfile.mkdtemp(prefix="belay-fsdp-check-")},
+            "run": {"checkpoint_dir": str(pathlib.Path(args.workdir) / "checkpoints")},  # never written
             "trainer": {
                 "model_dir": str(model_dir),
                 "batch_size": args.rows,

@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 from tests.conftest import free_port
 
@@ -17,6 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def test_one_sharded_rank_updates_the_weights_exactly_as_one_plain_process(tmp_path):
     out = tmp_path / "fsdp.json"
+    temporary = set(pathlib.Path(tempfile.gettempdir()).glob("belay-fsdp-check*"))
     done = subprocess.run(
         [sys.executable, "-m", "services.bench.fsdp_check", "--shape", "tiny", "--device", "cpu", "--rows", "4"]
         + ["--prompt-tokens", "8", "--response-tokens", "8", "--workdir", str(tmp_path), "--json", str(out)],
@@ -32,3 +34,4 @@ def test_one_sharded_rank_updates_the_weights_exactly_as_one_plain_process(tmp_p
     assert figures["max_abs_weight_move"] > 1e-6  # the update moved the weights...
     assert figures["max_abs_weight_diff"] == 0.0  # ...and one FSDP2 rank moved them exactly as one process
     assert f"max weight diff {figures['max_abs_weight_diff']:.2e}" in done.stderr
+    assert set(pathlib.Path(tempfile.gettempdir()).glob("belay-fsdp-check*")) == temporary  # all under --workdir
