@@ -12,14 +12,18 @@ order of initialisation. The base is frozen and sharded right after, so the whol
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
-from transformers.integrations.accelerate import init_empty_weights
-from transformers.modeling_utils import no_init_weights
+
+try:  # transformers 5 (the GPU machine's 5.17)
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.57, this project's pin
+    from transformers.modeling_utils import no_init_weights
 
 from ..common.config import BelayConfig
 from ..common.models import check_model_dir, load_causal_lm, resolve_attention
@@ -41,14 +45,35 @@ def start_policy(config: BelayConfig, device: torch.device, distributed: Distrib
     return load_causal_lm(section.model_dir, device, "trainer.model_dir", attn_implementation=attention)
 
 
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter registered inside goes to the meta device as it is registered; buffers stay
+    where they are made. What accelerate's init_empty_weights() does (include_buffers=False), which
+    transformers 4.57 re-exported and 5 no longer has: 5 builds everything on meta, buffers too."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, parameter) -> None:
+        register(module, name, parameter)
+        if parameter is not None:
+            made = module._parameters[name]
+            extra = made.__dict__ | {"requires_grad": parameter.requires_grad}
+            module._parameters[name] = type(made)(made.to("meta"), **extra)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def empty_causal_lm(model_dir: str, device: torch.device, what: str, attn_implementation: str) -> PreTrainedModel:
     """The model load_causal_lm(model_dir, device, what) gives, float32, with every parameter on the
     meta device and every buffer real on `device`: built as from_pretrained builds before it reads the
-    weights (transformers' no_init_weights and init_empty_weights, which puts parameters alone on meta),
+    weights (transformers' no_init_weights, and parameters_on_meta),
     so the buffers computed in __init__ (rotary inv_freq) are the ones a whole load keeps."""
     path = check_model_dir(model_dir, what)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    with no_init_weights(), init_empty_weights():
+    with no_init_weights(), parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     for module in model.modules():  # as load_causal_lm's model.to(device) moves them (persistence kept)
         for name, buffer in list(module.named_buffers(recurse=False)):
