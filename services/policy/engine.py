@@ -5,6 +5,7 @@ Every use of the weights holds `lock`, so a swap never happens in the middle of 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -28,6 +29,7 @@ from ..common.logprob_service import LoadedModel, context_limit
 from ..common.lora import adapter_tensors, load_weights_or_adapter
 from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights
 from ..common.rpc import invalid, too_big
+from ..common.token_logprobs import unwrapped
 from .kv_cache import SamplingCache
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> l
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # transformers 5: a BatchEncoding
     if not isinstance(prompt, str):
         raise ValueError("chat messages need a chat template, and this tokenizer has none: use plain prompts")
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -99,8 +101,8 @@ class BehaviourLogprobs(LogitsProcessor):
     every step (it guards on the length of the list of steps) until its recompile limit (8), then
     ran it eagerly. Being first needs generate()'s own
     processors that come before custom ones (repetition penalty, bad words, min length ...) off: the
-    engine's GenerationConfig sets none, and generate() is called with use_model_defaults=False so
-    that a model's generation_config.json cannot add one."""
+    engine's GenerationConfig sets none, and generate() runs without_model_defaults so that a model's
+    generation_config.json cannot add one."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
@@ -124,6 +126,22 @@ class BehaviourLogprobs(LogitsProcessor):
         if not self.chosen:
             return [[] for _ in range(new_tokens.shape[0])]
         return torch.stack(self.chosen, dim=1).cpu().tolist()
+
+
+@contextlib.contextmanager
+def without_model_defaults(model: PreTrainedModel):
+    """generate() fills every setting its GenerationConfig leaves unset from the model's own
+    generation_config.json: a repetition penalty there would warp the logits before BehaviourLogprobs
+    reads them. transformers 4.57 can be told not to (use_model_defaults=False); 5.x has no such switch
+    and refuses the keyword. So the model's own is set aside for the call, under the engine's lock
+    (on the transformers model under a LoRA wrapper: the one generate() reads)."""
+    inner = unwrapped(model)
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], str]:
@@ -271,13 +289,12 @@ class PolicyEngine:
             cache = self.sampling_cache.generate_kwargs(
                 loaded.model, len(rows), self.cache_positions(sampling.max_new_tokens)
             )
-            with torch.no_grad():
+            with torch.no_grad(), without_model_defaults(loaded.model):
                 output = loaded.model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
                     logits_processor=LogitsProcessorList([recorder]),
-                    use_model_defaults=False,  # only this config's processors, the recorder first
                     **cache,
                 )
             sampled = time.perf_counter()
