@@ -7,7 +7,12 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_ARGS ?= --fresh --iterations 16
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps venv demo test lint test-compose protos clean
+TF5_VENV ?= .venv-transformers5
+# the tests that touch transformers' API where 5.x differs (the GPU machine has 5.17), run again under it
+TF5_TESTS ?= tests/unit/test_paged_sampling.py tests/unit/test_kv_cache.py tests/integration/test_policy_service.py \
+	tests/integration/test_meta_start.py
+
+.PHONY: setup system-deps venv demo test lint test-compose test-transformers5 protos clean
 
 system-deps:  ## from Debian: redis-server (the rollout queue); prometheus and prometheus-alertmanager (promtool, amtool, and the real servers the monitoring tests start on their own ports); chromium and chromium-driver (the review page's browser test)
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
@@ -37,8 +42,22 @@ setup: system-deps venv
 demo: setup  ## belay up on SmolLM2-135M-Instruct with the offline sentiment reward
 	$(VENV)/bin/belay up --config configs/demo.yaml $(DEMO_ARGS)
 
-test: setup lint  ## lint, then the whole suite: unit, integration (real gRPC), system (real processes, real redis)
+test: setup lint  ## lint, then the whole suite: unit, integration (real gRPC), system (real processes, real redis); then test-transformers5
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-transformers5
+
+$(TF5_VENV)/.installed: requirements-transformers5.txt $(VENV)/.installed
+	rm -rf $(TF5_VENV)
+	$(PYTHON) -m venv $(TF5_VENV)
+	$(TF5_VENV)/bin/pip install -q -r requirements-transformers5.txt
+	# everything else (torch, grpc, belay itself ...) from $(VENV), behind this environment's own packages:
+	# addsitedir, so that $(VENV)'s own .pth files (belay's editable install) are read too
+	$(PY) -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" \
+		> "$$($(TF5_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/belay-main-venv.pth"
+	touch $@
+
+test-transformers5: $(TF5_VENV)/.installed  ## TF5_TESTS again under transformers 5.17 (the H200 machine's version; continuous batching needs it), in a side environment on top of $(VENV)
+	$(TF5_VENV)/bin/python -m pytest $(TF5_TESTS) -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: venv  ## ruff (pinned in requirements.txt, configured in pyproject.toml): the linter, then the formatter's check
 	$(VENV)/bin/ruff check .
@@ -54,4 +73,4 @@ protos:  ## regenerate gen/ from protos/ (the one command; a test fails when gen
 	$(PY) scripts/gen_protos.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TF5_VENV) runs .pytest_cache

@@ -43,7 +43,12 @@ model = load_section_model(section, "policy.model_dir")
 if config.lora.enabled:  # the same adapters as the trainer's, zero at start: the SFT model's behaviour
     model = wrap_with_lora(model, lora_settings(config.lora))
 engine = PolicyEngine(
-    model, tokenizer, config.grpc, max_prompt_tokens=section.max_prompt_tokens, kv_cache=section.kv_cache
+    model,
+    tokenizer,
+    config.grpc,
+    max_prompt_tokens=section.max_prompt_tokens,
+    kv_cache=section.kv_cache,
+    max_tokens_per_forward=section.max_tokens_per_forward,
 )
 latest = latest_valid_checkpoint(config.run.checkpoint_dir, log)
 if latest is not None:  # a restarted policy serves the newest committed version, not the SFT weights

@@ -27,10 +27,11 @@ from ..common.checkpoints import checkpoint_problem, load_tensors_into
 from ..common.config import GrpcConfig
 from ..common.logprob_service import LoadedModel, context_limit
 from ..common.lora import adapter_tensors, load_weights_or_adapter
-from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights
+from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights, response_logprobs
 from ..common.rpc import invalid, too_big
 from ..common.token_logprobs import unwrapped
 from .kv_cache import SamplingCache
+from .paged_sampling import sample_paged
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class GenerationBatch:
     finish_reasons: list[str]  # "eos" or "length"
     version: int
     generate_seconds: float  # sampling
-    logprob_seconds: float  # gathering the behaviour log-probs (their forward is the sampling one)
+    logprob_seconds: float  # gathering the behaviour log-probs: their forward is the sampling one, but
+    # under policy.kv_cache = paged it is a teacher-forced pass of its own
 
     @property
     def seconds(self) -> float:
@@ -70,8 +72,8 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> l
     conversation awaiting the assistant's answer."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # transformers 5: a BatchEncoding
+        # return_dict: a list under transformers 4.57 otherwise, a BatchEncoding under 5
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
     if not isinstance(prompt, str):
         raise ValueError("chat messages need a chat template, and this tokenizer has none: use plain prompts")
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -176,11 +178,13 @@ class PolicyEngine:
         max_prompt_tokens: int | None = None,
         kv_cache: str = "dynamic",
         compile_config: CompileConfig | None = None,
+        max_tokens_per_forward: int = 16384,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_prompt_tokens = max_prompt_tokens  # policy.max_prompt_tokens: what the memory plan counts
         self.sampling_cache = SamplingCache(kv_cache, compile_config)  # policy.kv_cache
+        self.max_tokens_per_forward = max_tokens_per_forward  # the paged sampler's forwards, its log-prob pass
         self.loaded = LoadedModel(model=own_weights(model).eval(), version=version)  # swapped into in place
         self.lock = threading.RLock()
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
@@ -279,45 +283,58 @@ class PolicyEngine:
         start = time.perf_counter()
         with self.lock:
             loaded = self.loaded
-            device = next(loaded.model.parameters()).device
-            input_ids, attention_mask = left_padded(rows, self.pad_id)  # (B, W) each
-            width = input_ids.shape[1]
-            config = self.generation_config(sampling)
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            recorder = BehaviourLogprobs(sampling.temperature or 1.0)
-            cache = self.sampling_cache.generate_kwargs(
-                loaded.model, len(rows), self.cache_positions(sampling.max_new_tokens)
-            )
-            with torch.no_grad(), without_model_defaults(loaded.model):
-                output = loaded.model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=config,
-                    logits_processor=LogitsProcessorList([recorder]),
-                    **cache,
-                )
-            sampled = time.perf_counter()
-            chosen = recorder.finish(output[:, width:])  # (B, new tokens)
-            responses, reasons, logprobs = [], [], []
-            for row, row_logprobs in zip(output[:, width:].tolist(), chosen):
-                tokens, reason = cut_at_eos(row, self.eos_ids)
-                responses.append(tokens)
-                reasons.append(reason)
-                logprobs.append(row_logprobs[: len(tokens)])
-            scored = time.perf_counter()
+            sample = self.sample_paged if self.sampling_cache.kind == "paged" else self.sample_padded
+            new_tokens, logprobs, logprob_seconds = sample(loaded.model, rows, sampling)
+        responses, reasons = zip(*(cut_at_eos(row, self.eos_ids) for row in new_tokens))
+        logprobs = [row[: len(tokens)] for row, tokens in zip(logprobs, responses)]
+        total = time.perf_counter() - start
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         return GenerationBatch(
             prompt_index=index,
             prompt_ids=rows,
-            response_ids=responses,
+            response_ids=list(responses),
             logprobs=logprobs,
             texts=texts,
-            finish_reasons=reasons,
+            finish_reasons=list(reasons),
             version=loaded.version,
-            generate_seconds=sampled - start,
-            logprob_seconds=scored - sampled,
+            generate_seconds=total - logprob_seconds,
+            logprob_seconds=logprob_seconds,
         )
+
+    def sample_padded(self, model: PreTrainedModel, rows: list[list[int]], sampling: Sampling):
+        """`generate()` on the left-padded rows, behaviour log-probs read off its own passes.
+        Returns (new tokens per row, their log-probs per row, seconds spent gathering those)."""
+        device = next(model.parameters()).device
+        input_ids, attention_mask = left_padded(rows, self.pad_id)  # (B, W) each
+        width = input_ids.shape[1]
+        recorder = BehaviourLogprobs(sampling.temperature or 1.0)
+        cache = self.sampling_cache.generate_kwargs(model, len(rows), self.cache_positions(sampling.max_new_tokens))
+        with torch.no_grad(), without_model_defaults(model):
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=self.generation_config(sampling),
+                logits_processor=LogitsProcessorList([recorder]),
+                **cache,
+            )
+        start = time.perf_counter()
+        logprobs = recorder.finish(output[:, width:])  # (B, new tokens)
+        return output[:, width:].tolist(), logprobs, time.perf_counter() - start
+
+    def sample_paged(self, model: PreTrainedModel, rows: list[list[int]], sampling: Sampling):
+        """Continuous batching (paged_sampling.py), then the behaviour log-probs of each response up
+        to its EOS from a teacher-forced pass on the same weights. Returns as sample_padded."""
+        config = self.generation_config(sampling)
+        with without_model_defaults(model):
+            new_tokens = sample_paged(model, rows, config, self.max_tokens_per_forward, sampling.seed)
+        start = time.perf_counter()
+        responses = [cut_at_eos(tokens, self.eos_ids)[0] for tokens in new_tokens]
+        logprobs = response_logprobs(
+            model, rows, responses, self.pad_id, sampling.temperature or 1.0, self.max_tokens_per_forward
+        )
+        return new_tokens, [row.tolist() for row in logprobs], time.perf_counter() - start
 
     def swap_to(self, version: int, source) -> float:
         """Load a version's weights in place, between batches. Returns seconds taken.

@@ -8,6 +8,9 @@ static:  one StaticCache of rows x (max_prompt_tokens + max_new_tokens) position
          _valid_auto_compile_criteria in transformers 4.57, with CompileConfig's defaults: inductor,
          mode "reduce-overhead", i.e. CUDA graphs), never on the CPU; the prefill runs uncompiled.
 
+paged:   transformers' continuous batching with paged attention (paged_sampling.py), which holds its own
+         cache; this class only names it. Needs transformers 5, refused at start under 4.57.
+
 Why not `GenerationConfig(cache_implementation="static")`: transformers then sizes its cache by this
 batch's widest prompt + max_new_tokens, so a wider batch than any before allocates a new cache and the
 compiled decode step recompiles for its shape. Sized from the prompt limit, it has one shape per
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 from transformers import CompileConfig, PreTrainedModel, StaticCache
 
-KV_CACHES = ("dynamic", "static")
+from .paged_sampling import paged_unavailable
+
+KV_CACHES = ("dynamic", "static", "paged")
 
 
 class SamplingCache:
@@ -28,6 +33,8 @@ class SamplingCache:
     def __init__(self, kind: str = "dynamic", compile_config: CompileConfig | None = None):
         if kind not in KV_CACHES:
             raise ValueError(f"policy.kv_cache must be one of {', '.join(KV_CACHES)}, got {kind!r}")
+        if kind == "paged" and paged_unavailable():
+            raise ValueError(paged_unavailable())
         self.kind = kind
         # None: transformers' own choice (compile on CUDA only). Tests pass one that compiles on the CPU.
         self.compile_config = compile_config
@@ -37,7 +44,7 @@ class SamplingCache:
     def generate_kwargs(self, model: PreTrainedModel, rows: int, positions: int) -> dict:
         """Keyword arguments for `model.generate` on a batch of `rows` rows that needs at most
         `positions` cached positions (prompt width + max_new_tokens - 1)."""
-        if self.kind == "dynamic":
+        if self.kind != "static":
             return {}
         if self.shape == (rows, positions):
             self.cache.reset()  # zeroes keys and values in place: same tensors, so the same compiled graphs

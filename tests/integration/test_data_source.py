@@ -167,8 +167,8 @@ def test_a_messages_row_is_templated_with_its_system_prompt_and_the_reward_sees_
     SEEN.clear()
     with running_reference(config) as reference, running_reward(config) as reward:
         make_actor(config, engine, queue, reference, reward).run_batch()
-    expected = engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-    expected = list(expected["input_ids"] if isinstance(expected, dict) else expected)
+    expected = engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)
+    expected = list(expected["input_ids"])
     for rollout in stream_rollouts(queue):
         assert rollout.prompt_text == "Another one?" and rollout.reward == 3.0
         assert rollout.prompt_ids.tolist() == expected  # the whole chat, system prompt and earlier turns

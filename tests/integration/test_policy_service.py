@@ -15,6 +15,7 @@ from belay.v1 import belay_pb2
 from services.common.checkpoints import write_checkpoint
 from services.common.models import load_tokenizer, weights_fingerprint
 from services.common.packing import pack_int32, unpack_float32, unpack_int32
+from services.policy.paged_sampling import paged_unavailable
 from tests.tiny_models import llama_config
 
 from .conftest import RPC_TIMEOUT, direct_logprobs, load_lm, make_config, rpc_error, running_policy
@@ -63,6 +64,15 @@ def policy(tiny_lm_dir, tmp_path_factory):
 def static_policy(tiny_lm_dir, tmp_path_factory):
     """The same policy sampling with policy.kv_cache: static."""
     with running_policy(policy_config(tiny_lm_dir, tmp_path_factory.mktemp("ckpt_static"), "static")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def paged_policy(tiny_lm_dir, tmp_path_factory):
+    """The same policy sampling with policy.kv_cache: paged (transformers 5 only: make test-transformers5)."""
+    if paged_unavailable():
+        pytest.skip("continuous batching needs transformers 5")
+    with running_policy(policy_config(tiny_lm_dir, tmp_path_factory.mktemp("ckpt_paged"), "paged")) as running:
         yield running
 
 
@@ -119,14 +129,16 @@ def test_samples_per_prompt_gives_that_many_rows_per_prompt_in_order(policy):
     assert len(prompts) == len(responses) == 9
     for row, index in enumerate(reply.prompt_index):
         expected = tokenizer.apply_chat_template(
-            [{"role": "user", "content": PROMPTS[index]}], add_generation_prompt=True, tokenize=True
+            [{"role": "user", "content": PROMPTS[index]}], add_generation_prompt=True, return_dict=True
         )
-        assert prompts[row] == list(expected)
+        assert prompts[row] == list(expected["input_ids"])
         assert reply.response_texts[row] == tokenizer.decode(responses[row], skip_special_tokens=True)
     assert reply.policy_version == 0
 
 
-@pytest.mark.parametrize("served_by, kv_cache", [("policy", "dynamic"), ("static_policy", "static")])
+@pytest.mark.parametrize(
+    "served_by, kv_cache", [("policy", "dynamic"), ("static_policy", "static"), ("paged_policy", "paged")]
+)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_behaviour_logprobs_equal_the_logprobs_rpc_and_a_direct_forward_pass(
     request, served_by, kv_cache, direct_model, temperature
@@ -205,9 +217,8 @@ def test_bad_generate_requests_are_refused_and_the_server_keeps_serving(
 
 def test_generation_right_at_the_context_limit_is_allowed(policy):
     tokenizer = policy.servicer.engine.tokenizer
-    prompt_length = len(
-        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True)
-    )
+    chat = [{"role": "user", "content": "Hi"}]
+    prompt_length = len(tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
     reply = generate(policy.stub, prompts=["Hi"], temperature=1.0, max_new_tokens=256 - prompt_length, seed=0)
     assert len(rows_of(reply)[1][0]) <= 256 - prompt_length
 
