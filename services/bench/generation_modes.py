@@ -9,7 +9,7 @@ prompts (temperature 1, top_p 0.9) for max_new_tokens; the first call (compilati
 allocation) is timed apart from the measured ones. A random model rarely samples EOS, so every row
 runs to max_new_tokens and tokens/s compare like with like. None of these modes reads behaviour
 log-probs: the engine, which reads them off the sampling passes (a logits processor, one row per
-sequence), is measured by `services.bench.gpu --generation-only --kv-cache dynamic|static` on the same
+sequence), is measured by `services.bench.gpu --generation-only --kv-cache dynamic|static|paged` on the same
 rows and lengths (stack_bench.sh's `engine` stage); `teacher_forced_seconds` is what a separate exact
 log-prob pass over the generated rows costs, the price any mode pays whose sampler cannot hand its
 log-probs back (continuous batching packs the rows of many sequences into each step, which that
@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 from ..common.models import response_logprobs
 from ..common.strict_json import strict_json
+from ..policy.paged_sampling import sample_paged
 from .shapes import build_random_model, random_prompts, shape_fields
 from .timing import timed
 
@@ -54,15 +55,16 @@ def padded_generate(model, tokenizer, prompts: list[str], config: GenerationConf
 
 
 def continuous_generate(model, tokenizer, prompts: list[str], config: GenerationConfig) -> list[list[int]]:
+    """The engine's paged sampler (policy.kv_cache = paged) without its log-prob pass."""
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    results = model.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
-    return [list(result.generated_tokens) for result in results.values()]
+    return sample_paged(model, ids, config, max_tokens_per_forward=16384)
 
 
 def run_mode(mode: str, model_dir: pathlib.Path, prompts: list[str], max_new_tokens: int, repeats: int) -> dict:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    attention = "sdpa_paged" if mode == "continuous" else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attention)
+    # transformers 5's generate_batch switches the model to "paged|sdpa" for the call by itself
+    attention = "paged|sdpa" if mode == "continuous" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     if mode == "static":
         config = sampling_config(tokenizer, max_new_tokens, cache_implementation="static")

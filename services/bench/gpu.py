@@ -2,8 +2,10 @@
 in bf16. It measures
 - generation: tokens/s of PolicyEngine.generate (sampling with the behaviour log-probs read off the
   sampling passes, as the policy serves a batch), batch x max_new_tokens from random prompts of a
-  fixed length, with the KV cache policy.kv_cache names (--kv-cache: dynamic, or static, which
-  transformers compiles on CUDA; the warm-up calls, compilation included, are timed apart);
+  fixed length, with the KV cache policy.kv_cache names (--kv-cache: dynamic; static, which
+  transformers compiles on CUDA; or paged, continuous batching under transformers 5, whose behaviour
+  log-probs come from a teacher-forced pass timed as logprob_seconds; the warm-up calls, compilation
+  included, are timed apart);
 - the update: seconds of Trainer.update (the seed recipe: batch-mean advantage, k1 KL, clipped PPO,
   forward + backward + AdamW step per minibatch) and its model-FLOPs utilisation
   MFU = 6 * n_params * tokens_processed / seconds / peak_flops, where n_params counts the weights of
@@ -12,7 +14,7 @@ in bf16. It measures
 - the hot swap: PolicyEngine.swap_to from the checkpoint Trainer.save wrote after the update.
 
     python -m services.bench.gpu --json OUT [--size SHAPE] [--device cuda] [--dtype bf16]   (SHAPE: shapes.py)
-        [--kv-cache dynamic|static] [--generation-only]
+        [--kv-cache dynamic|static|paged] [--generation-only]
 
 The shapes are in shapes.py (1b is TinyLlama-1.1B's, qwen2.5-* Qwen2.5's). The model is built, saved as
 safetensors in a temporary directory with a word-level tokenizer ("w4" .. "wN", one token a word,
@@ -146,7 +148,7 @@ def measure_generation(
 ):
     """Warm-up calls first (CUDA context, kernels, a static cache's compilation), then the measured
     ones. Returns (figures, last batch)."""
-    seconds_each, tokens_each, warmup_seconds = [], [], []
+    seconds_each, tokens_each, warmup_seconds, logprob_seconds = [], [], [], []
     for call in range(warmup + iterations):
         sampling = Sampling(
             temperature=workload.temperature, max_new_tokens=workload.max_new_tokens, seed=workload.seed + call
@@ -155,6 +157,7 @@ def measure_generation(
         if call >= warmup:
             seconds_each.append(seconds)
             tokens_each.append(sum(len(r) for r in batch.response_ids))
+            logprob_seconds.append(batch.logprob_seconds)
         else:
             warmup_seconds.append(seconds)
     figures = {
@@ -169,6 +172,7 @@ def measure_generation(
         "seconds": seconds_each,
         "response_tokens": tokens_each,
         "tokens_per_second": sum(tokens_each) / sum(seconds_each),
+        "logprob_seconds": logprob_seconds,  # within seconds: the paged sampler's teacher-forced pass
     }
     return figures, batch
 

@@ -85,7 +85,9 @@ def test_the_engine_sampled_with_the_asked_kv_cache_sized_from_the_prompt_limit(
 def test_generation_rate_is_tokens_over_seconds(figures):
     generation = figures["generation"]
     assert len(generation["warmup_seconds"]) == 1 and generation["warmup_seconds"][0] > 0
-    assert len(generation["seconds"]) == len(generation["response_tokens"]) == 2
+    assert len(generation["seconds"]) == len(generation["response_tokens"]) == len(generation["logprob_seconds"]) == 2
+    for seconds, logprob_seconds in zip(generation["seconds"], generation["logprob_seconds"]):
+        assert 0 <= logprob_seconds < seconds  # gathering the log-probs is part of the call, not all of it
     for tokens in generation["response_tokens"]:
         assert ROWS <= tokens <= ROWS * NEW_TOKENS
     assert generation["tokens_per_second"] == pytest.approx(

@@ -7,12 +7,13 @@
 #   modes   the generation modes without log-probs (services/bench/generation_modes.py);
 #   fsdp    the trainer's fsdp update on one GPU under torchrun (NCCL, MixedPrecisionPolicy) against one
 #           plain process (services/bench/fsdp_check.py, Qwen2.5-0.5B's shape; issue #15);
-#   engine  Belay's PolicyEngine.generate with its behaviour log-probs, once per KV cache, dynamic then
-#           static (services/bench/gpu.py --generation-only): the figures that decide policy.kv_cache's
-#           CUDA default (docs/gpu.md).
+#   engine  Belay's PolicyEngine.generate with its behaviour log-probs, once per KV cache in
+#           $ENGINE_CACHES (default "dynamic paged": static was measured, 0.90x dynamic) (services/bench/gpu.py
+#           --generation-only): the figures that decide policy.kv_cache's CUDA default (docs/gpu.md).
 # All three: about 8 minutes on an H200. Figures go to $OUT (default ./gpu-out).
 #
 #   [STAGES="stack modes engine fsdp"] [KV_CACHE=dynamic] [TRANSPORT=cuda_ipc] [MINIBATCH=64]
+#   [ENGINE_CACHES="dynamic paged"]
 #     services/bench/gpu_kit/stack_bench.sh [SHAPE]
 #   (SHAPE default qwen2.5-1.5b; e.g. STAGES=engine measures only the KV cache decision, about 3 minutes)
 set -uo pipefail
@@ -25,8 +26,15 @@ TRANSPORT=${TRANSPORT:-cuda_ipc}
 MINIBATCH=${MINIBATCH:-64}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/belay-site \
-  .gpukit/wheels/*.whl || exit 1
+install_kit() {  # $1: the target directory; the rest: the wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"
+}
+install_kit /tmp/belay-site .gpukit/wheels/*.whl || exit 1
+# The same kit less transformers and its two companions, so that the machine's own transformers 5.17 serves:
+# policy.kv_cache = paged (continuous batching) needs transformers 5; everything else runs the pinned 4.57.
+install_kit /tmp/belay-site-tf5 $(ls .gpukit/wheels/*.whl | grep -v -e /transformers- -e /tokenizers- -e /huggingface_hub-) \
+  || exit 1
+site_for() { [[ $1 == paged || $1 == continuous ]] && echo /tmp/belay-site-tf5 || echo /tmp/belay-site; }  # $1: a policy.kv_cache or a mode
 export PYTHONPATH="/tmp/belay-site:$PWD:$PWD/gen" PATH="$PWD/.gpukit/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /dev/shm | tail -1
@@ -38,21 +46,21 @@ if [[ " $STAGES " == *" fsdp "* ]]; then
 fi
 if [[ " $STAGES " == *" stack "* ]]; then
   echo "== the services stack, $SHAPE, $KV_CACHE KV cache, $TRANSPORT transport, minibatch $MINIBATCH"
-  timeout "${STACK_SECONDS:-330}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE-$KV_CACHE.json" \
+  PYTHONPATH="$(site_for "$KV_CACHE"):$PWD:$PWD/gen" timeout "${STACK_SECONDS:-330}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE-$KV_CACHE.json" \
     --shape "$SHAPE" --kv-cache "$KV_CACHE" --transport "$TRANSPORT" --minibatch "$MINIBATCH" \
     2> >(tee "$OUT/stack-$SHAPE-$KV_CACHE.log" >&2)
 fi
 if [[ " $STAGES " == *" modes "* ]]; then
   for mode in generate static continuous; do
     echo "== generation: $mode"
-    timeout "${MODE_SECONDS:-100}" python3 -m services.bench.generation_modes --json "$OUT/gen-$mode.json" \
+    PYTHONPATH="$(site_for "$mode"):$PWD:$PWD/gen" timeout "${MODE_SECONDS:-100}" python3 -m services.bench.generation_modes --json "$OUT/gen-$mode.json" \
       --shape "$SHAPE" --mode "$mode" --repeats 1 2>&1 | grep -v Warning | tail -4
   done
 fi
 if [[ " $STAGES " == *" engine "* ]]; then
-  for kv_cache in dynamic static; do  # the rows, prompt and response lengths of generation_modes' defaults
+  for kv_cache in ${ENGINE_CACHES:-dynamic paged}; do  # the rows, prompt and response lengths of generation_modes' defaults
     echo "== PolicyEngine.generate with behaviour log-probs: $kv_cache KV cache"
-    timeout "${ENGINE_SECONDS:-150}" python3 -m services.bench.gpu --json "$OUT/engine-$kv_cache.json" \
+    PYTHONPATH="$(site_for "$kv_cache"):$PWD:$PWD/gen" timeout "${ENGINE_SECONDS:-150}" python3 -m services.bench.gpu --json "$OUT/engine-$kv_cache.json" \
       --size "$SHAPE" --device cuda --dtype bf16 --generation-only --kv-cache "$kv_cache" --batch 256 \
       --prompt-tokens 64 --max-new-tokens 128 --warmup 1 --iterations 2 2>&1 | grep -v Warning | tail -4
   done
