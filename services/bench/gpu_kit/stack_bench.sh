@@ -8,8 +8,10 @@
 #   fsdp    the trainer's fsdp update on one GPU under torchrun (NCCL, MixedPrecisionPolicy) against one
 #           plain process (services/bench/fsdp_check.py, Qwen2.5-0.5B's shape; issue #15);
 #   engine  Belay's PolicyEngine.generate with its behaviour log-probs, once per KV cache in
-#           $ENGINE_CACHES (default "dynamic paged": static was measured, 0.90x dynamic) (services/bench/gpu.py
-#           --generation-only): the figures that decide policy.kv_cache's CUDA default (docs/gpu.md).
+#           $ENGINE_CACHES (default "dynamic paged": static was measured at 0.90x dynamic with its cache sized
+#           for 1,152 positions; it is sized for the 64-token prompts here, --max-prompt-tokens 64)
+#           (services/bench/gpu.py --generation-only): the figures that decide policy.kv_cache's CUDA default
+#           (docs/gpu.md).
 # All three: about 8 minutes on an H200. Figures go to $OUT (default ./gpu-out).
 #
 #   [STAGES="stack modes engine fsdp"] [KV_CACHE=dynamic] [TRANSPORT=cuda_ipc] [MINIBATCH=64]
@@ -62,6 +64,6 @@ if [[ " $STAGES " == *" engine "* ]]; then
     echo "== PolicyEngine.generate with behaviour log-probs: $kv_cache KV cache"
     PYTHONPATH="$(site_for "$kv_cache"):$PWD:$PWD/gen" timeout "${ENGINE_SECONDS:-150}" python3 -m services.bench.gpu --json "$OUT/engine-$kv_cache.json" \
       --size "$SHAPE" --device cuda --dtype bf16 --generation-only --kv-cache "$kv_cache" --batch 256 \
-      --prompt-tokens 64 --max-new-tokens 128 --warmup 1 --iterations 2 2>&1 | grep -v Warning | tail -4
+      --prompt-tokens 64 --max-prompt-tokens 64 --max-new-tokens 128 --warmup 1 --iterations 2 2>&1 | grep -v Warning | tail -4
   done
 fi
