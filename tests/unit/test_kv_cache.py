@@ -42,6 +42,14 @@ def assert_teacher_forced(batch, model, temperature: float) -> None:
         assert logprobs == pytest.approx(teacher_forced(model, prompt, response, temperature or 1.0), abs=1e-5)
 
 
+def assert_same_rows(batch, other) -> None:
+    """The same tokens and endings, and the same log-probs up to float rounding."""
+    assert batch.response_ids == other.response_ids
+    assert batch.finish_reasons == other.finish_reasons
+    for a, b in zip(batch.logprobs, other.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 def engine_on(model, tiny_lm_dir, kv_cache: str, **options) -> PolicyEngine:
     return PolicyEngine(
         model,
@@ -74,10 +82,7 @@ def test_static_cache_samples_what_the_dynamic_one_does_with_teacher_forced_logp
     sampling = Sampling(temperature=temperature, top_p=0.9, max_new_tokens=12, seed=21)
     dynamic = engines["dynamic"].generate(PROMPTS, 2, sampling)
     static = engines["static"].generate(PROMPTS, 2, sampling)
-    assert static.response_ids == dynamic.response_ids
-    assert static.finish_reasons == dynamic.finish_reasons
-    for a, b in zip(static.logprobs, dynamic.logprobs):
-        assert a == pytest.approx(b, abs=1e-5)
+    assert_same_rows(static, dynamic)
     assert_teacher_forced(static, engines["static"].loaded.model, temperature)
 
 

@@ -16,7 +16,7 @@ import transformers
 from services.policy.engine import Sampling
 from services.policy.kv_cache import SamplingCache
 from services.policy.paged_sampling import BLOCK_SIZE, paged_config, paged_unavailable, sample_paged
-from tests.unit.test_kv_cache import PROMPTS, assert_teacher_forced, engine_on, swapped_in, tiny_lm
+from tests.unit.test_kv_cache import PROMPTS, assert_same_rows, assert_teacher_forced, engine_on, swapped_in, tiny_lm
 
 needs_paged = pytest.mark.skipif(
     not hasattr(transformers, "ContinuousBatchingConfig"), reason="continuous batching needs transformers 5"
@@ -55,10 +55,7 @@ def test_greedy_paged_rows_equal_the_dynamic_cache_rows(engines):
     sampling = Sampling(temperature=0.0, max_new_tokens=10)
     paged = engines["paged"].generate(PROMPTS, 1, sampling)
     dynamic = engines["dynamic"].generate(PROMPTS, 1, sampling)
-    assert paged.response_ids == dynamic.response_ids
-    assert paged.finish_reasons == dynamic.finish_reasons
-    for a, b in zip(paged.logprobs, dynamic.logprobs):
-        assert a == pytest.approx(b, abs=1e-5)
+    assert_same_rows(paged, dynamic)
 
 
 @needs_paged
