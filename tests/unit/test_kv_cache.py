@@ -1,6 +1,7 @@
 """policy.kv_cache: static (services/policy/kv_cache.py) on a tiny real Llama: behaviour log-probs equal
 to a teacher-forced pass, the same samples as the dynamic cache, hot-swaps (full weights and LoRA
-adapters) served by the next batch, and the decode step compiled by Dynamo without a recompile."""
+adapters) served by the next batch, and the decode step compiled by Dynamo without a recompile.
+The hot swaps are tested on paged too (under transformers 5: tests/unit/test_paged_sampling.py)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,18 @@ from services.common.lora import LoraSettings, adapter_tensors, wrap_with_lora
 from services.common.models import load_causal_lm, load_tokenizer
 from services.policy.engine import PolicyEngine, Sampling
 from services.policy.kv_cache import SamplingCache
+from services.policy.paged_sampling import paged_unavailable
 from tests.tiny_models import llama_config
 
 # ragged: the chat template makes them 11 to 17 tokens, so rows are left-padded differently
 PROMPTS = ["Hi", "How are you feeling today?", "Describe a walk in the park and the weather."]
 MAX_PROMPT_TOKENS = 40
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# the caches a hot swap is tested on: paged where transformers 5 runs it (make test-transformers5)
+SWAPPED_CACHES = [
+    "static",
+    pytest.param("paged", marks=pytest.mark.skipif(paged_unavailable() is not None, reason="needs transformers 5")),
+]
 
 
 def teacher_forced(model, prompt: list[int], response: list[int], temperature: float) -> list[float]:
@@ -122,8 +129,9 @@ def swapped_in(engine: PolicyEngine, tmp_path, tiny_lm_dir, seed: int) -> LlamaF
     return new.eval()
 
 
-def test_a_batch_after_a_hot_swap_samples_from_the_new_weights(tiny_lm_dir, tmp_path):
-    engine = engine_on(tiny_lm(tiny_lm_dir), tiny_lm_dir, "static")
+@pytest.mark.parametrize("kv_cache", SWAPPED_CACHES)
+def test_a_batch_after_a_hot_swap_samples_from_the_new_weights(tiny_lm_dir, tmp_path, kv_cache):
+    engine = engine_on(tiny_lm(tiny_lm_dir), tiny_lm_dir, kv_cache)
     old = tiny_lm(tiny_lm_dir)
     sampling = Sampling(temperature=0.7, max_new_tokens=8, seed=5)
     assert_teacher_forced(engine.generate(PROMPTS, 2, sampling), old, 0.7)
@@ -135,9 +143,10 @@ def test_a_batch_after_a_hot_swap_samples_from_the_new_weights(tiny_lm_dir, tmp_
     assert teacher_forced(old, prompt, response, 0.7) != pytest.approx(batch.logprobs[0], abs=1e-3)
 
 
-def test_lora_adapters_swapped_in_serve_the_next_static_batch(tiny_lm_dir):
+@pytest.mark.parametrize("kv_cache", SWAPPED_CACHES)
+def test_lora_adapters_swapped_in_serve_the_next_batch(tiny_lm_dir, kv_cache):
     settings = LoraSettings(r=4, alpha=8)
-    engine = engine_on(wrap_with_lora(tiny_lm(tiny_lm_dir), settings), tiny_lm_dir, "static")
+    engine = engine_on(wrap_with_lora(tiny_lm(tiny_lm_dir), settings), tiny_lm_dir, kv_cache)
     trained = wrap_with_lora(tiny_lm(tiny_lm_dir), settings)
     torch.manual_seed(7)
     with torch.no_grad():
