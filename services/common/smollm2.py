@@ -38,6 +38,11 @@ def prepare_smollm2(out_dir: pathlib.Path = DEFAULT_DIR) -> pathlib.Path:
     log.info("converting %s to %s (once)", folder / GGUF_FILE, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # transformers 5 keeps a GGUF "quantizer" on the model it has dequantized (plain float32 weights, the
+    # same as 4.57 gives) and then refuses to save it: dropped, the file is what 4.57 writes, bit for bit
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     # The GGUF metadata names <|im_start|> as EOS; the instruct model ends a turn with <|im_end|>,
     # which is what its chat template writes and what generation must stop on.
     tokenizer.eos_token = END_OF_TURN
