@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TF5_VENV ?= .venv-transformers5
 # the tests that touch transformers' API where 5.x differs (the GPU machine has 5.17), run again under it
 TF5_TESTS ?= tests/unit/test_paged_sampling.py tests/unit/test_kv_cache.py tests/integration/test_policy_service.py \
-	tests/integration/test_meta_start.py
+	tests/integration/test_meta_start.py tests/system/test_embedded_model.py
 
 .PHONY: setup system-deps venv demo test lint test-compose test-transformers5 protos clean
 
