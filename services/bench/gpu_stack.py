@@ -4,7 +4,7 @@ master weights under bfloat16 autocast), on a randomly initialised model of a gi
 weights can be fetched on a GPU machine), with the reward a sequence classifier of the same shape.
 
     python -m services.bench.gpu_stack --json OUT [--shape qwen2.5-1.5b] [--rows 256] [--steps 3]
-        [--kv-cache dynamic|static]
+        [--kv-cache dynamic|static|paged] [--transport file|broadcast|cuda_ipc] [--minibatch 64]
 
 It prints, from the trainer's step records after the warm-up step: generation tokens/s (the
 policy's sampling with its behaviour log-probs, on the KV cache --kv-cache names), reference and

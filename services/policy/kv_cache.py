@@ -33,8 +33,9 @@ class SamplingCache:
     def __init__(self, kind: str = "dynamic", compile_config: CompileConfig | None = None):
         if kind not in KV_CACHES:
             raise ValueError(f"policy.kv_cache must be one of {', '.join(KV_CACHES)}, got {kind!r}")
-        if kind == "paged" and paged_unavailable():
-            raise ValueError(paged_unavailable())
+        unavailable = paged_unavailable() if kind == "paged" else None
+        if unavailable:
+            raise ValueError(unavailable)
         self.kind = kind
         # None: transformers' own choice (compile on CUDA only). Tests pass one that compiles on the CPU.
         self.compile_config = compile_config

@@ -16,14 +16,17 @@ import transformers
 from services.policy.engine import Sampling
 from services.policy.kv_cache import SamplingCache
 from services.policy.paged_sampling import BLOCK_SIZE, paged_config, paged_unavailable, sample_paged
-from tests.unit.test_kv_cache import PROMPTS, assert_same_rows, assert_teacher_forced, engine_on, tiny_lm
-
-needs_paged = pytest.mark.skipif(
-    not hasattr(transformers, "ContinuousBatchingConfig"), reason="continuous batching needs transformers 5"
+from tests.unit.test_kv_cache import (
+    PROMPTS,
+    assert_same_rows,
+    assert_teacher_forced,
+    engine_on,
+    needs_paged,
+    tiny_lm,
 )
 
 
-@pytest.mark.skipif(hasattr(transformers, "ContinuousBatchingConfig"), reason="transformers 5 runs it")
+@pytest.mark.skipif(paged_unavailable() is None, reason="transformers 5 runs it")
 def test_paged_is_refused_at_start_under_transformers_4_naming_the_setting_and_version():
     with pytest.raises(ValueError, match=f"policy.kv_cache 'paged'.*transformers {transformers.__version__}"):
         SamplingCache("paged")
@@ -31,9 +34,7 @@ def test_paged_is_refused_at_start_under_transformers_4_naming_the_setting_and_v
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_lm_dir):
-    if paged_unavailable():
-        pytest.skip("continuous batching needs transformers 5")
+def engines(tiny_lm_dir):  # used by needs_paged tests only
     return {kind: engine_on(tiny_lm(tiny_lm_dir), tiny_lm_dir, kind) for kind in ("dynamic", "paged")}
 
 
@@ -92,9 +93,8 @@ def test_a_seed_repeats_a_paged_batch_and_another_seed_does_not(engines):
     assert other.response_ids != first.response_ids
 
 
+@needs_paged
 def test_the_paged_cache_is_sized_for_the_batch_in_whole_blocks_per_row():
-    if paged_unavailable():
-        pytest.skip("continuous batching needs transformers 5")
     rows = [[1] * 70, [2] * 10, [3] * 5]  # widest 70 + 60 new = 130 positions: 3 blocks of 64 a row
     config = paged_config(rows, 60, max_tokens_per_forward=16384, seed=9)
     assert (config.block_size, config.num_blocks) == (BLOCK_SIZE, 3 * 3)

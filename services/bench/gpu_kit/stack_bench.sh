@@ -12,7 +12,8 @@
 #           for 1,152 positions; it is sized for the 64-token prompts here, --max-prompt-tokens 64)
 #           (services/bench/gpu.py --generation-only): the figures that decide policy.kv_cache's CUDA default
 #           (docs/gpu.md).
-# All three: about 8 minutes on an H200. Figures go to $OUT (default ./gpu-out).
+# stack, modes and engine (the default STAGES): about 8 minutes on an H200 (estimated: stack and modes took
+# 5 in the first session). Figures go to $OUT (default ./gpu-out).
 #
 #   [STAGES="stack modes engine fsdp"] [KV_CACHE=dynamic] [TRANSPORT=cuda_ipc] [MINIBATCH=64]
 #   [ENGINE_CACHES="dynamic paged"]
