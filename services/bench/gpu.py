@@ -14,7 +14,9 @@ in bf16. It measures
 - the hot swap: PolicyEngine.swap_to from the checkpoint Trainer.save wrote after the update.
 
     python -m services.bench.gpu --json OUT [--size SHAPE] [--device cuda] [--dtype bf16]   (SHAPE: shapes.py)
-        [--kv-cache dynamic|static|paged] [--generation-only]
+        [--kv-cache dynamic|static|paged] [--generation-only] [--profile]
+
+--profile adds one generation call under torch.profiler (op_profile.py): where a decode step's time goes.
 
 The shapes are in shapes.py (1b is TinyLlama-1.1B's, qwen2.5-* Qwen2.5's). The model is built, saved as
 safetensors in a temporary directory with a word-level tokenizer ("w4" .. "wN", one token a word,
@@ -46,6 +48,7 @@ from ..policy.engine import PolicyEngine, Sampling
 from ..policy.kv_cache import KV_CACHES
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
+from .op_profile import profile_lines, profile_ops
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
 from .timing import timed
 from .workload import Workload
@@ -263,6 +266,12 @@ def measure_training(
     }
 
 
+def profile_generation(engine: PolicyEngine, prompts: list[str], workload: Workload, device: torch.device) -> dict:
+    """One more generation call, under the profiler (after the measured ones, which it does not slow)."""
+    sampling = Sampling(temperature=workload.temperature, max_new_tokens=workload.max_new_tokens, seed=workload.seed)
+    return profile_ops(device, lambda: engine.generate(prompts, 1, sampling))[1]
+
+
 def behaviour_gap(engine: PolicyEngine, batch, temperature: float) -> dict:
     """How far the behaviour log-probs the sampler recorded are from a teacher-forced pass over the
     same tokens on the same weights (one full forward, another kernel): on a GPU, the exactness of the
@@ -284,6 +293,7 @@ def run_gpu_bench(
     kv_cache: str = KV_CACHE_DEFAULT,
     max_prompt_tokens: int = MAX_PROMPT_TOKENS_DEFAULT,
     generation_only: bool = False,
+    profile: bool = False,
 ) -> dict:
     """Generation, then (unless generation_only) the update and the hot swap, on a random model of
     `size`, in one process. The engine samples as the policy service does with policy.kv_cache =
@@ -302,6 +312,8 @@ def run_gpu_bench(
         prompts = random_prompts(workload.batch_size, prompt_tokens, shape_fields(size)["vocab_size"], workload.seed)
         generation, batch = measure_generation(engine, prompts, workload, torch_device, iterations, warmup)
         generation["behaviour_vs_teacher_forced"] = behaviour_gap(engine, batch, workload.temperature)
+        if profile:
+            generation["profile"] = profile_generation(engine, prompts, workload, torch_device)
         training = {"update": None, "checkpoint_write_seconds": None, "hot_swap": None}
         if not generation_only:
             training = measure_training(
@@ -348,21 +360,14 @@ def main(argv: list[str] | None = None) -> None:
         help="the engine's policy.max_prompt_tokens (a static cache holds it + max_new_tokens positions)",
     )
     parser.add_argument("--generation-only", action="store_true", help="measure generation; no update, no swap")
+    parser.add_argument("--profile", action="store_true", help="profile one more generation call, op by op")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s gpu_bench %(message)s")
     workload = Workload(prompts_per_batch=args.batch, max_new_tokens=args.max_new_tokens)
     figures = run_gpu_bench(
-        args.size,
-        args.device,
-        args.dtype,
-        args.iterations,
-        args.warmup,
-        args.prompt_tokens,
-        workload,
-        args.kv_cache,
-        args.max_prompt_tokens,
-        args.generation_only,
-    )
+        args.size, args.device, args.dtype, args.iterations, args.warmup, args.prompt_tokens, workload,
+        args.kv_cache, args.max_prompt_tokens, args.generation_only, args.profile,
+    )  # fmt: skip
     pathlib.Path(args.json).write_text(strict_json(figures, indent=2))
     generation = figures["generation"]
     log.info(
@@ -375,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         generation["warmup_seconds"][0] if generation["warmup_seconds"] else float("nan"),
         args.json,
     )
+    for line in profile_lines(generation["profile"], args.max_new_tokens) if args.profile else []:
+        log.info("%s", line)
     if figures["update"] is not None:
         log.info(
             "update %.3f s (MFU %s), hot swap %.3f s",

@@ -119,12 +119,15 @@ def test_hot_swap_moves_the_engine_to_the_trained_weights(figures):
 
 def test_generation_only_measures_generation_and_nothing_else():
     workload = Workload(prompts_per_batch=2, max_new_tokens=4, torch_threads=torch.get_num_threads())
-    figures = run_gpu_bench_in_process("tiny", "cpu", "float32", 1, 0, 4, workload, generation_only=True)
+    figures = run_gpu_bench_in_process("tiny", "cpu", "float32", 1, 0, 4, workload, generation_only=True, profile=True)
     assert figures["update"] is None and figures["hot_swap"] is None and figures["checkpoint_write_seconds"] is None
     assert figures["generation"]["warmup_seconds"] == [] and len(figures["generation"]["seconds"]) == 1
     assert figures["model"]["matmul_parameters"] == matmul_weights(figures["model"])
     gap = figures["generation"]["behaviour_vs_teacher_forced"]  # float32 on the CPU: the same numbers
     assert gap["tokens"] == sum(figures["generation"]["response_tokens"]) and gap["max_abs"] < 1e-5
+    profiled = figures["generation"]["profile"]  # one more call, op by op: every decode step runs the matmuls
+    assert max(op["calls"] for op in profiled["ops"] if op["name"] in ("aten::mm", "aten::addmm")) >= 4
+    assert profiled["wall_seconds"] > 0
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path):
