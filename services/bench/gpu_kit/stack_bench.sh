@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
 # The GPU measurement of issue #14, in one command on a GPU machine with Python 3.12, torch and CUDA
 # and no network: installs the kit that services/bench/gpu_kit/make_kit.sh built (carried in .gpukit/), then
-# runs, stage by stage:
-#   stack   the whole services stack on one GPU (services/bench/gpu_stack.py), the policy sampling with
-#           policy.kv_cache = $KV_CACHE (default dynamic);
-#   modes   the generation modes without log-probs (services/bench/generation_modes.py);
+# runs, stage by stage, in this order:
 #   fsdp    the trainer's fsdp update on one GPU under torchrun (NCCL, MixedPrecisionPolicy) against one
 #           plain process (services/bench/fsdp_check.py, Qwen2.5-0.5B's shape; issue #15);
 #   engine  Belay's PolicyEngine.generate with its behaviour log-probs, once per KV cache in
 #           $ENGINE_CACHES (default "dynamic paged": static was measured at 0.90x dynamic with its cache sized
 #           for 1,152 positions; it is sized for the 64-token prompts here, --max-prompt-tokens 64)
-#           (services/bench/gpu.py --generation-only): the figures that decide policy.kv_cache's CUDA default
-#           (docs/gpu.md).
-# stack, modes and engine (the default STAGES): about 8 minutes on an H200 (estimated: stack and modes took
-# 5 in the first session). Figures go to $OUT (default ./gpu-out).
+#           (services/bench/gpu.py --generation-only --profile): the figures that decide policy.kv_cache's
+#           CUDA default (docs/gpu.md), and one more call profiled op by op (where a decode step's time goes);
+#   stack   the whole services stack on one GPU (services/bench/gpu_stack.py), the policy sampling with
+#           policy.kv_cache = $KV_CACHE: default "fastest", the cache of the engine stage's highest
+#           tokens/s in this run (dynamic when that stage did not run or measured nothing);
+#   modes   the generation modes without log-probs (services/bench/generation_modes.py);
+# engine and stack (the default STAGES): at most 9.5 minutes on an H200, kit included (ENGINE_SECONDS 120 a
+# cache, STACK_SECONDS 300; estimated 7: the first sessions measured about 1 minute a cache and 3-4 for
+# the stack). Figures go to $OUT (default ./gpu-out).
 #
-#   [STAGES="stack modes engine fsdp"] [KV_CACHE=dynamic] [TRANSPORT=cuda_ipc] [MINIBATCH=64]
-#   [ENGINE_CACHES="dynamic paged"]
+#   [STAGES="fsdp engine stack modes"] [KV_CACHE=fastest|dynamic|static|paged] [TRANSPORT=cuda_ipc]
+#   [MINIBATCH=64] [ENGINE_CACHES="dynamic paged"]
 #     services/bench/gpu_kit/stack_bench.sh [SHAPE]
 #   (SHAPE default qwen2.5-1.5b; e.g. STAGES=engine measures only the KV cache decision, about 3 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 SHAPE=${1:-qwen2.5-1.5b}
 OUT=${OUT:-gpu-out}
-STAGES=${STAGES:-stack modes engine}
-KV_CACHE=${KV_CACHE:-dynamic}
+STAGES=${STAGES:-engine stack}
+KV_CACHE=${KV_CACHE:-fastest}
+ENGINE_CACHES=${ENGINE_CACHES:-dynamic paged}
 TRANSPORT=${TRANSPORT:-cuda_ipc}
 MINIBATCH=${MINIBATCH:-64}
 mkdir -p "$OUT"
@@ -47,9 +50,23 @@ if [[ " $STAGES " == *" fsdp "* ]]; then
     -m services.bench.fsdp_check --shape qwen2.5-0.5b --device cuda --json "$OUT/fsdp-check.json" 2>&1 \
     | grep -v Warning | tail -6
 fi
+if [[ " $STAGES " == *" engine "* ]]; then
+  for kv_cache in $ENGINE_CACHES; do  # the rows, prompt and response lengths of generation_modes' defaults
+    echo "== PolicyEngine.generate with behaviour log-probs: $kv_cache KV cache"
+    rm -f "$OUT/engine-$kv_cache.json"  # an earlier run's figures must not stand for this one's
+    PYTHONPATH="$(site_for "$kv_cache"):$PWD:$PWD/gen" timeout "${ENGINE_SECONDS:-120}" python3 -m services.bench.gpu --json "$OUT/engine-$kv_cache.json" \
+      --size "$SHAPE" --device cuda --dtype bf16 --generation-only --kv-cache "$kv_cache" --batch 256 \
+      --prompt-tokens 64 --max-prompt-tokens 64 --max-new-tokens 128 --warmup 1 --iterations 2 --profile 2>&1 \
+      | grep -v -e Warning -e USDT | tail -20
+  done
+fi
+if [[ $KV_CACHE == fastest ]]; then  # the engine stage's winner in this run (services/bench/fastest_cache.py)
+  KV_CACHE=$(python3 -m services.bench.fastest_cache "$OUT" $ENGINE_CACHES)
+  echo "== KV cache for the stack: $KV_CACHE (the engine stage's fastest; dynamic when it measured nothing)"
+fi
 if [[ " $STAGES " == *" stack "* ]]; then
   echo "== the services stack, $SHAPE, $KV_CACHE KV cache, $TRANSPORT transport, minibatch $MINIBATCH"
-  PYTHONPATH="$(site_for "$KV_CACHE"):$PWD:$PWD/gen" timeout "${STACK_SECONDS:-330}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE-$KV_CACHE.json" \
+  PYTHONPATH="$(site_for "$KV_CACHE"):$PWD:$PWD/gen" timeout "${STACK_SECONDS:-300}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE-$KV_CACHE.json" \
     --shape "$SHAPE" --kv-cache "$KV_CACHE" --transport "$TRANSPORT" --minibatch "$MINIBATCH" \
     2> >(tee "$OUT/stack-$SHAPE-$KV_CACHE.log" >&2)
 fi
@@ -58,13 +75,5 @@ if [[ " $STAGES " == *" modes "* ]]; then
     echo "== generation: $mode"
     PYTHONPATH="$(site_for "$mode"):$PWD:$PWD/gen" timeout "${MODE_SECONDS:-100}" python3 -m services.bench.generation_modes --json "$OUT/gen-$mode.json" \
       --shape "$SHAPE" --mode "$mode" --repeats 1 2>&1 | grep -v Warning | tail -4
-  done
-fi
-if [[ " $STAGES " == *" engine "* ]]; then
-  for kv_cache in ${ENGINE_CACHES:-dynamic paged}; do  # the rows, prompt and response lengths of generation_modes' defaults
-    echo "== PolicyEngine.generate with behaviour log-probs: $kv_cache KV cache"
-    PYTHONPATH="$(site_for "$kv_cache"):$PWD:$PWD/gen" timeout "${ENGINE_SECONDS:-150}" python3 -m services.bench.gpu --json "$OUT/engine-$kv_cache.json" \
-      --size "$SHAPE" --device cuda --dtype bf16 --generation-only --kv-cache "$kv_cache" --batch 256 \
-      --prompt-tokens 64 --max-prompt-tokens 64 --max-new-tokens 128 --warmup 1 --iterations 2 2>&1 | grep -v Warning | tail -4
   done
 fi
