@@ -4,10 +4,22 @@ model also says how the model runs (ModelRuntime)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+def resolve_attention(name: str, device) -> str:
+    """A section's `attn_implementation` on `device` (a torch.device or a name such as 'cuda:0'):
+    'auto' is flash_attention_2 on CUDA when the flash-attn package is installed, else torch's sdpa
+    (which picks its own flash or memory-efficient kernel)."""
+    if name != "auto":
+        return name
+    if str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def is_path_field(name: str) -> bool:

@@ -4,7 +4,6 @@ that the policy, the reference and the trainer all share (so their numbers agree
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import pathlib
@@ -12,6 +11,7 @@ import pathlib
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .config_section import resolve_attention
 from .token_logprobs import LOGPROB_CHUNK_POSITIONS, model_response_stats, model_response_top_k
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def resolve_attention(name: str, device: torch.device) -> str:
-    """A section's `attn_implementation`: 'auto' is flash_attention_2 on CUDA when the flash-attn
-    package is installed, else torch's sdpa (which picks its own flash or memory-efficient kernel)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def load_causal_lm(

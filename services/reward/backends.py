@@ -76,7 +76,8 @@ class CombinedBackend:
 
 def build_backend(section: RewardConfig, device: torch.device) -> RewardBackend:
     """The backend a reward config section names: build_backend(config.reward, device)."""
-    from ..common.models import resolve_attention, resolve_device, resolve_dtype
+    from ..common.config_section import resolve_attention
+    from ..common.models import resolve_device, resolve_dtype
 
     kind = section.backend
     if kind == "vader":

@@ -26,7 +26,8 @@ except ImportError:  # transformers 4.57, this project's pin
     from transformers.modeling_utils import no_init_weights
 
 from ..common.config import BelayConfig
-from ..common.models import check_model_dir, load_causal_lm, resolve_attention
+from ..common.config_section import resolve_attention
+from ..common.models import check_model_dir, load_causal_lm
 from . import gathering
 from .distributed import Distributed
 

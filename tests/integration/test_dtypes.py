@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from services.common.models import load_section_model, resolve_attention, resolve_dtype
+from services.common.config_section import resolve_attention
+from services.common.models import load_section_model, resolve_dtype
 from services.trainer.publishing import Publisher, serving_tensors
 
 from .conftest import make_config
