@@ -3,8 +3,10 @@ per service (services/common/memory_plan.py does the arithmetic), the services t
 summed against its memory, the plan logged by each service at start and each process capped.
 
 The settings it reads: `<section>.dtype` ('auto': bfloat16 on CUDA, float32 on CPU),
-`trainer.gradient_checkpointing`, `policy.max_prompt_tokens` (the KV cache's prompt length), and the
-log-prob chunks: `trainer.logprob_chunk_positions` in the trainer, LOGPROB_CHUNK_POSITIONS in the reference.
+`trainer.gradient_checkpointing`, `policy.max_prompt_tokens` (the KV cache's prompt length),
+`policy.kv_cache` (paged: its own plan, paged_plan.py, with `policy.max_tokens_per_forward` and the
+policy's attention), and the log-prob chunks: `trainer.logprob_chunk_positions` in the trainer,
+LOGPROB_CHUNK_POSITIONS in the reference and the paged policy.
 
 CPU devices are not checked: the plan is logged for them, but RAM is shared with everything else on
 the machine and the kernel's overcommit makes a sum against it say little.
@@ -21,6 +23,7 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+from .config_section import resolve_attention
 from .memory_plan import (
     DTYPE_BYTES,
     ServicePlan,
@@ -35,6 +38,7 @@ from .memory_plan import (
     service_plan,
     trainer_plan,
 )
+from .paged_plan import paged_policy_plan
 from .token_logprobs import LOGPROB_CHUNK_POSITIONS
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,14 @@ def _policy(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:
     section = config.policy
     device = plan_device(section.device, cuda)
     shape, size = read_shape(section.model_dir), dtype_bytes(section, device)
-    return [policy_plan(shape, size, lengths.rows, lengths.prompt_tokens, lengths.new_tokens, device)]
+    if section.kv_cache != "paged":
+        return [policy_plan(shape, size, lengths.rows, lengths.prompt_tokens, lengths.new_tokens, device)]
+    masked = resolve_attention(section.attn_implementation, device) != "flash_attention_2"
+    return [
+        paged_policy_plan(
+            shape, size, *lengths, device, section.max_tokens_per_forward, masked, LOGPROB_CHUNK_POSITIONS
+        )
+    ]
 
 
 def _reference(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:

@@ -168,29 +168,42 @@ def service_plan(service: str, device: str, items: Iterable[MemoryItem]) -> Serv
 
 
 def policy_plan(
-    shape: ModelShape, dtype_bytes: int, rows: int, prompt_tokens: int, new_tokens: int, device: str
+    shape: ModelShape,
+    dtype_bytes: int,
+    rows: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    device: str,
+    kv_cache: int | None = None,
+    prefill_tokens: int | None = None,
+    extra: Iterable[MemoryItem] = (),
 ) -> ServicePlan:
     """The policy generating `rows` (= prompts_per_batch * samples_per_prompt) sequences at once:
     weights P * e; KV cache 2 * L * g * d * rows * (prompt_tokens + new_tokens) * e; prefill
     activations, one layer's over rows * prompt_tokens tokens; logits of one step rows * V * 4
-    (generate keeps them in float32; top-p's short-lived copies are not counted)."""
+    (generate keeps them in float32; top-p's short-lived copies are not counted). A KV cache sized
+    otherwise (kv_cache bytes), a prefill in pieces (prefill_tokens a forward) and the `extra` items
+    are policy.kv_cache = paged's (paged_plan.py)."""
     rows_hint = "lower policy.prompts_per_batch or policy.samples_per_prompt"
+    if kv_cache is None:
+        kv_cache = kv_cache_bytes(shape, rows, prompt_tokens + new_tokens, dtype_bytes)
     return service_plan(
         "policy",
         device,
         [
             MemoryItem("policy weights", parameter_count(shape) * dtype_bytes, "set policy.dtype: bfloat16"),
             MemoryItem(
-                "policy KV cache",
-                kv_cache_bytes(shape, rows, prompt_tokens + new_tokens, dtype_bytes),
-                f"{rows_hint}, or policy.max_new_tokens / policy.max_prompt_tokens",
+                "policy KV cache", kv_cache, f"{rows_hint}, or policy.max_new_tokens / policy.max_prompt_tokens"
             ),
             MemoryItem(
                 "policy prefill activations",
-                activation_bytes_per_layer(shape, rows * prompt_tokens, dtype_bytes),
+                activation_bytes_per_layer(
+                    shape, rows * prompt_tokens if prefill_tokens is None else prefill_tokens, dtype_bytes
+                ),
                 f"{rows_hint}, or policy.max_prompt_tokens",
             ),
             MemoryItem("policy logits per step", rows * shape.vocab_size * 4, rows_hint),
+            *extra,
         ],
     )
 

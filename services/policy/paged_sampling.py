@@ -17,21 +17,24 @@ model to during the call and back after); transformers 4.57, this project's CPU 
 is refused at start. The tests run under 5.17, the GPU machine's version (`make test`'s
 `test-transformers5`).
 
-The paged cache is sized here, not by transformers' default (which takes 90 % of the device's free
-memory, and four services may share it): rows x (widest prompt + max_new_tokens) positions,
-rounded up to whole blocks per row, at most what the memory plan counts for the policy's KV cache
-(rows x (max_prompt_tokens + max_new_tokens)) plus BLOCK_SIZE - 1 positions a row.
+The paged cache and the tokens a forward holds are sized here, not by transformers' default
+(which takes 90 % of the device's free memory, and four services may share it), by the functions
+the memory plan counts them with (services/common/paged_plan.py): rows x (widest prompt +
+max_new_tokens) positions, rounded up to whole blocks per row; at most max_tokens_per_forward
+tokens a forward, fewer where the attention needs a mask (any but flash_attention_2), which
+continuous batching allocates at max_batch_tokens x (cache positions + max_batch_tokens): bounded
+so that it is no bigger than the cache.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import transformers
 from transformers import GenerationConfig, PreTrainedModel
 
-BLOCK_SIZE = 64  # positions per cache block
+from ..common.memory_plan import model_shape
+from ..common.paged_plan import BLOCK_POSITIONS, paged_batch_tokens, paged_positions
 
 # four INFO lines a batch (warm-up, thread start and stop): the policy logs its own line per batch
 logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
@@ -47,15 +50,25 @@ def paged_unavailable() -> str | None:
     )
 
 
-def paged_config(rows: list[list[int]], max_new_tokens: int, max_tokens_per_forward: int, seed: int | None):
+def paged_config(
+    model: PreTrainedModel, rows: list[list[int]], max_new_tokens: int, max_tokens_per_forward: int, seed: int | None
+):
     """The continuous-batching settings for one batch: every row in flight at once, its cache sized
-    for these rows (see the module's docstring), at most max_tokens_per_forward tokens a forward."""
-    positions = max(len(row) for row in rows) + max_new_tokens
+    for these rows and its forwards' tokens bounded (see the module's docstring)."""
+    width = max(len(row) for row in rows) + max_new_tokens
+    masked = "flash" not in model.config._attn_implementation  # flash reads the block table, no mask
+    try:
+        shape = model_shape(model.config.to_dict())
+    except KeyError as missing:
+        raise ValueError(
+            f"policy.kv_cache 'paged' sizes its batches from the model's config, which lacks {missing}"
+        ) from None
+    tokens = paged_batch_tokens(shape, len(rows), width, max_tokens_per_forward, masked)
     return transformers.ContinuousBatchingConfig(
-        block_size=BLOCK_SIZE,
-        num_blocks=len(rows) * math.ceil(positions / BLOCK_SIZE),
-        max_batch_tokens=max(BLOCK_SIZE, min(max_tokens_per_forward, len(rows) * positions)),
-        max_requests_per_batch=len(rows),
+        block_size=BLOCK_POSITIONS,
+        num_blocks=paged_positions(len(rows), width) // BLOCK_POSITIONS,
+        max_batch_tokens=tokens,
+        max_requests_per_batch=min(len(rows), tokens),
         allow_block_sharing=False,  # no prefix caching: samples of one prompt share it, but each batch is new
         seed=seed,
     )
@@ -72,7 +85,7 @@ def sample_paged(
     rows' order. Raises RuntimeError when a row comes back missing or failed: `generate_batch` logs
     its errors (an out-of-memory among them) and returns what finished, which must not pass for a
     whole batch."""
-    cb_config = paged_config(rows, config.max_new_tokens, max_tokens_per_forward, seed)
+    cb_config = paged_config(model, rows, config.max_new_tokens, max_tokens_per_forward, seed)
     results = model.generate_batch(
         inputs=rows, generation_config=config, continuous_batching_config=cb_config, progress_bar=False
     )

@@ -13,9 +13,11 @@ from __future__ import annotations
 import pytest
 import transformers
 
+from services.common.memory_plan import model_shape
+from services.common.paged_plan import BLOCK_POSITIONS, paged_batch_tokens
 from services.policy.engine import Sampling
 from services.policy.kv_cache import SamplingCache
-from services.policy.paged_sampling import BLOCK_SIZE, paged_config, paged_unavailable, sample_paged
+from services.policy.paged_sampling import paged_config, paged_unavailable, sample_paged
 from tests.unit.test_kv_cache import (
     PROMPTS,
     assert_same_rows,
@@ -94,12 +96,23 @@ def test_a_seed_repeats_a_paged_batch_and_another_seed_does_not(engines):
 
 
 @needs_paged
-def test_the_paged_cache_is_sized_for_the_batch_in_whole_blocks_per_row():
+def test_the_paged_cache_is_sized_for_the_batch_in_whole_blocks_per_row(tiny_lm_dir):
+    """The sampler sizes each batch with the memory plan's functions (services/common/paged_plan.py,
+    whose arithmetic tests/unit/test_paged_plan.py checks), by the model's own attention."""
+    model = tiny_lm(tiny_lm_dir)
     rows = [[1] * 70, [2] * 10, [3] * 5]  # widest 70 + 60 new = 130 positions: 3 blocks of 64 a row
-    config = paged_config(rows, 60, max_tokens_per_forward=16384, seed=9)
-    assert (config.block_size, config.num_blocks) == (BLOCK_SIZE, 3 * 3)
-    assert config.max_batch_tokens == 3 * 130 and config.max_requests_per_batch == 3
-    assert paged_config(rows, 60, max_tokens_per_forward=100, seed=None).max_batch_tokens == 100
+    config = paged_config(model, rows, 60, max_tokens_per_forward=16384, seed=9)
+    assert (config.block_size, config.num_blocks) == (BLOCK_POSITIONS, 3 * 3)
+    assert model.config._attn_implementation == "sdpa"  # continuous batching masks it: the bound applies
+    shape = model_shape(model.config.to_dict())
+    assert config.max_batch_tokens == paged_batch_tokens(shape, 3, 130, 16384, masked=True) < 3 * 130
+    assert config.max_requests_per_batch == 3
+    model.config._attn_implementation = "flash_attention_2"  # no mask (set, not run: no flash-attn here)
+    try:
+        assert paged_config(model, rows, 60, max_tokens_per_forward=16384, seed=None).max_batch_tokens == 3 * 130
+        assert paged_config(model, rows, 60, max_tokens_per_forward=100, seed=None).max_batch_tokens == 100
+    finally:
+        model.config._attn_implementation = "sdpa"
 
 
 @needs_paged
