@@ -8,7 +8,10 @@ or attention. One profiled call answers it:
 - wall_seconds - device_busy_seconds: the device idle, i.e. waiting on the host (launches, Python);
 - ops: the ops that cost most, by the time of the kernels each launched (its own, not its
   children's) on a GPU, by its own CPU time on the CPU, each with its call count.
-The profiler's own overhead is in wall_seconds: the measured calls are timed without it.
+The profiler's own overhead is in wall_seconds: the measured calls are timed without it. Every
+thread's ops are recorded (continuous batching, policy.kv_cache = paged, runs its forwards on a thread
+of its own), where torch's profiler offers it (profile_all_threads); where it does not, the ops of
+other threads are missing from `ops` and their kernels still count in device_busy_seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+from torch._C._profiler import _ExperimentalConfig
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -27,12 +31,20 @@ T = TypeVar("T")
 TOP_OPS = 15
 
 
+def all_threads() -> _ExperimentalConfig | None:
+    """The profiler's setting that records every thread's ops; None where this torch lacks it."""
+    try:
+        return _ExperimentalConfig(profile_all_threads=True)
+    except TypeError:
+        return None
+
+
 def profile_ops(device: torch.device, action: Callable[[], T], top: int = TOP_OPS) -> tuple[T, dict]:
     """(result, profile) of action() run once under torch.profiler (see the module's docstring)."""
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     synchronize(device)
-    with profile(activities=activities) as profiler:
+    with profile(activities=activities, experimental_config=all_threads()) as profiler:
         start = time.perf_counter()  # after the profiler's own start-up
         result = action()
         synchronize(device)

@@ -3,9 +3,12 @@ the CPU, where the ranking is by each op's own CPU time."""
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 
-from services.bench.op_profile import profile_lines, profile_ops
+from services.bench.op_profile import all_threads, profile_lines, profile_ops
 
 
 def test_profile_counts_each_op_ranks_them_and_returns_the_result():
@@ -29,6 +32,20 @@ def test_profile_counts_each_op_ranks_them_and_returns_the_result():
     assert names.index("aten::mm") < names.index("aten::sort")  # seven 384^2 matmuls outweigh three tiny sorts
     assert figures["device_busy_seconds"] is None and figures["ranked_by"] == "self_cpu_seconds"
     assert 0 < sum(costs) <= figures["wall_seconds"]
+
+
+@pytest.mark.skipif(all_threads() is None, reason="this torch's profiler records its own thread only")
+def test_ops_on_another_thread_are_recorded_too():
+    """Continuous batching (policy.kv_cache = paged) runs its forwards on a thread of its own."""
+    a = torch.randn(64, 64)
+    worker = threading.Thread(target=lambda: [torch.mm(a, a) for _ in range(5)])
+
+    def action():
+        worker.start()
+        worker.join()
+
+    _, figures = profile_ops(torch.device("cpu"), action, top=50)
+    assert {op["name"]: op["calls"] for op in figures["ops"]}.get("aten::mm") == 5
 
 
 def test_top_keeps_the_costliest_ops_only():
