@@ -7,7 +7,11 @@ or attention. One profiled call answers it:
 - device_busy_seconds: the kernels' own time, summed (one stream: they hardly overlap);
 - wall_seconds - device_busy_seconds: the device idle, i.e. waiting on the host (launches, Python);
 - ops: the ops that cost most, by the time of the kernels each launched (its own, not its
-  children's) on a GPU, by its own CPU time on the CPU, each with its call count.
+  children's) on a GPU, by its own CPU time on the CPU, each with its call count; on a GPU also
+  host_ops, the ops that cost the host most (its own CPU time);
+- kernel_launches and graph_launches: the CUDA runtime's launch calls, one a kernel, and its CUDA
+  graph replays (each replays many kernels at the cost of one call): thousands of kernel launches a
+  step and no graph launches is a step bound by its launches.
 The profiler's own overhead is in wall_seconds: the measured calls are timed without it. Every
 thread's ops are recorded (continuous batching, policy.kv_cache = paged, runs its forwards on a thread
 of its own), where torch's profiler offers it (profile_all_threads); where it does not, the ops of
@@ -29,6 +33,8 @@ from .timing import synchronize
 
 T = TypeVar("T")
 TOP_OPS = 15
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
 
 
 def all_threads() -> _ExperimentalConfig | None:
@@ -37,6 +43,26 @@ def all_threads() -> _ExperimentalConfig | None:
         return _ExperimentalConfig(profile_all_threads=True)
     except TypeError:
         return None
+
+
+def launch_counts(averages) -> dict:
+    """Kernel launches and CUDA graph replays among the profiler's averaged events (key, count)."""
+    return {
+        "kernel_launches": sum(op.count for op in averages if op.key in KERNEL_LAUNCHES),
+        "graph_launches": sum(op.count for op in averages if op.key in GRAPH_LAUNCHES),
+    }
+
+
+def op_rows(ops, on_gpu: bool) -> list[dict]:
+    return [
+        {
+            "name": op.key,
+            "calls": op.count,
+            "self_device_seconds": op.self_device_time_total / 1e6 if on_gpu else None,
+            "self_cpu_seconds": op.self_cpu_time_total / 1e6,
+        }
+        for op in ops
+    ]
 
 
 def profile_ops(device: torch.device, action: Callable[[], T], top: int = TOP_OPS) -> tuple[T, dict]:
@@ -53,19 +79,14 @@ def profile_ops(device: torch.device, action: Callable[[], T], top: int = TOP_OP
     host_ops = [op for op in averages if op.device_type == DeviceType.CPU]
     cost = (lambda op: op.self_device_time_total) if on_gpu else (lambda op: op.self_cpu_time_total)
     kernels = [op for op in averages if op.device_type == DeviceType.CUDA]
+    by_cpu = sorted(host_ops, key=lambda op: op.self_cpu_time_total, reverse=True)[:top]
     return result, {
         "wall_seconds": wall,
         "device_busy_seconds": sum(op.self_device_time_total for op in kernels) / 1e6 if on_gpu else None,
+        **(launch_counts(averages) if on_gpu else {"kernel_launches": None, "graph_launches": None}),
         "ranked_by": "self_device_seconds" if on_gpu else "self_cpu_seconds",
-        "ops": [
-            {
-                "name": op.key,
-                "calls": op.count,
-                "self_device_seconds": op.self_device_time_total / 1e6 if on_gpu else None,
-                "self_cpu_seconds": op.self_cpu_time_total / 1e6,
-            }
-            for op in sorted(host_ops, key=cost, reverse=True)[:top]
-        ],
+        "ops": op_rows(sorted(host_ops, key=cost, reverse=True)[:top], on_gpu),
+        "host_ops": op_rows(by_cpu, on_gpu) if on_gpu else None,  # on the CPU: ops itself
     }
 
 
@@ -76,5 +97,7 @@ def profile_lines(figures: dict, steps: int) -> list[str]:
     if busy is not None:
         idle = 1e3 * (wall - busy) / steps
         head += f"; device busy {busy:.2f} s ({100 * busy / wall:.0f} %), idle {idle:.1f} ms a step"
+        launches, graphs = figures["kernel_launches"], figures["graph_launches"]
+        head += f"; {launches / steps:.0f} kernel launches a step, {graphs} graph replays"
     key = figures["ranked_by"]
     return [head] + [f"  {op[key]:8.3f} s {op['calls']:7d} x {op['name']}" for op in figures["ops"]]
