@@ -16,7 +16,8 @@ in bf16. It measures
     python -m services.bench.gpu --json OUT [--size SHAPE] [--device cuda] [--dtype bf16]   (SHAPE: shapes.py)
         [--kv-cache dynamic|static|paged] [--generation-only] [--profile]
 
---profile adds one generation call under torch.profiler (op_profile.py): where a decode step's time goes.
+--profile: one more call of PROFILE_STEPS new tokens under torch.profiler (op_profile.py), where a step's time
+goes; few, as the profiler's summary takes 16 s for 200,000 events here and a 1.5B step makes thousands.
 
 The shapes are in shapes.py (1b is TinyLlama-1.1B's, qwen2.5-* Qwen2.5's). The model is built, saved as
 safetensors in a temporary directory with a word-level tokenizer ("w4" .. "wN", one token a word,
@@ -54,6 +55,7 @@ from .timing import timed
 from .workload import Workload
 
 log = logging.getLogger(__name__)
+PROFILE_STEPS = 16  # new tokens of the profiled call (--profile)
 KV_CACHE_DEFAULT = PolicyConfig.model_fields["kv_cache"].default
 MAX_PROMPT_TOKENS_DEFAULT = PolicyConfig.model_fields["max_prompt_tokens"].default
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -267,9 +269,11 @@ def measure_training(
 
 
 def profile_generation(engine: PolicyEngine, prompts: list[str], workload: Workload, device: torch.device) -> dict:
-    """One more generation call, under the profiler (after the measured ones, which it does not slow)."""
-    sampling = Sampling(temperature=workload.temperature, max_new_tokens=workload.max_new_tokens, seed=workload.seed)
-    return profile_ops(device, lambda: engine.generate(prompts, 1, sampling))[1]
+    """One more generation call, under the profiler (after the measured ones, which it does not slow),
+    of PROFILE_STEPS new tokens at most; its figures carry its steps."""
+    steps = min(PROFILE_STEPS, workload.max_new_tokens)
+    sampling = Sampling(temperature=workload.temperature, max_new_tokens=steps, seed=workload.seed)
+    return {**profile_ops(device, lambda: engine.generate(prompts, 1, sampling))[1], "steps": steps}
 
 
 def behaviour_gap(engine: PolicyEngine, batch, temperature: float) -> dict:
@@ -380,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         generation["warmup_seconds"][0] if generation["warmup_seconds"] else float("nan"),
         args.json,
     )
-    for line in profile_lines(generation["profile"], args.max_new_tokens) if args.profile else []:
+    for line in profile_lines(generation["profile"], generation["profile"]["steps"]) if args.profile else []:
         log.info("%s", line)
     if figures["update"] is not None:
         log.info(

@@ -127,7 +127,7 @@ def test_generation_only_measures_generation_and_nothing_else():
     assert gap["tokens"] == sum(figures["generation"]["response_tokens"]) and gap["max_abs"] < 1e-5
     profiled = figures["generation"]["profile"]  # one more call, op by op: every decode step runs the matmuls
     assert max(op["calls"] for op in profiled["ops"] if op["name"] in ("aten::mm", "aten::addmm")) >= 4
-    assert profiled["wall_seconds"] > 0
+    assert profiled["wall_seconds"] > 0 and profiled["steps"] == 4  # min(PROFILE_STEPS, max_new_tokens)
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path):
