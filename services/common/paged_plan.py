@@ -9,10 +9,11 @@ the plan counts is what the policy allocates.
   max_tokens_per_forward and <= rows x width. With any attention but flash_attention_2, continuous
   batching also allocates an attention mask of M x (N + M) elements in the model's dtype, once per
   batch (transformers 5.17, generation/continuous_batching/input_outputs.py): at M = 16,384 and the
-  default 1,024-token prompt limit, 512 rows would make it 20 GB. So M is also bounded to keep the
+  default 1,024-token prompt limit, 512 rows would make it 19.9 GB. So M is also bounded to keep the
   mask no bigger than the cache: M x (N + M) <= c x N, c = 2 L g d (the cache's elements a position),
   M = floor((sqrt(N^2 + 4 c N) - N) / 2). Never below the rows (a decode step then holds every row)
-  nor below one block.
+  nor below one block. Where the cache itself is large the bound saves little (16.9 GB there): the
+  plan counting the mask is what keeps such a batch off a card that cannot hold it.
 - The plan: the cache above; the mask; the prefill, one layer's activations over min(M, rows x
   prompt) tokens a forward; and the teacher-forced pass that reads the behaviour log-probs after
   sampling: one layer's activations over min(max_tokens_per_forward, rows x width) tokens and the
