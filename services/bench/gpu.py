@@ -18,6 +18,7 @@ in bf16. It measures
 
 --profile: one more call of PROFILE_STEPS new tokens under torch.profiler (op_profile.py), where a step's time
 goes; few, as the profiler's summary takes 16 s for 200,000 events here and a 1.5B step makes thousands.
+Not with a static cache: a call of another length is another cache shape, which would be compiled anew.
 
 The shapes are in shapes.py (1b is TinyLlama-1.1B's, qwen2.5-* Qwen2.5's). The model is built, saved as
 safetensors in a temporary directory with a word-level tokenizer ("w4" .. "wN", one token a word,
@@ -316,7 +317,7 @@ def run_gpu_bench(
         prompts = random_prompts(workload.batch_size, prompt_tokens, shape_fields(size)["vocab_size"], workload.seed)
         generation, batch = measure_generation(engine, prompts, workload, torch_device, iterations, warmup)
         generation["behaviour_vs_teacher_forced"] = behaviour_gap(engine, batch, workload.temperature)
-        if profile:
+        if profile and kv_cache != "static":
             generation["profile"] = profile_generation(engine, prompts, workload, torch_device)
         training = {"update": None, "checkpoint_write_seconds": None, "hot_swap": None}
         if not generation_only:
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         generation["warmup_seconds"][0] if generation["warmup_seconds"] else float("nan"),
         args.json,
     )
-    for line in profile_lines(generation["profile"], generation["profile"]["steps"]) if args.profile else []:
+    for line in profile_lines(generation["profile"], generation["profile"]["steps"]) if "profile" in generation else []:
         log.info("%s", line)
     if figures["update"] is not None:
         log.info(

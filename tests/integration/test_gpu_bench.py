@@ -130,6 +130,16 @@ def test_generation_only_measures_generation_and_nothing_else():
     assert profiled["wall_seconds"] > 0 and profiled["steps"] == 4  # min(PROFILE_STEPS, max_new_tokens)
 
 
+def test_a_static_cache_is_not_profiled_since_another_length_would_compile_anew():
+    workload = Workload(prompts_per_batch=2, max_new_tokens=4, torch_threads=torch.get_num_threads())
+    figures = run_gpu_bench_in_process(
+        "tiny", "cpu", "float32", 1, 0, 4, workload, kv_cache="static", max_prompt_tokens=4, generation_only=True,
+        profile=True,
+    )  # fmt: skip
+    assert figures["generation"]["kv_cache"] == "static" and "profile" not in figures["generation"]
+    assert figures["generation"]["cache_positions"] == 4 + 4  # sized by the prompt limit, as the engine stage does
+
+
 def test_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path):
     done = run_gpu_bench("--json", str(tmp_path / "x.json"), "--size", "tiny", "--device", "cuda")
     assert done.returncode != 0

@@ -5,20 +5,22 @@
 #   fsdp    the trainer's fsdp update on one GPU under torchrun (NCCL, MixedPrecisionPolicy) against one
 #           plain process (services/bench/fsdp_check.py, Qwen2.5-0.5B's shape; issue #15);
 #   engine  Belay's PolicyEngine.generate with its behaviour log-probs, once per KV cache in
-#           $ENGINE_CACHES (default "dynamic paged": static was measured at 0.90x dynamic with its cache sized
-#           for 1,152 positions; it is sized for the 64-token prompts here, --max-prompt-tokens 64)
+#           $ENGINE_CACHES (default "dynamic static paged"; static was measured at 0.90x dynamic with its cache
+#           sized for 1,152 positions, where generation_modes' static, sized for its batch, ran 1.53x plain
+#           generate(): here it is sized for the 64-token prompts, --max-prompt-tokens 64)
 #           (services/bench/gpu.py --generation-only --profile): the figures that decide policy.kv_cache's
-#           CUDA default (docs/gpu.md), and one more call profiled op by op (where a decode step's time goes);
+#           CUDA default (docs/gpu.md), and one more call profiled op by op (where a decode step's time goes;
+#           not for static, whose call of another length would compile anew);
 #   stack   the whole services stack on one GPU (services/bench/gpu_stack.py), the policy sampling with
 #           policy.kv_cache = $KV_CACHE: default "fastest", the cache of the engine stage's highest
 #           tokens/s in this run (dynamic when that stage did not run or measured nothing);
 #   modes   the generation modes without log-probs (services/bench/generation_modes.py);
-# engine and stack (the default STAGES): at most 9.5 minutes on an H200, kit included (ENGINE_SECONDS 120 a
-# cache, STACK_SECONDS 300; estimated 7: the first sessions measured about 1 minute a cache and 3-4 for
-# the stack). Figures go to $OUT (default ./gpu-out).
+# engine and stack (the default STAGES): at most 9.75 minutes on an H200, kit included (ENGINE_SECONDS 100 a
+# cache, STACK_SECONDS 270; about 7.5 expected, from the last session's 454 s run: about 40 s for dynamic and
+# 70 for static, compilation included; the stack needs 2-4 minutes). Figures go to $OUT (default ./gpu-out).
 #
 #   [STAGES="fsdp engine stack modes"] [KV_CACHE=fastest|dynamic|static|paged] [TRANSPORT=cuda_ipc]
-#   [MINIBATCH=64] [ENGINE_CACHES="dynamic paged"]
+#   [MINIBATCH=64] [ENGINE_CACHES="dynamic static paged"]
 #     services/bench/gpu_kit/stack_bench.sh [SHAPE]
 #   (SHAPE default qwen2.5-1.5b; e.g. STAGES=engine measures only the KV cache decision, about 3 minutes)
 set -uo pipefail
@@ -27,7 +29,7 @@ SHAPE=${1:-qwen2.5-1.5b}
 OUT=${OUT:-gpu-out}
 STAGES=${STAGES:-engine stack}
 KV_CACHE=${KV_CACHE:-fastest}
-ENGINE_CACHES=${ENGINE_CACHES:-dynamic paged}
+ENGINE_CACHES=${ENGINE_CACHES:-dynamic static paged}
 TRANSPORT=${TRANSPORT:-cuda_ipc}
 MINIBATCH=${MINIBATCH:-64}
 mkdir -p "$OUT"
@@ -54,7 +56,7 @@ if [[ " $STAGES " == *" engine "* ]]; then
   for kv_cache in $ENGINE_CACHES; do  # the rows, prompt and response lengths of generation_modes' defaults
     echo "== PolicyEngine.generate with behaviour log-probs: $kv_cache KV cache"
     rm -f "$OUT/engine-$kv_cache.json"  # an earlier run's figures must not stand for this one's
-    PYTHONPATH="$(site_for "$kv_cache"):$PWD:$PWD/gen" timeout "${ENGINE_SECONDS:-120}" python3 -m services.bench.gpu --json "$OUT/engine-$kv_cache.json" \
+    PYTHONPATH="$(site_for "$kv_cache"):$PWD:$PWD/gen" timeout "${ENGINE_SECONDS:-100}" python3 -m services.bench.gpu --json "$OUT/engine-$kv_cache.json" \
       --size "$SHAPE" --device cuda --dtype bf16 --generation-only --kv-cache "$kv_cache" --batch 256 \
       --prompt-tokens 64 --max-prompt-tokens 64 --max-new-tokens 128 --warmup 1 --iterations 2 --profile 2>&1 \
       | grep -v -e Warning -e USDT | tail -20
@@ -66,7 +68,7 @@ if [[ $KV_CACHE == fastest ]]; then  # the engine stage's winner in this run (se
 fi
 if [[ " $STAGES " == *" stack "* ]]; then
   echo "== the services stack, $SHAPE, $KV_CACHE KV cache, $TRANSPORT transport, minibatch $MINIBATCH"
-  PYTHONPATH="$(site_for "$KV_CACHE"):$PWD:$PWD/gen" timeout "${STACK_SECONDS:-300}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE-$KV_CACHE.json" \
+  PYTHONPATH="$(site_for "$KV_CACHE"):$PWD:$PWD/gen" timeout "${STACK_SECONDS:-270}" python3 -m services.bench.gpu_stack --json "$OUT/stack-$SHAPE-$KV_CACHE.json" \
     --shape "$SHAPE" --kv-cache "$KV_CACHE" --transport "$TRANSPORT" --minibatch "$MINIBATCH" \
     2> >(tee "$OUT/stack-$SHAPE-$KV_CACHE.log" >&2)
 fi
