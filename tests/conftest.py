@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 import redis
 
+from services.common.ports import free_port
 from tests.tiny_models import build_causal_lm, build_reward_model, build_tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..common.ports import free_port
 from .shapes import SHAPES
-from .workload import free_port
 
 SMOLLM2_CONFIG = pathlib.Path.home() / ".cache/belay/SmolLM2-135M-Instruct/config.json"
 KINDS = ("parameters", "gradients", "optimizer")

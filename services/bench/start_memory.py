@@ -25,11 +25,11 @@ from prometheus_client import CollectorRegistry
 
 from ..common.config import BelayConfig
 from ..common.models import load_causal_lm, load_tokenizer
+from ..common.ports import free_port
 from ..trainer.distributed import Distributed
 from ..trainer.meta_start import start_policy
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
-from .workload import free_port
 
 SMOLLM2 = pathlib.Path.home() / ".cache/belay/SmolLM2-135M-Instruct"
 MIB = 2**20

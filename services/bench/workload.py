@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import socket
 
 from ..common.config import BelayConfig
+from ..common.ports import free_ports
 from ..common.prompts import read_prompts
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -41,13 +41,6 @@ class Workload:
         return read_prompts(self.prompts_file, "the bench's prompts file")
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (each bench stack gets its own)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def service_threads(cores: int, max_staleness: int) -> dict[str, int]:
     """Torch threads per service so that services running at the same time never ask for more
     than `cores` between them (oversubscribed OpenMP threads spin against each other and slow
@@ -68,7 +61,7 @@ def belay_config(
     otherwise. max_staleness 0 is overlap off, 1 overlap on. No canaries and no review page: the
     bench measures the PPO loop alone. The actor polls for versions every 50 ms, so overlap off
     does not wait out the default half second after each update."""
-    ports = [free_port() for _ in range(8)]
+    ports = free_ports(8)  # each bench stack its own
     threads = service_threads(workload.torch_threads, max_staleness)
     return BelayConfig.model_validate(
         {

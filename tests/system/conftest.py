@@ -7,14 +7,14 @@ import pathlib
 import pytest
 
 from services.common.config import BelayConfig
-from tests.conftest import free_port
+from services.common.ports import free_ports
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def stack_config(tmp_path, tiny_lm_dir, tiny_reward_dir) -> BelayConfig:
-    ports = [free_port() for _ in range(9)]
+    ports = free_ports(9)
     return BelayConfig.model_validate(
         {
             "run": {"name": "system", "checkpoint_dir": str(tmp_path / "run" / "checkpoints")},
