@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from services.common.ports import free_ports
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BASE_FILES = [
     REPO / "docker-compose.yml",
@@ -296,24 +298,17 @@ def new_stack(project: str, files: list[pathlib.Path] | None = None) -> Stack:
     token.write_text(os.urandom(16).hex() + "\n")
     token.chmod(0o644)
     folder.chmod(0o755)
+    prometheus, review, grafana = free_ports(3)
     env = {
         "MODEL_DIR": "/models/SmolLM2-135M-Instruct",
         "GRPC_TOKEN_FILE": str(token),
         "GRAFANA_ADMIN_PASSWORD": os.urandom(12).hex(),
         "RUN_NAME": "composetest",
-        "PROMETHEUS_PORT": str(free_port()),
-        "REVIEW_PORT": str(free_port()),
-        "GRAFANA_PORT": str(free_port()),
+        "PROMETHEUS_PORT": str(prometheus),
+        "REVIEW_PORT": str(review),
+        "GRAFANA_PORT": str(grafana),
     }
     return Stack(project=project, files=list(files or BASE_FILES), env=env)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def engine_ready() -> str | None:
