@@ -77,16 +77,24 @@ def profile_ops(device: torch.device, action: Callable[[], T], top: int = TOP_OP
         wall = time.perf_counter() - start
     averages = profiler.key_averages()
     host_ops = [op for op in averages if op.device_type == DeviceType.CPU]
-    cost = (lambda op: op.self_device_time_total) if on_gpu else (lambda op: op.self_cpu_time_total)
     kernels = [op for op in averages if op.device_type == DeviceType.CUDA]
-    by_cpu = sorted(host_ops, key=lambda op: op.self_cpu_time_total, reverse=True)[:top]
+
+    def ranked(cost) -> list[dict]:
+        return op_rows(sorted(host_ops, key=cost, reverse=True)[:top], on_gpu)
+
+    def by_device(op):
+        return op.self_device_time_total
+
+    def by_cpu(op):
+        return op.self_cpu_time_total
+
     return result, {
         "wall_seconds": wall,
         "device_busy_seconds": sum(op.self_device_time_total for op in kernels) / 1e6 if on_gpu else None,
         **(launch_counts(averages) if on_gpu else {"kernel_launches": None, "graph_launches": None}),
         "ranked_by": "self_device_seconds" if on_gpu else "self_cpu_seconds",
-        "ops": op_rows(sorted(host_ops, key=cost, reverse=True)[:top], on_gpu),
-        "host_ops": op_rows(by_cpu, on_gpu) if on_gpu else None,  # on the CPU: ops itself
+        "ops": ranked(by_device if on_gpu else by_cpu),
+        "host_ops": ranked(by_cpu) if on_gpu else None,  # on the CPU: ops itself
     }
 
 

@@ -88,14 +88,11 @@ def _policy(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:
     section = config.policy
     device = plan_device(section.device, cuda)
     shape, size = read_shape(section.model_dir), dtype_bytes(section, device)
+    batch = (shape, size, lengths.rows, lengths.prompt_tokens, lengths.new_tokens, device)
     if section.kv_cache != "paged":
-        return [policy_plan(shape, size, lengths.rows, lengths.prompt_tokens, lengths.new_tokens, device)]
+        return [policy_plan(*batch)]
     masked = resolve_attention(section.attn_implementation, device) != "flash_attention_2"
-    return [
-        paged_policy_plan(
-            shape, size, *lengths, device, section.max_tokens_per_forward, masked, LOGPROB_CHUNK_POSITIONS
-        )
-    ]
+    return [paged_policy_plan(*batch, section.max_tokens_per_forward, masked, LOGPROB_CHUNK_POSITIONS)]
 
 
 def _reference(config, lengths: Lengths, cuda: bool) -> list[ServicePlan]:

@@ -33,9 +33,8 @@ def test_with_a_mask_a_forward_holds_the_most_tokens_whose_mask_is_no_bigger_tha
     positions = paged_positions(rows, width)
     tokens = paged_batch_tokens(QWEN, rows, width, 10**9, masked=True)
     mask, cache = tokens * (positions + tokens), PER_POSITION * positions  # elements
-    if tokens > rows:  # bound by the mask, not floored at the rows
-        assert mask <= cache < (tokens + 1) * (positions + tokens + 1)
-    assert rows <= tokens <= rows * width
+    assert rows < tokens < rows * width  # bound by the mask: neither the floor nor the batch's tokens
+    assert mask <= cache < (tokens + 1) * (positions + tokens + 1)  # the largest such M
 
 
 def test_the_bench_batch_and_the_default_prompt_limit_against_16384_tokens_a_forward():
