@@ -18,7 +18,7 @@ in bf16. It measures
 
 --profile: one more call of PROFILE_STEPS new tokens under torch.profiler (op_profile.py), where a step's time
 goes; few, as the profiler's summary takes 16 s for 200,000 events here and a 1.5B step makes thousands.
-Not with a static cache: a call of another length is another cache shape, which would be compiled anew.
+With a static cache, the call's whole length: a shorter one is another cache shape, compiled anew.
 
 The shapes are in shapes.py (1b is TinyLlama-1.1B's, qwen2.5-* Qwen2.5's). The model is built, saved as
 safetensors in a temporary directory with a word-level tokenizer ("w4" .. "wN", one token a word,
@@ -270,9 +270,9 @@ def measure_training(
 
 
 def profile_generation(engine: PolicyEngine, prompts: list[str], workload: Workload, device: torch.device) -> dict:
-    """One more generation call, under the profiler (after the measured ones, which it does not slow),
-    of PROFILE_STEPS new tokens at most; its figures carry its steps."""
-    steps = min(PROFILE_STEPS, workload.max_new_tokens)
+    """One more generation call under the profiler, after the measured ones: PROFILE_STEPS new tokens at most,
+    a static cache's whole length (a shorter call compiles anew); its figures carry its steps."""
+    steps = min(PROFILE_STEPS if engine.sampling_cache.kind != "static" else 1 << 30, workload.max_new_tokens)
     sampling = Sampling(temperature=workload.temperature, max_new_tokens=steps, seed=workload.seed)
     return {**profile_ops(device, lambda: engine.generate(prompts, 1, sampling))[1], "steps": steps}
 
@@ -317,7 +317,7 @@ def run_gpu_bench(
         prompts = random_prompts(workload.batch_size, prompt_tokens, shape_fields(size)["vocab_size"], workload.seed)
         generation, batch = measure_generation(engine, prompts, workload, torch_device, iterations, warmup)
         generation["behaviour_vs_teacher_forced"] = behaviour_gap(engine, batch, workload.temperature)
-        if profile and kv_cache != "static":
+        if profile:
             generation["profile"] = profile_generation(engine, prompts, workload, torch_device)
         training = {"update": None, "checkpoint_write_seconds": None, "hot_swap": None}
         if not generation_only:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from services.bench.gpu import peak_bf16_flops
+from services.bench.gpu import PROFILE_STEPS, peak_bf16_flops
 from services.bench.gpu import run_gpu_bench as run_gpu_bench_in_process
 from services.bench.workload import Workload
 
@@ -130,14 +130,17 @@ def test_generation_only_measures_generation_and_nothing_else():
     assert profiled["wall_seconds"] > 0 and profiled["steps"] == 4  # min(PROFILE_STEPS, max_new_tokens)
 
 
-def test_a_static_cache_is_not_profiled_since_another_length_would_compile_anew():
-    workload = Workload(prompts_per_batch=2, max_new_tokens=4, torch_threads=torch.get_num_threads())
+def test_a_static_cache_is_profiled_over_its_whole_length_since_a_shorter_call_would_compile_anew():
+    workload = Workload(prompts_per_batch=2, max_new_tokens=PROFILE_STEPS + 4, torch_threads=torch.get_num_threads())
     figures = run_gpu_bench_in_process(
         "tiny", "cpu", "float32", 1, 0, 4, workload, kv_cache="static", max_prompt_tokens=4, generation_only=True,
         profile=True,
     )  # fmt: skip
-    assert figures["generation"]["kv_cache"] == "static" and "profile" not in figures["generation"]
-    assert figures["generation"]["cache_positions"] == 4 + 4  # sized by the prompt limit, as the engine stage does
+    assert figures["generation"]["kv_cache"] == "static"
+    assert figures["generation"]["cache_positions"] == 4 + PROFILE_STEPS + 4  # sized by the prompt limit
+    profiled = figures["generation"]["profile"]
+    assert profiled["steps"] == PROFILE_STEPS + 4  # not cut at PROFILE_STEPS
+    assert max(op["calls"] for op in profiled["ops"] if op["name"] in ("aten::mm", "aten::addmm")) >= PROFILE_STEPS + 4
 
 
 def test_cuda_asked_for_on_a_machine_without_it_is_refused(tmp_path):

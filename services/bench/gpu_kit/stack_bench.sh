@@ -10,7 +10,7 @@
 #           generate(): here it is sized for the 64-token prompts, --max-prompt-tokens 64)
 #           (services/bench/gpu.py --generation-only --profile): the figures that decide policy.kv_cache's
 #           CUDA default (docs/gpu.md), and one more call profiled op by op (where a decode step's time goes;
-#           not for static, whose call of another length would compile anew);
+#           static's over its whole length, as a call of another length would compile anew);
 #   stack   the whole services stack on one GPU (services/bench/gpu_stack.py), the policy sampling with
 #           policy.kv_cache = $KV_CACHE: default "fastest", the cache of the engine stage's highest
 #           tokens/s in this run (dynamic when that stage did not run or measured nothing);
