@@ -27,7 +27,7 @@ from ..common.config import GrpcConfig, PolicyConfig
 from ..common.models import load_causal_lm
 from ..common.strict_json import strict_json
 from ..policy.engine import PolicyEngine, Sampling
-from ..policy.kv_cache import KV_CACHES
+from ..policy.kv_cache import KV_CACHE_SETTINGS
 from .gpu import DTYPES
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
 from .timing import timed
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", default="qwen2.5-1.5b", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--kv-cache", default="static", choices=KV_CACHES)
+    parser.add_argument("--kv-cache", default="static", choices=KV_CACHE_SETTINGS)
     parser.add_argument("--rows", type=int, default=256, help="rows of a rollout batch")
     parser.add_argument("--canaries", type=int, default=8, help="rows of a canary batch")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="every prompt's length, and the prompt limit")

@@ -47,7 +47,7 @@ from ..common.models import load_causal_lm, response_logprobs, weights_fingerpri
 from ..common.rollout_queue import Rollout
 from ..common.strict_json import strict_json
 from ..policy.engine import PolicyEngine, Sampling
-from ..policy.kv_cache import KV_CACHES
+from ..policy.kv_cache import KV_CACHE_SETTINGS
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
 from .op_profile import profile_lines, profile_ops
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=Workload.prompts_per_batch)
     parser.add_argument("--max-new-tokens", type=int, default=Workload.max_new_tokens)
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--kv-cache", choices=KV_CACHES, default=KV_CACHE_DEFAULT, help="the engine's policy.kv_cache")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_SETTINGS, default=KV_CACHE_DEFAULT, help="policy.kv_cache")
     parser.add_argument(
         "--max-prompt-tokens",
         type=int,

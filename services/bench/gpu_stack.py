@@ -35,7 +35,7 @@ from ..common.step_records import StepRecord
 from ..common.strict_json import strict_json
 from ..launcher import follow
 from ..local_stack import LocalStack
-from ..policy.kv_cache import KV_CACHES
+from ..policy.kv_cache import KV_CACHE_SETTINGS, resolve_kv_cache
 from .gpu import KV_CACHE_DEFAULT, matmul_parameters
 from .reward_model import ensure_reward_model
 from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
@@ -230,7 +230,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--transport", choices=("file", "broadcast", "cuda_ipc"), default="file")
-    parser.add_argument("--kv-cache", choices=KV_CACHES, default=KV_CACHE_DEFAULT, help="the policy's policy.kv_cache")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_SETTINGS, default=KV_CACHE_DEFAULT, help="policy.kv_cache")
     return parser.parse_args(argv)
 
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_new_tokens": args.max_new_tokens,
         "minibatch": args.minibatch,
         "dtype": args.dtype,
-        "kv_cache": args.kv_cache,
+        "kv_cache": resolve_kv_cache(args.kv_cache, args.device),  # what the policy samples with
         "transport": args.transport,
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

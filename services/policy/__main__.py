@@ -50,6 +50,7 @@ engine = PolicyEngine(
     kv_cache=section.kv_cache,
     max_tokens_per_forward=section.max_tokens_per_forward,
 )
+log.info("sampling with the %s KV cache (policy.kv_cache %s)", engine.sampling_cache.kind, section.kv_cache)
 latest = latest_valid_checkpoint(config.run.checkpoint_dir, log)
 if latest is not None:  # a restarted policy serves the newest committed version, not the SFT weights
     metrics.record_swap(engine.swap_to(*latest), latest[0])

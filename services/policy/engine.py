@@ -30,7 +30,7 @@ from ..common.lora import adapter_tensors, load_weights_or_adapter
 from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights, response_logprobs
 from ..common.rpc import invalid, too_big
 from ..common.token_logprobs import unwrapped
-from .kv_cache import SamplingCache
+from .kv_cache import SamplingCache, resolve_kv_cache
 from .paged_sampling import sample_paged
 
 log = logging.getLogger(__name__)
@@ -176,14 +176,14 @@ class PolicyEngine:
         limits: GrpcConfig,
         version: int = 0,
         max_prompt_tokens: int | None = None,
-        kv_cache: str = "dynamic",
+        kv_cache: str = "auto",
         compile_config: CompileConfig | None = None,
         max_tokens_per_forward: int = 16384,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_prompt_tokens = max_prompt_tokens  # policy.max_prompt_tokens: what the memory plan counts
-        self.sampling_cache = SamplingCache(kv_cache, compile_config)  # policy.kv_cache
+        self.sampling_cache = SamplingCache(resolve_kv_cache(kv_cache, model.device), compile_config)
         self.max_tokens_per_forward = max_tokens_per_forward  # the paged sampler's forwards, its log-prob pass
         self.loaded = LoadedModel(model=own_weights(model).eval(), version=version)  # swapped into in place
         self.lock = threading.RLock()

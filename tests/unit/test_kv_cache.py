@@ -14,11 +14,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from services.common.checkpoints import write_checkpoint
-from services.common.config import GrpcConfig
+from services.common.config import GrpcConfig, PolicyConfig
 from services.common.lora import LoraSettings, adapter_tensors, wrap_with_lora
 from services.common.models import load_causal_lm, load_tokenizer
 from services.policy.engine import PolicyEngine, Sampling
-from services.policy.kv_cache import SamplingCache
+from services.policy.kv_cache import SamplingCache, resolve_kv_cache
 from services.policy.paged_sampling import paged_unavailable
 from tests.tiny_models import llama_config
 
@@ -76,8 +76,22 @@ def engines(tiny_lm_dir):
 
 
 def test_an_unknown_kv_cache_is_refused_by_name():
-    with pytest.raises(ValueError, match="policy.kv_cache must be one of dynamic, static, paged, got .paging."):
+    with pytest.raises(ValueError, match="policy.kv_cache must be one of auto, dynamic, static, paged, got .paging."):
         SamplingCache("paging")
+
+
+def test_auto_is_the_default_and_means_static_on_cuda_and_dynamic_elsewhere():
+    assert PolicyConfig.model_fields["kv_cache"].default == "auto"
+    assert [resolve_kv_cache("auto", device) for device in ("cuda", "cuda:1", torch.device("cpu"), "mps")] == [
+        "static", "static", "dynamic", "dynamic",
+    ]  # fmt: skip
+    assert [resolve_kv_cache(name, "cuda:0") for name in ("dynamic", "paged")] == ["dynamic", "paged"]  # as named
+
+
+def test_an_engine_on_the_cpu_left_at_auto_samples_with_the_dynamic_cache(tiny_lm_dir):
+    engine = PolicyEngine(tiny_lm(tiny_lm_dir), load_tokenizer(str(tiny_lm_dir)), GrpcConfig(), kv_cache="auto")
+    engine.generate(PROMPTS[:1], 1, Sampling(max_new_tokens=3, seed=1))
+    assert engine.sampling_cache.kind == "dynamic" and engine.sampling_cache.cache is None  # no StaticCache made
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
