@@ -172,6 +172,13 @@ class PolicyConfig(ModelServiceConfig):
         "(transformers 5's continuous batching with paged attention; its behaviour log-probs come from a "
         "teacher-forced pass of their own). Behaviour log-probs stay exact either way (docs/gpu.md)",
     )
+    top_p_window: int = Field(
+        1024,
+        ge=0,
+        description="top-p without sorting the vocabulary: the nucleus is found among this many likeliest tokens "
+        "(torch.topk), a row whose nucleus spills past them takes transformers' full sort; the same kept set "
+        "(services/policy/nucleus.py). 0: transformers' own warpers. Not under kv_cache 'paged'",
+    )
     seed: int = Field(0, description="sampler seed; batch k uses seed + k")
     reference_timeout_seconds: float = Field(120.0, gt=0, description="deadline of a reference LogProbs call")
     reward_timeout_seconds: float = Field(60.0, gt=0, description="deadline of a reward Score call")

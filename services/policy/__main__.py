@@ -49,6 +49,7 @@ engine = PolicyEngine(
     max_prompt_tokens=section.max_prompt_tokens,
     kv_cache=section.kv_cache,
     max_tokens_per_forward=section.max_tokens_per_forward,
+    top_p_window=section.top_p_window,
 )
 log.info("sampling with the %s KV cache (policy.kv_cache %s)", engine.sampling_cache.kind, section.kv_cache)
 latest = latest_valid_checkpoint(config.run.checkpoint_dir, log)

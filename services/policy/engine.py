@@ -31,6 +31,7 @@ from ..common.models import MIN_TEMPERATURE, below_min_temperature, own_weights,
 from ..common.rpc import invalid, too_big
 from ..common.token_logprobs import unwrapped
 from .kv_cache import SamplingCache, resolve_kv_cache
+from .nucleus import WindowedTopP
 from .paged_sampling import sample_paged
 
 log = logging.getLogger(__name__)
@@ -179,12 +180,14 @@ class PolicyEngine:
         kv_cache: str = "auto",
         compile_config: CompileConfig | None = None,
         max_tokens_per_forward: int = 16384,
+        top_p_window: int = 1024,
     ):
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_prompt_tokens = max_prompt_tokens  # policy.max_prompt_tokens: what the memory plan counts
         self.sampling_cache = SamplingCache(resolve_kv_cache(kv_cache, model.device), compile_config)
         self.max_tokens_per_forward = max_tokens_per_forward  # the paged sampler's forwards, its log-prob pass
+        self.top_p_window = top_p_window  # policy.top_p_window: candidates of the nucleus filter (nucleus.py)
         self.loaded = LoadedModel(model=own_weights(model).eval(), version=version)  # swapped into in place
         self.lock = threading.RLock()
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
@@ -257,14 +260,22 @@ class PolicyEngine:
         limit = context_limit(self.loaded.model, self.limits)
         return limit if self.max_prompt_tokens is None else min(limit, self.max_prompt_tokens + max_new_tokens)
 
-    def generation_config(self, sampling: Sampling) -> GenerationConfig:
-        """Plain sampling at the temperature and top-p asked for (top-k off), or greedy at temperature 0."""
+    def windowed_top_p(self, sampling: Sampling) -> WindowedTopP | None:
+        """The temperature and top-p filter the padded sampler runs in place of transformers' own
+        warpers (nucleus.py); None when greedy or with policy.top_p_window 0."""
+        if sampling.temperature == 0 or self.top_p_window == 0:
+            return None
+        return WindowedTopP(sampling.temperature, sampling.top_p, self.top_p_window)
+
+    def generation_config(self, sampling: Sampling, own_warpers: bool = False) -> GenerationConfig:
+        """Plain sampling at the temperature and top-p asked for (top-k off), or greedy at temperature 0;
+        own_warpers: neither temperature nor top-p, which a WindowedTopP processor applies instead."""
         greedy = sampling.temperature == 0
         static = self.sampling_cache.kind == "static"
         return GenerationConfig(
             do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
+            temperature=None if greedy or own_warpers else sampling.temperature,
+            top_p=None if greedy or own_warpers else sampling.top_p,
             top_k=0 if not greedy else None,
             num_beams=1,
             max_new_tokens=sampling.max_new_tokens,
@@ -310,13 +321,14 @@ class PolicyEngine:
         input_ids, attention_mask = left_padded(rows, self.pad_id)  # (B, W) each
         width = input_ids.shape[1]
         recorder = BehaviourLogprobs(sampling.temperature or 1.0)
+        warpers = self.windowed_top_p(sampling)  # after the recorder, which reads the raw logits
         cache = self.sampling_cache.generate_kwargs(model, len(rows), self.cache_positions(sampling.max_new_tokens))
         with torch.no_grad(), without_model_defaults(model):
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
-                generation_config=self.generation_config(sampling),
-                logits_processor=LogitsProcessorList([recorder]),
+                generation_config=self.generation_config(sampling, own_warpers=warpers is not None),
+                logits_processor=LogitsProcessorList([recorder] + ([warpers] if warpers else [])),
                 **cache,
             )
         start = time.perf_counter()
