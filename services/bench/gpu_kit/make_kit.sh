@@ -2,7 +2,7 @@
 # Build .gpukit/ here, on the CPU machine, for a GPU machine that has Python 3.12, torch and CUDA but no
 # network (issue #14): the pinned pure-Python wheels and the cp312 builds Belay needs beyond what such
 # a machine already holds, and redis-server unpacked from Debian's package with the libraries it links.
-# About 30 MB. Then run services/bench/gpu_kit/stack_bench.sh there with .gpukit carried along.
+# About 36 MB. Then run services/bench/gpu_kit/stack_bench.sh there with .gpukit carried along.
 #
 #   services/bench/gpu_kit/make_kit.sh [KIT_DIR]        (default .gpukit; needs pip, apt-get and dpkg-deb)
 set -euo pipefail
@@ -31,4 +31,9 @@ $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implement
   2>/dev/null || { apt-get update -qq && apt-get download redis-server redis-tools libjemalloc2 liblzf1 libatomic1 \
   libsystemd0 libssl3; })
 mkdir -p "$KIT/bin" && cp services/bench/gpu_kit/redis-server "$KIT/bin/redis-server"
+
+# A real model's logits for the sampler stage (the GPU machine has no real model): 64 rows the embedded
+# SmolLM2-135M-Instruct sampled from, float16, about 6 MB (services/bench/top_p_window.py).
+PY=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+$PY -m services.bench.top_p_window --json "$KIT/top-p-window-cpu.json" --save-logits "$KIT/smollm2-logits.safetensors"
 du -sh "$KIT" && ls "$KIT/wheels" "$KIT/debs"

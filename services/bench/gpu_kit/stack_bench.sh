@@ -2,34 +2,36 @@
 # The GPU measurement of issue #14, in one command on a GPU machine with Python 3.12, torch and CUDA
 # and no network: installs the kit that services/bench/gpu_kit/make_kit.sh built (carried in .gpukit/), then
 # runs, stage by stage, in this order:
+#   sampler the top-p filter by a window of candidates (policy.top_p_window) against transformers' full sort,
+#           on real logits SmolLM2 sampled from, saved by make_kit.sh (services/bench/top_p_window.py; seconds);
 #   fsdp    the trainer's fsdp update on one GPU under torchrun (NCCL, MixedPrecisionPolicy) against one
 #           plain process (services/bench/fsdp_check.py, Qwen2.5-0.5B's shape; issue #15);
 #   engine  Belay's PolicyEngine.generate with its behaviour log-probs, once per KV cache in
-#           $ENGINE_CACHES (default "dynamic static paged"; static was measured at 0.90x dynamic with its cache
-#           sized for 1,152 positions, where generation_modes' static, sized for its batch, ran 1.53x plain
-#           generate(): here it is sized for the 64-token prompts, --max-prompt-tokens 64)
-#           (services/bench/gpu.py --generation-only --profile): the figures that decide policy.kv_cache's
-#           CUDA default (docs/gpu.md), and one more call profiled op by op (where a decode step's time goes;
-#           static's over its whole length, as a call of another length would compile anew);
+#           $ENGINE_CACHES (default "dynamic static"; paged ran 0.24x dynamic in the third session), the static
+#           cache sized for the 64-token prompts (--max-prompt-tokens 64)
+#           (services/bench/gpu.py --generation-only --profile), and one more call profiled op by op (where a
+#           decode step's time goes; static's over its whole length, as a call of another length would compile
+#           anew). The bench's random model has flat distributions: every row takes the full sort after the
+#           top-p window, so these figures carry the window's cost and none of its gain (the sampler stage's);
 #   stack   the whole services stack on one GPU (services/bench/gpu_stack.py), the policy sampling with
 #           policy.kv_cache = $KV_CACHE: default "fastest", the cache of the engine stage's highest
 #           tokens/s in this run (dynamic when that stage did not run or measured nothing);
 #   modes   the generation modes without log-probs (services/bench/generation_modes.py);
-# engine and stack (the default STAGES): at most 9.75 minutes on an H200, kit included (ENGINE_SECONDS 100 a
-# cache, STACK_SECONDS 270; about 7.5 expected, from the last session's 454 s run: about 40 s for dynamic and
-# 70 for static, compilation included; the stack needs 2-4 minutes). Figures go to $OUT (default ./gpu-out).
+# sampler, engine and stack (the default STAGES): at most 10 minutes on an H200, kit included (SAMPLER_SECONDS 60,
+# ENGINE_SECONDS 100 a cache, STACK_SECONDS 270); about 5 expected (the third session's engine and stack on
+# three caches took 345 s, paged's 95 among them). Figures go to $OUT (default ./gpu-out).
 #
-#   [STAGES="fsdp engine stack modes"] [KV_CACHE=fastest|dynamic|static|paged] [TRANSPORT=cuda_ipc]
+#   [STAGES="sampler fsdp engine stack modes"] [KV_CACHE=fastest|auto|dynamic|static|paged] [TRANSPORT=cuda_ipc]
 #   [MINIBATCH=64] [ENGINE_CACHES="dynamic static paged"]
 #     services/bench/gpu_kit/stack_bench.sh [SHAPE]
-#   (SHAPE default qwen2.5-1.5b; e.g. STAGES=engine measures only the KV cache decision, about 3 minutes)
+#   (SHAPE default qwen2.5-1.5b; e.g. STAGES="sampler engine" ENGINE_CACHES=static, about 2 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 SHAPE=${1:-qwen2.5-1.5b}
 OUT=${OUT:-gpu-out}
-STAGES=${STAGES:-engine stack}
+STAGES=${STAGES:-sampler engine stack}
 KV_CACHE=${KV_CACHE:-fastest}
-ENGINE_CACHES=${ENGINE_CACHES:-dynamic static paged}
+ENGINE_CACHES=${ENGINE_CACHES:-dynamic static}
 TRANSPORT=${TRANSPORT:-cuda_ipc}
 MINIBATCH=${MINIBATCH:-64}
 mkdir -p "$OUT"
@@ -46,6 +48,11 @@ site_for() { [[ $1 == paged || $1 == continuous ]] && echo /tmp/belay-site-tf5 |
 export PYTHONPATH="/tmp/belay-site:$PWD:$PWD/gen" PATH="$PWD/.gpukit/bin:$PATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /dev/shm | tail -1
+if [[ " $STAGES " == *" sampler "* ]]; then
+  echo "== top-p: a window of candidates against the full sort, on SmolLM2's real logits and on flat ones"
+  timeout "${SAMPLER_SECONDS:-60}" python3 -m services.bench.top_p_window --logits .gpukit/smollm2-logits.safetensors \
+    --device cuda --repeats 20 --json "$OUT/top-p-window.json" 2>&1 | grep top_p_window
+fi
 if [[ " $STAGES " == *" fsdp "* ]]; then
   echo "== the trainer's fsdp update on one GPU (torchrun, NCCL)"
   timeout "${FSDP_SECONDS:-100}" python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
