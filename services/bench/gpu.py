@@ -2,10 +2,9 @@
 in bf16. It measures
 - generation: tokens/s of PolicyEngine.generate (sampling with the behaviour log-probs read off the
   sampling passes, as the policy serves a batch), batch x max_new_tokens from random prompts of a
-  fixed length, with the KV cache policy.kv_cache names (--kv-cache: dynamic; static, which
-  transformers compiles on CUDA; or paged, continuous batching under transformers 5, whose behaviour
-  log-probs come from a teacher-forced pass timed as logprob_seconds; the warm-up calls, compilation
-  included, are timed apart);
+  fixed length, with the KV cache policy.kv_cache names (--kv-cache: auto, i.e. static on CUDA, compiled,
+  dynamic elsewhere; or paged, continuous batching under transformers 5, whose behaviour log-probs come
+  from a teacher-forced pass timed as logprob_seconds; warm-up calls, compilation included, timed apart);
 - the update: seconds of Trainer.update (the seed recipe: batch-mean advantage, k1 KL, clipped PPO,
   forward + backward + AdamW step per minibatch) and its model-FLOPs utilisation
   MFU = 6 * n_params * tokens_processed / seconds / peak_flops, where n_params counts the weights of
@@ -14,7 +13,7 @@ in bf16. It measures
 - the hot swap: PolicyEngine.swap_to from the checkpoint Trainer.save wrote after the update.
 
     python -m services.bench.gpu --json OUT [--size SHAPE] [--device cuda] [--dtype bf16]   (SHAPE: shapes.py)
-        [--kv-cache dynamic|static|paged] [--generation-only] [--profile]
+        [--kv-cache auto|dynamic|static|paged] [--generation-only] [--profile]
 
 --profile: one more call of PROFILE_STEPS new tokens under torch.profiler (op_profile.py), where a step's time
 goes; few, as the profiler's summary takes 16 s for 200,000 events here and a 1.5B step makes thousands.
@@ -174,6 +173,7 @@ def measure_generation(
         "max_new_tokens": workload.max_new_tokens,
         "temperature": workload.temperature,
         "top_p": Sampling.top_p,
+        "top_p_window": engine.top_p_window,  # a random model's flat rows all spill past it (nucleus.py)
         "warmup_seconds": warmup_seconds,
         "seconds": seconds_each,
         "response_tokens": tokens_each,

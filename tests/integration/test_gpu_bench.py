@@ -14,6 +14,7 @@ import torch
 from services.bench.gpu import PROFILE_STEPS, peak_bf16_flops
 from services.bench.gpu import run_gpu_bench as run_gpu_bench_in_process
 from services.bench.workload import Workload
+from services.common.config import PolicyConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ROWS, NEW_TOKENS, PROMPT_TOKENS = 8, 8, 8
@@ -77,9 +78,10 @@ def test_the_engine_sampled_with_the_asked_kv_cache_sized_from_the_prompt_limit(
     if figures["_asked_dtype"] == "bfloat16":
         assert (generation["kv_cache"], generation["max_prompt_tokens"]) == ("static", 32)
         assert generation["cache_positions"] == 32 + NEW_TOKENS
-    else:  # the config's defaults: dynamic, 1024 prompt tokens; positions capped by the tiny model's 256
+    else:  # the config's defaults: auto (dynamic on the CPU), 1024 prompt tokens; positions capped at the model's 256
         assert (generation["kv_cache"], generation["max_prompt_tokens"]) == ("dynamic", 1024)
         assert generation["cache_positions"] == figures["model"]["max_position_embeddings"] == 256
+    assert generation["top_p_window"] == PolicyConfig.model_fields["top_p_window"].default  # the policy's
 
 
 def test_generation_rate_is_tokens_over_seconds(figures):
