@@ -11,7 +11,9 @@ policy's sampling with its behaviour log-probs, on the KV cache --kv-cache names
 reward seconds, update seconds and MFU (6 * matmul parameters * trained tokens / seconds, against
 989 TFLOP/s dense bf16 and against the ~790 TFLOP/s an 8192^3 bf16 matmul measures on the H200),
 publish and swap seconds, end-to-end samples/s and tokens/s over the measured window, and peak GPU
-memory per service (nvidia-smi's per-process figure, CUDA context included). The overlap is
+memory per service: nvidia-smi's per-process figure (CUDA context and the allocator's unused cache
+included), the CUDA allocator's own peak (belay_device_memory_peak_allocated_bytes, read from each
+service's /metrics before the stack stops) and the memory plan's figure, to check the plan against. The overlap is
 Belay's default (max_staleness 1). On an H200 with a 1.5B shape it takes about 4 minutes, start-up
 included."""
 
@@ -26,11 +28,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from ..common.config import BelayConfig
-from ..common.memory_check import memory_check
+from ..common.memory_check import config_plans, memory_check
 from ..common.step_records import StepRecord
 from ..common.strict_json import strict_json
 from ..launcher import follow
@@ -115,10 +119,32 @@ class GpuMemory:
         self.thread.join()
 
 
+def scraped_total(address: str, port: int, name: str) -> float | None:
+    """The sum of a metric's samples on a service's /metrics; None when it has none or cannot be read."""
+    try:
+        text = urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return None
+    samples = [s.value for f in text_string_to_metric_families(text) if f.name == name for s in f.samples]
+    return sum(samples) if samples else None
+
+
+def allocator_peaks(config: BelayConfig) -> dict[str, int]:
+    """Each service's CUDA allocator peak (belay_device_memory_peak_allocated_bytes), while it runs."""
+    peaks = {}
+    for name in ("policy", "reference", "reward", "trainer"):
+        port = getattr(config, name).metrics_port
+        peak = scraped_total(config.run.metrics_address, port, "belay_device_memory_peak_allocated_bytes")
+        if peak is not None:
+            peaks[name] = int(peak)
+    return peaks
+
+
 def run_stack(
     config: BelayConfig, run_dir: pathlib.Path, steps: int, say, started: float
-) -> tuple[list[StepRecord], dict[str, int]]:
-    """The raw step records of `steps` trainer steps, and peak GPU bytes per service."""
+) -> tuple[list[StepRecord], dict[str, dict[str, int]]]:
+    """The raw step records of `steps` trainer steps, and per service its peak GPU bytes by nvidia-smi,
+    by the CUDA allocator, and in the memory plan (CUDA context included)."""
     stack = LocalStack(config, run_dir, say=lambda *_: None)
     with GpuMemory() as memory:
         try:
@@ -127,9 +153,14 @@ def run_stack(
             say(f"stack healthy in {time.perf_counter() - started:.0f} s")
             records = follow(config, stack, steps, say=lambda line: say("  " + line))
             pids = {name: process.popen.pid for name, process in stack.processes.items()}
+            allocated = allocator_peaks(config)  # before stop(): the services must still serve /metrics
         finally:
             stack.stop()
-    return records, {name: memory.peaks[pid] for name, pid in pids.items() if pid in memory.peaks}
+    return records, {
+        "nvidia_smi": {name: memory.peaks[pid] for name, pid in pids.items() if pid in memory.peaks},
+        "allocator": allocated,
+        "plan": {plan.service: plan.total_bytes for plan in config_plans(config, torch.cuda.is_available())[0]},
+    }
 
 
 def figures(
@@ -285,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     say(format_result(result))
 
 
+def gib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**30:.1f}"
+
+
 def format_result(result: dict) -> str:
     """The result for a person: its figures, peak GPU memory per service, each target's verdict."""
     lines = [
@@ -305,8 +340,10 @@ def format_result(result: dict) -> str:
         "end_to_end_tokens_per_second",
     ):
         lines.append(f"  {key:32s} {result[key]:.4g}")
-    for name, peak in result["peak_gpu_memory_bytes"].items():
-        lines.append(f"  peak GPU memory {name:16s} {peak / 2**30:.1f} GiB")
+    peaks = result["peak_gpu_memory_bytes"]
+    for name, peak in peaks["nvidia_smi"].items():
+        allocated, plan = gib(peaks["allocator"].get(name)), gib(peaks["plan"].get(name))
+        lines.append(f"  peak GPU memory {name:16s} {gib(peak)} GiB (nvidia-smi), allocator {allocated}, plan {plan}")
     for key, verdict in result["targets"].items():
         state = "met" if verdict["met"] else "MISSED"
         lines.append(
