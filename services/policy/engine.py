@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -45,6 +46,16 @@ class Sampling:
     seed: int | None = None
 
 
+class Sampled(NamedTuple):
+    """What a sampler (sample_padded, sample_paged) hands generate()."""
+
+    new_tokens: list[list[int]]
+    logprobs: list[list[float]]
+    logprob_seconds: float
+    top_p_rows: int = 0
+    top_p_sorted_rows: int = 0
+
+
 @dataclass
 class GenerationBatch:
     """Rows in prompt order, samples_per_prompt rows per prompt."""
@@ -59,6 +70,8 @@ class GenerationBatch:
     generate_seconds: float  # sampling
     logprob_seconds: float  # gathering the behaviour log-probs: their forward is the sampling one, but
     # under policy.kv_cache = paged it is a teacher-forced pass of its own
+    top_p_rows: int = 0  # rows x steps the top-p window filtered (nucleus.py; 0 without it)
+    top_p_sorted_rows: int = 0  # of those, the rows whose nucleus spilled past it: the full sort's
 
     @property
     def seconds(self) -> float:
@@ -297,9 +310,9 @@ class PolicyEngine:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             sample = self.sample_paged if self.sampling_cache.kind == "paged" else self.sample_padded
-            new_tokens, logprobs, logprob_seconds = sample(loaded.model, rows, sampling)
-        responses, reasons = zip(*(cut_at_eos(row, self.eos_ids) for row in new_tokens))
-        logprobs = [row[: len(tokens)] for row, tokens in zip(logprobs, responses)]
+            sampled = sample(loaded.model, rows, sampling)
+        responses, reasons = zip(*(cut_at_eos(row, self.eos_ids) for row in sampled.new_tokens))
+        logprobs = [row[: len(tokens)] for row, tokens in zip(sampled.logprobs, responses)]
         total = time.perf_counter() - start
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         return GenerationBatch(
@@ -310,13 +323,16 @@ class PolicyEngine:
             texts=texts,
             finish_reasons=list(reasons),
             version=loaded.version,
-            generate_seconds=total - logprob_seconds,
-            logprob_seconds=logprob_seconds,
+            generate_seconds=total - sampled.logprob_seconds,
+            logprob_seconds=sampled.logprob_seconds,
+            top_p_rows=sampled.top_p_rows,
+            top_p_sorted_rows=sampled.top_p_sorted_rows,
         )
 
     def sample_padded(self, model: PreTrainedModel, rows: list[list[int]], sampling: Sampling):
         """`generate()` on the left-padded rows, behaviour log-probs read off its own passes.
-        Returns (new tokens per row, their log-probs per row, seconds spent gathering those)."""
+        Returns the new tokens per row, their log-probs per row, the seconds spent gathering those, and
+        the top-p window's rows (Sampled)."""
         device = next(model.parameters()).device
         input_ids, attention_mask = left_padded(rows, self.pad_id)  # (B, W) each
         width = input_ids.shape[1]
@@ -333,7 +349,9 @@ class PolicyEngine:
             )
         start = time.perf_counter()
         logprobs = recorder.finish(output[:, width:])  # (B, new tokens)
-        return output[:, width:].tolist(), logprobs, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        counts = (warpers.rows, warpers.fallback_rows) if warpers else (0, 0)
+        return Sampled(output[:, width:].tolist(), logprobs, seconds, *counts)
 
     def sample_paged(self, model: PreTrainedModel, rows: list[list[int]], sampling: Sampling):
         """Continuous batching (paged_sampling.py), then the behaviour log-probs of each response up
@@ -346,7 +364,7 @@ class PolicyEngine:
         logprobs = response_logprobs(
             model, rows, responses, self.pad_id, sampling.temperature or 1.0, self.max_tokens_per_forward
         )
-        return new_tokens, [row.tolist() for row in logprobs], time.perf_counter() - start
+        return Sampled(new_tokens, [row.tolist() for row in logprobs], time.perf_counter() - start)
 
     def swap_to(self, version: int, source) -> float:
         """Load a version's weights in place, between batches. Returns seconds taken.

@@ -22,6 +22,16 @@ class PolicyMetrics:
             buckets=LLM_SECONDS_BUCKETS,
             registry=registry,
         )
+        self.top_p_rows = Counter(
+            "belay_policy_top_p_rows_total",
+            "Rows x decode steps the top-p window filtered (policy.top_p_window)",
+            registry=registry,
+        )
+        self.top_p_sorted_rows = Counter(
+            "belay_policy_top_p_sorted_rows_total",
+            "Of those, the rows whose nucleus spilled past the window and took the full sort",
+            registry=registry,
+        )
         self.swap_seconds = Histogram(
             "belay_policy_hot_swap_seconds",
             "Time to hot-swap to a new version",
@@ -79,6 +89,8 @@ class PolicyMetrics:
         for reason in batch.finish_reasons:
             self.responses.labels(finish_reason=reason).inc()
         self.generation_seconds.observe(batch.seconds)
+        self.top_p_rows.inc(batch.top_p_rows)
+        self.top_p_sorted_rows.inc(batch.top_p_sorted_rows)
 
     def record_swap(self, seconds: float, version: int) -> None:
         if seconds:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from services.common.config import GrpcConfig
@@ -16,6 +17,7 @@ from services.common.models import load_causal_lm, load_tokenizer
 from services.policy import nucleus
 from services.policy.engine import PolicyEngine, Sampling
 from services.policy.nucleus import WindowedTopP
+from services.policy.policy_metrics import PolicyMetrics
 
 VOCAB = 5000
 
@@ -101,15 +103,26 @@ def test_the_engine_samples_the_same_tokens_and_logprobs_with_the_window_as_with
     )
     monkeypatch.setattr(nucleus, "TopPLogitsWarper", CountingWarper)
     sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=11)
-    batches = {}
+    batches, metrics = {}, PolicyMetrics(CollectorRegistry())
     for window in (0, engine.vocab_size, 1):
         engine.top_p_window, CountingWarper.rows = window, 0
-        batches[window] = engine.generate(["Hi", "Tell me about rivers."], 2, sampling)
-        sorted_rows = CountingWarper.rows
+        batches[window] = batch = engine.generate(["Hi", "Tell me about rivers."], 2, sampling)
+        metrics.observe_generation(batch)
+        assert batch.top_p_sorted_rows == CountingWarper.rows  # the rows the fallback sorted, counted
+        steps = max(len(r) for r in batch.response_ids)
+        assert batch.top_p_rows == (0 if window == 0 else 4 * steps)  # 4 rows a step, each step filtered
         if window == engine.vocab_size:
-            assert sorted_rows == 0  # every row settled in the window
+            assert batch.top_p_sorted_rows == 0  # every row settled in the window
         if window == 1:
-            assert sorted_rows > 0  # the full sort's rows went through nucleus.py's fallback
+            assert batch.top_p_sorted_rows > 0
+    exported = {
+        name: metrics.registry.get_sample_value(name)
+        for name in ("belay_policy_top_p_rows_total", "belay_policy_top_p_sorted_rows_total")
+    }
+    assert exported == {
+        "belay_policy_top_p_rows_total": sum(b.top_p_rows for b in batches.values()),
+        "belay_policy_top_p_sorted_rows_total": sum(b.top_p_sorted_rows for b in batches.values()),
+    }
     for window in (engine.vocab_size, 1):
         assert batches[window].response_ids == batches[0].response_ids
         assert batches[window].logprobs == batches[0].logprobs  # the recorder reads the raw logits either way
