@@ -60,7 +60,10 @@ class PolicyMetrics:
             "Time the actor waited because the queue was full",
             registry=registry,
         )
+        self.add_data_gauges(registry)
 
+    def add_data_gauges(self, registry: CollectorRegistry) -> None:
+        """The prompt data's signals (observe_data)."""
         self.data_rows = Gauge(
             "belay_data_rows", "Prompt rows the actor holds, by split (train, heldout)", ["split"], registry=registry
         )
