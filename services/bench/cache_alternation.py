@@ -21,15 +21,13 @@ import pathlib
 import tempfile
 
 import torch
-from transformers import PreTrainedTokenizerFast
 
-from ..common.config import GrpcConfig, PolicyConfig
-from ..common.models import load_causal_lm
+from ..common.config import PolicyConfig
 from ..common.strict_json import strict_json
-from ..policy.engine import PolicyEngine, Sampling
+from ..policy.engine import Sampling
 from ..policy.kv_cache import KV_CACHE_SETTINGS
 from .gpu import DTYPES
-from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
+from .shapes import SHAPES, random_policy_engine, random_prompts, shape_fields
 from .timing import timed
 
 log = logging.getLogger(__name__)
@@ -59,17 +57,17 @@ def run_alternation(
         ),
     }
     with tempfile.TemporaryDirectory(prefix="belay-cache-alternation-") as temp:
-        base = build_random_model(size, pathlib.Path(temp) / "base", seed, DTYPES[dtype], device)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(base, local_files_only=True)
-        model = load_causal_lm(str(base), torch_device, "bench policy", DTYPES[dtype])
-        limits = GrpcConfig(max_batch_size=max(256, rows))
-        engine = PolicyEngine(model, tokenizer, limits, max_prompt_tokens=prompt_tokens, kv_cache=kv_cache)
+        _, engine = random_policy_engine(
+            size, pathlib.Path(temp) / "base", seed, DTYPES[dtype], torch_device, rows,
+            max_prompt_tokens=prompt_tokens, kv_cache=kv_cache,
+        )  # fmt: skip
         calls = []
         for kind in call_order(rounds):
             prompts, sampling = batches[kind]
             batch, seconds = timed(torch_device, lambda p=prompts, s=sampling: engine.generate(p, 1, s))
             calls.append({"kind": kind, "rows": len(batch.response_ids), "seconds": seconds})
             log.info("%-7s %4d rows  %7.3f s", kind, len(batch.response_ids), seconds)
+        kv_cache = engine.sampling_cache.kind  # auto resolved: what the engine sampled with
     after_rollout = [c["seconds"] for p, c in zip(calls, calls[1:]) if (p["kind"], c["kind"]) == ("rollout", "rollout")]
     after_canary = [c["seconds"] for p, c in zip(calls, calls[1:]) if (p["kind"], c["kind"]) == ("canary", "rollout")]
     return {

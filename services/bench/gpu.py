@@ -39,9 +39,8 @@ import tempfile
 import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
-from transformers import PreTrainedTokenizerFast
 
-from ..common.config import BelayConfig, GrpcConfig, PolicyConfig
+from ..common.config import BelayConfig, PolicyConfig
 from ..common.models import load_causal_lm, response_logprobs, weights_fingerprint
 from ..common.rollout_queue import Rollout
 from ..common.strict_json import strict_json
@@ -50,7 +49,7 @@ from ..policy.kv_cache import KV_CACHE_SETTINGS
 from ..trainer.trainer import Trainer
 from ..trainer.trainer_metrics import TrainerMetrics
 from .op_profile import profile_lines, profile_ops
-from .shapes import SHAPES, build_random_model, random_prompts, shape_fields
+from .shapes import SHAPES, random_policy_engine, random_prompts, shape_fields
 from .timing import timed
 from .workload import Workload
 
@@ -272,7 +271,9 @@ def measure_training(
 def profile_generation(engine: PolicyEngine, prompts: list[str], workload: Workload, device: torch.device) -> dict:
     """One more generation call under the profiler, after the measured ones: PROFILE_STEPS new tokens at most,
     a static cache's whole length (a shorter call compiles anew); its figures carry its steps."""
-    steps = min(PROFILE_STEPS if engine.sampling_cache.kind != "static" else 1 << 30, workload.max_new_tokens)
+    steps = workload.max_new_tokens
+    if engine.sampling_cache.kind != "static":
+        steps = min(PROFILE_STEPS, steps)
     sampling = Sampling(temperature=workload.temperature, max_new_tokens=steps, seed=workload.seed)
     return {**profile_ops(device, lambda: engine.generate(prompts, 1, sampling))[1], "steps": steps}
 
@@ -309,11 +310,10 @@ def run_gpu_bench(
     if torch_device.type == "cpu":
         torch.set_num_threads(workload.torch_threads)
     with tempfile.TemporaryDirectory(prefix="belay-gpu-bench-") as temp:
-        base = build_random_model(size, pathlib.Path(temp) / "base", workload.seed, torch_dtype, device)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(base, local_files_only=True)
-        policy_model = load_causal_lm(str(base), torch_device, "bench policy", torch_dtype)
-        limits = GrpcConfig(max_batch_size=max(256, workload.batch_size))
-        engine = PolicyEngine(policy_model, tokenizer, limits, max_prompt_tokens=max_prompt_tokens, kv_cache=kv_cache)
+        base, engine = random_policy_engine(
+            size, pathlib.Path(temp) / "base", workload.seed, torch_dtype, torch_device, workload.batch_size,
+            max_prompt_tokens=max_prompt_tokens, kv_cache=kv_cache,
+        )  # fmt: skip
         prompts = random_prompts(workload.batch_size, prompt_tokens, shape_fields(size)["vocab_size"], workload.seed)
         generation, batch = measure_generation(engine, prompts, workload, torch_device, iterations, warmup)
         generation["behaviour_vs_teacher_forced"] = behaviour_gap(engine, batch, workload.temperature)
@@ -331,8 +331,8 @@ def run_gpu_bench(
         "dtype": str(torch_dtype),
         "model": {
             **shape_fields(size),
-            "parameters": sum(p.numel() for p in policy_model.parameters()),
-            "matmul_parameters": matmul_parameters(policy_model),
+            "parameters": sum(p.numel() for p in engine.loaded.model.parameters()),
+            "matmul_parameters": matmul_parameters(engine.loaded.model),
         },
         "generation": {**generation, "prompt_tokens": prompt_tokens},
         **training,

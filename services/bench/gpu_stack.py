@@ -38,7 +38,7 @@ from ..common.memory_check import config_plans, memory_check
 from ..common.step_records import StepRecord
 from ..common.strict_json import strict_json
 from ..launcher import follow
-from ..local_stack import LocalStack
+from ..local_stack import SERVICES, LocalStack
 from ..policy.kv_cache import KV_CACHE_SETTINGS, resolve_kv_cache
 from .gpu import KV_CACHE_DEFAULT, matmul_parameters
 from .reward_model import ensure_reward_model
@@ -132,7 +132,7 @@ def scraped_total(address: str, port: int, name: str) -> float | None:
 def allocator_peaks(config: BelayConfig) -> dict[str, int]:
     """Each service's CUDA allocator peak (belay_device_memory_peak_allocated_bytes), while it runs."""
     peaks = {}
-    for name in ("policy", "reference", "reward", "trainer"):
+    for name in SERVICES:
         port = getattr(config, name).metrics_port
         peak = scraped_total(config.run.metrics_address, port, "belay_device_memory_peak_allocated_bytes")
         if peak is not None:

@@ -12,6 +12,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from ..common.config import GrpcConfig
+from ..common.models import load_causal_lm
+from ..policy.engine import PolicyEngine
+
 QWEN = dict(max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
 SHAPES = {  # name: (config class, model class, fields)
     "tiny": (
@@ -126,6 +130,17 @@ def build_random_model(
     tokenizer.save_pretrained(directory)
     del model
     return directory
+
+
+def random_policy_engine(
+    shape: str, directory: pathlib.Path, seed: int, dtype: torch.dtype, device: torch.device, rows: int, **engine
+) -> tuple[pathlib.Path, PolicyEngine]:
+    """(the model's directory, a PolicyEngine on it): a random model of `shape` built in `directory`, loaded
+    back as the policy service loads it, for batches of up to `rows` rows; `engine`: PolicyEngine's options."""
+    base = build_random_model(shape, directory, seed, dtype, str(device))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base, local_files_only=True)
+    model = load_causal_lm(str(base), device, "bench policy", dtype)
+    return base, PolicyEngine(model, tokenizer, GrpcConfig(max_batch_size=max(256, rows)), **engine)
 
 
 def random_prompts(count: int, tokens: int, vocab_size: int, seed: int) -> list[str]:
